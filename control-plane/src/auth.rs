@@ -1,0 +1,173 @@
+//! Operator tokens. On first start `duofleetd` writes a random admin token
+//! to `DATA_DIR/admin.token` (mode 0600); every operator RPC presents it as
+//! `authorization: Bearer <token>`. The caller's token name becomes the
+//! actor of the revisions it makes.
+
+use crate::fsutil;
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+const TOKEN_PREFIX: &str = "duofleet_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Viewer,
+}
+
+/// Who is calling: the token's name and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error(
+        "missing credentials: send the metadata 'authorization: Bearer <token>' (the admin token is in DATA_DIR/admin.token)"
+    )]
+    Missing,
+    #[error(
+        "invalid token: the authorization metadata must be 'Bearer <token>' with a token this duofleetd issued"
+    )]
+    Invalid,
+    #[error("token {token:?} is read-only and cannot {action}")]
+    ReadOnly { token: String, action: &'static str },
+}
+
+struct Token {
+    secret: String,
+    caller: Caller,
+}
+
+/// The tokens this daemon accepts.
+pub struct Tokens {
+    tokens: Vec<Token>,
+    admin_token_path: PathBuf,
+}
+
+impl Tokens {
+    /// Reads `DATA_DIR/admin.token`, creating it (0600, atomically) on first start.
+    pub fn load_or_create(data_dir: &Path) -> io::Result<Self> {
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(contents) => contents.trim().to_string(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let secret = new_secret()?;
+                fsutil::write_atomic(&path, format!("{secret}\n").as_bytes(), 0o600)?;
+                secret
+            }
+            Err(e) => return Err(e),
+        };
+        if secret.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is empty; delete it to have a new token made",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(Tokens {
+            tokens: vec![Token {
+                secret,
+                caller: Caller {
+                    name: "admin".to_string(),
+                    role: Role::Admin,
+                },
+            }],
+            admin_token_path: path,
+        })
+    }
+
+    pub fn admin_token_path(&self) -> &Path {
+        &self.admin_token_path
+    }
+
+    /// Checks the value of the `authorization` metadata.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+        let value = authorization.ok_or(AuthError::Missing)?;
+        let presented = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or(AuthError::Invalid)?
+            .trim();
+        self.tokens
+            .iter()
+            .find(|t| constant_time_eq(t.secret.as_bytes(), presented.as_bytes()))
+            .map(|t| t.caller.clone())
+            .ok_or(AuthError::Invalid)
+    }
+}
+
+impl Caller {
+    /// Refuses a read-only caller for a write.
+    pub fn require_admin(&self, action: &'static str) -> Result<(), AuthError> {
+        match self.role {
+            Role::Admin => Ok(()),
+            Role::Viewer => Err(AuthError::ReadOnly {
+                token: self.name.clone(),
+                action,
+            }),
+        }
+    }
+}
+
+fn new_secret() -> io::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(io::Error::other)?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("{TOKEN_PREFIX}{hex}"))
+}
+
+/// Compares without leaking, through timing, how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn admin_token_is_created_once_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = Tokens::load_or_create(dir.path()).unwrap();
+        let path = dir.path().join(ADMIN_TOKEN_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let secret = std::fs::read_to_string(&path).unwrap().trim().to_string();
+        assert!(secret.starts_with(TOKEN_PREFIX) && secret.len() == TOKEN_PREFIX.len() + 64);
+        let caller = tokens
+            .authenticate(Some(&format!("Bearer {secret}")))
+            .unwrap();
+        assert_eq!(caller.name, "admin");
+        let again = Tokens::load_or_create(dir.path()).unwrap();
+        assert!(
+            again
+                .authenticate(Some(&format!("Bearer {secret}")))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn wrong_or_missing_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = Tokens::load_or_create(dir.path()).unwrap();
+        assert_eq!(tokens.authenticate(None), Err(AuthError::Missing));
+        assert_eq!(
+            tokens.authenticate(Some("Bearer nope")),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(
+            tokens.authenticate(Some("Basic abc")),
+            Err(AuthError::Invalid)
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! Errors of the configuration domain. They know nothing of gRPC: the
+//! mapping to `tonic::Status` lives in `grpc::status`, the one table.
+
+/// Why a configuration request was refused. A refused request changes
+/// nothing and creates no revision.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A malformed field: the field path and the rule it breaks.
+    #[error("{field}: {rule}")]
+    Invalid { field: String, rule: String },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    /// The request is well-formed but the current configuration blocks it;
+    /// the message names what blocks it.
+    #[error("{0}")]
+    Blocked(String),
+}
+
+impl ConfigError {
+    pub fn invalid(field: impl Into<String>, rule: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            rule: rule.into(),
+        }
+    }
+}
+
+/// Quotes user input for an error message, cut to a readable length so that
+/// a hostile 1 MiB value is not echoed back.
+pub fn quoted(value: &str) -> String {
+    const MAX: usize = 64;
+    if value.chars().count() <= MAX {
+        format!("{value:?}")
+    } else {
+        let head: String = value.chars().take(MAX).collect();
+        format!("{head:?}…")
+    }
+}

@@ -1,0 +1,137 @@
+//! FleetService. Instances appear once agents connect (the agent issue);
+//! until then the fleet is empty, and WatchFleet carries revision events.
+
+use super::{caller, status};
+use crate::error::ConfigError;
+use crate::store::{Store, StoreError};
+use crate::validate;
+use duofleet_proto::v1::fleet_event::Event;
+use duofleet_proto::v1::fleet_service_server::FleetService;
+use duofleet_proto::v1::{
+    DeleteInstanceRequest, FleetEvent, FleetHealth, GetFleetHealthRequest, GetInstanceRequest,
+    Instance, ListInstancesRequest, ListInstancesResponse, Revision, RevisionCreated,
+    WatchFleetRequest,
+};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub struct FleetApi {
+    store: Arc<Store>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl FleetApi {
+    pub fn new(store: Arc<Store>, shutdown: watch::Receiver<bool>) -> Self {
+        FleetApi { store, shutdown }
+    }
+}
+
+fn no_instance(instance_id: &str) -> Status {
+    status(StoreError::Config(ConfigError::NotFound {
+        kind: "instance",
+        name: instance_id.to_string(),
+    }))
+}
+
+fn revision_event(record: &Revision) -> FleetEvent {
+    FleetEvent {
+        time: record.create_time,
+        event: Some(Event::RevisionCreated(RevisionCreated {
+            revision: record.revision,
+            actor: record.actor.clone(),
+            summary: record.summary.clone(),
+        })),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<FleetEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FleetService for FleetApi {
+    async fn list_instances(
+        &self,
+        request: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        caller(&request)?;
+        let selector = request.into_inner().selector.into_iter().collect();
+        validate::selector("selector", &selector).map_err(|e| status(e.into()))?;
+        Ok(Response::new(ListInstancesResponse {
+            instances: Vec::new(),
+        }))
+    }
+
+    async fn get_instance(
+        &self,
+        request: Request<GetInstanceRequest>,
+    ) -> Result<Response<Instance>, Status> {
+        caller(&request)?;
+        Err(no_instance(&request.get_ref().instance_id))
+    }
+
+    async fn delete_instance(
+        &self,
+        request: Request<DeleteInstanceRequest>,
+    ) -> Result<Response<()>, Status> {
+        super::writer(&request, "delete instances")?;
+        Err(no_instance(&request.get_ref().instance_id))
+    }
+
+    type WatchFleetStream = EventStream;
+
+    async fn watch_fleet(
+        &self,
+        request: Request<WatchFleetRequest>,
+    ) -> Result<Response<Self::WatchFleetStream>, Status> {
+        caller(&request)?;
+        let mut events = self.store.revision_events();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(64);
+        let current = self.store.current().revision;
+        let first = match current {
+            0 => None,
+            revision => Some(self.store.revision_record(revision).map_err(status)?),
+        };
+        tokio::spawn(async move {
+            // The current revision first, then changes as they commit.
+            if let Some(record) = first {
+                if tx.send(Ok(revision_event(&record))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tx.closed() => break,
+                    event = events.recv() => match event {
+                        Ok(record) => {
+                            if record.revision > current && tx.send(Ok(revision_event(&record))).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "a WatchFleet client fell behind; events were skipped");
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_fleet_health(
+        &self,
+        request: Request<GetFleetHealthRequest>,
+    ) -> Result<Response<FleetHealth>, Status> {
+        caller(&request)?;
+        let selector = request.into_inner().selector.into_iter().collect();
+        validate::selector("selector", &selector).map_err(|e| status(e.into()))?;
+        Ok(Response::new(FleetHealth {
+            targets: Vec::new(),
+        }))
+    }
+}

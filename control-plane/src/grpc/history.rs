@@ -1,0 +1,99 @@
+use super::{caller, log_commit, public_model, status, writer};
+use crate::store::Store;
+use duofleet_proto::v1::history_service_server::HistoryService;
+use duofleet_proto::v1::{
+    GetRevisionRequest, ListRevisionsRequest, ListRevisionsResponse, Revision, RollbackRequest,
+};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: usize = 1000;
+
+pub struct HistoryApi {
+    store: Arc<Store>,
+}
+
+impl HistoryApi {
+    pub fn new(store: Arc<Store>) -> Self {
+        HistoryApi { store }
+    }
+}
+
+#[tonic::async_trait]
+impl HistoryService for HistoryApi {
+    async fn list_revisions(
+        &self,
+        request: Request<ListRevisionsRequest>,
+    ) -> Result<Response<ListRevisionsResponse>, Status> {
+        caller(&request)?;
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n < 0 => {
+                return Err(Status::invalid_argument("page_size: must not be negative"));
+            }
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        let before = match request.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<u64>().map_err(|_| {
+                Status::invalid_argument(
+                    "page_token: not a token from ListRevisions; pass next_page_token unchanged",
+                )
+            })?),
+        };
+        let store = self.store.clone();
+        let mut revisions =
+            tokio::task::spawn_blocking(move || store.list_revisions(before, page_size + 1))
+                .await
+                .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+                .map_err(status)?;
+        let next_page_token = if revisions.len() > page_size {
+            revisions.truncate(page_size);
+            revisions
+                .last()
+                .map(|r| r.revision.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListRevisionsResponse {
+            revisions,
+            next_page_token,
+        }))
+    }
+
+    async fn get_revision(
+        &self,
+        request: Request<GetRevisionRequest>,
+    ) -> Result<Response<Revision>, Status> {
+        caller(&request)?;
+        let revision = request.get_ref().revision;
+        let store = self.store.clone();
+        let (mut record, config) =
+            tokio::task::spawn_blocking(move || store.get_revision(revision))
+                .await
+                .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+                .map_err(status)?;
+        record.models = config.models.values().map(public_model).collect();
+        record.profiles = config.profiles.into_values().collect();
+        Ok(Response::new(record))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<Revision>, Status> {
+        let caller = writer(&request, "roll back")?;
+        let target = request.get_ref().revision;
+        let store = self.store.clone();
+        let actor = caller.name.clone();
+        let result = tokio::task::spawn_blocking(move || store.rollback(&actor, target))
+            .await
+            .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+        let commit = log_commit(&caller, result)?;
+        let record = commit.revision.expect("a rollback always makes a revision");
+        Ok(Response::new(record))
+    }
+}

@@ -1,0 +1,138 @@
+//! Thin tonic adapters over `config` and `store`. This is the only place
+//! that builds `tonic::Status`: [`status`] is the one table from domain
+//! errors to gRPC codes.
+
+mod fleet;
+mod history;
+mod models;
+mod profiles;
+
+pub use fleet::FleetApi;
+pub use history::HistoryApi;
+pub use models::ModelApi;
+pub use profiles::ProfileApi;
+
+use crate::auth::{AuthError, Caller, Tokens};
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::error::ConfigError;
+use crate::store::{Commit, Store, StoreError};
+use duofleet_proto::v1::Model;
+use std::sync::Arc;
+use tonic::{Request, Status};
+
+/// Maps every domain error to its gRPC code (CONTRACT.md, "Error codes").
+pub fn status(error: StoreError) -> Status {
+    match error {
+        StoreError::Config(config) => match &config {
+            ConfigError::Invalid { .. } => Status::invalid_argument(config.to_string()),
+            ConfigError::AlreadyExists { .. } => Status::already_exists(config.to_string()),
+            ConfigError::NotFound { .. } => Status::not_found(config.to_string()),
+            ConfigError::Blocked(_) => Status::failed_precondition(config.to_string()),
+        },
+        internal => {
+            tracing::error!(error = %error_chain(&internal), "storage failure");
+            Status::internal("internal storage error; see the duofleetd log")
+        }
+    }
+}
+
+fn auth_status(error: AuthError) -> Status {
+    match error {
+        AuthError::Missing | AuthError::Invalid => Status::unauthenticated(error.to_string()),
+        AuthError::ReadOnly { .. } => Status::permission_denied(error.to_string()),
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The interceptor in front of every operator service: checks the bearer
+/// token and hands the [`Caller`] to the handler.
+pub fn authenticator(
+    tokens: Arc<Tokens>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap_or_default());
+        let caller = tokens.authenticate(header).map_err(auth_status)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated(AuthError::Missing.to_string()))
+}
+
+/// The caller, who must be allowed to write.
+fn writer<T>(request: &Request<T>, action: &'static str) -> Result<Caller, Status> {
+    let caller = caller(request)?;
+    caller.require_admin(action).map_err(auth_status)?;
+    Ok(caller)
+}
+
+fn required<T>(value: Option<T>, field: &str) -> Result<T, Status> {
+    value.ok_or_else(|| Status::invalid_argument(format!("{field}: required")))
+}
+
+/// Runs one configuration change on the blocking pool (sled flushes to
+/// disk) and logs the revision it made.
+async fn commit(
+    store: &Arc<Store>,
+    caller: Caller,
+    op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError> + Send + 'static,
+) -> Result<Commit, Status> {
+    let store = store.clone();
+    let actor = caller.name.clone();
+    let result = tokio::task::spawn_blocking(move || store.mutate(&actor, op))
+        .await
+        .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+    log_commit(&caller, result)
+}
+
+fn log_commit(caller: &Caller, result: Result<Commit, StoreError>) -> Result<Commit, Status> {
+    match result {
+        Ok(commit) => {
+            match &commit.revision {
+                Some(r) => {
+                    tracing::info!(revision = r.revision, actor = %r.actor, summary = %r.summary, "revision committed")
+                }
+                None => tracing::info!(actor = %caller.name, "no change; no revision made"),
+            }
+            Ok(commit)
+        }
+        Err(error) => {
+            let status = status(error);
+            tracing::info!(actor = %caller.name, code = ?status.code(), message = status.message(), "change refused");
+            Err(status)
+        }
+    }
+}
+
+/// A model as operators see it: the API key never leaves.
+fn public_model(model: &Model) -> Model {
+    Model {
+        api_key: String::new(),
+        has_api_key: !model.api_key.is_empty(),
+        ..model.clone()
+    }
+}
+
+fn not_found(error: ConfigError) -> Status {
+    status(StoreError::Config(error))
+}

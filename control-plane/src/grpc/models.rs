@@ -1,0 +1,86 @@
+use super::{caller, commit, not_found, public_model, required, writer};
+use crate::store::Store;
+use duofleet_proto::v1::model_service_server::ModelService;
+use duofleet_proto::v1::{
+    CreateModelRequest, DeleteModelRequest, GetModelRequest, ListModelsRequest, ListModelsResponse,
+    Model, UpdateModelRequest,
+};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct ModelApi {
+    store: Arc<Store>,
+}
+
+impl ModelApi {
+    pub fn new(store: Arc<Store>) -> Self {
+        ModelApi { store }
+    }
+}
+
+#[tonic::async_trait]
+impl ModelService for ModelApi {
+    async fn create_model(
+        &self,
+        request: Request<CreateModelRequest>,
+    ) -> Result<Response<Model>, Status> {
+        let caller = writer(&request, "create models")?;
+        let model = required(request.into_inner().model, "model")?;
+        let name = model.name.clone();
+        let commit = commit(&self.store, caller, move |c, cat| {
+            c.create_model(cat, model)
+        })
+        .await?;
+        Ok(Response::new(public_model(
+            commit.config.model(&name).map_err(not_found)?,
+        )))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<GetModelRequest>,
+    ) -> Result<Response<Model>, Status> {
+        caller(&request)?;
+        let config = self.store.current();
+        let model = config.model(&request.get_ref().name).map_err(not_found)?;
+        Ok(Response::new(public_model(model)))
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        caller(&request)?;
+        let config = self.store.current();
+        let models = config.models.values().map(public_model).collect();
+        Ok(Response::new(ListModelsResponse { models }))
+    }
+
+    async fn update_model(
+        &self,
+        request: Request<UpdateModelRequest>,
+    ) -> Result<Response<Model>, Status> {
+        let caller = writer(&request, "update models")?;
+        let request = request.into_inner();
+        let patch = required(request.model, "model")?;
+        let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let name = patch.name.clone();
+        let commit = commit(&self.store, caller, move |c, cat| {
+            c.update_model(cat, patch, &mask)
+        })
+        .await?;
+        Ok(Response::new(public_model(
+            commit.config.model(&name).map_err(not_found)?,
+        )))
+    }
+
+    async fn delete_model(
+        &self,
+        request: Request<DeleteModelRequest>,
+    ) -> Result<Response<()>, Status> {
+        let caller = writer(&request, "delete models")?;
+        let name = request.into_inner().name;
+        commit(&self.store, caller, move |c, _| c.delete_model(&name)).await?;
+        Ok(Response::new(()))
+    }
+}

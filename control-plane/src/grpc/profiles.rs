@@ -1,0 +1,117 @@
+use super::{caller, commit, not_found, required, writer};
+use crate::store::Store;
+use crate::validate::DEFAULT_PROFILE;
+use duofleet_proto::v1::profile_service_server::ProfileService;
+use duofleet_proto::v1::{
+    Catalog, CreateProfileRequest, DeleteProfileRequest, GetCatalogRequest, GetProfileRequest,
+    ListProfilesRequest, ListProfilesResponse, Profile, SetFeatureSettingRequest,
+    UpdateProfileRequest,
+};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct ProfileApi {
+    store: Arc<Store>,
+}
+
+impl ProfileApi {
+    pub fn new(store: Arc<Store>) -> Self {
+        ProfileApi { store }
+    }
+}
+
+#[tonic::async_trait]
+impl ProfileService for ProfileApi {
+    async fn create_profile(
+        &self,
+        request: Request<CreateProfileRequest>,
+    ) -> Result<Response<Profile>, Status> {
+        let caller = writer(&request, "create profiles")?;
+        let profile = required(request.into_inner().profile, "profile")?;
+        let name = profile.name.clone();
+        let commit = commit(&self.store, caller, move |c, cat| {
+            c.create_profile(cat, profile)
+        })
+        .await?;
+        Ok(Response::new(
+            commit.config.profile(&name).map_err(not_found)?.clone(),
+        ))
+    }
+
+    async fn get_profile(
+        &self,
+        request: Request<GetProfileRequest>,
+    ) -> Result<Response<Profile>, Status> {
+        caller(&request)?;
+        let config = self.store.current();
+        let profile = config.profile(&request.get_ref().name).map_err(not_found)?;
+        Ok(Response::new(profile.clone()))
+    }
+
+    async fn list_profiles(
+        &self,
+        request: Request<ListProfilesRequest>,
+    ) -> Result<Response<ListProfilesResponse>, Status> {
+        caller(&request)?;
+        let profiles = self.store.current().profiles.values().cloned().collect();
+        Ok(Response::new(ListProfilesResponse { profiles }))
+    }
+
+    async fn update_profile(
+        &self,
+        request: Request<UpdateProfileRequest>,
+    ) -> Result<Response<Profile>, Status> {
+        let caller = writer(&request, "update profiles")?;
+        let request = request.into_inner();
+        let patch = required(request.profile, "profile")?;
+        let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let name = patch.name.clone();
+        let commit = commit(&self.store, caller, move |c, cat| {
+            c.update_profile(cat, patch, &mask)
+        })
+        .await?;
+        Ok(Response::new(
+            commit.config.profile(&name).map_err(not_found)?.clone(),
+        ))
+    }
+
+    async fn delete_profile(
+        &self,
+        request: Request<DeleteProfileRequest>,
+    ) -> Result<Response<()>, Status> {
+        let caller = writer(&request, "delete profiles")?;
+        let name = request.into_inner().name;
+        commit(&self.store, caller, move |c, _| c.delete_profile(&name)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn set_feature_setting(
+        &self,
+        request: Request<SetFeatureSettingRequest>,
+    ) -> Result<Response<Profile>, Status> {
+        let caller = writer(&request, "change feature settings")?;
+        let request = request.into_inner();
+        let setting = required(request.setting, "setting")?;
+        let name = if request.profile.is_empty() {
+            DEFAULT_PROFILE.to_string()
+        } else {
+            request.profile
+        };
+        let profile = name.clone();
+        let commit = commit(&self.store, caller, move |c, cat| {
+            c.set_feature_setting(cat, &profile, setting)
+        })
+        .await?;
+        Ok(Response::new(
+            commit.config.profile(&name).map_err(not_found)?.clone(),
+        ))
+    }
+
+    async fn get_catalog(
+        &self,
+        request: Request<GetCatalogRequest>,
+    ) -> Result<Response<Catalog>, Status> {
+        caller(&request)?;
+        Ok(Response::new(self.store.catalog().to_proto()))
+    }
+}

@@ -1,0 +1,31 @@
+//! duofleetd, the duofleet control plane.
+//!
+//! ```text
+//!  grpcurl / duofleetctl ──► grpc (thin tonic handlers, auth interceptor)
+//!                               │  ConfigError ─► Status (grpc::status)
+//!                               ▼
+//!                     config (operations on a Config value)
+//!                     validate (field rules) · catalog (families, features)
+//!                               │
+//!                               ▼
+//!                     store (the only sled user: one transaction and one
+//!                            flush per revision, multi-version history)
+//!                               │ watch<Arc<Config>> + broadcast<Revision>
+//!                               ▼
+//!                     WatchFleet, agent streams (agent issue)
+//! ```
+//!
+//! Domain modules (`catalog`, `validate`, `config`) know nothing of tonic or
+//! sled; `grpc` is the only place that builds a `tonic::Status`.
+
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod fsutil;
+pub mod grpc;
+pub mod http;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod validate;

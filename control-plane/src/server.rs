@@ -1,0 +1,221 @@
+//! Wiring: flags, the data dir, the gRPC and HTTP listeners, and graceful
+//! shutdown on SIGTERM/SIGINT (streams closed, database flushed).
+
+use crate::auth::Tokens;
+use crate::grpc::{self, FleetApi, HistoryApi, ModelApi, ProfileApi};
+use crate::store::Store;
+use crate::telemetry::{self, LogFormat};
+use crate::{catalog, fsutil};
+use clap::Parser;
+use duofleet_proto::v1::fleet_service_server::FleetServiceServer;
+use duofleet_proto::v1::history_service_server::HistoryServiceServer;
+use duofleet_proto::v1::model_service_server::ModelServiceServer;
+use duofleet_proto::v1::profile_service_server::ProfileServiceServer;
+use std::error::Error;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// duofleetd: the duofleet control plane. Stores self-hosted model and Duo
+/// feature configuration, versioned by revision, and serves it over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "duofleetd", version)]
+pub struct Args {
+    /// Directory for the sled database and admin.token.
+    #[arg(long, env = "DUOFLEET_DATA_DIR", default_value = "./duofleet-data")]
+    pub data_dir: PathBuf,
+
+    /// gRPC address for operators and agents.
+    #[arg(long, env = "DUOFLEET_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+
+    /// HTTP address for /metrics and /healthz.
+    #[arg(long, env = "DUOFLEET_HTTP_LISTEN", default_value = "127.0.0.1:7701")]
+    pub http_listen: SocketAddr,
+
+    /// Allow plaintext gRPC on a non-loopback address.
+    #[arg(long, env = "DUOFLEET_INSECURE")]
+    pub insecure: bool,
+
+    /// Log format on stderr.
+    #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+}
+
+impl Args {
+    /// Parses the command line and runs the daemon until a signal stops it.
+    pub fn parse_and_run() -> Result<(), Box<dyn Error>> {
+        let args = Args::parse();
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(args))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "refusing to serve plaintext gRPC on {0}, which is not a loopback address: anyone on the network could read API keys. Pass --insecure to do it anyway"
+    )]
+    PlaintextOnNetwork(SocketAddr),
+    #[error("cannot create data dir {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the database in {path} (is another duofleetd using this data dir?)")]
+    Database {
+        path: PathBuf,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub async fn run(args: Args) -> Result<(), Box<dyn Error>> {
+    let telemetry = telemetry::init("duofleetd", args.log_format)?;
+    let result = serve(args).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
+    if !args.listen.ip().is_loopback() && !args.insecure {
+        return Err(StartError::PlaintextOnNetwork(args.listen).into());
+    }
+    fsutil::create_private_dir(&args.data_dir).map_err(|source| StartError::DataDir {
+        path: args.data_dir.clone(),
+        source,
+    })?;
+    let tokens =
+        Arc::new(
+            Tokens::load_or_create(&args.data_dir).map_err(|source| StartError::DataDir {
+                path: args.data_dir.clone(),
+                source,
+            })?,
+        );
+    let db_path = args.data_dir.join("db");
+    let store =
+        Arc::new(
+            Store::open(&db_path, catalog::get()).map_err(|source| StartError::Database {
+                path: db_path.clone(),
+                source,
+            })?,
+        );
+
+    let grpc_listener =
+        TcpListener::bind(args.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: args.listen,
+                source,
+            })?;
+    let http_listener = TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: args.http_listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ModelServiceServer<ModelApi>>()
+        .await;
+    health_reporter
+        .set_serving::<ProfileServiceServer<ProfileApi>>()
+        .await;
+    health_reporter
+        .set_serving::<HistoryServiceServer<HistoryApi>>()
+        .await;
+    health_reporter
+        .set_serving::<FleetServiceServer<FleetApi>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(duofleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(duofleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let auth = grpc::authenticator(tokens.clone());
+    let grpc_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .trace_fn(|request| {
+            tracing::info_span!("rpc", otel.name = %request.uri().path(), rpc.system = "grpc")
+        })
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ModelServiceServer::with_interceptor(ModelApi::new(store.clone()), auth.clone()))
+        .add_service(ProfileServiceServer::with_interceptor(ProfileApi::new(store.clone()), auth.clone()))
+        .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
+        .add_service(FleetServiceServer::with_interceptor(
+            FleetApi::new(store.clone(), shutdown_rx.clone()),
+            auth,
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), wait_for(shutdown_rx.clone()));
+
+    let http_server = axum::serve(http_listener, crate::http::router(store.clone()))
+        .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
+
+    tracing::info!(
+        %grpc_addr,
+        %http_addr,
+        data_dir = %args.data_dir.display(),
+        revision = store.current().revision,
+        admin_token = %tokens.admin_token_path().display(),
+        "duofleetd ready"
+    );
+
+    tokio::spawn(async move {
+        let signal = shutdown_signal().await;
+        tracing::info!(
+            signal,
+            "shutting down: closing streams and flushing the database"
+        );
+        health_reporter
+            .set_not_serving::<ModelServiceServer<ModelApi>>()
+            .await;
+        let _ = shutdown_tx.send(true);
+    });
+
+    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    let flushed = store.flush();
+    grpc_result?;
+    http_result?;
+    flushed?;
+    tracing::info!("duofleetd stopped");
+    Ok(())
+}
+
+async fn wait_for(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,580 @@
+//! The only module that knows sled.
+//!
+//! Layout (one sled database under `DATA_DIR/db`):
+//!
+//! ```text
+//! meta       schema_version -> u32, revision -> u64 (big endian)
+//! models     name -> Model (prost, API key inside)
+//! profiles   name -> Profile (prost)
+//! revisions  revision (u64 BE) -> Revision record (time, actor, summary, changes)
+//! history    kind | name | 0x00 | revision (u64 BE) -> HistoryEntry (value, or empty = deleted)
+//! ```
+//!
+//! `history` is a multi-version log of every model and profile, so the full
+//! configuration at any revision can be rebuilt (GetRevision, Rollback).
+//! Every mutation is one sled transaction over all five trees, flushed to
+//! disk before the caller hears OK, and only then published to readers
+//! through a `tokio::sync::watch` of the current [`Config`] and a broadcast
+//! of revision records. Writers are serialised by one mutex: configuration
+//! changes are rare and small, and serialising them keeps "exactly one of 50
+//! concurrent creates wins" trivially true.
+
+use crate::catalog::Catalog;
+use crate::config::{self, Config};
+use crate::error::ConfigError;
+use duofleet_proto::v1::{self as pb, ChangeAction, Model, Profile, ResourceKind};
+use prost::Message;
+use sled::Transactional;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::{broadcast, watch};
+
+/// The on-disk layout version this binary writes. A newer database is
+/// refused; an older one is migrated at open (none exist yet).
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA_KEY: &[u8] = b"schema_version";
+const REVISION_KEY: &[u8] = b"revision";
+const MODEL_KIND: u8 = b'm';
+const PROFILE_KIND: u8 = b'p';
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("storage I/O failed")]
+    Storage(#[from] sled::Error),
+    #[error("stored {what} is corrupt")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error(
+        "the database has schema version {found}, newer than this duofleetd supports ({SCHEMA_VERSION}); run a newer duofleetd"
+    )]
+    SchemaTooNew { found: u32 },
+}
+
+/// A stored model or profile at one revision; neither set means deleted.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HistoryEntry {
+    #[prost(message, optional, tag = "1")]
+    model: Option<Model>,
+    #[prost(message, optional, tag = "2")]
+    profile: Option<Profile>,
+}
+
+/// What a successful mutation produced.
+pub struct Commit {
+    pub config: Arc<Config>,
+    /// The new revision, or `None` when the operation changed nothing.
+    pub revision: Option<pb::Revision>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    models: sled::Tree,
+    profiles: sled::Tree,
+    revisions: sled::Tree,
+    history: sled::Tree,
+    catalog: &'static Catalog,
+    writer: Mutex<()>,
+    current: watch::Sender<Arc<Config>>,
+    revision_events: broadcast::Sender<pb::Revision>,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` and loads the configuration.
+    pub fn open(dir: &Path, catalog: &'static Catalog) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let store = Store {
+            meta: db.open_tree("meta")?,
+            models: db.open_tree("models")?,
+            profiles: db.open_tree("profiles")?,
+            revisions: db.open_tree("revisions")?,
+            history: db.open_tree("history")?,
+            db,
+            catalog,
+            writer: Mutex::new(()),
+            current: watch::Sender::new(Arc::new(Config::default())),
+            revision_events: broadcast::Sender::new(256),
+        };
+        match store.meta.get(SCHEMA_KEY)? {
+            None => store.initialize()?,
+            Some(raw) => {
+                let found = u32::from_be_bytes(raw.as_ref().try_into().unwrap_or([0xff; 4]));
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::SchemaTooNew { found });
+                }
+            }
+        }
+        let config = store.load()?;
+        store.current.send_replace(Arc::new(config));
+        Ok(store)
+    }
+
+    fn initialize(&self) -> Result<(), StoreError> {
+        let default = config::default_profile();
+        let name = default.name.clone();
+        let entry = HistoryEntry {
+            model: None,
+            profile: Some(default.clone()),
+        };
+        (&self.meta, &self.profiles, &self.history)
+            .transaction(|(meta, profiles, history)| {
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                meta.insert(REVISION_KEY, &0u64.to_be_bytes())?;
+                profiles.insert(name.as_bytes(), default.encode_to_vec())?;
+                history.insert(history_key(PROFILE_KIND, &name, 0), entry.encode_to_vec())?;
+                Ok(())
+            })
+            .map_err(unabortable)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn load(&self) -> Result<Config, StoreError> {
+        let revision = match self.meta.get(REVISION_KEY)? {
+            Some(raw) => u64::from_be_bytes(raw.as_ref().try_into().unwrap_or_default()),
+            None => 0,
+        };
+        Ok(Config {
+            revision,
+            models: load_tree(&self.models, "model")?,
+            profiles: load_tree(&self.profiles, "profile")?,
+        })
+    }
+
+    /// The configuration as of the newest committed revision.
+    pub fn current(&self) -> Arc<Config> {
+        self.current.borrow().clone()
+    }
+
+    /// Follows the current configuration; it changes only after a flushed commit.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
+        self.current.subscribe()
+    }
+
+    /// Every new revision record, as it is committed.
+    pub fn revision_events(&self) -> broadcast::Receiver<pb::Revision> {
+        self.revision_events.subscribe()
+    }
+
+    pub fn catalog(&self) -> &'static Catalog {
+        self.catalog
+    }
+
+    /// Runs `op` on a copy of the current configuration and commits what it
+    /// changed as one new revision, durable before this returns. A refused
+    /// operation changes nothing; one that changes nothing makes no revision.
+    pub fn mutate(
+        &self,
+        actor: &str,
+        op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
+    ) -> Result<Commit, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current();
+        let mut new = (*old).clone();
+        let summary = op(&mut new, self.catalog)?;
+        self.commit_locked(actor, &old, new, summary, false)
+    }
+
+    /// Makes a new revision whose models and profiles equal those at `target`,
+    /// API keys included.
+    pub fn rollback(&self, actor: &str, target: u64) -> Result<Commit, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current();
+        if target == 0 || self.revisions.get(target.to_be_bytes())?.is_none() {
+            return Err(ConfigError::NotFound {
+                kind: "revision",
+                name: target.to_string(),
+            }
+            .into());
+        }
+        let restored = self.config_at(target)?;
+        let new = Config {
+            revision: old.revision,
+            ..restored
+        };
+        let summary = format!("rollback to revision {target}");
+        self.commit_locked(actor, &old, new, summary, true)
+    }
+
+    fn commit_locked(
+        &self,
+        actor: &str,
+        old: &Config,
+        mut new: Config,
+        summary: String,
+        always: bool,
+    ) -> Result<Commit, StoreError> {
+        let model_changes = diff(&old.models, &new.models, config::same_model);
+        let profile_changes = diff(&old.profiles, &new.profiles, config::same_profile);
+        if model_changes.is_empty() && profile_changes.is_empty() && !always {
+            return Ok(Commit {
+                config: self.current(),
+                revision: None,
+            });
+        }
+        let revision = old.revision + 1;
+        let now = prost_types::Timestamp::from(SystemTime::now());
+        new.revision = revision;
+        for (name, action) in &model_changes {
+            if let Some(model) = new.models.get_mut(name) {
+                model.revision = revision;
+                model.update_time = Some(now);
+                if *action == ChangeAction::Created {
+                    model.create_time = model.create_time.or(Some(now));
+                }
+            }
+        }
+        for (name, action) in &profile_changes {
+            if let Some(profile) = new.profiles.get_mut(name) {
+                profile.revision = revision;
+                profile.update_time = Some(now);
+                if *action == ChangeAction::Created {
+                    profile.create_time = profile.create_time.or(Some(now));
+                }
+            }
+        }
+        let changes = model_changes
+            .iter()
+            .map(|(name, action)| change(ResourceKind::Model, name, *action))
+            .chain(
+                profile_changes
+                    .iter()
+                    .map(|(name, action)| change(ResourceKind::Profile, name, *action)),
+            )
+            .collect();
+        let record = pb::Revision {
+            revision,
+            create_time: Some(now),
+            actor: actor.to_string(),
+            summary,
+            changes,
+            models: Vec::new(),
+            profiles: Vec::new(),
+        };
+        let revision_key = revision.to_be_bytes();
+        (
+            &self.meta,
+            &self.models,
+            &self.profiles,
+            &self.revisions,
+            &self.history,
+        )
+            .transaction(|(meta, models, profiles, revisions, history)| {
+                meta.insert(REVISION_KEY, &revision_key)?;
+                for (name, _) in &model_changes {
+                    let model = new.models.get(name);
+                    match model {
+                        Some(model) => models.insert(name.as_bytes(), model.encode_to_vec())?,
+                        None => models.remove(name.as_bytes())?,
+                    };
+                    let entry = HistoryEntry {
+                        model: model.cloned(),
+                        profile: None,
+                    };
+                    history.insert(
+                        history_key(MODEL_KIND, name, revision),
+                        entry.encode_to_vec(),
+                    )?;
+                }
+                for (name, _) in &profile_changes {
+                    let profile = new.profiles.get(name);
+                    match profile {
+                        Some(profile) => {
+                            profiles.insert(name.as_bytes(), profile.encode_to_vec())?
+                        }
+                        None => profiles.remove(name.as_bytes())?,
+                    };
+                    let entry = HistoryEntry {
+                        model: None,
+                        profile: profile.cloned(),
+                    };
+                    history.insert(
+                        history_key(PROFILE_KIND, name, revision),
+                        entry.encode_to_vec(),
+                    )?;
+                }
+                revisions.insert(&revision_key, record.encode_to_vec())?;
+                Ok(())
+            })
+            .map_err(unabortable)?;
+        // Durable before anyone hears of it: a revision number that was
+        // published must never be reused after a crash.
+        self.db.flush()?;
+        let config = Arc::new(new);
+        self.current.send_replace(config.clone());
+        let _ = self.revision_events.send(record.clone());
+        Ok(Commit {
+            config,
+            revision: Some(record),
+        })
+    }
+
+    /// Revision records, newest first, strictly below `before` (all when `None`).
+    pub fn list_revisions(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<pb::Revision>, StoreError> {
+        let end = before.unwrap_or(u64::MAX).to_be_bytes();
+        self.revisions
+            .range(..end)
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (key, value) = item?;
+                decode(&value, || format!("revision {:?}", key.as_ref()))
+            })
+            .collect()
+    }
+
+    /// One revision record and the configuration as it stood at it.
+    pub fn get_revision(&self, revision: u64) -> Result<(pb::Revision, Config), StoreError> {
+        Ok((self.revision_record(revision)?, self.config_at(revision)?))
+    }
+
+    /// One revision record: time, actor, summary and changes.
+    pub fn revision_record(&self, revision: u64) -> Result<pb::Revision, StoreError> {
+        let raw =
+            self.revisions
+                .get(revision.to_be_bytes())?
+                .ok_or_else(|| ConfigError::NotFound {
+                    kind: "revision",
+                    name: revision.to_string(),
+                })?;
+        decode(&raw, || format!("revision {revision}"))
+    }
+
+    /// Rebuilds the configuration at `revision` from the history log.
+    fn config_at(&self, revision: u64) -> Result<Config, StoreError> {
+        let mut config = Config {
+            revision,
+            ..Config::default()
+        };
+        for item in self.history.iter() {
+            let (key, value) = item?;
+            let Some((kind, name, at)) = split_history_key(&key) else {
+                continue;
+            };
+            if at > revision {
+                continue;
+            }
+            // Keys sort by (kind, name, revision): the last one seen wins.
+            let entry: HistoryEntry = decode(&value, || format!("history of {name}"))?;
+            match kind {
+                MODEL_KIND => set_or_remove(&mut config.models, name, entry.model),
+                _ => set_or_remove(&mut config.profiles, name, entry.profile),
+            }
+        }
+        Ok(config)
+    }
+
+    /// Flushes everything to disk (at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn change(kind: ResourceKind, name: &str, action: ChangeAction) -> pb::Change {
+    pb::Change {
+        kind: kind as i32,
+        name: name.to_string(),
+        action: action as i32,
+    }
+}
+
+fn diff<T>(
+    old: &BTreeMap<String, T>,
+    new: &BTreeMap<String, T>,
+    same: fn(&T, &T) -> bool,
+) -> Vec<(String, ChangeAction)> {
+    let mut changes = Vec::new();
+    for (name, value) in new {
+        match old.get(name) {
+            None => changes.push((name.clone(), ChangeAction::Created)),
+            Some(before) if !same(before, value) => {
+                changes.push((name.clone(), ChangeAction::Updated))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in old.keys().filter(|name| !new.contains_key(*name)) {
+        changes.push((name.clone(), ChangeAction::Deleted));
+    }
+    changes
+}
+
+fn set_or_remove<T>(map: &mut BTreeMap<String, T>, name: String, value: Option<T>) {
+    match value {
+        Some(value) => map.insert(name, value),
+        None => map.remove(&name),
+    };
+}
+
+fn history_key(kind: u8, name: &str, revision: u64) -> Vec<u8> {
+    // Names never hold control characters, so 0x00 separates unambiguously.
+    let mut key = Vec::with_capacity(name.len() + 10);
+    key.push(kind);
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&revision.to_be_bytes());
+    key
+}
+
+fn split_history_key(key: &[u8]) -> Option<(u8, String, u64)> {
+    let (&kind, rest) = key.split_first()?;
+    let (name, tail) = rest.split_at(rest.len().checked_sub(9)?);
+    let (&0, revision) = tail.split_first()? else {
+        return None;
+    };
+    Some((
+        kind,
+        String::from_utf8(name.to_vec()).ok()?,
+        u64::from_be_bytes(revision.try_into().ok()?),
+    ))
+}
+
+fn load_tree<T: Message + Default>(
+    tree: &sled::Tree,
+    what: &str,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    tree.iter()
+        .map(|item| {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let decoded = decode(&value, || format!("{what} {name}"))?;
+            Ok((name, decoded))
+        })
+        .collect()
+}
+
+fn decode<T: Message + Default>(
+    raw: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<T, StoreError> {
+    T::decode(raw).map_err(|source| StoreError::Corrupt {
+        what: what(),
+        source,
+    })
+}
+
+fn unabortable(error: sled::transaction::TransactionError<()>) -> sled::Error {
+    match error {
+        sled::transaction::TransactionError::Storage(e) => e,
+        sled::transaction::TransactionError::Abort(()) => {
+            unreachable!("no transaction here aborts")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog;
+
+    fn mk_model(name: &str) -> Model {
+        Model {
+            name: name.into(),
+            family: "mixtral".into(),
+            endpoint: "https://vllm:8000/v1".into(),
+            api_key: format!("key-of-{name}"),
+            ..Default::default()
+        }
+    }
+
+    fn create(store: &Store, name: &str) -> Commit {
+        store
+            .mutate("test", |c, cat| c.create_model(cat, mk_model(name)))
+            .unwrap()
+    }
+
+    #[test]
+    fn revisions_survive_reopen_and_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), catalog::get()).unwrap();
+            assert_eq!(store.current().revision, 0);
+            assert!(store.current().profiles.contains_key("default"));
+            for name in ["a", "b", "c"] {
+                create(&store, name);
+            }
+        }
+        let store = Store::open(dir.path(), catalog::get()).unwrap();
+        assert_eq!(store.current().revision, 3);
+        assert_eq!(store.current().models["b"].api_key, "key-of-b");
+        let commit = create(&store, "d");
+        assert_eq!(commit.revision.unwrap().revision, 4);
+        assert_eq!(commit.config.models["d"].revision, 4);
+    }
+
+    #[test]
+    fn refused_and_no_op_changes_make_no_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), catalog::get()).unwrap();
+        create(&store, "a");
+        let refused = store.mutate("test", |c, cat| c.create_model(cat, mk_model("a")));
+        assert!(matches!(
+            refused,
+            Err(StoreError::Config(ConfigError::AlreadyExists { .. }))
+        ));
+        let same = Model {
+            name: "a".into(),
+            endpoint: "https://vllm:8000/v1".into(),
+            ..Default::default()
+        };
+        let commit = store
+            .mutate("test", |c, cat| c.update_model(cat, same, &[]))
+            .unwrap();
+        assert!(commit.revision.is_none());
+        assert_eq!(store.current().revision, 1);
+        assert_eq!(store.list_revisions(None, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn rollback_restores_models_and_keys_as_a_new_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), catalog::get()).unwrap();
+        create(&store, "a"); // 1
+        create(&store, "b"); // 2
+        store.mutate("test", |c, _| c.delete_model("a")).unwrap(); // 3
+        let rotated = Model {
+            name: "b".into(),
+            api_key: "rotated".into(),
+            ..Default::default()
+        };
+        store
+            .mutate("test", |c, cat| c.update_model(cat, rotated, &[]))
+            .unwrap(); // 4
+        let commit = store.rollback("ops", 2).unwrap();
+        let record = commit.revision.unwrap();
+        assert_eq!(record.revision, 5);
+        assert_eq!(record.actor, "ops");
+        let config = store.current();
+        assert_eq!(config.models.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(config.models["a"].api_key, "key-of-a");
+        assert_eq!(config.models["b"].api_key, "key-of-b");
+        let (_, at_three) = store.get_revision(3).unwrap();
+        assert_eq!(at_three.models.keys().collect::<Vec<_>>(), ["b"]);
+        assert!(matches!(
+            store.rollback("ops", 99),
+            Err(StoreError::Config(ConfigError::NotFound { .. }))
+        ));
+    }
+
+    #[test]
+    fn history_keys_round_trip() {
+        let key = history_key(MODEL_KIND, "a/b c", 42);
+        assert_eq!(
+            split_history_key(&key),
+            Some((MODEL_KIND, "a/b c".into(), 42))
+        );
+    }
+}
