@@ -12,6 +12,8 @@ pub enum ConfigError {
     AlreadyExists { kind: &'static str, name: String },
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
+    #[error("revision {0} not found")]
+    RevisionNotFound(u64),
     /// The request is well-formed but the current configuration blocks it;
     /// the message names what blocks it.
     #[error("{0}")]

@@ -20,6 +20,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
+/// How long a graceful shutdown waits for clients to let go of their
+/// connections before it drops them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// duofleetd: the duofleet control plane. Stores self-hosted model and Duo
 /// feature configuration, versioned by revision, and serves it over gRPC.
 #[derive(Debug, Parser)]
@@ -197,10 +201,23 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         let _ = shutdown_tx.send(true);
     });
 
-    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    let servers = async { tokio::join!(grpc_server, http_server) };
+    let grace_expired = async {
+        wait_for(shutdown_rx.clone()).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let results = tokio::select! {
+        results = servers => Some(results),
+        _ = grace_expired => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "clients did not close their connections in time; dropping them");
+            None
+        }
+    };
     let flushed = store.flush();
-    grpc_result?;
-    http_result?;
+    if let Some((grpc_result, http_result)) = results {
+        grpc_result?;
+        http_result?;
+    }
     flushed?;
     tracing::info!("duofleetd stopped");
     Ok(())

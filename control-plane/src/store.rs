@@ -189,11 +189,7 @@ impl Store {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current();
         if target == 0 || self.revisions.get(target.to_be_bytes())?.is_none() {
-            return Err(ConfigError::NotFound {
-                kind: "revision",
-                name: target.to_string(),
-            }
-            .into());
+            return Err(ConfigError::RevisionNotFound(target).into());
         }
         let restored = self.config_at(target)?;
         let new = Config {
@@ -342,13 +338,10 @@ impl Store {
 
     /// One revision record: time, actor, summary and changes.
     pub fn revision_record(&self, revision: u64) -> Result<pb::Revision, StoreError> {
-        let raw =
-            self.revisions
-                .get(revision.to_be_bytes())?
-                .ok_or_else(|| ConfigError::NotFound {
-                    kind: "revision",
-                    name: revision.to_string(),
-                })?;
+        let raw = self
+            .revisions
+            .get(revision.to_be_bytes())?
+            .ok_or(ConfigError::RevisionNotFound(revision))?;
         decode(&raw, || format!("revision {revision}"))
     }
 
@@ -565,7 +558,7 @@ mod tests {
         assert_eq!(at_three.models.keys().collect::<Vec<_>>(), ["b"]);
         assert!(matches!(
             store.rollback("ops", 99),
-            Err(StoreError::Config(ConfigError::NotFound { .. }))
+            Err(StoreError::Config(ConfigError::RevisionNotFound(99)))
         ));
     }
 

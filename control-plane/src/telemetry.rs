@@ -71,10 +71,10 @@ pub fn init(
 
 impl Telemetry {
     pub fn shutdown(self) {
-        if let Some(provider) = self.provider {
-            if let Err(error) = provider.shutdown() {
-                tracing::warn!(%error, "OTLP exporter did not shut down cleanly");
-            }
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "OTLP exporter did not shut down cleanly");
         }
     }
 }

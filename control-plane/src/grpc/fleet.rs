@@ -97,10 +97,10 @@ impl FleetService for FleetApi {
         };
         tokio::spawn(async move {
             // The current revision first, then changes as they commit.
-            if let Some(record) = first {
-                if tx.send(Ok(revision_event(&record))).await.is_err() {
-                    return;
-                }
+            if let Some(record) = first
+                && tx.send(Ok(revision_event(&record))).await.is_err()
+            {
+                return;
             }
             loop {
                 tokio::select! {

@@ -27,7 +27,9 @@ pub fn status(error: StoreError) -> Status {
         StoreError::Config(config) => match &config {
             ConfigError::Invalid { .. } => Status::invalid_argument(config.to_string()),
             ConfigError::AlreadyExists { .. } => Status::already_exists(config.to_string()),
-            ConfigError::NotFound { .. } => Status::not_found(config.to_string()),
+            ConfigError::NotFound { .. } | ConfigError::RevisionNotFound(_) => {
+                Status::not_found(config.to_string())
+            }
             ConfigError::Blocked(_) => Status::failed_precondition(config.to_string()),
         },
         internal => {

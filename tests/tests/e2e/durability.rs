@@ -1,0 +1,124 @@
+//! Every OK is on disk: `kill -9` right after the last OK loses nothing,
+//! and revision numbers continue after a restart, never reused.
+
+use crate::{create_model, revision_numbers};
+use duofleet_proto::v1::{ListModelsRequest, SetFeatureSettingRequest, WatchFleetRequest};
+use duofleet_tests::{Daemon, mk};
+use std::time::Duration;
+
+const WRITES: u64 = 25;
+
+#[tokio::test]
+async fn kill_9_after_the_last_ok_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    for i in 0..WRITES - 1 {
+        create_model(&mut c, mk::model(&format!("model-{i:02}"))).await;
+    }
+    let last = c
+        .profiles
+        .set_feature_setting(SetFeatureSettingRequest {
+            profile: String::new(),
+            setting: Some(mk::self_hosted("duo_chat", "model-07")),
+        })
+        .await
+        .expect("last write")
+        .into_inner();
+    assert_eq!(last.revision, WRITES);
+    daemon.kill9();
+
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    let models = c
+        .models
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len() as u64, WRITES - 1);
+    assert!(models.iter().all(|m| m.has_api_key));
+    let default = c
+        .profiles
+        .get_profile(duofleet_proto::v1::GetProfileRequest {
+            name: "default".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        default.features,
+        vec![mk::self_hosted("duo_chat", "model-07")]
+    );
+    assert_eq!(default.revision, WRITES);
+
+    // Numbers continue: the next write is WRITES + 1, and none repeats.
+    let next = create_model(&mut c, mk::model("after-restart")).await;
+    assert_eq!(next.revision, WRITES + 1);
+    let numbers = revision_numbers(&mut c).await;
+    let expected: Vec<u64> = (1..=WRITES + 1).rev().collect();
+    assert_eq!(numbers, expected);
+}
+
+// Multi-threaded: the client must keep answering HTTP/2 (GOAWAY, PING)
+// while this thread waits for the daemon to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_streams_flushes_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    create_model(&mut c, mk::model("kept")).await;
+    let mut events = c
+        .fleet
+        .watch_fleet(WatchFleetRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = events
+        .message()
+        .await
+        .unwrap()
+        .expect("current revision event");
+    assert!(first.event.is_some());
+
+    let status = daemon.stop("TERM");
+    assert!(status.success(), "{status}");
+    // The stream ends cleanly instead of hanging.
+    let end = tokio::time::timeout(Duration::from_secs(10), events.message()).await;
+    assert!(matches!(end, Ok(Ok(None)) | Ok(Err(_))), "{end:?}");
+
+    let daemon = Daemon::start(&data);
+    assert!(daemon.log().contains("shutting down"), "{}", daemon.log());
+    assert!(daemon.log().contains("duofleetd stopped"));
+    let mut c = daemon.clients().await;
+    let models = c
+        .models
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _first = Daemon::start(&data);
+    let output = std::process::Command::new(duofleet_tests::bin("duofleetd"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is another duofleetd using this data dir?"),
+        "{stderr}"
+    );
+}

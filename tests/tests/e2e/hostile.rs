@@ -1,0 +1,121 @@
+//! Hostile input gets a clear, short error, and the daemon keeps serving.
+
+use crate::revision_numbers;
+use duofleet_proto::v1::{CreateModelRequest, CreateProfileRequest, ListModelsRequest, Model};
+use duofleet_tests::{Daemon, grpcurl, mk};
+use tonic::Code;
+
+#[tokio::test]
+async fn huge_and_binary_input_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"));
+    let mut c = daemon.clients().await;
+
+    let huge = c
+        .models
+        .create_model(CreateModelRequest {
+            model: Some(Model {
+                name: "x".repeat(1 << 20),
+                ..mk::model("")
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::InvalidArgument);
+    assert_eq!(
+        huge.message(),
+        "model.name: must be 1 to 255 characters (got 1048576)"
+    );
+
+    let huge_family = c
+        .models
+        .create_model(CreateModelRequest {
+            model: Some(Model {
+                family: "f".repeat(1 << 20),
+                ..mk::model("m")
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge_family.code(), Code::InvalidArgument);
+    assert!(
+        huge_family.message().len() < 1024,
+        "a hostile value is echoed whole: {} bytes",
+        huge_family.message().len()
+    );
+
+    let control = c
+        .models
+        .create_model(CreateModelRequest {
+            model: Some(mk::model("line\nbreak\0")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(control.code(), Code::InvalidArgument);
+    assert_eq!(
+        control.message(),
+        "model.name: must not contain control characters (found U+000A at position 4)"
+    );
+
+    let mut profile = mk::profile("wide");
+    profile.selector = (0..10_000)
+        .map(|i| (format!("k{i}"), format!("v{i}")))
+        .collect();
+    let wide = c
+        .profiles
+        .create_profile(CreateProfileRequest {
+            profile: Some(profile),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wide.code(), Code::InvalidArgument);
+    assert_eq!(
+        wide.message(),
+        "profile.selector: at most 32 labels (got 10000)"
+    );
+
+    assert!(revision_numbers(&mut c).await.is_empty());
+    let check = grpcurl(&daemon.grpc_addr, &[], &["grpc.health.v1.Health/Check"]);
+    assert_eq!(check.json()["status"], "SERVING");
+}
+
+#[tokio::test]
+async fn fifty_concurrent_creates_of_one_name_have_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"));
+    let clients = daemon.clients().await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut c = clients.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut model = mk::model("contended");
+            model.endpoint = format!("https://vllm-{i}:8000/v1");
+            c.models
+                .create_model(CreateModelRequest { model: Some(model) })
+                .await
+        }));
+    }
+    let mut ok = 0;
+    let mut exists = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                assert_eq!(status.message(), "model \"contended\" already exists");
+                exists += 1;
+            }
+        }
+    }
+    assert_eq!((ok, exists), (1, 49));
+    let mut c = clients.clone();
+    let models = c
+        .models
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+    assert_eq!(revision_numbers(&mut c).await, [1]);
+}

@@ -1,0 +1,39 @@
+//! End-to-end tests against the real `duofleetd` binary.
+
+mod durability;
+mod grpcurl;
+mod history;
+mod hostile;
+mod otlp;
+mod secrets;
+mod validation;
+
+use duofleet_proto::v1::{CreateModelRequest, ListRevisionsRequest, Model};
+use duofleet_tests::Clients;
+
+/// Creates a model and returns what the daemon answered.
+pub async fn create_model(clients: &mut Clients, model: Model) -> Model {
+    clients
+        .models
+        .create_model(CreateModelRequest { model: Some(model) })
+        .await
+        .expect("CreateModel")
+        .into_inner()
+}
+
+/// The revision numbers the daemon lists, newest first.
+pub async fn revision_numbers(clients: &mut Clients) -> Vec<u64> {
+    clients
+        .history
+        .list_revisions(ListRevisionsRequest {
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .expect("ListRevisions")
+        .into_inner()
+        .revisions
+        .iter()
+        .map(|r| r.revision)
+        .collect()
+}

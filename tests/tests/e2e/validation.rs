@@ -1,0 +1,441 @@
+//! Every validation rule and error code of CONTRACT.md, against the real
+//! daemon: the exact code, a message naming the field and the rule, and no
+//! revision for a refused request.
+
+use crate::{create_model, revision_numbers};
+use duofleet_proto::v1::{
+    CreateModelRequest, CreateProfileRequest, DeleteModelRequest, DeleteProfileRequest,
+    FeatureSetting, GetInstanceRequest, GetModelRequest, GetProfileRequest, GetRevisionRequest,
+    Model, Profile, Provider, RollbackRequest, SetFeatureSettingRequest, UpdateModelRequest,
+    UpdateProfileRequest,
+};
+use duofleet_tests::{Clients, Daemon, mk};
+use tonic::{Code, Status};
+
+#[track_caller]
+fn assert_refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, message: &str) {
+    let status = result.expect_err("the daemon accepted a request it must refuse");
+    assert_eq!(status.code(), code, "{}", status.message());
+    assert_eq!(status.message(), message);
+}
+
+#[track_caller]
+fn assert_refused_containing<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    parts: &[&str],
+) {
+    let status = result.expect_err("the daemon accepted a request it must refuse");
+    assert_eq!(status.code(), code, "{}", status.message());
+    for part in parts {
+        assert!(
+            status.message().contains(part),
+            "{:?} lacks {part:?}",
+            status.message()
+        );
+    }
+}
+
+async fn try_create(clients: &mut Clients, edit: impl FnOnce(&mut Model)) -> Result<Model, Status> {
+    let mut model = mk::model("m");
+    edit(&mut model);
+    clients
+        .models
+        .create_model(CreateModelRequest { model: Some(model) })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn try_create_profile(
+    clients: &mut Clients,
+    edit: impl FnOnce(&mut Profile),
+) -> Result<Profile, Status> {
+    let mut profile = mk::profile("canary");
+    edit(&mut profile);
+    clients
+        .profiles
+        .create_profile(CreateProfileRequest {
+            profile: Some(profile),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn model_field_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"));
+    let mut c = daemon.clients().await;
+    let invalid = Code::InvalidArgument;
+
+    assert_refused(
+        try_create(&mut c, |m| m.name.clear()).await,
+        invalid,
+        "model.name: must be 1 to 255 characters (got 0)",
+    );
+    assert_refused(
+        try_create(&mut c, |m| m.name = "n".repeat(256)).await,
+        invalid,
+        "model.name: must be 1 to 255 characters (got 256)",
+    );
+    assert_refused(
+        try_create(&mut c, |m| m.name = "bad\u{1b}[31mname".into()).await,
+        invalid,
+        "model.name: must not contain control characters (found U+001B at position 3)",
+    );
+    assert_refused_containing(
+        try_create(&mut c, |m| m.family = "llama2".into()).await,
+        invalid,
+        &["model.family: unknown family \"llama2\"; known families: mistral, mixtral, codestral"],
+    );
+    assert_refused(
+        try_create(&mut c, |m| m.endpoint = "vllm:8000/v1".into()).await,
+        invalid,
+        "model.endpoint: scheme must be http or https (got \"vllm\")",
+    );
+    assert_refused_containing(
+        try_create(&mut c, |m| m.endpoint = "/v1".into()).await,
+        invalid,
+        &["model.endpoint: must be an absolute http or https URL"],
+    );
+    assert_refused(
+        try_create(&mut c, |m| {
+            m.endpoint = format!("https://vllm/{}/v1", "p".repeat(2048))
+        })
+        .await,
+        invalid,
+        "model.endpoint: must be at most 2048 characters (got 2064)",
+    );
+    assert_refused(
+        try_create(&mut c, |m| {
+            m.endpoint = "https://admin:hunter2@vllm:8000/v1".into()
+        })
+        .await,
+        invalid,
+        "model.endpoint: must not contain a user:password part; put credentials in api_key",
+    );
+    assert_refused(
+        try_create(&mut c, |m| m.endpoint = "https://vllm:8000".into()).await,
+        invalid,
+        "model.endpoint: must end with /v1 for custom_openai models (e.g. https://host:8000/v1)",
+    );
+    assert_refused_containing(
+        try_create(&mut c, |m| m.identifier = "openai/gpt-4".into()).await,
+        invalid,
+        &[
+            "model.identifier: must be custom_openai/<served model name>, bedrock/<model id> or azure/<deployment id>",
+        ],
+    );
+    assert_refused(
+        try_create(&mut c, |m| {
+            m.identifier = format!("bedrock/{}", "x".repeat(250))
+        })
+        .await,
+        invalid,
+        "model.identifier: must be at most 255 characters (got 258)",
+    );
+    assert_refused(
+        c.models
+            .create_model(CreateModelRequest { model: None })
+            .await,
+        invalid,
+        "model: required",
+    );
+    // Bedrock and Azure endpoints need no /v1.
+    try_create(&mut c, |m| {
+        m.name = "bedrock-mixtral".into();
+        m.identifier = "bedrock/mistral.mixtral-8x7b-instruct-v0:1".into();
+        m.endpoint = "https://bedrock-runtime.us-east-1.amazonaws.com".into();
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        revision_numbers(&mut c).await,
+        [1],
+        "refusals must make no revision"
+    );
+}
+
+#[tokio::test]
+async fn profile_and_feature_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"));
+    let mut c = daemon.clients().await;
+    let invalid = Code::InvalidArgument;
+
+    assert_refused(
+        try_create_profile(&mut c, |p| p.name = "Canary".into()).await,
+        invalid,
+        "profile.name: must contain only a-z, 0-9 and '-' (got \"Canary\")",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| p.name = "c".repeat(64)).await,
+        invalid,
+        "profile.name: must be 1 to 63 characters (got 64)",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| p.ai_gateway_url = "aigw:5052".into()).await,
+        invalid,
+        "profile.ai_gateway_url: scheme must be http or https (got \"aigw\")",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.ai_gateway_internal_url = "gopher://aigw".into()
+        })
+        .await,
+        invalid,
+        "profile.ai_gateway_internal_url: scheme must be http or https (got \"gopher\")",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.selector.insert("tier".into(), "gold star".into());
+        })
+        .await,
+        invalid,
+        "profile.selector[tier]: label value \"gold star\" must be at most 63 characters of A-Z a-z 0-9 . _ -",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.features = vec![mk::self_hosted("duo_chat_draw_pictures", "m")]
+        })
+        .await,
+        invalid,
+        "profile.features[0].feature: unknown feature \"duo_chat_draw_pictures\"; known features: code_generations, code_completions, duo_chat, duo_chat_explain_code, duo_chat_write_tests, duo_chat_refactor_code, duo_chat_fix_code, duo_chat_troubleshoot_job, duo_chat_explain_vulnerability, duo_chat_summarize_comments, generate_commit_message, summarize_new_merge_request, resolve_vulnerability, summarize_review, glab_ask_git_command, review_merge_request",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.features = vec![FeatureSetting {
+                model: "m".into(),
+                ..mk::vendor("duo_chat")
+            }]
+        })
+        .await,
+        invalid,
+        "profile.features[0].model: only allowed with PROVIDER_SELF_HOSTED (provider is PROVIDER_VENDOR)",
+    );
+    let set = |profile: &str, setting: FeatureSetting| SetFeatureSettingRequest {
+        profile: profile.to_string(),
+        setting: Some(setting),
+    };
+    assert_refused(
+        c.profiles
+            .set_feature_setting(set("", mk::self_hosted("duo_chat", "")))
+            .await,
+        invalid,
+        "setting.model: required with PROVIDER_SELF_HOSTED: name a model",
+    );
+    assert_refused(
+        c.profiles
+            .set_feature_setting(set(
+                "",
+                FeatureSetting {
+                    model: "m".into(),
+                    provider: Provider::Disabled as i32,
+                    feature: "duo_chat".into(),
+                },
+            ))
+            .await,
+        invalid,
+        "setting.model: only allowed with PROVIDER_SELF_HOSTED (provider is PROVIDER_DISABLED)",
+    );
+    assert_refused(
+        c.profiles
+            .update_profile(UpdateProfileRequest {
+                profile: Some(Profile {
+                    name: "default".into(),
+                    selector: [("env".to_string(), "prod".to_string())].into(),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            })
+            .await,
+        invalid,
+        "profile.selector: must be empty for the default profile, which matches every instance",
+    );
+    assert_refused(
+        c.models
+            .update_model(UpdateModelRequest {
+                model: Some(mk::model("m")),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["revision".into()],
+                }),
+            })
+            .await,
+        invalid,
+        "update_mask: \"revision\" is output only",
+    );
+    assert!(
+        revision_numbers(&mut c).await.is_empty(),
+        "refusals must make no revision"
+    );
+}
+
+#[tokio::test]
+async fn exists_not_found_and_preconditions() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"));
+    let mut c = daemon.clients().await;
+
+    create_model(&mut c, mk::model("mixtral-prod")).await;
+    create_model(
+        &mut c,
+        Model {
+            family: "codegemma".into(),
+            ..mk::model("codegemma-7b")
+        },
+    )
+    .await;
+    assert_refused(
+        c.models
+            .create_model(CreateModelRequest {
+                model: Some(mk::model("mixtral-prod")),
+            })
+            .await,
+        Code::AlreadyExists,
+        "model \"mixtral-prod\" already exists",
+    );
+    try_create_profile(&mut c, |_| {}).await.unwrap();
+    assert_refused(
+        try_create_profile(&mut c, |_| {}).await,
+        Code::AlreadyExists,
+        "profile \"canary\" already exists",
+    );
+    let revisions_before = revision_numbers(&mut c).await;
+    assert_eq!(revisions_before, [3, 2, 1]);
+
+    assert_refused(
+        c.models
+            .get_model(GetModelRequest {
+                name: "nope".into(),
+            })
+            .await,
+        Code::NotFound,
+        "model \"nope\" not found",
+    );
+    assert_refused(
+        c.models
+            .delete_model(DeleteModelRequest {
+                name: "nope".into(),
+            })
+            .await,
+        Code::NotFound,
+        "model \"nope\" not found",
+    );
+    assert_refused(
+        c.profiles
+            .get_profile(GetProfileRequest {
+                name: "nope".into(),
+            })
+            .await,
+        Code::NotFound,
+        "profile \"nope\" not found",
+    );
+    assert_refused(
+        c.history
+            .get_revision(GetRevisionRequest { revision: 99 })
+            .await,
+        Code::NotFound,
+        "revision 99 not found",
+    );
+    assert_refused(
+        c.history.rollback(RollbackRequest { revision: 99 }).await,
+        Code::NotFound,
+        "revision 99 not found",
+    );
+    assert_refused(
+        c.fleet
+            .get_instance(GetInstanceRequest {
+                instance_id: "gitlab-01".into(),
+            })
+            .await,
+        Code::NotFound,
+        "instance \"gitlab-01\" not found",
+    );
+    let set = |profile: &str, setting: FeatureSetting| SetFeatureSettingRequest {
+        profile: profile.to_string(),
+        setting: Some(setting),
+    };
+    assert_refused(
+        c.profiles
+            .set_feature_setting(set("nope", mk::vendor("duo_chat")))
+            .await,
+        Code::NotFound,
+        "profile \"nope\" not found",
+    );
+    assert_refused(
+        c.profiles
+            .set_feature_setting(set("", mk::self_hosted("duo_chat", "ghost")))
+            .await,
+        Code::FailedPrecondition,
+        "setting.model: model \"ghost\" does not exist; create it first",
+    );
+    assert_refused_containing(
+        c.profiles
+            .set_feature_setting(set("", mk::self_hosted("duo_chat", "codegemma-7b")))
+            .await,
+        Code::FailedPrecondition,
+        &["Codegemma is incompatible with the General Chat feature"],
+    );
+    assert_refused_containing(
+        try_create_profile(&mut c, |p| {
+            p.name = "reviewers".into();
+            p.features = vec![mk::self_hosted("review_merge_request", "codegemma-7b")];
+        })
+        .await,
+        Code::FailedPrecondition,
+        &["profile.features[0].model: Codegemma is incompatible with the Code Review feature"],
+    );
+    // In use: cannot be deleted; the message names the profile and feature.
+    c.profiles
+        .set_feature_setting(set("canary", mk::self_hosted("duo_chat", "mixtral-prod")))
+        .await
+        .unwrap();
+    assert_refused(
+        c.models
+            .delete_model(DeleteModelRequest {
+                name: "mixtral-prod".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "model \"mixtral-prod\" is used by profile \"canary\" for feature duo_chat; point that feature at another model first",
+    );
+    assert_refused_containing(
+        c.models
+            .update_model(UpdateModelRequest {
+                model: Some(Model {
+                    name: "mixtral-prod".into(),
+                    family: "codegemma".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["family".into()],
+                }),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &[
+            "Codegemma is incompatible with the General Chat feature",
+            "profile \"canary\"",
+        ],
+    );
+    assert_refused(
+        c.profiles
+            .delete_profile(DeleteProfileRequest {
+                name: "default".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "the default profile cannot be deleted: it is the fallback for every instance",
+    );
+    assert_eq!(revision_numbers(&mut c).await, [4, 3, 2, 1]);
+    // Still intact after all the refusals.
+    let model = c
+        .models
+        .get_model(GetModelRequest {
+            name: "mixtral-prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(model.family, "mixtral");
+}
