@@ -286,7 +286,8 @@ impl Config {
 
 /// Resolves an update mask (AIP-134): empty means every populated field,
 /// `*` means every updatable field (a full replace), otherwise the named
-/// fields, each of which must be updatable.
+/// fields, each of which must be updatable. Paths may be snake_case or, as
+/// grpcurl 1.8 passes them through from JSON, camelCase.
 fn mask_fields(
     kind: &str,
     mask: &[String],
@@ -301,6 +302,7 @@ fn mask_fields(
     }
     let mut fields = Vec::new();
     for path in mask {
+        let path = &snake_case(path);
         let rule = if path == "name" {
             "name cannot be changed: it selects the resource".to_string()
         } else if OUTPUT_FIELDS.contains(&path.as_str()) {
@@ -320,6 +322,19 @@ fn mask_fields(
         return Err(ConfigError::invalid("update_mask", rule));
     }
     Ok(fields)
+}
+
+fn snake_case(path: &str) -> String {
+    let mut snake = String::with_capacity(path.len() + 4);
+    for c in path.chars() {
+        if c.is_ascii_uppercase() {
+            snake.push('_');
+            snake.push(c.to_ascii_lowercase());
+        } else {
+            snake.push(c);
+        }
+    }
+    snake
 }
 
 fn sort_features(profile: &mut Profile) {
@@ -454,6 +469,16 @@ mod tests {
             err,
             "update_mask: unknown field \"bogus\" for Model; updatable fields: family, endpoint, api_key, identifier"
         );
+        // camelCase paths, as grpcurl sends them, work too.
+        let rotate = Model {
+            name: "mx".into(),
+            api_key: "k2".into(),
+            ..Default::default()
+        };
+        config
+            .update_model(catalog, rotate, &["apiKey".into()])
+            .unwrap();
+        assert_eq!(config.models["mx"].api_key, "k2");
         // "*": a full replace, so the missing family is refused.
         let err = config
             .update_model(catalog, patch, &["*".into()])

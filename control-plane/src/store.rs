@@ -118,7 +118,12 @@ impl Store {
     }
 
     fn initialize(&self) -> Result<(), StoreError> {
-        let default = config::default_profile();
+        let now = prost_types::Timestamp::from(SystemTime::now());
+        let default = Profile {
+            create_time: Some(now),
+            update_time: Some(now),
+            ..config::default_profile()
+        };
         let name = default.name.clone();
         let entry = HistoryEntry {
             model: None,

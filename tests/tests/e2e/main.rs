@@ -5,6 +5,7 @@ mod grpcurl;
 mod history;
 mod hostile;
 mod otlp;
+mod readme;
 mod secrets;
 mod validation;
 
