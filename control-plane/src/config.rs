@@ -302,12 +302,12 @@ fn mask_fields(
     }
     let mut fields = Vec::new();
     for path in mask {
-        let path = &snake_case(path);
-        let rule = if path == "name" {
+        let field_name = snake_case(path);
+        let rule = if field_name == "name" {
             "name cannot be changed: it selects the resource".to_string()
-        } else if OUTPUT_FIELDS.contains(&path.as_str()) {
+        } else if OUTPUT_FIELDS.contains(&field_name.as_str()) {
             format!("{} is output only", quoted(path))
-        } else if let Some(field) = updatable.iter().find(|f| **f == path) {
+        } else if let Some(field) = updatable.iter().find(|f| **f == field_name) {
             if !fields.contains(field) {
                 fields.push(*field);
             }

@@ -568,6 +568,24 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_schema_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(SCHEMA_KEY, &99u32.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path(), catalog::get()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "the database has schema version 99, newer than this duofleetd supports (1); run a newer duofleetd"
+        );
+    }
+
+    #[test]
     fn history_keys_round_trip() {
         let key = history_key(MODEL_KIND, "a/b c", 42);
         assert_eq!(

@@ -141,6 +141,26 @@ async fn model_field_rules() {
         invalid,
         "model: required",
     );
+    assert_refused(
+        try_create(&mut c, |m| m.api_key = "sk-line\r\nX-Injected: 1".into()).await,
+        invalid,
+        "model.api_key: must not contain control characters (it is sent as an HTTP header)",
+    );
+    assert_refused(
+        try_create(&mut c, |m| m.api_key = "k".repeat(8193)).await,
+        invalid,
+        "model.api_key: must be at most 8192 bytes",
+    );
+    assert_refused(
+        c.models
+            .update_model(UpdateModelRequest {
+                model: Some(mk::model("ghost")),
+                update_mask: None,
+            })
+            .await,
+        Code::NotFound,
+        "model \"ghost\" not found",
+    );
     // Bedrock and Azure endpoints need no /v1.
     try_create(&mut c, |m| {
         m.name = "bedrock-mixtral".into();
@@ -263,6 +283,66 @@ async fn profile_and_feature_rules() {
             .await,
         invalid,
         "update_mask: \"revision\" is output only",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.ai_gateway_url.clear();
+            p.ai_gateway_internal_url = "http://ai-gateway.gitlab.svc.cluster.local:5052".into();
+        })
+        .await,
+        invalid,
+        "profile.ai_gateway_internal_url: needs ai_gateway_url to be set as well",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.features = vec![mk::vendor("duo_chat"), mk::vendor("duo_chat")]
+        })
+        .await,
+        invalid,
+        "profile.features[1].feature: \"duo_chat\" is set more than once",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.features = vec![FeatureSetting {
+                feature: "duo_chat".into(),
+                ..Default::default()
+            }]
+        })
+        .await,
+        invalid,
+        "profile.features[0].provider: must be PROVIDER_DISABLED, PROVIDER_VENDOR or PROVIDER_SELF_HOSTED",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.selector.insert("ring canary".into(), "1".into());
+        })
+        .await,
+        invalid,
+        "profile.selector: label key \"ring canary\" must be 1 to 63 characters of A-Z a-z 0-9 . _ - /",
+    );
+    assert_refused(
+        c.profiles
+            .update_profile(UpdateProfileRequest {
+                profile: Some(mk::profile("default")),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["name".into()],
+                }),
+            })
+            .await,
+        invalid,
+        "update_mask: name cannot be changed: it selects the resource",
+    );
+    assert_refused(
+        c.profiles
+            .update_profile(UpdateProfileRequest {
+                profile: Some(mk::profile("default")),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["aiGatewayURL".into()],
+                }),
+            })
+            .await,
+        invalid,
+        "update_mask: unknown field \"aiGatewayURL\" for Profile; updatable fields: ai_gateway_url, ai_gateway_internal_url, selector, priority, features",
     );
     assert!(
         revision_numbers(&mut c).await.is_empty(),
