@@ -1,8 +1,8 @@
 //! Every OK is on disk: `kill -9` right after the last OK loses nothing,
 //! and revision numbers continue after a restart, never reused.
 
-use crate::{create_model, revision_numbers};
-use duofleet_proto::v1::{ListModelsRequest, SetFeatureSettingRequest, WatchFleetRequest};
+use crate::{create_model, list_models, revision_numbers, watch_fleet};
+use duofleet_proto::v1::SetFeatureSettingRequest;
 use duofleet_tests::{Daemon, mk};
 use std::time::Duration;
 
@@ -31,13 +31,7 @@ async fn kill_9_after_the_last_ok_loses_nothing() {
 
     let daemon = Daemon::start(&data);
     let mut c = daemon.clients().await;
-    let models = c
-        .models
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = list_models(&mut c).await;
     assert_eq!(models.len() as u64, WRITES - 1);
     assert!(models.iter().all(|m| m.has_api_key));
     let default = c
@@ -71,12 +65,7 @@ async fn sigterm_closes_streams_flushes_and_exits_zero() {
     let daemon = Daemon::start(&data);
     let mut c = daemon.clients().await;
     create_model(&mut c, mk::model("kept")).await;
-    let mut events = c
-        .fleet
-        .watch_fleet(WatchFleetRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = watch_fleet(&mut c).await;
     let first = events
         .message()
         .await
@@ -94,13 +83,7 @@ async fn sigterm_closes_streams_flushes_and_exits_zero() {
     assert!(daemon.log().contains("shutting down"), "{}", daemon.log());
     assert!(daemon.log().contains("duofleetd stopped"));
     let mut c = daemon.clients().await;
-    let models = c
-        .models
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = list_models(&mut c).await;
     assert_eq!(models.len(), 1);
 }
 

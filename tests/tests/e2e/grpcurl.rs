@@ -1,5 +1,6 @@
 //! The real grpcurl 1.8 (reflection v1alpha) against the real daemon.
 
+use crate::fresh_daemon;
 use duofleet_tests::{Daemon, grpcurl, http_get};
 
 /// grpcurl exits with 64 + the gRPC status code.
@@ -7,8 +8,7 @@ const EXIT_UNAUTHENTICATED: i32 = 64 + 16;
 
 #[test]
 fn grpcurl_lists_services_and_describes_model_service() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let list = grpcurl(&daemon.grpc_addr, &[], &["list"]);
     assert_eq!(list.exit_code, 0, "{list:?}");
     for service in [
@@ -48,8 +48,7 @@ fn grpcurl_lists_services_and_describes_model_service() {
 
 #[test]
 fn grpcurl_creates_a_model_from_json_and_needs_the_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let auth = format!("authorization: Bearer {}", daemon.token());
     let body = r#"{"model": {"name": "mixtral-prod", "family": "mixtral",
         "endpoint": "https://vllm.internal:8000/v1", "apiKey": "sk-grpcurl-secret",
@@ -105,8 +104,7 @@ fn grpcurl_creates_a_model_from_json_and_needs_the_token() {
 
 #[test]
 fn health_answers_serving_without_a_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let check = grpcurl(&daemon.grpc_addr, &[], &["grpc.health.v1.Health/Check"]);
     assert_eq!(check.exit_code, 0, "{check:?}");
     assert_eq!(check.json()["status"], "SERVING");

@@ -1,14 +1,14 @@
 //! Revisions: listing with pages, the configuration at a revision, and
 //! rollback as a new revision.
 
-use crate::{create_model, revision_numbers};
+use crate::{create_model, fresh_daemon, list_models, revision_numbers, watch_fleet};
 use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
     ChangeAction, DeleteModelRequest, FeatureSetting, GetProfileRequest, GetRevisionRequest,
-    ListModelsRequest, ListRevisionsRequest, Model, ResourceKind, RollbackRequest,
-    SetFeatureSettingRequest, UpdateModelRequest, WatchFleetRequest,
+    ListRevisionsRequest, Model, ResourceKind, RollbackRequest, SetFeatureSettingRequest,
+    UpdateModelRequest,
 };
-use duofleet_tests::{Daemon, mk};
+use duofleet_tests::mk;
 
 fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
     Some(prost_types::FieldMask {
@@ -18,8 +18,7 @@ fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
 
 #[tokio::test]
 async fn rollback_restores_models_and_profiles_as_a_new_revision() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
     let set = |setting: FeatureSetting| SetFeatureSettingRequest {
         profile: String::new(),
@@ -97,13 +96,7 @@ async fn rollback_restores_models_and_profiles_as_a_new_revision() {
         ]
     );
 
-    let models = c
-        .models
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = list_models(&mut c).await;
     assert_eq!(models.len(), 1);
     assert_eq!(models[0].name, "a");
     assert_eq!(models[0].endpoint, "https://vllm-2:8000/v1");
@@ -155,8 +148,7 @@ async fn rollback_restores_models_and_profiles_as_a_new_revision() {
 
 #[tokio::test]
 async fn list_revisions_pages_newest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
     for i in 0..5 {
         create_model(&mut c, mk::model(&format!("m{i}"))).await;
@@ -206,16 +198,10 @@ async fn list_revisions_pages_newest_first() {
 
 #[tokio::test]
 async fn watch_fleet_streams_revisions() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
     create_model(&mut c, mk::model("first")).await;
-    let mut events = c
-        .fleet
-        .watch_fleet(WatchFleetRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = watch_fleet(&mut c).await;
     create_model(&mut c, mk::model("second")).await;
     let mut got = Vec::new();
     for _ in 0..2 {

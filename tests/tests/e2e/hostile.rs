@@ -1,14 +1,13 @@
 //! Hostile input gets a clear, short error, and the daemon keeps serving.
 
-use crate::revision_numbers;
-use duofleet_proto::v1::{CreateModelRequest, CreateProfileRequest, ListModelsRequest, Model};
-use duofleet_tests::{Daemon, grpcurl, mk};
+use crate::{fresh_daemon, list_models, revision_numbers};
+use duofleet_proto::v1::{CreateModelRequest, CreateProfileRequest, Model};
+use duofleet_tests::{grpcurl, mk};
 use tonic::Code;
 
 #[tokio::test]
 async fn huge_and_binary_input_is_refused_clearly() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
 
     let huge = c
@@ -81,8 +80,7 @@ async fn huge_and_binary_input_is_refused_clearly() {
 
 #[tokio::test]
 async fn fifty_concurrent_creates_of_one_name_have_one_winner() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let clients = daemon.clients().await;
     let mut tasks = Vec::new();
     for i in 0..50 {
@@ -109,13 +107,7 @@ async fn fifty_concurrent_creates_of_one_name_have_one_winner() {
     }
     assert_eq!((ok, exists), (1, 49));
     let mut c = clients.clone();
-    let models = c
-        .models
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = list_models(&mut c).await;
     assert_eq!(models.len(), 1);
     assert_eq!(revision_numbers(&mut c).await, [1]);
 }

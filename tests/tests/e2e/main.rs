@@ -38,3 +38,33 @@ pub async fn revision_numbers(clients: &mut Clients) -> Vec<u64> {
         .map(|r| r.revision)
         .collect()
 }
+
+/// All models, as ListModels returns them.
+pub async fn list_models(clients: &mut Clients) -> Vec<Model> {
+    clients
+        .models
+        .list_models(duofleet_proto::v1::ListModelsRequest {})
+        .await
+        .expect("ListModels")
+        .into_inner()
+        .models
+}
+
+/// A WatchFleet stream.
+pub async fn watch_fleet(
+    clients: &mut Clients,
+) -> tonic::Streaming<duofleet_proto::v1::FleetEvent> {
+    clients
+        .fleet
+        .watch_fleet(duofleet_proto::v1::WatchFleetRequest {})
+        .await
+        .expect("WatchFleet")
+        .into_inner()
+}
+
+/// A daemon on a fresh data dir; keep the TempDir alive as long as it runs.
+pub fn fresh_daemon() -> (tempfile::TempDir, duofleet_tests::Daemon) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = duofleet_tests::Daemon::start(&dir.path().join("data"));
+    (dir, daemon)
+}

@@ -1,7 +1,8 @@
 //! The README's quick start is run as written, against a real daemon, so
 //! the commands a newcomer copies keep working.
 
-use duofleet_proto::v1::{GetProfileRequest, ListModelsRequest};
+use crate::list_models;
+use duofleet_proto::v1::GetProfileRequest;
 use duofleet_tests::{Daemon, grpcurl_path};
 use std::process::Command;
 
@@ -74,13 +75,7 @@ async fn quick_start_runs_as_written() {
     assert_eq!(default.revision, 4);
     assert_eq!(default.ai_gateway_url, "https://aigw.example.com:5052");
     assert!(default.features.is_empty());
-    let models = c
-        .models
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = list_models(&mut c).await;
     assert_eq!(models.len(), 1);
     assert!(models[0].has_api_key);
 

@@ -1,9 +1,9 @@
 //! API keys are input only: no operator response and no log line carries one.
 
-use crate::create_model;
+use crate::{create_model, watch_fleet};
 use duofleet_proto::v1::{
     GetModelRequest, GetRevisionRequest, ListModelsRequest, ListRevisionsRequest, Model,
-    UpdateModelRequest, WatchFleetRequest,
+    UpdateModelRequest,
 };
 use duofleet_tests::{Daemon, DaemonOptions, grpcurl, mk};
 
@@ -95,12 +95,7 @@ async fn api_keys_never_leave_the_daemon() {
         assert!(at.models[0].api_key.is_empty());
         responses.push(format!("{at:?}"));
     }
-    let mut events = c
-        .fleet
-        .watch_fleet(WatchFleetRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = watch_fleet(&mut c).await;
     responses.push(format!("{:?}", events.message().await.unwrap()));
     let auth = format!("authorization: Bearer {}", daemon.token());
     for (method, body) in [

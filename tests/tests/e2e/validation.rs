@@ -2,14 +2,14 @@
 //! daemon: the exact code, a message naming the field and the rule, and no
 //! revision for a refused request.
 
-use crate::{create_model, revision_numbers};
+use crate::{create_model, fresh_daemon, revision_numbers};
 use duofleet_proto::v1::{
     CreateModelRequest, CreateProfileRequest, DeleteModelRequest, DeleteProfileRequest,
     FeatureSetting, GetInstanceRequest, GetModelRequest, GetProfileRequest, GetRevisionRequest,
     Model, Profile, Provider, RollbackRequest, SetFeatureSettingRequest, UpdateModelRequest,
     UpdateProfileRequest,
 };
-use duofleet_tests::{Clients, Daemon, mk};
+use duofleet_tests::{Clients, mk};
 use tonic::{Code, Status};
 
 #[track_caller]
@@ -63,8 +63,7 @@ async fn try_create_profile(
 
 #[tokio::test]
 async fn model_field_rules() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
     let invalid = Code::InvalidArgument;
 
@@ -178,8 +177,7 @@ async fn model_field_rules() {
 
 #[tokio::test]
 async fn profile_and_feature_rules() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
     let invalid = Code::InvalidArgument;
 
@@ -352,8 +350,7 @@ async fn profile_and_feature_rules() {
 
 #[tokio::test]
 async fn exists_not_found_and_preconditions() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(&dir.path().join("data"));
+    let (_dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
 
     create_model(&mut c, mk::model("mixtral-prod")).await;
