@@ -1,19 +1,26 @@
-//! Operator tokens. On first start `duofleetd` writes a random admin token
-//! to `DATA_DIR/admin.token` (mode 0600); every operator RPC presents it as
-//! `authorization: Bearer <token>`. The caller's token name becomes the
-//! actor of the revisions it makes.
+//! Tokens. On first start `duofleetd` writes two random tokens (mode 0600):
+//! `DATA_DIR/admin.token` for operators and `DATA_DIR/enroll.token` for
+//! agents. Both are presented as `authorization: Bearer <token>`. The
+//! caller's token name becomes the actor of the revisions it makes.
+//!
+//! The enroll token is, for now, the shared secret that agents present on
+//! every connection; the security work turns it into a one-time join token
+//! exchanged for a per-instance client certificate.
 
 use crate::fsutil;
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const ENROLL_TOKEN_FILE: &str = "enroll.token";
 const TOKEN_PREFIX: &str = "duofleet_";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Admin,
     Viewer,
+    /// An agent: AgentService only.
+    Agent,
 }
 
 /// Who is calling: the token's name and what it may do.
@@ -35,6 +42,8 @@ pub enum AuthError {
     Invalid,
     #[error("token {token:?} is read-only and cannot {action}")]
     ReadOnly { token: String, action: &'static str },
+    #[error("token {token:?} is {role}, not for this service")]
+    WrongAudience { token: String, role: &'static str },
 }
 
 struct Token {
@@ -49,36 +58,29 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Reads `DATA_DIR/admin.token`, creating it (0600, atomically) on first start.
+    /// Reads `DATA_DIR/admin.token` and `DATA_DIR/enroll.token`, creating
+    /// them (0600, atomically) on first start.
     pub fn load_or_create(data_dir: &Path) -> io::Result<Self> {
-        let path = data_dir.join(ADMIN_TOKEN_FILE);
-        let secret = match std::fs::read_to_string(&path) {
-            Ok(contents) => contents.trim().to_string(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let secret = new_secret()?;
-                fsutil::write_atomic(&path, format!("{secret}\n").as_bytes(), 0o600)?;
-                secret
-            }
-            Err(e) => return Err(e),
-        };
-        if secret.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} is empty; delete it to have a new token made",
-                    path.display()
-                ),
-            ));
-        }
-        Ok(Tokens {
-            tokens: vec![Token {
-                secret,
+        let admin_token_path = data_dir.join(ADMIN_TOKEN_FILE);
+        let tokens = vec![
+            Token {
+                secret: load_or_create_secret(&admin_token_path)?,
                 caller: Caller {
                     name: "admin".to_string(),
                     role: Role::Admin,
                 },
-            }],
-            admin_token_path: path,
+            },
+            Token {
+                secret: load_or_create_secret(&data_dir.join(ENROLL_TOKEN_FILE))?,
+                caller: Caller {
+                    name: "enroll".to_string(),
+                    role: Role::Agent,
+                },
+            },
+        ];
+        Ok(Tokens {
+            tokens,
+            admin_token_path,
         })
     }
 
@@ -107,12 +109,49 @@ impl Caller {
     pub fn require_admin(&self, action: &'static str) -> Result<(), AuthError> {
         match self.role {
             Role::Admin => Ok(()),
-            Role::Viewer => Err(AuthError::ReadOnly {
+            _ => Err(AuthError::ReadOnly {
                 token: self.name.clone(),
                 action,
             }),
         }
     }
+
+    /// Operator services take operator tokens; AgentService takes agent tokens.
+    pub fn require_audience(&self, agent: bool) -> Result<(), AuthError> {
+        match (self.role == Role::Agent, agent) {
+            (true, true) | (false, false) => Ok(()),
+            (true, false) => Err(AuthError::WrongAudience {
+                token: self.name.clone(),
+                role: "an agent enrollment token",
+            }),
+            (false, true) => Err(AuthError::WrongAudience {
+                token: self.name.clone(),
+                role: "an operator token",
+            }),
+        }
+    }
+}
+
+fn load_or_create_secret(path: &Path) -> io::Result<String> {
+    let secret = match std::fs::read_to_string(path) {
+        Ok(contents) => contents.trim().to_string(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let secret = new_secret()?;
+            fsutil::write_atomic(path, format!("{secret}\n").as_bytes(), 0o600)?;
+            secret
+        }
+        Err(e) => return Err(e),
+    };
+    if secret.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is empty; delete it to have a new token made",
+                path.display()
+            ),
+        ));
+    }
+    Ok(secret)
 }
 
 fn new_secret() -> io::Result<String> {

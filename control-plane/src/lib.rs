@@ -12,7 +12,9 @@
 //!                            flush per revision, multi-version history)
 //!                               │ watch<Arc<Config>> + broadcast<Revision>
 //!                               ▼
-//!                     WatchFleet, agent streams (agent issue)
+//!                     grpc::agent (one session per agent: effective config
+//!                     per instance, coalesced) ──► registry (instances,
+//!                     sync state, fleet events) ◄── FleetService
 //! ```
 //!
 //! Domain modules (`catalog`, `validate`, `config`) know nothing of tonic or
@@ -21,10 +23,12 @@
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod effective;
 pub mod error;
 pub mod fsutil;
 pub mod grpc;
 pub mod http;
+pub mod registry;
 pub mod server;
 pub mod store;
 pub mod telemetry;

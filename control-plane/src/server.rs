@@ -2,11 +2,13 @@
 //! shutdown on SIGTERM/SIGINT (streams closed, database flushed).
 
 use crate::auth::Tokens;
-use crate::grpc::{self, FleetApi, HistoryApi, ModelApi, ProfileApi};
+use crate::grpc::{self, AgentApi, FleetApi, HistoryApi, ModelApi, ProfileApi};
+use crate::registry::Registry;
 use crate::store::Store;
 use crate::telemetry::{self, LogFormat};
 use crate::{catalog, fsutil};
 use clap::Parser;
+use duofleet_proto::v1::agent_service_server::AgentServiceServer;
 use duofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use duofleet_proto::v1::history_service_server::HistoryServiceServer;
 use duofleet_proto::v1::model_service_server::ModelServiceServer;
@@ -118,6 +120,14 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             })?,
         );
 
+    let registry =
+        Arc::new(
+            Registry::load(store.clone()).map_err(|source| StartError::Database {
+                path: db_path.clone(),
+                source,
+            })?,
+        );
+
     let grpc_listener =
         TcpListener::bind(args.listen)
             .await
@@ -158,7 +168,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let auth = grpc::authenticator(tokens.clone());
+    let auth = grpc::authenticator(tokens.clone(), false);
+    let agent_auth = grpc::authenticator(tokens.clone(), true);
     let grpc_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -172,8 +183,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(ProfileServiceServer::with_interceptor(ProfileApi::new(store.clone()), auth.clone()))
         .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
         .add_service(FleetServiceServer::with_interceptor(
-            FleetApi::new(store.clone(), shutdown_rx.clone()),
+            FleetApi::new(store.clone(), registry.clone(), shutdown_rx.clone()),
             auth,
+        ))
+        .add_service(AgentServiceServer::with_interceptor(
+            AgentApi::new(store.clone(), registry.clone(), shutdown_rx.clone()),
+            agent_auth,
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), wait_for(shutdown_rx.clone()));
 

@@ -8,6 +8,7 @@
 //! profiles   name -> Profile (prost)
 //! revisions  revision (u64 BE) -> Revision record (time, actor, summary, changes)
 //! history    kind | name | 0x00 | revision (u64 BE) -> HistoryEntry (value, or empty = deleted)
+//! instances  instance id -> Instance (what agents reported; not versioned)
 //! ```
 //!
 //! `history` is a multi-version log of every model and profile, so the full
@@ -81,6 +82,7 @@ pub struct Store {
     profiles: sled::Tree,
     revisions: sled::Tree,
     history: sled::Tree,
+    instances: sled::Tree,
     catalog: &'static Catalog,
     writer: Mutex<()>,
     current: watch::Sender<Arc<Config>>,
@@ -97,6 +99,7 @@ impl Store {
             profiles: db.open_tree("profiles")?,
             revisions: db.open_tree("revisions")?,
             history: db.open_tree("history")?,
+            instances: db.open_tree("instances")?,
             db,
             catalog,
             writer: Mutex::new(()),
@@ -372,6 +375,28 @@ impl Store {
             }
         }
         Ok(config)
+    }
+
+    /// Records what an agent reported. Instance state is rebuilt by agents
+    /// on reconnect, so it rides sled's periodic flush instead of a flush
+    /// per report.
+    pub fn save_instance(&self, instance: &pb::Instance) -> Result<(), StoreError> {
+        self.instances
+            .insert(instance.instance_id.as_bytes(), instance.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Forgets an instance, durably (an operator asked for it).
+    pub fn delete_instance(&self, instance_id: &str) -> Result<(), StoreError> {
+        self.instances.remove(instance_id.as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn load_instances(&self) -> Result<Vec<pb::Instance>, StoreError> {
+        Ok(load_tree(&self.instances, "instance")?
+            .into_values()
+            .collect())
     }
 
     /// Flushes everything to disk (at shutdown).

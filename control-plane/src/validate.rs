@@ -211,6 +211,16 @@ pub fn profile(profile: &Profile, catalog: &Catalog) -> Result {
     Ok(())
 }
 
+/// An instance id or hostname as an agent reports it: 1 to 255 characters,
+/// no whitespace or control characters.
+pub fn instance_id(field: &str, id: &str) -> Result {
+    model_name(field, id)?;
+    if id.chars().any(char::is_whitespace) {
+        return Err(ConfigError::invalid(field, "must not contain whitespace"));
+    }
+    Ok(())
+}
+
 /// A profile name: 1 to 63 characters of [a-z0-9-].
 pub fn profile_name(field: &str, name: &str) -> Result {
     let len = name.chars().count();

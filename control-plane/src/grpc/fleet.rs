@@ -1,8 +1,9 @@
-//! FleetService. Instances appear once agents connect (the agent issue);
-//! until then the fleet is empty, and WatchFleet carries revision events.
+//! FleetService: the instances whose agents connected, and a live stream of
+//! revisions and instance events.
 
 use super::{caller, status};
 use crate::error::ConfigError;
+use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 use crate::validate;
 use duofleet_proto::v1::fleet_event::Event;
@@ -21,12 +22,21 @@ use tonic::{Request, Response, Status};
 
 pub struct FleetApi {
     store: Arc<Store>,
+    registry: Arc<Registry>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl FleetApi {
-    pub fn new(store: Arc<Store>, shutdown: watch::Receiver<bool>) -> Self {
-        FleetApi { store, shutdown }
+    pub fn new(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        FleetApi {
+            store,
+            registry,
+            shutdown,
+        }
     }
 }
 
@@ -88,6 +98,7 @@ impl FleetService for FleetApi {
     ) -> Result<Response<Self::WatchFleetStream>, Status> {
         caller(&request)?;
         let mut events = self.store.revision_events();
+        let mut instance_events = self.registry.subscribe();
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(64);
         let current = self.store.current().revision;
@@ -109,6 +120,17 @@ impl FleetService for FleetApi {
                     event = events.recv() => match event {
                         Ok(record) => {
                             if record.revision > current && tx.send(Ok(revision_event(&record))).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "a WatchFleet client fell behind; events were skipped");
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    event = instance_events.recv() => match event {
+                        Ok(event) => {
+                            if tx.send(Ok(event)).await.is_err() {
                                 break;
                             }
                         }

@@ -2,11 +2,13 @@
 //! that builds `tonic::Status`: [`status`] is the one table from domain
 //! errors to gRPC codes.
 
+mod agent;
 mod fleet;
 mod history;
 mod models;
 mod profiles;
 
+pub use agent::AgentApi;
 pub use fleet::FleetApi;
 pub use history::HistoryApi;
 pub use models::ModelApi;
@@ -42,7 +44,9 @@ pub fn status(error: StoreError) -> Status {
 fn auth_status(error: AuthError) -> Status {
     match error {
         AuthError::Missing | AuthError::Invalid => Status::unauthenticated(error.to_string()),
-        AuthError::ReadOnly { .. } => Status::permission_denied(error.to_string()),
+        AuthError::ReadOnly { .. } | AuthError::WrongAudience { .. } => {
+            Status::permission_denied(error.to_string())
+        }
     }
 }
 
@@ -57,10 +61,12 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The interceptor in front of every operator service: checks the bearer
-/// token and hands the [`Caller`] to the handler.
+/// The interceptor in front of every service but health and reflection:
+/// checks the bearer token, and that it is an agent token exactly when
+/// `agent` (AgentService), and hands the [`Caller`] to the handler.
 pub fn authenticator(
     tokens: Arc<Tokens>,
+    agent: bool,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
         let header = request
@@ -68,6 +74,7 @@ pub fn authenticator(
             .get("authorization")
             .map(|v| v.to_str().unwrap_or_default());
         let caller = tokens.authenticate(header).map_err(auth_status)?;
+        caller.require_audience(agent).map_err(auth_status)?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }

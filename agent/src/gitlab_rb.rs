@@ -1,0 +1,426 @@
+//! Editing `AI_GATEWAY_URL` in gitlab.rb the way a careful administrator
+//! would: only that entry changes, every other byte stays.
+//!
+//! gitlab.rb is Ruby and belongs to the administrator, so this is a small
+//! scanner for the parts of Ruby that matter here (comments, `=begin` /
+//! `=end` blocks, quoted strings, braces), not a regex over lines:
+//!
+//! - the last active `gitlab_rails['env'] = { ... }` wins in Ruby, so that is
+//!   the one edited: its `'AI_GATEWAY_URL' => '...'` value is replaced, or the
+//!   entry is added as the hash's first entry;
+//! - without an active assignment, a marked block is appended;
+//! - an env built in a way that cannot be edited safely (`.merge`, a
+//!   variable, `gitlab_rails['env']['AI_GATEWAY_URL'] = ...`, string
+//!   interpolation in the value) is refused with what to change.
+
+pub const KEY: &str = "AI_GATEWAY_URL";
+pub const BEGIN_MARK: &str = "# BEGIN duofleet managed";
+pub const END_MARK: &str = "# END duofleet managed";
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("gitlab.rb line {line}: {problem}; {fix}")]
+pub struct Unsafe {
+    pub line: usize,
+    pub problem: String,
+    pub fix: &'static str,
+}
+
+const FIX: &str = "write gitlab_rails['env'] as a literal hash, e.g. gitlab_rails['env'] = { 'AI_GATEWAY_URL' => 'https://...' }, so duofleet can manage the entry";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Class {
+    Code,
+    Comment,
+    Str,
+}
+
+#[derive(Debug, Clone)]
+struct StrLit {
+    /// Byte range including the quotes.
+    start: usize,
+    end: usize,
+    double: bool,
+    interpolated: bool,
+}
+
+impl StrLit {
+    fn raw<'a>(&self, text: &'a str) -> &'a str {
+        &text[self.start + 1..self.end - 1]
+    }
+
+    fn value(&self, text: &str) -> String {
+        let raw = self.raw(text);
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                match chars.next() {
+                    Some(n @ ('\\' | '\'')) => out.push(n),
+                    Some('"') if self.double => out.push('"'),
+                    Some(n) => {
+                        out.push('\\');
+                        out.push(n);
+                    }
+                    None => out.push('\\'),
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+}
+
+struct Scan<'a> {
+    text: &'a str,
+    class: Vec<Class>,
+    strings: Vec<StrLit>,
+}
+
+fn scan(text: &str) -> Scan<'_> {
+    let bytes = text.as_bytes();
+    let mut class = vec![Class::Code; bytes.len()];
+    let mut strings = Vec::new();
+    let mut i = 0;
+    let at_line_start = |i: usize| i == 0 || bytes[i - 1] == b'\n';
+    while i < bytes.len() {
+        match bytes[i] {
+            b'=' if at_line_start(i) && text[i..].starts_with("=begin") => {
+                let end =
+                    find_line_starting(text, i, "=end").map_or(bytes.len(), |e| line_end(text, e));
+                class[i..end].fill(Class::Comment);
+                i = end;
+            }
+            b'#' => {
+                let end = line_end(text, i);
+                class[i..end].fill(Class::Comment);
+                i = end;
+            }
+            quote @ (b'\'' | b'"') => {
+                let double = quote == b'"';
+                let mut j = i + 1;
+                let mut interpolated = false;
+                while j < bytes.len() && bytes[j] != quote {
+                    if bytes[j] == b'\\' {
+                        j += 1;
+                    } else if double && bytes[j] == b'#' && bytes.get(j + 1) == Some(&b'{') {
+                        interpolated = true;
+                    }
+                    j += 1;
+                }
+                let end = (j + 1).min(bytes.len());
+                class[i..end].fill(Class::Str);
+                strings.push(StrLit {
+                    start: i,
+                    end,
+                    double,
+                    interpolated,
+                });
+                i = end;
+            }
+            _ => i += 1,
+        }
+    }
+    Scan {
+        text,
+        class,
+        strings,
+    }
+}
+
+fn line_end(text: &str, from: usize) -> usize {
+    text[from..].find('\n').map_or(text.len(), |n| from + n)
+}
+
+fn find_line_starting(text: &str, from: usize, prefix: &str) -> Option<usize> {
+    let mut pos = line_end(text, from);
+    while pos < text.len() {
+        let start = pos + 1;
+        if text[start..].starts_with(prefix) {
+            return Some(start);
+        }
+        pos = line_end(text, start);
+    }
+    None
+}
+
+fn line_of(text: &str, pos: usize) -> usize {
+    text[..pos].matches('\n').count() + 1
+}
+
+/// One active `gitlab_rails['env'] = { ... }`.
+#[derive(Debug)]
+struct Assignment {
+    /// Where `gitlab_rails` starts.
+    start: usize,
+    /// The `{` and the matching `}`.
+    open: usize,
+    close: usize,
+}
+
+/// An `'AI_GATEWAY_URL' => '...'` entry inside the hash.
+struct Entry {
+    value: StrLit,
+}
+
+impl Scan<'_> {
+    fn is_code(&self, pos: usize) -> bool {
+        self.class.get(pos) == Some(&Class::Code)
+    }
+
+    fn skip_space(&self, mut pos: usize, newlines: bool) -> usize {
+        let bytes = self.text.as_bytes();
+        while pos < bytes.len()
+            && (bytes[pos] == b' '
+                || bytes[pos] == b'\t'
+                || (newlines && (bytes[pos] == b'\n' || bytes[pos] == b'\r')))
+        {
+            pos += 1;
+        }
+        pos
+    }
+
+    fn string_at(&self, pos: usize) -> Option<&StrLit> {
+        self.strings.iter().find(|s| s.start == pos)
+    }
+
+    /// Finds every active use of `gitlab_rails['env']` and sorts them into
+    /// literal-hash assignments, or refuses the file.
+    fn assignments(&self) -> Result<Vec<Assignment>, Unsafe> {
+        let text = self.text;
+        let bytes = text.as_bytes();
+        let mut found = Vec::new();
+        let mut from = 0;
+        while let Some(offset) = text[from..].find("gitlab_rails") {
+            let start = from + offset;
+            from = start + "gitlab_rails".len();
+            let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+            if !self.is_code(start) || (start > 0 && ident(bytes[start - 1])) {
+                continue;
+            }
+            let mut pos = self.skip_space(from, false);
+            if bytes.get(pos) != Some(&b'[') {
+                continue;
+            }
+            pos = self.skip_space(pos + 1, false);
+            let Some(key) = self.string_at(pos) else {
+                continue;
+            };
+            if key.raw(text) != "env" {
+                continue;
+            }
+            pos = self.skip_space(key.end, false);
+            if bytes.get(pos) != Some(&b']') {
+                continue;
+            }
+            pos = self.skip_space(pos + 1, false);
+            let line = line_of(text, start);
+            let refuse = |problem: String| Unsafe {
+                line,
+                problem,
+                fix: FIX,
+            };
+            match bytes.get(pos) {
+                Some(b'=') if !matches!(bytes.get(pos + 1), Some(b'=' | b'~' | b'>')) => {
+                    let rhs = self.skip_space(pos + 1, true);
+                    if bytes.get(rhs) != Some(&b'{') {
+                        return Err(refuse("gitlab_rails['env'] is assigned something other than a literal hash (a variable or method call)".into()));
+                    }
+                    let close = self
+                        .matching_brace(rhs)
+                        .ok_or_else(|| refuse("the env hash has no closing brace".into()))?;
+                    let after = self.skip_space(close + 1, false);
+                    if after < bytes.len()
+                        && bytes[after] != b'\n'
+                        && bytes[after] != b'\r'
+                        && self.is_code(after)
+                    {
+                        return Err(refuse(
+                            "the env hash is followed by more code (e.g. .merge)".into(),
+                        ));
+                    }
+                    found.push(Assignment {
+                        start,
+                        open: rhs,
+                        close,
+                    });
+                    from = close + 1;
+                }
+                Some(b'[') => {
+                    let key_pos = self.skip_space(pos + 1, false);
+                    if self.string_at(key_pos).is_some_and(|k| k.raw(text) == KEY) {
+                        return Err(refuse(format!(
+                            "{KEY} is set with gitlab_rails['env']['{KEY}'] = ..."
+                        )));
+                    }
+                }
+                Some(b'.') => {
+                    return Err(refuse(
+                        "gitlab_rails['env'] is changed by a method call (e.g. .merge!)".into(),
+                    ));
+                }
+                Some(b'|' | b'+') => {
+                    return Err(refuse(
+                        "gitlab_rails['env'] is assigned with ||= or +=".into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(found)
+    }
+
+    fn matching_brace(&self, open: usize) -> Option<usize> {
+        let bytes = self.text.as_bytes();
+        let mut depth = 0usize;
+        for (pos, &b) in bytes.iter().enumerate().skip(open) {
+            if !self.is_code(pos) {
+                continue;
+            }
+            match b {
+                b'{' => depth += 1,
+                b'}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Some(pos);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// The `AI_GATEWAY_URL` entries of a hash, in order.
+    fn entries(&self, assignment: &Assignment) -> Result<Vec<Entry>, Unsafe> {
+        let text = self.text;
+        let bytes = text.as_bytes();
+        let mut entries = Vec::new();
+        for key in self
+            .strings
+            .iter()
+            .filter(|s| s.start > assignment.open && s.end <= assignment.close)
+        {
+            if key.raw(text) != KEY {
+                continue;
+            }
+            let arrow = self.skip_space(key.end, true);
+            if !text[arrow..].starts_with("=>") {
+                continue;
+            }
+            let value_pos = self.skip_space(arrow + 2, true);
+            let line = line_of(text, key.start);
+            match self.string_at(value_pos) {
+                Some(value) if !value.interpolated => entries.push(Entry {
+                    value: value.clone(),
+                }),
+                Some(_) => {
+                    return Err(Unsafe {
+                        line,
+                        problem: format!("the {KEY} value uses string interpolation"),
+                        fix: FIX,
+                    });
+                }
+                None => {
+                    return Err(Unsafe {
+                        line,
+                        problem: format!("the {KEY} value is not a quoted string"),
+                        fix: FIX,
+                    });
+                }
+            }
+        }
+        // A symbol key would be a second, competing entry.
+        let inner = &text[assignment.open..assignment.close];
+        if let Some(at) = inner.find(&format!("{KEY}:")) {
+            let pos = assignment.open + at;
+            if self.is_code(pos) && !bytes[pos - 1].is_ascii_alphanumeric() {
+                return Err(Unsafe {
+                    line: line_of(text, pos),
+                    problem: format!("{KEY} is written as a symbol key"),
+                    fix: FIX,
+                });
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// The AI_GATEWAY_URL that gitlab.rb sets (the last active assignment wins),
+/// or `None` when it sets none.
+pub fn read_gateway_url(text: &str) -> Result<Option<String>, Unsafe> {
+    let scan = scan(text);
+    let assignments = scan.assignments()?;
+    let Some(last) = assignments.last() else {
+        return Ok(None);
+    };
+    Ok(scan.entries(last)?.last().map(|e| e.value.value(text)))
+}
+
+/// Returns gitlab.rb with AI_GATEWAY_URL set to `url`, every other byte kept.
+pub fn set_gateway_url(text: &str, url: &str) -> Result<String, Unsafe> {
+    let scan = scan(text);
+    let assignments = scan.assignments()?;
+    let literal = ruby_string(url);
+    let Some(last) = assignments.last() else {
+        let mut out = text.to_string();
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "\n{BEGIN_MARK}\n# Written by duofleet-agent. Edit the profile in duofleet, not this block.\ngitlab_rails['env'] = {{\n  '{KEY}' => {literal}\n}}\n{END_MARK}\n"
+        ));
+        return Ok(out);
+    };
+    let entries = scan.entries(last)?;
+    let mut out = text.to_string();
+    if entries.is_empty() {
+        let after_brace = last.open + 1;
+        let rest_of_line = &text[after_brace..line_end(text, after_brace)];
+        let inline = scan.class[after_brace..after_brace + rest_of_line.len()]
+            .iter()
+            .zip(rest_of_line.bytes())
+            .any(|(class, b)| *class != Class::Comment && !b.is_ascii_whitespace());
+        if inline {
+            out.insert_str(after_brace, &format!(" '{KEY}' => {literal},"));
+        } else {
+            let indent = entry_indent(text, last);
+            let at = line_end(text, after_brace) + 1;
+            out.insert_str(
+                at.min(out.len()),
+                &format!("{indent}'{KEY}' => {literal},\n"),
+            );
+        }
+        return Ok(out);
+    }
+    // Replace from the end so earlier offsets stay valid.
+    for entry in entries.iter().rev() {
+        out.replace_range(entry.value.start..entry.value.end, &literal);
+    }
+    Ok(out)
+}
+
+/// The indentation of the hash's first entry line, or the assignment's plus two.
+fn entry_indent(text: &str, assignment: &Assignment) -> String {
+    let body_start = line_end(text, assignment.open) + 1;
+    if body_start < assignment.close {
+        for line in text[body_start..assignment.close].lines() {
+            let trimmed = line.trim_start();
+            if !trimmed.is_empty() && !trimmed.starts_with('#') && !trimmed.starts_with('}') {
+                return line[..line.len() - trimmed.len()].to_string();
+            }
+        }
+    }
+    let line_start = text[..assignment.start].rfind('\n').map_or(0, |n| n + 1);
+    let own = &text[line_start..assignment.start];
+    format!("{}  ", &own[..own.len() - own.trim_start().len()])
+}
+
+/// A Ruby single-quoted string literal.
+pub fn ruby_string(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+#[cfg(test)]
+#[path = "gitlab_rb_tests.rs"]
+mod tests;

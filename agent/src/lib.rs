@@ -1,0 +1,2 @@
+//! duofleet-agent, the sidecar next to each GitLab node.
+pub mod gitlab_rb;

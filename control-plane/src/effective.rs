@@ -1,0 +1,176 @@
+//! What one instance gets: the profile it matches and the desired
+//! configuration that follows from it.
+//!
+//! Matching: the profile with the highest `priority` whose selector labels
+//! are all among the instance's labels; on equal priority the one with more
+//! selector labels, then the name that sorts first; otherwise `default`.
+
+use crate::config::Config;
+use crate::validate::DEFAULT_PROFILE;
+use duofleet_proto::v1::{DesiredConfig, DesiredModel, Profile, Provider};
+use std::collections::{BTreeMap, BTreeSet};
+
+pub type Labels = BTreeMap<String, String>;
+
+/// The profile an instance with `labels` gets.
+pub fn match_profile<'a>(config: &'a Config, labels: &Labels) -> Option<&'a Profile> {
+    config
+        .profiles
+        .values()
+        .filter(|p| p.name != DEFAULT_PROFILE)
+        .filter(|p| p.selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        .max_by(|a, b| {
+            a.priority
+                .cmp(&b.priority)
+                .then(a.selector.len().cmp(&b.selector.len()))
+                // max_by keeps the last maximum: reverse so the first name wins.
+                .then(b.name.cmp(&a.name))
+        })
+        .or_else(|| config.profiles.get(DEFAULT_PROFILE))
+}
+
+/// The desired configuration of an instance with `labels`, at
+/// `config.revision`. Only the models its profile uses are included, with
+/// their API keys: this goes only to that instance's own stream.
+pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
+    let Some(profile) = match_profile(config, labels) else {
+        return DesiredConfig {
+            revision: config.revision,
+            ..Default::default()
+        };
+    };
+    let used: BTreeSet<&str> = profile
+        .features
+        .iter()
+        .filter(|s| s.provider() == Provider::SelfHosted)
+        .map(|s| s.model.as_str())
+        .collect();
+    let models = used
+        .into_iter()
+        .filter_map(|name| config.models.get(name))
+        .map(|m| DesiredModel {
+            name: m.name.clone(),
+            family: m.family.clone(),
+            endpoint: m.endpoint.clone(),
+            api_key: m.api_key.clone(),
+            identifier: m.identifier.clone(),
+        })
+        .collect();
+    DesiredConfig {
+        revision: config.revision,
+        profile: profile.name.clone(),
+        ai_gateway_url: profile.ai_gateway_url.clone(),
+        ai_gateway_internal_url: profile.ai_gateway_internal_url.clone(),
+        models,
+        features: profile.features.clone(),
+    }
+}
+
+/// Whether two desired configurations differ in anything but the revision.
+pub fn same_content(a: &DesiredConfig, b: &DesiredConfig) -> bool {
+    DesiredConfig {
+        revision: 0,
+        ..a.clone()
+    } == DesiredConfig {
+        revision: 0,
+        ..b.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::default_profile;
+    use duofleet_proto::v1::{FeatureSetting, Model};
+
+    fn mk_profile(name: &str, priority: i32, selector: &[(&str, &str)]) -> Profile {
+        Profile {
+            name: name.into(),
+            priority,
+            selector: selector
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ai_gateway_url: format!("https://{name}.aigw"),
+            ..Default::default()
+        }
+    }
+
+    fn mk_config(profiles: Vec<Profile>) -> Config {
+        let mut config = Config::default();
+        for p in profiles.into_iter().chain([default_profile()]) {
+            config.profiles.insert(p.name.clone(), p);
+        }
+        config
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn highest_priority_matching_profile_wins() {
+        let config = mk_config(vec![
+            mk_profile("canary", 10, &[("ring", "canary")]),
+            mk_profile("eu", 5, &[("region", "eu")]),
+            mk_profile("eu-canary", 5, &[("region", "eu"), ("ring", "canary")]),
+        ]);
+        let name = |l: &[(&str, &str)]| match_profile(&config, &labels(l)).unwrap().name.clone();
+        assert_eq!(name(&[]), "default");
+        assert_eq!(name(&[("region", "us")]), "default");
+        assert_eq!(name(&[("region", "eu")]), "eu");
+        // Equal priority: more selector labels wins.
+        assert_eq!(name(&[("region", "eu"), ("ring", "canary2")]), "eu");
+        assert_eq!(name(&[("region", "eu"), ("ring", "canary")]), "canary");
+    }
+
+    #[test]
+    fn equal_priority_and_size_picks_the_first_name() {
+        let config = mk_config(vec![
+            mk_profile("b", 1, &[("x", "1")]),
+            mk_profile("a", 1, &[("y", "1")]),
+        ]);
+        let got = match_profile(&config, &labels(&[("x", "1"), ("y", "1")])).unwrap();
+        assert_eq!(got.name, "a");
+    }
+
+    #[test]
+    fn desired_config_carries_only_the_models_in_use() {
+        let mut config = mk_config(vec![]);
+        for name in ["used", "unused"] {
+            config.models.insert(
+                name.into(),
+                Model {
+                    name: name.into(),
+                    family: "mixtral".into(),
+                    api_key: format!("key-{name}"),
+                    ..Default::default()
+                },
+            );
+        }
+        config
+            .profiles
+            .get_mut("default")
+            .unwrap()
+            .features
+            .push(FeatureSetting {
+                feature: "duo_chat".into(),
+                provider: Provider::SelfHosted as i32,
+                model: "used".into(),
+            });
+        config.revision = 7;
+        let desired = desired_config(&config, &Labels::new());
+        assert_eq!(desired.revision, 7);
+        assert_eq!(desired.models.len(), 1);
+        assert_eq!(desired.models[0].api_key, "key-used");
+        let mut later = config.clone();
+        later.revision = 8;
+        assert!(same_content(
+            &desired,
+            &desired_config(&later, &Labels::new())
+        ));
+    }
+}

@@ -1,0 +1,198 @@
+//! AgentService.Connect: one long-lived stream per agent, in the manner of
+//! xDS. The agent says Hello; this side sends the instance's DesiredConfig
+//! when the agent is behind, and afterwards only when that instance's
+//! effective configuration changes.
+//!
+//! Each session follows the store's `watch` of the current configuration,
+//! which coalesces to the newest: an agent that is slow to read holds up
+//! only its own session, which later sends just the latest state. Memory
+//! per agent is the session task, a 4-slot channel and one DesiredConfig.
+
+use super::status;
+use crate::effective::{self, Labels};
+use crate::registry::{Registry, Session};
+use crate::store::Store;
+use crate::validate;
+use duofleet_proto::v1::agent_message::Message;
+use duofleet_proto::v1::agent_service_server::AgentService;
+use duofleet_proto::v1::control_message;
+use duofleet_proto::v1::{AgentMessage, ControlMessage, DesiredConfig, Hello};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct AgentApi {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl AgentApi {
+    pub fn new(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        AgentApi {
+            store,
+            registry,
+            shutdown,
+        }
+    }
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type ConnectStream = ControlStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<ControlStream>, Status> {
+        super::caller(&request)?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 30 s of connecting"))??;
+        let hello = match first.and_then(|m| m.message) {
+            Some(Message::Hello(hello)) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "hello: the first message on the stream must be Hello",
+                ));
+            }
+        };
+        check_hello(&hello)?;
+        let session = self.registry.connect(&hello);
+        tracing::info!(instance = %hello.instance_id, hostname = %hello.hostname, applied_revision = hello.applied_revision, "agent connected");
+        let (outbound, rx) = mpsc::channel(4);
+        let run = SessionTask {
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            shutdown: self.shutdown.clone(),
+            labels: hello.labels.clone(),
+            outbound,
+        };
+        tokio::spawn(run.run(session, hello.applied_revision, inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn check_hello(hello: &Hello) -> Result<(), Status> {
+    validate::instance_id("hello.instance_id", &hello.instance_id)
+        .and_then(|()| {
+            if hello.hostname.is_empty() {
+                Ok(())
+            } else {
+                validate::instance_id("hello.hostname", &hello.hostname)
+            }
+        })
+        .and_then(|()| validate::selector("hello.labels", &hello.labels))
+        .map_err(|e| status(e.into()))
+}
+
+async fn until_stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+struct SessionTask {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    shutdown: watch::Receiver<bool>,
+    labels: Labels,
+    outbound: mpsc::Sender<Result<ControlMessage, Status>>,
+}
+
+impl SessionTask {
+    async fn run(
+        self,
+        mut session: Session,
+        applied_revision: u64,
+        mut inbound: Streaming<AgentMessage>,
+    ) {
+        let mut configs = self.store.subscribe();
+        let stopped = until_stopped(self.shutdown.clone());
+        tokio::pin!(stopped);
+        let config = configs.borrow_and_update().clone();
+        let mut last = effective::desired_config(&config, &self.labels);
+        // Behind (or from another history): send. Otherwise it has it all.
+        let alive = if applied_revision == config.revision {
+            self.registry
+                .set_desired(&session, &last.profile, applied_revision);
+            true
+        } else {
+            self.send(&session, &last).await
+        };
+        if alive {
+            loop {
+                tokio::select! {
+                    changed = configs.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let config = configs.borrow_and_update().clone();
+                        let desired = effective::desired_config(&config, &self.labels);
+                        if !effective::same_content(&desired, &last) {
+                            last = desired;
+                            if !self.send(&session, &last).await {
+                                break;
+                            }
+                        }
+                    }
+                    message = inbound.message() => match message {
+                        Ok(Some(message)) => self.handle(&session, message),
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::info!(instance = %session.instance_id, %error, "agent stream failed");
+                            break;
+                        }
+                    },
+                    _ = &mut session.kicked => {
+                        tracing::info!(instance = %session.instance_id, "session replaced or instance deleted");
+                        let _ = self.outbound.send(Err(Status::aborted("this instance connected again or was deleted"))).await;
+                        return;
+                    }
+                    _ = &mut stopped => break,
+                }
+            }
+        }
+        self.registry.disconnect(&session);
+        tracing::info!(instance = %session.instance_id, "agent disconnected");
+    }
+
+    async fn send(&self, session: &Session, desired: &DesiredConfig) -> bool {
+        self.registry
+            .set_desired(session, &desired.profile, desired.revision);
+        tracing::info!(instance = %session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
+        let message = ControlMessage {
+            message: Some(control_message::Message::DesiredConfig(desired.clone())),
+        };
+        self.outbound.send(Ok(message)).await.is_ok()
+    }
+
+    fn handle(&self, session: &Session, message: AgentMessage) {
+        match message.message {
+            Some(Message::Ack(ack)) => {
+                tracing::info!(instance = %session.instance_id, revision = ack.revision, result = ?ack.result(), error = %ack.error, "agent acked");
+                self.registry.ack(session, &ack);
+            }
+            Some(Message::HealthReport(report)) => self.registry.health(session, report),
+            Some(Message::DriftReport(report)) => {
+                tracing::warn!(instance = %session.instance_id, detail = %report.detail, repairing = report.repairing, "agent reports drift");
+                self.registry.drift(session, &report);
+            }
+            Some(Message::Hello(_)) | None => {
+                tracing::debug!(instance = %session.instance_id, "ignoring a repeated Hello or empty message");
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The fleet: every instance whose agent has connected, its connection, the
+//! revision it should have and the one it applied. Agents' sessions report
+//! here; FleetService reads from here. Stale sessions (an agent replaced by
+//! a newer connection with the same instance id) are ignored.
+
+use crate::effective::Labels;
+use crate::store::{Store, StoreError};
+use duofleet_proto::v1::fleet_event::Event;
+use duofleet_proto::v1::{
+    Ack, AckResult, DriftReport, FleetEvent, HealthReport, Hello, Instance, InstanceEvent,
+    SyncState,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::{broadcast, oneshot};
+
+struct Entry {
+    instance: Instance,
+    session: u64,
+    /// Fired when a newer connection for the same instance takes over, or
+    /// the instance is deleted.
+    kick: Option<oneshot::Sender<()>>,
+    failed: bool,
+    drifted: bool,
+}
+
+/// One agent connection, as the registry knows it.
+pub struct Session {
+    pub instance_id: String,
+    pub id: u64,
+    /// Resolves when this session must end (replaced or deleted).
+    pub kicked: oneshot::Receiver<()>,
+}
+
+pub struct Registry {
+    store: Arc<Store>,
+    entries: Mutex<HashMap<String, Entry>>,
+    events: broadcast::Sender<FleetEvent>,
+    next_session: AtomicU64,
+}
+
+impl Registry {
+    /// Loads the instances known from earlier runs, all offline until their
+    /// agents reconnect.
+    pub fn load(store: Arc<Store>) -> Result<Self, StoreError> {
+        let entries = store
+            .load_instances()?
+            .into_iter()
+            .map(|mut instance| {
+                instance.connected = false;
+                let failed = instance.sync_state() == SyncState::Failed;
+                let drifted = instance.sync_state() == SyncState::Drifted;
+                instance.sync_state = SyncState::Offline as i32;
+                let entry = Entry {
+                    instance,
+                    session: 0,
+                    kick: None,
+                    failed,
+                    drifted,
+                };
+                (entry.instance.instance_id.clone(), entry)
+            })
+            .collect();
+        Ok(Registry {
+            store,
+            entries: Mutex::new(entries),
+            events: broadcast::Sender::new(1024),
+            next_session: AtomicU64::new(1),
+        })
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
+        self.events.subscribe()
+    }
+
+    /// Registers (or updates) the instance of a new agent connection. An
+    /// older connection for the same instance is told to end.
+    pub fn connect(&self, hello: &Hello) -> Session {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (kick, kicked) = oneshot::channel();
+        let mut entries = self.lock();
+        let entry = entries
+            .entry(hello.instance_id.clone())
+            .or_insert_with(|| Entry {
+                instance: Instance {
+                    instance_id: hello.instance_id.clone(),
+                    ..Default::default()
+                },
+                session: 0,
+                kick: None,
+                failed: false,
+                drifted: false,
+            });
+        if let Some(old) = entry.kick.take() {
+            let _ = old.send(());
+        }
+        entry.session = id;
+        entry.kick = Some(kick);
+        let instance = &mut entry.instance;
+        instance.hostname = hello.hostname.clone();
+        instance.deployment = hello.deployment;
+        instance.labels = hello.labels.clone();
+        instance.agent_version = hello.agent_version.clone();
+        instance.gitlab_version = hello.gitlab_version.clone();
+        instance.applied_revision = hello.applied_revision;
+        instance.connected = true;
+        self.updated(entry, Some(Event::InstanceConnected));
+        Session {
+            instance_id: hello.instance_id.clone(),
+            id,
+            kicked,
+        }
+    }
+
+    /// The profile the instance matched and the revision it should reach.
+    pub fn set_desired(&self, session: &Session, profile: &str, desired_revision: u64) {
+        self.with_session(session, None, |entry| {
+            entry.instance.profile = profile.to_string();
+            entry.instance.desired_revision = desired_revision;
+        });
+    }
+
+    pub fn ack(&self, session: &Session, ack: &Ack) {
+        let event = match ack.result() {
+            AckResult::Failed => Event::Failed,
+            _ => Event::Applied,
+        };
+        self.with_session(session, Some(event), |entry| match ack.result() {
+            AckResult::Failed => {
+                entry.failed = true;
+                entry.instance.last_error = ack.error.clone();
+            }
+            _ => {
+                entry.failed = false;
+                entry.drifted = false;
+                entry.instance.last_error.clear();
+                entry.instance.applied_revision = ack.revision;
+            }
+        });
+    }
+
+    pub fn drift(&self, session: &Session, report: &DriftReport) {
+        self.with_session(session, Some(Event::Drifted), |entry| {
+            entry.drifted = true;
+            entry.instance.last_error = report.detail.clone();
+        });
+    }
+
+    pub fn health(&self, session: &Session, report: HealthReport) {
+        self.with_session(session, Some(Event::HealthChanged), |entry| {
+            entry.instance.health = report.results;
+        });
+    }
+
+    /// The connection ended. Ignored when a newer connection took over.
+    pub fn disconnect(&self, session: &Session) {
+        self.with_session(session, Some(Event::InstanceDisconnected), |entry| {
+            entry.instance.connected = false;
+            entry.kick = None;
+        });
+    }
+
+    pub fn list(&self, selector: &Labels) -> Vec<Instance> {
+        let mut instances: Vec<Instance> = self
+            .lock()
+            .values()
+            .filter(|e| {
+                selector
+                    .iter()
+                    .all(|(k, v)| e.instance.labels.get(k) == Some(v))
+            })
+            .map(|e| e.instance.clone())
+            .collect();
+        instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        instances
+    }
+
+    pub fn get(&self, instance_id: &str) -> Option<Instance> {
+        self.lock().get(instance_id).map(|e| e.instance.clone())
+    }
+
+    /// Forgets an instance and ends its connection. Returns whether it existed.
+    pub fn delete(&self, instance_id: &str) -> Result<bool, StoreError> {
+        let Some(mut entry) = self.lock().remove(instance_id) else {
+            return Ok(false);
+        };
+        if let Some(kick) = entry.kick.take() {
+            let _ = kick.send(());
+        }
+        self.store.delete_instance(instance_id)?;
+        self.emit(Event::Deleted, &entry.instance);
+        Ok(true)
+    }
+
+    fn with_session(
+        &self,
+        session: &Session,
+        event: Option<fn(InstanceEvent) -> Event>,
+        edit: impl FnOnce(&mut Entry),
+    ) {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(&session.instance_id) else {
+            return;
+        };
+        if entry.session != session.id {
+            return;
+        }
+        edit(entry);
+        self.updated(entry, event);
+    }
+
+    /// Recomputes the derived fields, persists and announces a change.
+    fn updated(&self, entry: &mut Entry, event: Option<fn(InstanceEvent) -> Event>) {
+        let instance = &mut entry.instance;
+        instance.last_seen = Some(SystemTime::now().into());
+        let state = if !instance.connected {
+            SyncState::Offline
+        } else if entry.drifted {
+            SyncState::Drifted
+        } else if entry.failed {
+            SyncState::Failed
+        } else if instance.applied_revision >= instance.desired_revision {
+            SyncState::Synced
+        } else {
+            SyncState::Pending
+        };
+        instance.sync_state = state as i32;
+        if let Err(error) = self.store.save_instance(instance) {
+            tracing::warn!(instance = %instance.instance_id, %error, "could not persist instance state");
+        }
+        if let Some(event) = event {
+            self.emit(event, instance);
+        }
+    }
+
+    fn emit(&self, event: fn(InstanceEvent) -> Event, instance: &Instance) {
+        let _ = self.events.send(FleetEvent {
+            time: Some(SystemTime::now().into()),
+            event: Some(event(InstanceEvent {
+                instance_id: instance.instance_id.clone(),
+                revision: instance.applied_revision,
+                error: instance.last_error.clone(),
+                sync_state: instance.sync_state,
+            })),
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
