@@ -1,0 +1,292 @@
+//! Applying a DesiredConfig to this node: the gateway URL in gitlab.rb and
+//! `gitlab-ctl reconfigure` (Linux package), or the agent's Helm values file
+//! and the helm command (Helm). A reconfigure runs only when the gateway
+//! actually changes; when it fails, the previous file is put back and the
+//! command runs again to bring the previous state back.
+
+use crate::command::{self, Outcome, shell_quote};
+use crate::gitlab_rb;
+use crate::state::{self, Gateway, State, StateFile};
+use duofleet_proto::v1::{Ack, AckResult, DesiredConfig};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub enum Target {
+    LinuxPackage {
+        gitlab_rb: PathBuf,
+        reconfigure_command: String,
+    },
+    Helm {
+        values: PathBuf,
+        helm_command: String,
+    },
+}
+
+pub struct Applier {
+    pub target: Target,
+    pub timeout: Duration,
+    pub state_file: StateFile,
+    pub state: State,
+}
+
+/// The result of looking for hand edits.
+pub enum Drift {
+    None,
+    Found(String),
+}
+
+impl Applier {
+    /// Applies `desired` and says how it went, as the ack to send.
+    pub async fn apply(&mut self, desired: &DesiredConfig) -> Ack {
+        let digest = state::digest(desired);
+        let want = Gateway::of(desired);
+        // An empty URL means "not set yet": leave AI_GATEWAY_URL as found.
+        let gateway_changes =
+            !want.url.is_empty() && (self.state.pending.is_some() || want != self.state.gateway);
+        if digest == self.state.applied_digest && !gateway_changes {
+            return self.record(desired.revision, digest, AckResult::Unchanged);
+        }
+        if gateway_changes && let Err(error) = self.put_gateway(&want).await {
+            tracing::warn!(revision = desired.revision, %error, "apply failed");
+            return Ack {
+                revision: desired.revision,
+                result: AckResult::Failed as i32,
+                error,
+            };
+        }
+        self.record(desired.revision, digest, AckResult::Applied)
+    }
+
+    fn record(&mut self, revision: u64, digest: String, result: AckResult) -> Ack {
+        let mut next = self.state.clone();
+        next.applied_revision = revision;
+        next.applied_digest = digest;
+        if let Err(e) = self.save(next) {
+            return Ack {
+                revision,
+                result: AckResult::Failed as i32,
+                error: e,
+            };
+        }
+        Ack {
+            revision,
+            result: result as i32,
+            error: String::new(),
+        }
+    }
+
+    fn save(&mut self, next: State) -> Result<(), String> {
+        self.state_file
+            .save(&next)
+            .map_err(|e| format!("cannot write the agent state file: {e}"))?;
+        self.state = next;
+        Ok(())
+    }
+
+    /// Writes the gateway and runs the reconfigure (or helm) command; on
+    /// failure restores the previous file and runs it again.
+    async fn put_gateway(&mut self, want: &Gateway) -> Result<(), String> {
+        let (path, command) = match &self.target {
+            Target::LinuxPackage {
+                gitlab_rb,
+                reconfigure_command,
+            } => (gitlab_rb.clone(), reconfigure_command.clone()),
+            Target::Helm {
+                values,
+                helm_command,
+            } => (
+                values.clone(),
+                helm_command.replace("{values}", &shell_quote(&values.display().to_string())),
+            ),
+        };
+        let before = match fs::read_to_string(&path) {
+            Ok(text) => Some(text),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    && matches!(self.target, Target::Helm { .. }) =>
+            {
+                None
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let after = match &self.target {
+            Target::LinuxPackage { .. } => {
+                gitlab_rb::set_gateway_url(before.as_deref().unwrap_or_default(), &want.url)
+                    .map_err(|e| format!("{} left unchanged: {e}", path.display()))?
+            }
+            Target::Helm { .. } => helm_values(want),
+        };
+        let mut pending = self.state.clone();
+        pending.pending = Some(want.clone());
+        self.save(pending)?;
+        let meta = fs::metadata(&path).ok();
+        if before.as_deref() != Some(after.as_str()) {
+            if let Some(before) = &before {
+                let backup = backup_path(&path);
+                state::write_atomic(&backup, before.as_bytes(), meta.as_ref())
+                    .map_err(|e| format!("cannot write the backup {}: {e}", backup.display()))?;
+            }
+            state::write_atomic(&path, after.as_bytes(), meta.as_ref())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            tracing::info!(path = %path.display(), url = %want.url, "gateway URL written");
+        }
+        let outcome = self.run(&command).await;
+        if outcome.as_ref().is_ok_and(Outcome::success) {
+            let mut done = self.state.clone();
+            done.gateway = want.clone();
+            done.pending = None;
+            return self.save(done);
+        }
+        let failure = match &outcome {
+            Ok(outcome) => format!(
+                "`{command}` failed ({}); last lines:\n{}",
+                outcome.describe(self.timeout),
+                outcome.tail
+            ),
+            Err(e) => format!("cannot run `{command}`: {e}"),
+        };
+        // Put the previous file back and bring the previous state back.
+        let restored = match &before {
+            Some(text) => state::write_atomic(&path, text.as_bytes(), meta.as_ref()),
+            None => fs::remove_file(&path),
+        };
+        let rerun = match restored {
+            Ok(()) if before.is_some() => match self.run(&command).await {
+                Ok(o) if o.success() => {
+                    "restored the previous file and ran it again successfully".to_string()
+                }
+                Ok(o) => format!(
+                    "restored the previous file, but running it again also failed ({})",
+                    o.describe(self.timeout)
+                ),
+                Err(e) => format!("restored the previous file, but could not run it again: {e}"),
+            },
+            Ok(()) => "removed the new values file".to_string(),
+            Err(e) => format!("COULD NOT RESTORE {}: {e}", path.display()),
+        };
+        let mut back = self.state.clone();
+        back.pending = None;
+        self.save(back)?;
+        Err(format!("{failure}\n{rerun}"))
+    }
+
+    async fn run(&self, command: &str) -> io::Result<Outcome> {
+        tracing::info!(command, "running");
+        let outcome = command::run(command, self.timeout).await?;
+        tracing::info!(command, success = outcome.success(), code = ?outcome.code, "finished");
+        Ok(outcome)
+    }
+
+    /// Compares the file with what was applied.
+    pub fn check_drift(&self) -> Drift {
+        let applied = &self.state.gateway;
+        if applied.url.is_empty() || self.state.pending.is_some() {
+            return Drift::None;
+        }
+        match &self.target {
+            Target::LinuxPackage { gitlab_rb, .. } => match fs::read_to_string(gitlab_rb) {
+                Err(e) => Drift::Found(format!("cannot read {}: {e}", gitlab_rb.display())),
+                Ok(text) => match gitlab_rb::read_gateway_url(&text) {
+                    Ok(Some(url)) if url == applied.url => Drift::None,
+                    Ok(found) => Drift::Found(format!(
+                        "{} sets AI_GATEWAY_URL to {} instead of {}",
+                        gitlab_rb.display(),
+                        found.map_or("nothing".to_string(), |u| format!("{u:?}")),
+                        applied.url
+                    )),
+                    Err(e) => Drift::Found(e.to_string()),
+                },
+            },
+            Target::Helm { values, .. } => match fs::read_to_string(values) {
+                Ok(text) if text == helm_values(applied) => Drift::None,
+                _ => Drift::Found(format!("{} was changed or removed", values.display())),
+            },
+        }
+    }
+
+    /// Puts the applied gateway back after a hand edit.
+    pub async fn repair(&mut self) -> Ack {
+        let gateway = self.state.gateway.clone();
+        let revision = self.state.applied_revision;
+        match self.put_gateway(&gateway).await {
+            Ok(()) => Ack {
+                revision,
+                result: AckResult::Applied as i32,
+                error: String::new(),
+            },
+            Err(error) => Ack {
+                revision,
+                result: AckResult::Failed as i32,
+                error,
+            },
+        }
+    }
+}
+
+fn backup_path(path: &std::path::Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".duofleet-backup");
+    path.with_file_name(name)
+}
+
+/// The agent-owned Helm values file: the external URL for webservice (it is
+/// handed to editor extensions), the internal one for sidekiq and toolbox.
+pub fn helm_values(gateway: &Gateway) -> String {
+    let env = |url: &str| {
+        BTreeMap::from([(
+            "extraEnv",
+            BTreeMap::from([("AI_GATEWAY_URL", url.to_string())]),
+        )])
+    };
+    let components = BTreeMap::from([
+        ("webservice", env(&gateway.url)),
+        ("sidekiq", env(gateway.internal_or_url())),
+        ("toolbox", env(gateway.internal_or_url())),
+    ]);
+    let values = BTreeMap::from([("gitlab", components)]);
+    format!(
+        "# Written by duofleet-agent; edit the profile in duofleet, not this file.\n{}",
+        serde_norway::to_string(&values).expect("string maps serialize")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helm_values_put_internal_url_on_sidekiq_and_toolbox() {
+        let text = helm_values(&Gateway {
+            url: "https://aigw.example.com".into(),
+            internal_url: "http://ai-gateway.gitlab.svc.cluster.local:5052".into(),
+        });
+        let parsed: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+        let url = |c: &str| {
+            parsed["gitlab"][c]["extraEnv"]["AI_GATEWAY_URL"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(url("webservice"), "https://aigw.example.com");
+        assert_eq!(
+            url("sidekiq"),
+            "http://ai-gateway.gitlab.svc.cluster.local:5052"
+        );
+        assert_eq!(
+            url("toolbox"),
+            "http://ai-gateway.gitlab.svc.cluster.local:5052"
+        );
+        let same = helm_values(&Gateway {
+            url: "https://gw".into(),
+            internal_url: String::new(),
+        });
+        let parsed: serde_norway::Value = serde_norway::from_str(&same).unwrap();
+        assert_eq!(
+            parsed["gitlab"]["toolbox"]["extraEnv"]["AI_GATEWAY_URL"].as_str(),
+            Some("https://gw")
+        );
+    }
+}

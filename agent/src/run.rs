@@ -1,0 +1,133 @@
+//! Start-up: flags, logging, state, then the session until a signal or a
+//! final refusal.
+
+use crate::apply::{Applier, Target};
+use crate::args::{Args, DeploymentKind, LogFormat};
+use crate::session::{Backoff, Session};
+use crate::state::StateFile;
+use clap::Parser;
+use duofleet_proto::v1::{Deployment, Hello};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(message),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    tracing::error!("{message}");
+    eprintln!("duofleet-agent: {message}");
+    ExitCode::FAILURE
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUOFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let instance_id = args.instance_id.clone().unwrap_or_else(|| hostname.clone());
+    if instance_id.is_empty() {
+        return Err("no instance id: pass --instance-id".into());
+    }
+    std::fs::create_dir_all(&args.state_dir).map_err(|e| {
+        format!(
+            "cannot create the state dir {}: {e}",
+            args.state_dir.display()
+        )
+    })?;
+    let token = match &args.enroll_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the enroll token {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let target = match args.deployment {
+        DeploymentKind::LinuxPackage => Target::LinuxPackage {
+            gitlab_rb: args.gitlab_rb.clone(),
+            reconfigure_command: args.reconfigure_command.clone(),
+        },
+        DeploymentKind::Helm => Target::Helm {
+            values: args.helm_values.clone().unwrap_or_else(|| args.state_dir.join("duofleet-values.yaml")),
+            helm_command: args
+                .helm_command
+                .clone()
+                .ok_or("--helm-command is required with --deployment helm, e.g. 'helm upgrade gitlab gitlab/gitlab --reuse-values -f {values}'")?,
+        },
+    };
+    let state_file = StateFile::new(&args.state_dir);
+    let state = state_file.load().map_err(|e| e.to_string())?;
+    if let Some(pending) = &state.pending {
+        tracing::warn!(url = %pending.url, "a previous run was interrupted; it runs again on the next desired config");
+    }
+    let hello = Hello {
+        instance_id: instance_id.clone(),
+        hostname,
+        deployment: match args.deployment {
+            DeploymentKind::LinuxPackage => Deployment::LinuxPackage,
+            DeploymentKind::Helm => Deployment::Helm,
+        } as i32,
+        labels: args.labels.iter().cloned().collect(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        gitlab_version: String::new(),
+        applied_revision: state.applied_revision,
+    };
+    tracing::info!(instance = %instance_id, control_plane = %args.control_plane, applied_revision = state.applied_revision, "duofleet-agent starting");
+    let session = Session {
+        endpoint: args.control_plane.clone(),
+        token,
+        hello,
+        applier: Applier {
+            target,
+            timeout: args.reconfigure_timeout,
+            state_file,
+            state,
+        },
+        check_interval: args.health_interval,
+        repair_drift: args.repair_drift,
+        backoff: Backoff::new(args.backoff_initial, args.backoff_max),
+    };
+    tokio::select! {
+        result = session.run() => result.map_err(|refused| refused.to_string()),
+        signal = shutdown_signal() => {
+            tracing::info!(signal, "stopping");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

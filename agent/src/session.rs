@@ -1,0 +1,252 @@
+//! The connection to duofleetd: Hello, then DesiredConfigs in and acks out,
+//! reconnecting with gRPC's backoff schedule (1 s, x1.6, +-20 % jitter,
+//! capped) while the node keeps running on what was last applied.
+//! UNAUTHENTICATED and PERMISSION_DENIED are final.
+
+use crate::apply::{Applier, Drift};
+use duofleet_proto::v1::agent_message::Message;
+use duofleet_proto::v1::agent_service_client::AgentServiceClient;
+use duofleet_proto::v1::control_message;
+use duofleet_proto::v1::{AckResult, AgentMessage, DesiredConfig, DriftReport, Hello};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tonic::{Code, Request, Status, Streaming};
+
+pub struct Session {
+    pub endpoint: String,
+    pub token: Option<String>,
+    pub hello: Hello,
+    pub applier: Applier,
+    pub check_interval: Duration,
+    pub repair_drift: bool,
+    pub backoff: Backoff,
+}
+
+/// Why the agent stops for good.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the control plane refused this agent ({code:?}: {message}); check --enroll-token-file and the instance id"
+)]
+pub struct Refused {
+    pub code: Code,
+    pub message: String,
+}
+
+enum Ended {
+    /// The stream ended or failed: reconnect.
+    Retry(String),
+    Refused(Refused),
+}
+
+impl Session {
+    pub async fn run(mut self) -> Result<(), Refused> {
+        loop {
+            match self.connect_once().await {
+                Ended::Refused(refused) => return Err(refused),
+                Ended::Retry(reason) => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(%reason, retry_in = ?delay, "control plane unavailable; keeping the last applied configuration");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn connect_once(&mut self) -> Ended {
+        let endpoint = match Endpoint::from_shared(self.endpoint.clone()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(10))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true),
+            Err(e) => {
+                return Ended::Refused(Refused {
+                    code: Code::InvalidArgument,
+                    message: format!("bad --control-plane: {e}"),
+                });
+            }
+        };
+        let channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(e) => return Ended::Retry(format!("cannot connect to {}: {e}", self.endpoint)),
+        };
+        let mut client = AgentServiceClient::new(channel);
+        let (outbound, rx) = mpsc::channel(16);
+        let mut hello = self.hello.clone();
+        hello.applied_revision = self.applier.state.applied_revision;
+        let _ = outbound
+            .send(AgentMessage {
+                message: Some(Message::Hello(hello)),
+            })
+            .await;
+        let mut request = Request::new(ReceiverStream::new(rx));
+        if let Some(token) = &self.token {
+            match format!("Bearer {token}").parse() {
+                Ok(value) => {
+                    request.metadata_mut().insert("authorization", value);
+                }
+                Err(_) => {
+                    return Ended::Refused(Refused {
+                        code: Code::Unauthenticated,
+                        message: "the enroll token is not valid ASCII".into(),
+                    });
+                }
+            }
+        }
+        let mut inbound = match client.connect(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return classify(status),
+        };
+        tracing::info!(endpoint = %self.endpoint, applied_revision = self.applier.state.applied_revision, "connected to the control plane");
+        self.backoff.reset();
+        let mut ticker = tokio::time::interval(self.check_interval);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Some(control_message::Message::DesiredConfig(desired)) = message.message
+                            && let Err(ended) = self.apply_latest(desired, &mut inbound, &outbound).await
+                        {
+                            return ended;
+                        }
+                    }
+                    Ok(None) => return Ended::Retry("the control plane closed the stream".into()),
+                    Err(status) => return classify(status),
+                },
+                _ = ticker.tick() => {
+                    if let Err(ended) = self.check_drift(&outbound).await {
+                        return ended;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies `desired`, then whatever arrived meanwhile, newest only: a
+    /// burst of updates during a reconfigure makes one follow-up run.
+    async fn apply_latest(
+        &mut self,
+        mut desired: DesiredConfig,
+        inbound: &mut Streaming<duofleet_proto::v1::ControlMessage>,
+        outbound: &mpsc::Sender<AgentMessage>,
+    ) -> Result<(), Ended> {
+        loop {
+            tracing::info!(revision = desired.revision, profile = %desired.profile, "applying desired config");
+            let ack = self.applier.apply(&desired).await;
+            tracing::info!(revision = ack.revision, result = ?ack.result(), "applied");
+            send(outbound, Message::Ack(ack)).await?;
+            let mut newer = None;
+            while let Ok(next) = tokio::time::timeout(Duration::ZERO, inbound.message()).await {
+                match next {
+                    Ok(Some(message)) => {
+                        if let Some(control_message::Message::DesiredConfig(d)) = message.message {
+                            newer = Some(d);
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(Ended::Retry("the control plane closed the stream".into()));
+                    }
+                    Err(status) => return Err(classify(status)),
+                }
+            }
+            match newer {
+                Some(next) => desired = next,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn check_drift(&mut self, outbound: &mpsc::Sender<AgentMessage>) -> Result<(), Ended> {
+        let Drift::Found(detail) = self.applier.check_drift() else {
+            return Ok(());
+        };
+        tracing::warn!(%detail, repairing = self.repair_drift, "drift");
+        let report = DriftReport {
+            revision: self.applier.state.applied_revision,
+            detail,
+            repairing: self.repair_drift,
+        };
+        send(outbound, Message::DriftReport(report)).await?;
+        if self.repair_drift {
+            let ack = self.applier.repair().await;
+            if ack.result() == AckResult::Failed {
+                tracing::warn!(error = %ack.error, "drift repair failed");
+            }
+            send(outbound, Message::Ack(ack)).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn send(outbound: &mpsc::Sender<AgentMessage>, message: Message) -> Result<(), Ended> {
+    outbound
+        .send(AgentMessage {
+            message: Some(message),
+        })
+        .await
+        .map_err(|_| Ended::Retry("the stream to the control plane closed".into()))
+}
+
+fn classify(status: Status) -> Ended {
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => Ended::Refused(Refused {
+            code: status.code(),
+            message: status.message().to_string(),
+        }),
+        _ => Ended::Retry(format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+/// gRPC's connection backoff: 1 s, x1.6, +-20 % jitter, capped.
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let mut byte = [0u8; 1];
+        let _ = getrandom::fill(&mut byte);
+        let jitter = 0.8 + 0.4 * (byte[0] as f64 / 255.0);
+        let delay = self.current.mul_f64(jitter);
+        self.current = self.current.mul_f64(1.6).min(self.max);
+        delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_follows_grpc_schedule_within_jitter() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(120));
+        let mut expected = 1.0f64;
+        for _ in 0..20 {
+            let got = backoff.next_delay().as_secs_f64();
+            assert!(
+                got >= expected * 0.8 - 1e-9 && got <= expected * 1.2 + 1e-9,
+                "{got} vs {expected}"
+            );
+            expected = (expected * 1.6).min(120.0);
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(1200));
+    }
+}

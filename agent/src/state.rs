@@ -1,0 +1,196 @@
+//! What the agent applied, kept in `<state-dir>/state.json` (mode 0600,
+//! written atomically) so that a restart reconfigures nothing that is
+//! already in place, and finishes what a crash interrupted.
+
+use duofleet_proto::v1::DesiredConfig;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The gateway URLs as the agent put them in place.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    pub url: String,
+    /// Helm sidekiq and toolbox; empty means `url`.
+    pub internal_url: String,
+}
+
+impl Gateway {
+    pub fn of(desired: &DesiredConfig) -> Gateway {
+        Gateway {
+            url: desired.ai_gateway_url.clone(),
+            internal_url: desired.ai_gateway_internal_url.clone(),
+        }
+    }
+
+    pub fn internal_or_url(&self) -> &str {
+        if self.internal_url.is_empty() {
+            &self.url
+        } else {
+            &self.internal_url
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// The last revision acked APPLIED or UNCHANGED.
+    pub applied_revision: u64,
+    /// SHA-256 of the applied DesiredConfig, revision aside.
+    pub applied_digest: String,
+    /// The gateway last put in place with a successful reconfigure.
+    pub gateway: Gateway,
+    /// A gateway written but not yet reconfigured: set before the edit,
+    /// cleared after the run. Found set at start, it means a crash
+    /// interrupted the run, which must happen again.
+    pub pending: Option<Gateway>,
+}
+
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(state_dir: &Path) -> StateFile {
+        StateFile {
+            path: state_dir.join("state.json"),
+        }
+    }
+
+    pub fn load(&self) -> io::Result<State> {
+        match fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is not valid agent state: {e}", self.path.display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, state: &State) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
+        write_atomic(&self.path, &json, None)
+    }
+}
+
+/// SHA-256 of a desired configuration, the revision left out.
+pub fn digest(desired: &DesiredConfig) -> String {
+    let content = DesiredConfig {
+        revision: 0,
+        ..desired.clone()
+    };
+    Sha256::digest(content.encode_to_vec())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Replaces `path` atomically: temp file in the same directory, fsync,
+/// rename, fsync the directory. The new file takes the old one's mode and
+/// owner (`like`), or 0600 for a new file.
+pub fn write_atomic(path: &Path, contents: &[u8], like: Option<&fs::Metadata>) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let tmp = dir.join(format!(".{}.duofleet-tmp", name.to_string_lossy()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(contents)?;
+        if let Some(meta) = like {
+            file.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            // Keeping the owner needs privilege; as the file's owner it is a no-op.
+            if let Err(e) = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid())) {
+                tracing::debug!(path = %path.display(), error = %e, "could not keep the owner");
+            }
+        }
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn state_round_trips_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path());
+        assert_eq!(file.load().unwrap(), State::default());
+        let state = State {
+            applied_revision: 7,
+            applied_digest: "ab".into(),
+            gateway: Gateway {
+                url: "https://gw".into(),
+                internal_url: String::new(),
+            },
+            pending: None,
+        };
+        file.save(&state).unwrap();
+        assert_eq!(file.load().unwrap(), state);
+        let mode = fs::metadata(dir.path().join("state.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn atomic_write_keeps_the_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gitlab.rb");
+        fs::write(&path, "old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        write_atomic(&path, b"new", Some(&meta)).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+    }
+
+    #[test]
+    fn digest_ignores_the_revision_only() {
+        let a = DesiredConfig {
+            revision: 1,
+            ai_gateway_url: "https://gw".into(),
+            ..Default::default()
+        };
+        let b = DesiredConfig {
+            revision: 2,
+            ..a.clone()
+        };
+        let c = DesiredConfig {
+            ai_gateway_url: "https://other".into(),
+            ..a.clone()
+        };
+        assert_eq!(digest(&a), digest(&b));
+        assert_ne!(digest(&a), digest(&c));
+    }
+}
