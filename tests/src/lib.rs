@@ -5,6 +5,8 @@
 //! The binaries must be built first (`cargo build --workspace --bins`); the
 //! README's test command does that.
 
+pub mod agent;
+
 use duofleet_proto::v1::fleet_service_client::FleetServiceClient;
 use duofleet_proto::v1::history_service_client::HistoryServiceClient;
 use duofleet_proto::v1::model_service_client::ModelServiceClient;
@@ -57,6 +59,8 @@ pub struct Daemon {
 pub struct DaemonOptions {
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
+    /// A fixed gRPC address, e.g. to restart on the port agents know.
+    pub listen: Option<String>,
 }
 
 impl Daemon {
@@ -76,7 +80,9 @@ impl Daemon {
         let child = Command::new(bin("duofleetd"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .arg("--listen")
+            .arg(options.listen.as_deref().unwrap_or("127.0.0.1:0"))
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(&options.args)
             .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -181,6 +187,9 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- log of duofleetd:\n{}", self.log());
         }
     }
 }

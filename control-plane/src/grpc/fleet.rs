@@ -69,9 +69,8 @@ impl FleetService for FleetApi {
         caller(&request)?;
         let selector = request.into_inner().selector.into_iter().collect();
         validate::selector("selector", &selector).map_err(|e| status(e.into()))?;
-        Ok(Response::new(ListInstancesResponse {
-            instances: Vec::new(),
-        }))
+        let instances = self.registry.list(&selector);
+        Ok(Response::new(ListInstancesResponse { instances }))
     }
 
     async fn get_instance(
@@ -79,15 +78,30 @@ impl FleetService for FleetApi {
         request: Request<GetInstanceRequest>,
     ) -> Result<Response<Instance>, Status> {
         caller(&request)?;
-        Err(no_instance(&request.get_ref().instance_id))
+        let id = &request.get_ref().instance_id;
+        self.registry
+            .get(id)
+            .map(Response::new)
+            .ok_or_else(|| no_instance(id))
     }
 
     async fn delete_instance(
         &self,
         request: Request<DeleteInstanceRequest>,
     ) -> Result<Response<()>, Status> {
-        super::writer(&request, "delete instances")?;
-        Err(no_instance(&request.get_ref().instance_id))
+        let caller = super::writer(&request, "delete instances")?;
+        let id = request.into_inner().instance_id;
+        let registry = self.registry.clone();
+        let target = id.clone();
+        let existed = tokio::task::spawn_blocking(move || registry.delete(&target))
+            .await
+            .map_err(|e| Status::internal(format!("delete task failed: {e}")))?
+            .map_err(status)?;
+        if !existed {
+            return Err(no_instance(&id));
+        }
+        tracing::info!(instance = %id, actor = %caller.name, "instance deleted");
+        Ok(Response::new(()))
     }
 
     type WatchFleetStream = EventStream;
@@ -97,7 +111,7 @@ impl FleetService for FleetApi {
         request: Request<WatchFleetRequest>,
     ) -> Result<Response<Self::WatchFleetStream>, Status> {
         caller(&request)?;
-        let mut events = self.store.revision_events();
+        let mut revisions = self.store.revision_events();
         let mut instance_events = self.registry.subscribe();
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -114,31 +128,29 @@ impl FleetService for FleetApi {
                 return;
             }
             loop {
-                tokio::select! {
+                let event = tokio::select! {
                     _ = shutdown.changed() => break,
                     _ = tx.closed() => break,
-                    event = events.recv() => match event {
-                        Ok(record) => {
-                            if record.revision > current && tx.send(Ok(revision_event(&record))).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            tracing::warn!(missed, "a WatchFleet client fell behind; events were skipped");
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
+                    event = revisions.recv() => match event {
+                        Ok(record) if record.revision <= current => continue,
+                        Ok(record) => Ok(revision_event(&record)),
+                        Err(lag) => Err(lag),
                     },
-                    event = instance_events.recv() => match event {
-                        Ok(event) => {
-                            if tx.send(Ok(event)).await.is_err() {
-                                break;
-                            }
+                    event = instance_events.recv() => event,
+                };
+                match event {
+                    Ok(event) => {
+                        if tx.send(Ok(event)).await.is_err() {
+                            break;
                         }
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            tracing::warn!(missed, "a WatchFleet client fell behind; events were skipped");
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(
+                            missed,
+                            "a WatchFleet client fell behind; events were skipped"
+                        );
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
                 }
             }
         });

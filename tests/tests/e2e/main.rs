@@ -1,5 +1,6 @@
 //! End-to-end tests against the real `duofleetd` binary.
 
+mod agents;
 mod durability;
 mod grpcurl;
 mod history;

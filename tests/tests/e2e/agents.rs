@@ -1,0 +1,580 @@
+//! Real agents against the real daemon: AI_GATEWAY_URL reaches gitlab.rb
+//! and Helm values exactly as an administrator would write it, reconfigure
+//! runs once per change, failures roll back, and outages and crashes
+//! converge without extra reconfigures.
+
+use crate::fresh_daemon;
+use duofleet_proto::v1::fleet_event::Event;
+use duofleet_proto::v1::{
+    CreateModelRequest, CreateProfileRequest, DeleteInstanceRequest, GetInstanceRequest, Instance,
+    ListInstancesRequest, Profile, SetFeatureSettingRequest, SyncState, UpdateProfileRequest,
+};
+use duofleet_tests::agent::{Agent, FakeCommand};
+use duofleet_tests::{Clients, Daemon, DaemonOptions, mk};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+const ENV_HASH_RB: &str = r#"external_url 'https://gitlab-a.example.com'
+gitlab_rails['time_zone'] = 'UTC'
+
+gitlab_rails['env'] = {
+  'http_proxy' => 'http://proxy.corp:3128',
+  # 'AI_GATEWAY_URL' => 'http://commented-out:5052',
+  "no_proxy" => "localhost,127.0.0.1", # internal traffic stays direct
+  'GITLAB_LICENSE_MODE' => 'test',
+}
+
+nginx['listen_port'] = 8080
+"#;
+
+const STOCK_RB: &str = r#"## GitLab configuration settings
+external_url 'https://gitlab-b.example.com'
+
+### Environment variables
+# gitlab_rails['env'] = {
+#   'BUNDLE_GEMFILE' => "/opt/gitlab/embedded/service/gitlab-rails/Gemfile",
+#   'PATH' => "/opt/gitlab/bin:/opt/gitlab/embedded/bin:/bin:/usr/bin"
+# }
+"#;
+
+fn args(pairs: &[&str]) -> Vec<String> {
+    pairs.iter().map(|s| s.to_string()).collect()
+}
+
+/// A Linux-package agent with its own gitlab.rb and fake gitlab-ctl.
+fn linux_agent(
+    daemon: &Daemon,
+    root: &Path,
+    id: &str,
+    gitlab_rb: &str,
+    extra: &[&str],
+) -> (Agent, FakeCommand, std::path::PathBuf) {
+    let ctl = FakeCommand::new(&root.join(format!("{id}-ctl")));
+    let rb = root.join(format!("{id}-gitlab.rb"));
+    std::fs::write(&rb, gitlab_rb).unwrap();
+    let mut all = args(&[
+        "--gitlab-rb",
+        &rb.display().to_string(),
+        "--reconfigure-command",
+        &ctl.command("reconfigure"),
+    ]);
+    all.extend(args(extra));
+    (Agent::start(daemon, id, root, &all), ctl, rb)
+}
+
+async fn instance(c: &mut Clients, id: &str) -> Option<Instance> {
+    c.fleet
+        .get_instance(GetInstanceRequest {
+            instance_id: id.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Waits until `check` holds for the instance, and returns it.
+async fn wait_instance(
+    c: &mut Clients,
+    id: &str,
+    what: &str,
+    check: impl Fn(&Instance) -> bool,
+) -> Instance {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = instance(c, id).await;
+        if let Some(i) = got.as_ref().filter(|i| check(i)) {
+            return i.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}: never {what}; last seen {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_synced(c: &mut Clients, id: &str, revision: u64) -> Instance {
+    wait_instance(c, id, &format!("synced at {revision}"), |i| {
+        i.connected && i.sync_state() == SyncState::Synced && i.applied_revision == revision
+    })
+    .await
+}
+
+async fn set_gateway(c: &mut Clients, profile: &str, url: &str) -> u64 {
+    c.profiles
+        .update_profile(UpdateProfileRequest {
+            profile: Some(Profile {
+                name: profile.into(),
+                ai_gateway_url: url.into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["ai_gateway_url".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
+/// Lines of `after` not in `before`, and of `before` not in `after`.
+fn line_diff(before: &str, after: &str) -> (Vec<String>, Vec<String>) {
+    let b: Vec<&str> = before.lines().collect();
+    let a: Vec<&str> = after.lines().collect();
+    (
+        a.iter()
+            .filter(|l| !b.contains(l))
+            .map(|l| l.to_string())
+            .collect(),
+        b.iter()
+            .filter(|l| !a.contains(l))
+            .map(|l| l.to_string())
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_get_the_gateway_with_one_reconfigure_each() {
+    let (dir, daemon) = fresh_daemon();
+    let root = dir.path();
+    let mut c = daemon.clients().await;
+    let (_a, ctl_a, rb_a) = linux_agent(&daemon, root, "gitlab-a", ENV_HASH_RB, &[]);
+    let (_b, ctl_b, rb_b) = linux_agent(&daemon, root, "gitlab-b", STOCK_RB, &[]);
+    let helm = FakeCommand::new(&root.join("helm"));
+    let values = root.join("gitlab-c-values.yaml");
+    let _c_agent = Agent::start(
+        &daemon,
+        "gitlab-c",
+        root,
+        &args(&[
+            "--deployment",
+            "helm",
+            "--helm-values",
+            &values.display().to_string(),
+            "--helm-command",
+            &helm.command("upgrade gitlab gitlab/gitlab --reuse-values -f {values}"),
+            "--label",
+            "ring=canary",
+        ]),
+    );
+    for id in ["gitlab-a", "gitlab-b", "gitlab-c"] {
+        wait_synced(&mut c, id, 0).await;
+    }
+
+    let url = "https://aigw.example.com:5052";
+    let revision = set_gateway(&mut c, "default", url).await;
+    for id in ["gitlab-a", "gitlab-b", "gitlab-c"] {
+        let i = wait_synced(&mut c, id, revision).await;
+        assert_eq!(i.profile, "default");
+    }
+
+    // A: only the new entry line was added; everything else byte-identical.
+    let a = std::fs::read_to_string(&rb_a).unwrap();
+    let (added, removed) = line_diff(ENV_HASH_RB, &a);
+    assert_eq!(added, [format!("  'AI_GATEWAY_URL' => '{url}',")]);
+    assert!(removed.is_empty());
+    // B: the stock file is untouched and a marked block follows it.
+    let b = std::fs::read_to_string(&rb_b).unwrap();
+    assert!(b.starts_with(STOCK_RB));
+    assert!(
+        b.contains("# BEGIN duofleet managed")
+            && b.contains(&format!("'AI_GATEWAY_URL' => '{url}'"))
+    );
+    // C: the Helm values, and the helm command with the values path.
+    let c_values: serde_json::Value = serde_json::to_value(read_yaml(&values)).unwrap();
+    for component in ["webservice", "sidekiq", "toolbox"] {
+        assert_eq!(
+            c_values["gitlab"][component]["extraEnv"]["AI_GATEWAY_URL"], url,
+            "{component}"
+        );
+    }
+    assert_eq!(ctl_a.calls(), ["reconfigure"]);
+    assert_eq!(ctl_b.calls(), ["reconfigure"]);
+    assert_eq!(
+        helm.calls(),
+        [format!(
+            "upgrade gitlab gitlab/gitlab --reuse-values -f {}",
+            values.display()
+        )]
+    );
+
+    // A feature-only change reaches every agent and runs no reconfigure.
+    c.models
+        .create_model(CreateModelRequest {
+            model: Some(mk::model("mixtral-prod")),
+        })
+        .await
+        .unwrap();
+    let feature = c
+        .profiles
+        .set_feature_setting(SetFeatureSettingRequest {
+            profile: String::new(),
+            setting: Some(mk::self_hosted("duo_chat", "mixtral-prod")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    for id in ["gitlab-a", "gitlab-b", "gitlab-c"] {
+        wait_synced(&mut c, id, feature).await;
+    }
+    assert_eq!(
+        ctl_a.calls().len() + ctl_b.calls().len() + helm.calls().len(),
+        3
+    );
+
+    // A canary profile moves only the canary instance, with its own URLs.
+    let canary = c
+        .profiles
+        .create_profile(CreateProfileRequest {
+            profile: Some(Profile {
+                name: "canary".into(),
+                ai_gateway_url: "https://aigw-canary.example.com".into(),
+                ai_gateway_internal_url: "http://ai-gateway.gitlab.svc.cluster.local:5052".into(),
+                selector: BTreeMap::from([("ring".to_string(), "canary".to_string())]),
+                priority: 10,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let moved = wait_synced(&mut c, "gitlab-c", canary.revision).await;
+    assert_eq!(moved.profile, "canary");
+    let c_values: serde_json::Value = serde_json::to_value(read_yaml(&values)).unwrap();
+    assert_eq!(
+        c_values["gitlab"]["webservice"]["extraEnv"]["AI_GATEWAY_URL"],
+        "https://aigw-canary.example.com"
+    );
+    assert_eq!(
+        c_values["gitlab"]["sidekiq"]["extraEnv"]["AI_GATEWAY_URL"],
+        "http://ai-gateway.gitlab.svc.cluster.local:5052"
+    );
+    assert_eq!(helm.calls().len(), 2);
+    // The default instances were sent nothing: they stay at the feature revision.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in ["gitlab-a", "gitlab-b"] {
+        let i = instance(&mut c, id).await.unwrap();
+        assert_eq!(
+            (i.applied_revision, i.desired_revision, i.sync_state()),
+            (feature, feature, SyncState::Synced)
+        );
+    }
+    assert_eq!(ctl_a.calls().len() + ctl_b.calls().len(), 2);
+
+    let listed = c
+        .fleet
+        .list_instances(ListInstancesRequest {
+            selector: BTreeMap::from([("ring".into(), "canary".into())]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed
+            .instances
+            .iter()
+            .map(|i| i.instance_id.as_str())
+            .collect::<Vec<_>>(),
+        ["gitlab-c"]
+    );
+}
+
+fn read_yaml(path: &Path) -> serde_json::Value {
+    // The values file is plain YAML maps of strings; its JSON view suffices.
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut root = serde_json::Map::new();
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+    {
+        let indent = line.len() - line.trim_start().len();
+        let (key, value) = line.trim().split_once(':').unwrap();
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        let mut node = &mut root;
+        for (_, k) in &stack {
+            node = node
+                .entry(k.clone())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()))
+                .as_object_mut()
+                .unwrap();
+        }
+        let value = value.trim();
+        if value.is_empty() {
+            node.insert(
+                key.to_string(),
+                serde_json::Value::Object(Default::default()),
+            );
+            stack.push((indent, key.to_string()));
+        } else {
+            node.insert(
+                key.to_string(),
+                serde_json::Value::String(
+                    value.trim_matches(|c| c == '\'' || c == '"').to_string(),
+                ),
+            );
+        }
+    }
+    serde_json::Value::Object(root)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reconfigure_restores_gitlab_rb_and_reports_failed() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (_agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    wait_synced(&mut c, "gitlab-a", 0).await;
+    ctl.fail_next(Some(1));
+    let revision = set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    let failed = wait_instance(&mut c, "gitlab-a", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert_eq!(failed.applied_revision, 0);
+    assert_eq!(failed.desired_revision, revision);
+    assert!(
+        failed.last_error.contains("failed (exit code 1)"),
+        "{}",
+        failed.last_error
+    );
+    assert!(
+        failed
+            .last_error
+            .contains("There was an error running gitlab-ctl reconfigure"),
+        "{}",
+        failed.last_error
+    );
+    assert!(
+        failed
+            .last_error
+            .contains("restored the previous file and ran it again"),
+        "{}",
+        failed.last_error
+    );
+    assert_eq!(
+        std::fs::read_to_string(&rb).unwrap(),
+        ENV_HASH_RB,
+        "gitlab.rb must be byte-identical"
+    );
+    // The failed run, then the run that brings the previous state back.
+    assert_eq!(ctl.calls(), ["reconfigure", "reconfigure"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reconverge_after_kill_9_of_the_daemon_without_reconfiguring() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (_a, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    let first = set_gateway(&mut c, "default", "https://aigw-1.example.com").await;
+    wait_synced(&mut c, "gitlab-a", first).await;
+    let listen = daemon.grpc_addr.clone();
+    let data = daemon.data_dir().to_path_buf();
+    daemon.kill9();
+
+    // The node keeps its configuration while the daemon is away.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        std::fs::read_to_string(&rb)
+            .unwrap()
+            .contains("https://aigw-1.example.com")
+    );
+
+    let daemon = Daemon::start_with(
+        &data,
+        DaemonOptions {
+            listen: Some(listen),
+            ..Default::default()
+        },
+    );
+    let mut c = daemon.clients().await;
+    let back = wait_synced(&mut c, "gitlab-a", first).await;
+    assert!(back.connected);
+    assert_eq!(
+        ctl.calls().len(),
+        1,
+        "a reconnect must not reconfigure again"
+    );
+
+    let second = set_gateway(&mut c, "default", "https://aigw-2.example.com").await;
+    wait_synced(&mut c, "gitlab-a", second).await;
+    assert_eq!(ctl.calls().len(), 2);
+    assert!(
+        std::fs::read_to_string(&rb)
+            .unwrap()
+            .contains("'AI_GATEWAY_URL' => 'https://aigw-2.example.com',")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_agent_during_reconfigure_converges_on_restart() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (mut agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    wait_synced(&mut c, "gitlab-a", 0).await;
+    ctl.set_sleep(Some(2));
+    let revision = set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    let deadline = Instant::now() + WAIT;
+    while ctl.calls().is_empty() {
+        assert!(Instant::now() < deadline, "reconfigure never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.kill9();
+    // Never partial: the old file or the complete new one.
+    let text = std::fs::read_to_string(&rb).unwrap();
+    let (added, removed) = line_diff(ENV_HASH_RB, &text);
+    assert!(removed.is_empty() && added.len() <= 1, "{text}");
+    ctl.set_sleep(None);
+    agent.restart();
+    wait_synced(&mut c, "gitlab-a", revision).await;
+    // The interrupted run happens again, once.
+    assert_eq!(ctl.calls(), ["reconfigure", "reconfigure"]);
+    assert!(
+        std::fs::read_to_string(&rb)
+            .unwrap()
+            .contains("'AI_GATEWAY_URL' => 'https://aigw.example.com',")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_edits_are_reported_as_drift_and_repaired() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (_repairing, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    let (_watching, _ctl_b, rb_b) = linux_agent(
+        &daemon,
+        dir.path(),
+        "gitlab-b",
+        ENV_HASH_RB,
+        &["--repair-drift", "false"],
+    );
+    let revision = set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    wait_synced(&mut c, "gitlab-a", revision).await;
+    wait_synced(&mut c, "gitlab-b", revision).await;
+    let mut events = crate::watch_fleet(&mut c).await;
+    let desired = std::fs::read_to_string(&rb).unwrap();
+    let hand_edit = desired.replace("https://aigw.example.com", "http://someone-else:5052");
+    std::fs::write(&rb, &hand_edit).unwrap();
+    std::fs::write(&rb_b, &hand_edit).unwrap();
+
+    // gitlab-b only reports it.
+    let drifted = wait_instance(&mut c, "gitlab-b", "drifted", |i| {
+        i.sync_state() == SyncState::Drifted
+    })
+    .await;
+    assert!(drifted.last_error.contains("sets AI_GATEWAY_URL to \"http://someone-else:5052\" instead of https://aigw.example.com"), "{}", drifted.last_error);
+    assert_eq!(std::fs::read_to_string(&rb_b).unwrap(), hand_edit);
+
+    // gitlab-a puts it back and reconfigures once more.
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_to_string(&rb).unwrap() != desired {
+        assert!(Instant::now() < deadline, "drift was not repaired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_synced(&mut c, "gitlab-a", revision).await;
+    assert_eq!(ctl.calls().len(), 2);
+    let mut saw_drift = false;
+    while let Ok(Ok(Some(event))) =
+        tokio::time::timeout(Duration::from_secs(5), events.message()).await
+    {
+        if let Some(Event::Drifted(e)) = event.event
+            && e.instance_id == "gitlab-a"
+        {
+            saw_drift = true;
+            break;
+        }
+    }
+    assert!(saw_drift, "WatchFleet showed no drift event for gitlab-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_is_final_and_deleted_instances_are_forgotten() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let bad_token = dir.path().join("bad.token");
+    std::fs::write(&bad_token, "duofleet_not-the-token\n").unwrap();
+    let mut refused = Agent::start(
+        &daemon,
+        "intruder",
+        dir.path(),
+        &args(&[
+            "--enroll-token-file",
+            &bad_token.display().to_string(),
+            "--gitlab-rb",
+            "/nonexistent",
+        ]),
+    );
+    let status = refused.wait_exit(WAIT);
+    assert!(!status.success());
+    assert!(
+        refused
+            .log()
+            .contains("the control plane refused this agent (Unauthenticated: invalid token"),
+        "{}",
+        refused.log()
+    );
+    assert!(instance(&mut c, "intruder").await.is_none());
+
+    // The operator token is not an agent token, and the other way round.
+    let admin_token = daemon.data_dir().join("admin.token");
+    let mut operator = Agent::start(
+        &daemon,
+        "operator",
+        dir.path(),
+        &args(&[
+            "--enroll-token-file",
+            &admin_token.display().to_string(),
+            "--gitlab-rb",
+            "/nonexistent",
+        ]),
+    );
+    assert!(!operator.wait_exit(WAIT).success());
+    assert!(
+        operator.log().contains(
+            "PermissionDenied: token \"admin\" is an operator token, not for this service"
+        ),
+        "{}",
+        operator.log()
+    );
+    let agent_token = std::fs::read_to_string(daemon.data_dir().join("enroll.token")).unwrap();
+    let mut as_agent = Clients::new(daemon.channel().await, Some(agent_token.trim().to_string()));
+    let denied = as_agent
+        .fleet
+        .list_instances(ListInstancesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        denied.message(),
+        "token \"enroll\" is an agent enrollment token, not for this service"
+    );
+
+    let (mut agent, _ctl, _rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    wait_synced(&mut c, "gitlab-a", 0).await;
+    agent.kill9();
+    wait_instance(&mut c, "gitlab-a", "offline", |i| {
+        !i.connected && i.sync_state() == SyncState::Offline
+    })
+    .await;
+    c.fleet
+        .delete_instance(DeleteInstanceRequest {
+            instance_id: "gitlab-a".into(),
+        })
+        .await
+        .unwrap();
+    assert!(instance(&mut c, "gitlab-a").await.is_none());
+    let again = c
+        .fleet
+        .delete_instance(DeleteInstanceRequest {
+            instance_id: "gitlab-a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound);
+}
