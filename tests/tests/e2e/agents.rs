@@ -177,6 +177,12 @@ async fn three_agents_get_the_gateway_with_one_reconfigure_each() {
     let (added, removed) = line_diff(ENV_HASH_RB, &a);
     assert_eq!(added, [format!("  'AI_GATEWAY_URL' => '{url}',")]);
     assert!(removed.is_empty());
+    let backup = rb_a.with_file_name("gitlab-a-gitlab.rb.duofleet-backup");
+    assert_eq!(
+        std::fs::read_to_string(backup).unwrap(),
+        ENV_HASH_RB,
+        "one backup of the previous version"
+    );
     // B: the stock file is untouched and a marked block follows it.
     let b = std::fs::read_to_string(&rb_b).unwrap();
     assert!(b.starts_with(STOCK_RB));
