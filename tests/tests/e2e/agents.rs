@@ -584,3 +584,110 @@ async fn unauthenticated_is_final_and_deleted_instances_are_forgotten() {
         .unwrap_err();
     assert_eq!(again.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_goes_offline_and_does_not_hold_up_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = DaemonOptions {
+        args: args(&["--keepalive-ms", "500"]),
+        ..Default::default()
+    };
+    let daemon = Daemon::start_with(&dir.path().join("data"), options);
+    let mut c = daemon.clients().await;
+    let (frozen, _ctl_f, rb_frozen) = linux_agent(&daemon, dir.path(), "frozen", ENV_HASH_RB, &[]);
+    let (_live, ctl_l, _rb_l) = linux_agent(&daemon, dir.path(), "live", ENV_HASH_RB, &[]);
+    wait_synced(&mut c, "frozen", 0).await;
+    wait_synced(&mut c, "live", 0).await;
+    frozen.signal("STOP");
+    let revision = set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    wait_synced(&mut c, "live", revision).await;
+    assert_eq!(ctl_l.calls().len(), 1);
+    // Keepalive finds the frozen peer: OFFLINE, with nothing applied.
+    let offline = wait_instance(&mut c, "frozen", "offline", |i| {
+        i.sync_state() == SyncState::Offline
+    })
+    .await;
+    assert!(!offline.connected);
+    assert_eq!(offline.applied_revision, 0);
+    assert_eq!(std::fs::read_to_string(&rb_frozen).unwrap(), ENV_HASH_RB);
+    // Thawed, it reconnects and catches up.
+    frozen.signal("CONT");
+    wait_synced(&mut c, "frozen", revision).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_during_a_reconfigure_coalesce_into_one_follow_up_run() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (_agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    wait_synced(&mut c, "gitlab-a", 0).await;
+    ctl.set_sleep(Some(2));
+    set_gateway(&mut c, "default", "https://aigw-1.example.com").await;
+    let deadline = Instant::now() + WAIT;
+    while ctl.calls().is_empty() {
+        assert!(Instant::now() < deadline, "reconfigure never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set_gateway(&mut c, "default", "https://aigw-2.example.com").await;
+    set_gateway(&mut c, "default", "https://aigw-3.example.com").await;
+    let last = set_gateway(&mut c, "default", "https://aigw-4.example.com").await;
+    wait_synced(&mut c, "gitlab-a", last).await;
+    assert_eq!(
+        ctl.calls().len(),
+        2,
+        "three updates during a run make one follow-up run"
+    );
+    assert!(
+        std::fs::read_to_string(&rb)
+            .unwrap()
+            .contains("'AI_GATEWAY_URL' => 'https://aigw-4.example.com',")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconfigure_that_hangs_times_out_and_fails_with_events() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (_agent, ctl, rb) = linux_agent(
+        &daemon,
+        dir.path(),
+        "gitlab-a",
+        ENV_HASH_RB,
+        &["--reconfigure-timeout", "1s"],
+    );
+    wait_synced(&mut c, "gitlab-a", 0).await;
+    let mut events = crate::watch_fleet(&mut c).await;
+    ctl.set_sleep(Some(30));
+    let revision = set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    let failed = wait_instance(&mut c, "gitlab-a", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert!(
+        failed.last_error.contains("failed (timed out after 1s)"),
+        "{}",
+        failed.last_error
+    );
+    assert_eq!(std::fs::read_to_string(&rb).unwrap(), ENV_HASH_RB);
+    // WatchFleet told the story: the revision, then the failure.
+    let mut seen = Vec::new();
+    while let Ok(Ok(Some(event))) =
+        tokio::time::timeout(Duration::from_secs(10), events.message()).await
+    {
+        match event.event {
+            Some(Event::RevisionCreated(r)) => seen.push(format!("revision {}", r.revision)),
+            Some(Event::Failed(e)) => {
+                seen.push(format!("failed {}", e.instance_id));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            format!("revision {revision}"),
+            "failed gitlab-a".to_string()
+        ]
+    );
+}
