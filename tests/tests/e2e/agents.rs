@@ -691,3 +691,101 @@ async fn a_reconfigure_that_hangs_times_out_and_fails_with_events() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_env_it_cannot_edit_safely_is_left_alone_and_reported() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let merged = "base_env = { 'http_proxy' => 'http://proxy:3128' }\ngitlab_rails['env'] = base_env.merge({ 'MALLOC_CONF' => 'x' })\n";
+    let (_agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", merged, &[]);
+    set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    let failed = wait_instance(&mut c, "gitlab-a", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert!(
+        failed.last_error.contains(
+            "gitlab.rb line 2: gitlab_rails['env'] is assigned something other than a literal hash"
+        ),
+        "{}",
+        failed.last_error
+    );
+    assert!(
+        failed
+            .last_error
+            .contains("write gitlab_rails['env'] as a literal hash"),
+        "{}",
+        failed.last_error
+    );
+    assert_eq!(std::fs::read_to_string(&rb).unwrap(), merged);
+    assert!(ctl.calls().is_empty(), "nothing to reconfigure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restart_with_nothing_new_reconfigures_nothing() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (mut agent, ctl, _rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    let revision = set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    wait_synced(&mut c, "gitlab-a", revision).await;
+    // Another revision that does not concern this instance's gateway.
+    c.models
+        .create_model(CreateModelRequest {
+            model: Some(mk::model("m")),
+        })
+        .await
+        .unwrap();
+    agent.kill9();
+    wait_instance(&mut c, "gitlab-a", "offline", |i| !i.connected).await;
+    agent.restart();
+    let back = wait_synced(&mut c, "gitlab-a", revision + 1).await;
+    assert!(back.connected);
+    assert_eq!(ctl.calls().len(), 1, "a restart must not reconfigure again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_helm_upgrade_restores_the_values_file() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let helm = FakeCommand::new(&dir.path().join("helm"));
+    let values = dir.path().join("values.yaml");
+    let _agent = Agent::start(
+        &daemon,
+        "gitlab-helm",
+        dir.path(),
+        &args(&[
+            "--deployment",
+            "helm",
+            "--helm-values",
+            &values.display().to_string(),
+            "--helm-command",
+            &helm.command("upgrade -f {values}"),
+        ]),
+    );
+    let first = set_gateway(&mut c, "default", "https://aigw-1.example.com").await;
+    wait_synced(&mut c, "gitlab-helm", first).await;
+    let applied = std::fs::read_to_string(&values).unwrap();
+    helm.fail_next(Some(1));
+    let second = set_gateway(&mut c, "default", "https://aigw-2.example.com").await;
+    let failed = wait_instance(&mut c, "gitlab-helm", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert_eq!(
+        (failed.applied_revision, failed.desired_revision),
+        (first, second)
+    );
+    assert!(
+        failed
+            .last_error
+            .contains("restored the previous file and ran it again successfully"),
+        "{}",
+        failed.last_error
+    );
+    assert_eq!(std::fs::read_to_string(&values).unwrap(), applied);
+    assert_eq!(
+        helm.calls().len(),
+        3,
+        "first upgrade, the failed one, the one that restores"
+    );
+}
