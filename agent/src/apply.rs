@@ -180,6 +180,15 @@ impl Applier {
         Ok(outcome)
     }
 
+    /// gitlab.rb as it is now (Linux package); the Helm values file is the
+    /// agent's own, so there is nothing an administrator would fix there.
+    pub fn watched_file(&self) -> Option<String> {
+        match &self.target {
+            Target::LinuxPackage { gitlab_rb, .. } => fs::read_to_string(gitlab_rb).ok(),
+            Target::Helm { .. } => None,
+        }
+    }
+
     /// Compares the file with what was applied.
     pub fn check_drift(&self) -> Drift {
         let applied = &self.state.gateway;

@@ -112,6 +112,7 @@ async fn run(args: Args) -> Result<(), String> {
         check_interval: args.health_interval,
         repair_drift: args.repair_drift,
         backoff: Backoff::new(args.backoff_initial, args.backoff_max),
+        failed: None,
     };
     tokio::select! {
         result = session.run() => result.map_err(|refused| refused.to_string()),

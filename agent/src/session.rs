@@ -22,6 +22,9 @@ pub struct Session {
     pub check_interval: Duration,
     pub repair_drift: bool,
     pub backoff: Backoff,
+    /// The last config that failed, and gitlab.rb as it was then: when an
+    /// administrator fixes the file, the agent tries again by itself.
+    pub failed: Option<(DesiredConfig, Option<String>)>,
 }
 
 /// Why the agent stops for good.
@@ -134,10 +137,7 @@ impl Session {
         outbound: &mpsc::Sender<AgentMessage>,
     ) -> Result<(), Ended> {
         loop {
-            tracing::info!(revision = desired.revision, profile = %desired.profile, "applying desired config");
-            let ack = self.applier.apply(&desired).await;
-            tracing::info!(revision = ack.revision, result = ?ack.result(), "applied");
-            send(outbound, Message::Ack(ack)).await?;
+            self.apply_and_ack(desired, outbound).await?;
             let mut newer = None;
             while let Ok(next) = tokio::time::timeout(Duration::ZERO, inbound.message()).await {
                 match next {
@@ -159,7 +159,32 @@ impl Session {
         }
     }
 
+    async fn apply_and_ack(
+        &mut self,
+        desired: DesiredConfig,
+        outbound: &mpsc::Sender<AgentMessage>,
+    ) -> Result<(), Ended> {
+        tracing::info!(revision = desired.revision, profile = %desired.profile, "applying desired config");
+        let ack = self.applier.apply(&desired).await;
+        tracing::info!(revision = ack.revision, result = ?ack.result(), "applied");
+        self.failed =
+            (ack.result() == AckResult::Failed).then(|| (desired, self.applier.watched_file()));
+        send(outbound, Message::Ack(ack)).await
+    }
+
+    /// Periodic: retry a failed config once its file was edited, then look
+    /// for hand edits of what was applied.
     async fn check_drift(&mut self, outbound: &mpsc::Sender<AgentMessage>) -> Result<(), Ended> {
+        if let Some((desired, Some(seen))) = &self.failed
+            && self.applier.watched_file().as_ref() != Some(seen)
+        {
+            tracing::info!(
+                revision = desired.revision,
+                "the file changed since the failure; trying again"
+            );
+            let desired = desired.clone();
+            return self.apply_and_ack(desired, outbound).await;
+        }
         let Drift::Found(detail) = self.applier.check_drift() else {
             return Ok(());
         };

@@ -719,6 +719,19 @@ async fn an_env_it_cannot_edit_safely_is_left_alone_and_reported() {
     );
     assert_eq!(std::fs::read_to_string(&rb).unwrap(), merged);
     assert!(ctl.calls().is_empty(), "nothing to reconfigure");
+
+    // The administrator rewrites the env as a literal hash: the agent
+    // notices on its next check and applies by itself.
+    let fixed = "gitlab_rails['env'] = {\n  'http_proxy' => 'http://proxy:3128',\n  'MALLOC_CONF' => 'x',\n}\n";
+    std::fs::write(&rb, fixed).unwrap();
+    let synced = wait_synced(&mut c, "gitlab-a", failed.desired_revision).await;
+    assert!(synced.last_error.is_empty());
+    assert_eq!(ctl.calls(), ["reconfigure"]);
+    assert!(
+        std::fs::read_to_string(&rb)
+            .unwrap()
+            .contains("'AI_GATEWAY_URL' => 'https://aigw.example.com',")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
