@@ -98,6 +98,10 @@ impl Registry {
         }
         entry.session = id;
         entry.kick = Some(kick);
+        // A new connection starts clean: the agent resends what still holds
+        // (it is sent what it is behind on, and reports drift again).
+        entry.failed = false;
+        entry.drifted = false;
         let instance = &mut entry.instance;
         instance.hostname = hello.hostname.clone();
         instance.deployment = hello.deployment;
