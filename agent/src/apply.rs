@@ -5,9 +5,10 @@
 //! command runs again to bring the previous state back.
 
 use crate::command::{self, Outcome, shell_quote};
+use crate::gitlab::GitLab;
 use crate::gitlab_rb;
 use crate::state::{self, Gateway, State, StateFile};
-use duofleet_proto::v1::{Ack, AckResult, DesiredConfig};
+use duofleet_proto::v1::{Ack, AckResult, DesiredConfig, GitLabSync};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
@@ -30,6 +31,8 @@ pub struct Applier {
     pub timeout: Duration,
     pub state_file: StateFile,
     pub state: State,
+    /// Models and feature settings through GitLab's API; `None` when off.
+    pub gitlab: Option<GitLab>,
 }
 
 /// The result of looking for hand edits.
@@ -41,40 +44,78 @@ pub enum Drift {
 impl Applier {
     /// Applies `desired` and says how it went, as the ack to send.
     pub async fn apply(&mut self, desired: &DesiredConfig) -> Ack {
+        let revision = desired.revision;
         let digest = state::digest(desired);
         let want = Gateway::of(desired);
         // An empty URL means "not set yet": leave AI_GATEWAY_URL as found.
         let gateway_changes =
             !want.url.is_empty() && (self.state.pending.is_some() || want != self.state.gateway);
-        if digest == self.state.applied_digest && !gateway_changes {
-            return self.record(desired.revision, digest, AckResult::Unchanged);
+        let unchanged = digest == self.state.applied_digest && !gateway_changes;
+        if unchanged && self.gitlab.is_none() {
+            return self.record(revision, digest, AckResult::Unchanged, None);
         }
         if gateway_changes && let Err(error) = self.put_gateway(&want).await {
-            tracing::warn!(revision = desired.revision, %error, "apply failed");
-            return Ack {
-                revision: desired.revision,
-                result: AckResult::Failed as i32,
-                error,
-            };
+            tracing::warn!(revision, %error, "apply failed");
+            return failed(revision, error, None);
         }
-        self.record(desired.revision, digest, AckResult::Applied)
+        let mut sync_status = None;
+        let mut mutations = 0;
+        if let Some(gitlab) = &self.gitlab {
+            let mut created = self.state.gitlab.clone();
+            let result = gitlab.reconcile(desired, &mut created).await;
+            // Keep what was created even when a later step failed.
+            let mut next = self.state.clone();
+            next.gitlab = created;
+            if let Err(error) = self.save(next) {
+                return failed(revision, error, None);
+            }
+            match result {
+                Ok(report) => {
+                    let status = report.status();
+                    if let Some(error) = report.failure() {
+                        tracing::warn!(revision, %error, "GitLab API sync incomplete");
+                        return failed(revision, error, Some(status));
+                    }
+                    mutations = report.mutations;
+                    sync_status = Some(status);
+                }
+                Err(error) => {
+                    tracing::warn!(revision, %error, "GitLab API sync failed");
+                    let status = GitLabSync {
+                        enabled: true,
+                        detail: error.to_string(),
+                        unmanaged_models: Vec::new(),
+                    };
+                    return failed(revision, error.to_string(), Some(status));
+                }
+            }
+        }
+        let result = if unchanged && mutations == 0 {
+            AckResult::Unchanged
+        } else {
+            AckResult::Applied
+        };
+        self.record(revision, digest, result, sync_status)
     }
 
-    fn record(&mut self, revision: u64, digest: String, result: AckResult) -> Ack {
+    fn record(
+        &mut self,
+        revision: u64,
+        digest: String,
+        result: AckResult,
+        gitlab_sync: Option<GitLabSync>,
+    ) -> Ack {
         let mut next = self.state.clone();
         next.applied_revision = revision;
         next.applied_digest = digest;
         if let Err(e) = self.save(next) {
-            return Ack {
-                revision,
-                result: AckResult::Failed as i32,
-                error: e,
-            };
+            return failed(revision, e, gitlab_sync);
         }
         Ack {
             revision,
             result: result as i32,
             error: String::new(),
+            gitlab_sync,
         }
     }
 
@@ -225,13 +266,19 @@ impl Applier {
                 revision,
                 result: AckResult::Applied as i32,
                 error: String::new(),
+                gitlab_sync: None,
             },
-            Err(error) => Ack {
-                revision,
-                result: AckResult::Failed as i32,
-                error,
-            },
+            Err(error) => failed(revision, error, None),
         }
+    }
+}
+
+fn failed(revision: u64, error: String, gitlab_sync: Option<GitLabSync>) -> Ack {
+    Ack {
+        revision,
+        result: AckResult::Failed as i32,
+        error,
+        gitlab_sync,
     }
 }
 

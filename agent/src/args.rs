@@ -102,6 +102,15 @@ pub struct Args {
     #[arg(long, env = "DUOFLEET_BACKOFF_MAX", default_value = "120s", value_parser = parse_duration, hide = true)]
     pub backoff_max: Duration,
 
+    /// GitLab's URL, for its GraphQL API (self-hosted models and feature settings).
+    #[arg(long, env = "DUOFLEET_GITLAB_URL", default_value = "http://localhost")]
+    pub gitlab_url: String,
+
+    /// An administrator's personal access token (api scope). Without it,
+    /// models and feature settings are not synced to GitLab.
+    #[arg(long, env = "DUOFLEET_GITLAB_TOKEN_FILE")]
+    pub gitlab_token_file: Option<PathBuf>,
+
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,

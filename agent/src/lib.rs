@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod args;
 pub mod command;
+pub mod gitlab;
 pub mod gitlab_rb;
 pub mod run;
 pub mod session;

@@ -3,15 +3,18 @@
 
 use crate::apply::{Applier, Target};
 use crate::args::{Args, DeploymentKind, LogFormat};
+use crate::gitlab::GitLab;
 use crate::session::{Backoff, Session};
-use crate::state::StateFile;
+use crate::state::{self, StateFile};
 use clap::Parser;
-use duofleet_proto::v1::{Deployment, Hello};
+use duofleet_proto::v1::{Deployment, GitLabSync, Hello};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    // reqwest is built without a default crypto provider: install ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     init_logging(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -81,6 +84,7 @@ async fn run(args: Args) -> Result<(), String> {
                 .ok_or("--helm-command is required with --deployment helm, e.g. 'helm upgrade gitlab gitlab/gitlab --reuse-values -f {values}'")?,
         },
     };
+    let (gitlab, gitlab_sync, gitlab_version) = gitlab_sync(&args).await?;
     let state_file = StateFile::new(&args.state_dir);
     let state = state_file.load().map_err(|e| e.to_string())?;
     if let Some(pending) = &state.pending {
@@ -95,8 +99,9 @@ async fn run(args: Args) -> Result<(), String> {
         } as i32,
         labels: args.labels.iter().cloned().collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        gitlab_version: String::new(),
+        gitlab_version,
         applied_revision: state.applied_revision,
+        gitlab_sync: Some(gitlab_sync),
     };
     tracing::info!(instance = %instance_id, control_plane = %args.control_plane, applied_revision = state.applied_revision, "duofleet-agent starting");
     let session = Session {
@@ -108,6 +113,7 @@ async fn run(args: Args) -> Result<(), String> {
             timeout: args.reconfigure_timeout,
             state_file,
             state,
+            gitlab,
         },
         check_interval: args.health_interval,
         repair_drift: args.repair_drift,
@@ -121,6 +127,46 @@ async fn run(args: Args) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// The GitLab API client when --gitlab-token-file is given, the status to
+/// report, and GitLab's version when it answers now.
+async fn gitlab_sync(args: &Args) -> Result<(Option<GitLab>, GitLabSync, String), String> {
+    let Some(path) = &args.gitlab_token_file else {
+        tracing::warn!(
+            "GitLab API sync is off (no --gitlab-token-file): self-hosted models and feature settings are not applied"
+        );
+        let status = GitLabSync {
+            enabled: false,
+            detail: "off: no --gitlab-token-file".into(),
+            unmanaged_models: Vec::new(),
+        };
+        return Ok((None, status, String::new()));
+    };
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the GitLab token {}: {e}", path.display()))?
+        .trim()
+        .to_string();
+    let key = state::digest_key(&args.state_dir)
+        .map_err(|e| format!("cannot make the digest key: {e}"))?;
+    let gitlab = GitLab::new(&args.gitlab_url, token, key, GitLab::client()?);
+    let version = match tokio::time::timeout(std::time::Duration::from_secs(10), gitlab.version())
+        .await
+    {
+        Ok(Ok(version)) => version,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "GitLab did not tell its version; will try again on each sync");
+            String::new()
+        }
+        Err(_) => String::new(),
+    };
+    tracing::info!(gitlab_url = %args.gitlab_url, %version, "GitLab API sync is on");
+    let status = GitLabSync {
+        enabled: true,
+        detail: format!("on: {}", args.gitlab_url),
+        unmanaged_models: Vec::new(),
+    };
+    Ok((Some(gitlab), status, version))
 }
 
 async fn shutdown_signal() -> &'static str {

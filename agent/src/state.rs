@@ -50,6 +50,47 @@ pub struct State {
     /// cleared after the run. Found set at start, it means a crash
     /// interrupted the run, which must happen again.
     pub pending: Option<Gateway>,
+    /// What the agent created in GitLab through its API.
+    #[serde(default)]
+    pub gitlab: GitLabState,
+}
+
+/// The self-hosted models this agent created in GitLab, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitLabState {
+    pub models: std::collections::BTreeMap<String, ManagedModel>,
+    /// This GitLab takes one `feature:` per aiFeatureSettingUpdate (early 17.x).
+    #[serde(default)]
+    pub single_feature_form: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedModel {
+    /// GitLab's global id, e.g. gid://gitlab/Ai::SelfHostedModel/3.
+    pub id: String,
+    /// HMAC-SHA256 of the API key last pushed (GitLab never returns keys).
+    pub key_digest: String,
+}
+
+/// The key for API-key digests: `<state-dir>/digest.key`, made on first use.
+pub fn digest_key(state_dir: &Path) -> io::Result<Vec<u8>> {
+    let path = state_dir.join("digest.key");
+    match fs::read(&path) {
+        Ok(key) if key.len() >= 32 => Ok(key),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is too short; delete it", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut key = vec![0u8; 32];
+            getrandom::fill(&mut key).map_err(io::Error::other)?;
+            write_atomic(&path, &key, None)?;
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 pub struct StateFile {
@@ -150,6 +191,7 @@ mod tests {
                 internal_url: String::new(),
             },
             pending: None,
+            gitlab: GitLabState::default(),
         };
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), state);

@@ -109,6 +109,7 @@ impl Registry {
         instance.agent_version = hello.agent_version.clone();
         instance.gitlab_version = hello.gitlab_version.clone();
         instance.applied_revision = hello.applied_revision;
+        instance.gitlab_sync = hello.gitlab_sync.clone();
         instance.connected = true;
         self.updated(entry, Some(Event::InstanceConnected));
         Session {
@@ -131,16 +132,21 @@ impl Registry {
             AckResult::Failed => Event::Failed,
             _ => Event::Applied,
         };
-        self.with_session(session, Some(event), |entry| match ack.result() {
-            AckResult::Failed => {
-                entry.failed = true;
-                entry.instance.last_error = ack.error.clone();
+        self.with_session(session, Some(event), |entry| {
+            if ack.gitlab_sync.is_some() {
+                entry.instance.gitlab_sync = ack.gitlab_sync.clone();
             }
-            _ => {
-                entry.failed = false;
-                entry.drifted = false;
-                entry.instance.last_error.clear();
-                entry.instance.applied_revision = ack.revision;
+            match ack.result() {
+                AckResult::Failed => {
+                    entry.failed = true;
+                    entry.instance.last_error = ack.error.clone();
+                }
+                _ => {
+                    entry.failed = false;
+                    entry.drifted = false;
+                    entry.instance.last_error.clear();
+                    entry.instance.applied_revision = ack.revision;
+                }
             }
         });
     }

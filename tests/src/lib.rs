@@ -6,6 +6,7 @@
 //! README's test command does that.
 
 pub mod agent;
+pub mod gitlab_sim;
 
 use duofleet_proto::v1::fleet_service_client::FleetServiceClient;
 use duofleet_proto::v1::history_service_client::HistoryServiceClient;

@@ -2,6 +2,7 @@
 
 mod agents;
 mod durability;
+mod gitlab_api;
 mod grpcurl;
 mod history;
 mod hostile;
