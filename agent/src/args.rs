@@ -111,6 +111,18 @@ pub struct Args {
     #[arg(long, env = "DUOFLEET_GITLAB_TOKEN_FILE")]
     pub gitlab_token_file: Option<PathBuf>,
 
+    /// How long one health probe may take.
+    #[arg(long, env = "DUOFLEET_PROBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub probe_timeout: Duration,
+
+    /// Send unchanged health results this often (changes go at once).
+    #[arg(long, env = "DUOFLEET_HEALTH_HEARTBEAT", default_value = "5m", value_parser = parse_duration)]
+    pub health_heartbeat: Duration,
+
+    /// Extra CA certificates (PEM) for endpoints behind a private CA.
+    #[arg(long, env = "DUOFLEET_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,

@@ -17,6 +17,7 @@ pub mod args;
 pub mod command;
 pub mod gitlab;
 pub mod gitlab_rb;
+pub mod health;
 pub mod run;
 pub mod session;
 pub mod state;

@@ -4,6 +4,7 @@
 use crate::apply::{Applier, Target};
 use crate::args::{Args, DeploymentKind, LogFormat};
 use crate::gitlab::GitLab;
+use crate::health::Prober;
 use crate::session::{Backoff, Session};
 use crate::state::{self, StateFile};
 use clap::Parser;
@@ -119,6 +120,10 @@ async fn run(args: Args) -> Result<(), String> {
         repair_drift: args.repair_drift,
         backoff: Backoff::new(args.backoff_initial, args.backoff_max),
         failed: None,
+        prober: Prober::new(args.probe_timeout, args.ca_bundle.as_deref())?,
+        heartbeat: args.health_heartbeat,
+        current: state::load_desired(&args.state_dir),
+        state_dir: args.state_dir.clone(),
     };
     tokio::select! {
         result = session.run() => result.map_err(|refused| refused.to_string()),

@@ -4,11 +4,16 @@
 //! UNAUTHENTICATED and PERMISSION_DENIED are final.
 
 use crate::apply::{Applier, Drift};
+use crate::health::{self, Prober};
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::agent_service_client::AgentServiceClient;
 use duofleet_proto::v1::control_message;
-use duofleet_proto::v1::{AckResult, AgentMessage, DesiredConfig, DriftReport, Hello};
+use duofleet_proto::v1::{
+    AckResult, AgentMessage, DesiredConfig, DriftReport, EndpointHealth, HealthReport, Hello,
+};
+use std::path::PathBuf;
 use std::time::Duration;
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -25,6 +30,12 @@ pub struct Session {
     /// The last config that failed, and gitlab.rb as it was then: when an
     /// administrator fixes the file, the agent tries again by itself.
     pub failed: Option<(DesiredConfig, Option<String>)>,
+    pub prober: Prober,
+    /// Unchanged health results are sent this often.
+    pub heartbeat: Duration,
+    /// The newest desired config, whose targets are probed.
+    pub current: Option<DesiredConfig>,
+    pub state_dir: PathBuf,
 }
 
 /// Why the agent stops for good.
@@ -106,8 +117,25 @@ impl Session {
         self.backoff.reset();
         let mut ticker = tokio::time::interval(self.check_interval);
         ticker.tick().await;
+        let (probe_tx, mut probe_rx) = mpsc::channel::<Vec<EndpointHealth>>(1);
+        let mut probing = false;
+        let mut last_report: Option<(health::Signature, Instant)> = None;
         loop {
             tokio::select! {
+                Some(results) = probe_rx.recv() => {
+                    probing = false;
+                    let signature = health::signature(&results);
+                    let due = match &last_report {
+                        Some((last, at)) => *last != signature || at.elapsed() >= self.heartbeat,
+                        None => true,
+                    };
+                    if due {
+                        last_report = Some((signature, Instant::now()));
+                        if let Err(ended) = send(&outbound, Message::HealthReport(HealthReport { results })).await {
+                            return ended;
+                        }
+                    }
+                }
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         if let Some(control_message::Message::DesiredConfig(desired)) = message.message
@@ -122,6 +150,16 @@ impl Session {
                 _ = ticker.tick() => {
                     if let Err(ended) = self.check_drift(&outbound).await {
                         return ended;
+                    }
+                    if !probing && let Some(desired) = self.current.clone() {
+                        probing = true;
+                        let prober = self.prober.clone();
+                        let tx = probe_tx.clone();
+                        let jitter = self.check_interval.mul_f64(jitter_fraction() * 0.1);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(jitter).await;
+                            let _ = tx.send(prober.probe_all(&desired).await).await;
+                        });
                     }
                 }
             }
@@ -165,6 +203,10 @@ impl Session {
         outbound: &mpsc::Sender<AgentMessage>,
     ) -> Result<(), Ended> {
         tracing::info!(revision = desired.revision, profile = %desired.profile, "applying desired config");
+        if let Err(error) = crate::state::save_desired(&self.state_dir, &desired) {
+            tracing::warn!(%error, "cannot keep the desired config for health probes");
+        }
+        self.current = Some(desired.clone());
         let ack = self.applier.apply(&desired).await;
         tracing::info!(revision = ack.revision, result = ?ack.result(), "applied");
         self.failed =
@@ -225,6 +267,13 @@ fn classify(status: Status) -> Ended {
     }
 }
 
+/// A random number in [0, 1].
+fn jitter_fraction() -> f64 {
+    let mut byte = [0u8; 1];
+    let _ = getrandom::fill(&mut byte);
+    byte[0] as f64 / 255.0
+}
+
 /// gRPC's connection backoff: 1 s, x1.6, +-20 % jitter, capped.
 pub struct Backoff {
     initial: Duration,
@@ -246,9 +295,7 @@ impl Backoff {
     }
 
     pub fn next_delay(&mut self) -> Duration {
-        let mut byte = [0u8; 1];
-        let _ = getrandom::fill(&mut byte);
-        let jitter = 0.8 + 0.4 * (byte[0] as f64 / 255.0);
+        let jitter = 0.8 + 0.4 * jitter_fraction();
         let delay = self.current.mul_f64(jitter);
         self.current = self.current.mul_f64(1.6).min(self.max);
         delay

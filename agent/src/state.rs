@@ -123,6 +123,22 @@ impl StateFile {
     }
 }
 
+/// The last desired configuration received, so that health probes know
+/// their targets after a restart even when nothing new is sent. It holds
+/// API keys: mode 0600, like the rest of the state dir.
+pub fn save_desired(state_dir: &Path, desired: &DesiredConfig) -> io::Result<()> {
+    write_atomic(
+        &state_dir.join("desired.pb"),
+        &desired.encode_to_vec(),
+        None,
+    )
+}
+
+pub fn load_desired(state_dir: &Path) -> Option<DesiredConfig> {
+    let bytes = fs::read(state_dir.join("desired.pb")).ok()?;
+    DesiredConfig::decode(bytes.as_slice()).ok()
+}
+
 /// SHA-256 of a desired configuration, the revision left out.
 pub fn digest(desired: &DesiredConfig) -> String {
     let content = DesiredConfig {

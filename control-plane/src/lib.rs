@@ -25,6 +25,7 @@ pub mod catalog;
 pub mod config;
 pub mod effective;
 pub mod error;
+pub mod fleet_health;
 pub mod fsutil;
 pub mod grpc;
 pub mod http;

@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::{broadcast, oneshot};
 
+/// How many health state changes an instance keeps.
+const HEALTH_TRANSITIONS: usize = 100;
+
 struct Entry {
     instance: Instance,
     session: u64,
@@ -158,9 +161,25 @@ impl Registry {
         });
     }
 
+    /// The latest result per target, and the last 100 state changes.
     pub fn health(&self, session: &Session, report: HealthReport) {
         self.with_session(session, Some(Event::HealthChanged), |entry| {
-            entry.instance.health = report.results;
+            let instance = &mut entry.instance;
+            for result in &report.results {
+                let before = instance
+                    .health
+                    .iter()
+                    .find(|h| h.kind == result.kind && h.target == result.target);
+                if before.is_none_or(|b| b.state != result.state) {
+                    instance.health_transitions.push(result.clone());
+                }
+            }
+            let excess = instance
+                .health_transitions
+                .len()
+                .saturating_sub(HEALTH_TRANSITIONS);
+            instance.health_transitions.drain(..excess);
+            instance.health = report.results;
         });
     }
 

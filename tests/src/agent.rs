@@ -84,11 +84,23 @@ pub struct Agent {
     pub state_dir: PathBuf,
     log_path: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Starts an agent for `daemon` with fast intervals for tests, plus `args`.
     pub fn start(daemon: &Daemon, instance_id: &str, root: &Path, args: &[String]) -> Agent {
+        Agent::start_with_env(daemon, instance_id, root, args, &[])
+    }
+
+    /// Like [`Agent::start`], with extra environment (e.g. proxies).
+    pub fn start_with_env(
+        daemon: &Daemon,
+        instance_id: &str,
+        root: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let state_dir = root.join(format!("{instance_id}-state"));
         let mut all = vec![
             "--control-plane".to_string(),
@@ -115,6 +127,10 @@ impl Agent {
             log_path: root.join(format!("{instance_id}.agent.log")),
             state_dir,
             args: all,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         agent.spawn();
         agent
@@ -129,6 +145,7 @@ impl Agent {
         let child = Command::new(bin("duofleet-agent"))
             .args(&self.args)
             .env("DUOFLEET_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

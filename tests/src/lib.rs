@@ -6,6 +6,7 @@
 //! README's test command does that.
 
 pub mod agent;
+pub mod endpoints;
 pub mod gitlab_sim;
 
 use duofleet_proto::v1::fleet_service_client::FleetServiceClient;

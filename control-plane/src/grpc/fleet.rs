@@ -3,6 +3,7 @@
 
 use super::{caller, status};
 use crate::error::ConfigError;
+use crate::fleet_health;
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 use crate::validate;
@@ -164,8 +165,8 @@ impl FleetService for FleetApi {
         caller(&request)?;
         let selector = request.into_inner().selector.into_iter().collect();
         validate::selector("selector", &selector).map_err(|e| status(e.into()))?;
-        Ok(Response::new(FleetHealth {
-            targets: Vec::new(),
-        }))
+        Ok(Response::new(fleet_health::aggregate(
+            &self.registry.list(&selector),
+        )))
     }
 }

@@ -4,6 +4,7 @@ mod agents;
 mod durability;
 mod gitlab_api;
 mod grpcurl;
+mod health;
 mod history;
 mod hostile;
 mod otlp;
