@@ -30,6 +30,7 @@ pub mod fsutil;
 pub mod grpc;
 pub mod http;
 pub mod registry;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;

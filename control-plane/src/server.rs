@@ -4,6 +4,7 @@
 use crate::auth::Tokens;
 use crate::grpc::{self, AgentApi, FleetApi, HistoryApi, ModelApi, ProfileApi};
 use crate::registry::Registry;
+use crate::secrets::{self, Sealer};
 use crate::store::Store;
 use crate::telemetry::{self, LogFormat};
 use crate::{catalog, fsutil};
@@ -15,7 +16,7 @@ use duofleet_proto::v1::model_service_server::ModelServiceServer;
 use duofleet_proto::v1::profile_service_server::ProfileServiceServer;
 use std::error::Error;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -50,6 +51,15 @@ pub struct Args {
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
+
+    /// The key that seals API keys at rest (64 hex characters). Default:
+    /// DATA_DIR/secret.key, made on first start.
+    #[arg(long, env = "DUOFLEET_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+
+    /// During a key rotation: the old key, to re-seal everything under the new one.
+    #[arg(long, env = "DUOFLEET_PREVIOUS_SECRET_KEY_FILE")]
+    pub previous_secret_key_file: Option<PathBuf>,
 
     /// HTTP/2 keepalive ping interval in milliseconds; a peer that does not
     /// answer within the same time again is dropped (an agent then shows
@@ -92,6 +102,12 @@ pub enum StartError {
         #[source]
         source: crate::store::StoreError,
     },
+    #[error("cannot use the secret key file {path}")]
+    SecretKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -122,14 +138,14 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
                 source,
             })?,
         );
+    let sealer = sealer(&args)?;
     let db_path = args.data_dir.join("db");
-    let store =
-        Arc::new(
-            Store::open(&db_path, catalog::get()).map_err(|source| StartError::Database {
-                path: db_path.clone(),
-                source,
-            })?,
-        );
+    let store = Arc::new(
+        Store::open(&db_path, catalog::get(), sealer).map_err(|source| StartError::Database {
+            path: db_path.clone(),
+            source,
+        })?,
+    );
 
     let registry =
         Arc::new(
@@ -247,6 +263,26 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     flushed?;
     tracing::info!("duofleetd stopped");
     Ok(())
+}
+
+/// The key that seals API keys at rest: `--secret-key-file`, or
+/// `DATA_DIR/secret.key` made on first start.
+fn sealer(args: &Args) -> Result<Sealer, StartError> {
+    let key_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StartError::SecretKey { path, source }
+    };
+    let default_path = args.data_dir.join("secret.key");
+    let (path, create) = match &args.secret_key_file {
+        Some(path) => (path.as_path(), false),
+        None => (default_path.as_path(), true),
+    };
+    let current = secrets::load_key(path, create).map_err(key_error(path))?;
+    let previous = match &args.previous_secret_key_file {
+        Some(path) => Some(secrets::load_key(path, false).map_err(key_error(path))?),
+        None => None,
+    };
+    Ok(Sealer::new(&current, previous.as_ref()))
 }
 
 async fn wait_for(mut shutdown: watch::Receiver<bool>) {

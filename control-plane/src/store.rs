@@ -23,6 +23,7 @@
 use crate::catalog::Catalog;
 use crate::config::{self, Config};
 use crate::error::ConfigError;
+use crate::secrets::{SealError, Sealer};
 use duofleet_proto::v1::{self as pb, ChangeAction, Model, Profile, ResourceKind};
 use prost::Message;
 use sled::Transactional;
@@ -33,8 +34,8 @@ use std::time::SystemTime;
 use tokio::sync::{broadcast, watch};
 
 /// The on-disk layout version this binary writes. A newer database is
-/// refused; an older one is migrated at open (none exist yet).
-pub const SCHEMA_VERSION: u32 = 1;
+/// refused; an older one is migrated at open. Version 2 seals API keys.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
 const REVISION_KEY: &[u8] = b"revision";
@@ -57,6 +58,8 @@ pub enum StoreError {
         "the database has schema version {found}, newer than this duofleetd supports ({SCHEMA_VERSION}); run a newer duofleetd"
     )]
     SchemaTooNew { found: u32 },
+    #[error(transparent)]
+    Sealed(#[from] SealError),
 }
 
 /// A stored model or profile at one revision; neither set means deleted.
@@ -84,6 +87,7 @@ pub struct Store {
     history: sled::Tree,
     instances: sled::Tree,
     catalog: &'static Catalog,
+    sealer: Sealer,
     writer: Mutex<()>,
     current: watch::Sender<Arc<Config>>,
     revision_events: broadcast::Sender<pb::Revision>,
@@ -91,7 +95,7 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the database in `dir` and loads the configuration.
-    pub fn open(dir: &Path, catalog: &'static Catalog) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, catalog: &'static Catalog, sealer: Sealer) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open()?;
         let store = Store {
             meta: db.open_tree("meta")?,
@@ -102,6 +106,7 @@ impl Store {
             instances: db.open_tree("instances")?,
             db,
             catalog,
+            sealer,
             writer: Mutex::new(()),
             current: watch::Sender::new(Arc::new(Config::default())),
             revision_events: broadcast::Sender::new(256),
@@ -112,6 +117,9 @@ impl Store {
                 let found = u32::from_be_bytes(raw.as_ref().try_into().unwrap_or([0xff; 4]));
                 if found > SCHEMA_VERSION {
                     return Err(StoreError::SchemaTooNew { found });
+                }
+                if found < SCHEMA_VERSION || store.sealer.has_previous() {
+                    store.reseal_all()?;
                 }
             }
         }
@@ -145,14 +153,70 @@ impl Store {
         Ok(())
     }
 
+    /// Seals every stored API key, current and historical, under the
+    /// current key (migration from version 1, or key rotation), in one
+    /// transaction.
+    fn reseal_all(&self) -> Result<(), StoreError> {
+        let mut models = Vec::new();
+        for item in self.models.iter() {
+            let (key, value) = item?;
+            let model: Model = decode(&value, || "model".to_string())?;
+            models.push((key, self.seal_model(&self.open_model(model)?)));
+        }
+        let mut history = Vec::new();
+        for item in self.history.iter() {
+            let (key, value) = item?;
+            let mut entry: HistoryEntry = decode(&value, || "history".to_string())?;
+            if let Some(model) = entry.model.take() {
+                entry.model = Some(self.seal_model(&self.open_model(model)?));
+                history.push((key, entry));
+            }
+        }
+        (&self.meta, &self.models, &self.history)
+            .transaction(|(meta, models_tree, history_tree)| {
+                for (key, model) in &models {
+                    models_tree.insert(key, model.encode_to_vec())?;
+                }
+                for (key, entry) in &history {
+                    history_tree.insert(key, entry.encode_to_vec())?;
+                }
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                Ok(())
+            })
+            .map_err(unabortable)?;
+        self.db.flush()?;
+        tracing::info!(
+            models = models.len(),
+            history = history.len(),
+            "API keys sealed under the current secret key"
+        );
+        Ok(())
+    }
+
+    fn seal_model(&self, model: &Model) -> Model {
+        Model {
+            api_key: self.sealer.seal(&model.name, &model.api_key),
+            ..model.clone()
+        }
+    }
+
+    fn open_model(&self, mut model: Model) -> Result<Model, StoreError> {
+        model.api_key = self.sealer.open(&model.name, &model.api_key)?;
+        Ok(model)
+    }
+
     fn load(&self) -> Result<Config, StoreError> {
         let revision = match self.meta.get(REVISION_KEY)? {
             Some(raw) => u64::from_be_bytes(raw.as_ref().try_into().unwrap_or_default()),
             None => 0,
         };
+        let models = load_tree::<Model>(&self.models, "model")?
+            .into_iter()
+            .map(|(name, model)| Ok((name, self.open_model(model)?)))
+            .collect::<Result<_, StoreError>>()?;
         Ok(Config {
             revision,
-            models: load_tree(&self.models, "model")?,
+            models,
             profiles: load_tree(&self.profiles, "profile")?,
         })
     }
@@ -276,11 +340,12 @@ impl Store {
                 for (name, _) in &model_changes {
                     let model = new.models.get(name);
                     match model {
-                        Some(model) => models.insert(name.as_bytes(), model.encode_to_vec())?,
+                        Some(model) => models
+                            .insert(name.as_bytes(), self.seal_model(model).encode_to_vec())?,
                         None => models.remove(name.as_bytes())?,
                     };
                     let entry = HistoryEntry {
-                        model: model.cloned(),
+                        model: model.map(|m| self.seal_model(m)),
                         profile: None,
                     };
                     history.insert(
@@ -370,7 +435,10 @@ impl Store {
             // Keys sort by (kind, name, revision): the last one seen wins.
             let entry: HistoryEntry = decode(&value, || format!("history of {name}"))?;
             match kind {
-                MODEL_KIND => set_or_remove(&mut config.models, name, entry.model),
+                MODEL_KIND => {
+                    let model = entry.model.map(|m| self.open_model(m)).transpose()?;
+                    set_or_remove(&mut config.models, name, model)
+                }
                 _ => set_or_remove(&mut config.profiles, name, entry.profile),
             }
         }
@@ -513,6 +581,10 @@ mod tests {
         }
     }
 
+    fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open(dir, catalog::get(), Sealer::new(&[9; 32], None))
+    }
+
     fn create(store: &Store, name: &str) -> Commit {
         store
             .mutate("test", |c, cat| c.create_model(cat, mk_model(name)))
@@ -523,14 +595,14 @@ mod tests {
     fn revisions_survive_reopen_and_continue() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), catalog::get()).unwrap();
+            let store = open(dir.path()).unwrap();
             assert_eq!(store.current().revision, 0);
             assert!(store.current().profiles.contains_key("default"));
             for name in ["a", "b", "c"] {
                 create(&store, name);
             }
         }
-        let store = Store::open(dir.path(), catalog::get()).unwrap();
+        let store = open(dir.path()).unwrap();
         assert_eq!(store.current().revision, 3);
         assert_eq!(store.current().models["b"].api_key, "key-of-b");
         let commit = create(&store, "d");
@@ -541,7 +613,7 @@ mod tests {
     #[test]
     fn refused_and_no_op_changes_make_no_revision() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), catalog::get()).unwrap();
+        let store = open(dir.path()).unwrap();
         create(&store, "a");
         let refused = store.mutate("test", |c, cat| c.create_model(cat, mk_model("a")));
         assert!(matches!(
@@ -564,7 +636,7 @@ mod tests {
     #[test]
     fn rollback_restores_models_and_keys_as_a_new_revision() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), catalog::get()).unwrap();
+        let store = open(dir.path()).unwrap();
         create(&store, "a"); // 1
         create(&store, "b"); // 2
         store.mutate("test", |c, _| c.delete_model("a")).unwrap(); // 3
@@ -603,10 +675,10 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let err = Store::open(dir.path(), catalog::get()).err().unwrap();
+        let err = open(dir.path()).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "the database has schema version 99, newer than this duofleetd supports (1); run a newer duofleetd"
+            "the database has schema version 99, newer than this duofleetd supports (2); run a newer duofleetd"
         );
     }
 

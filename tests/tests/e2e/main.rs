@@ -1,6 +1,7 @@
 //! End-to-end tests against the real `duofleetd` binary.
 
 mod agents;
+mod at_rest;
 mod durability;
 mod gitlab_api;
 mod grpcurl;

@@ -1,0 +1,175 @@
+//! API keys are sealed at rest: the raw sled files never hold one, and a
+//! documented key rotation re-seals the whole history.
+
+use crate::create_model;
+use duofleet_proto::v1::{
+    Model, Profile, RollbackRequest, UpdateModelRequest, UpdateProfileRequest,
+};
+use duofleet_tests::agent::Agent;
+use duofleet_tests::endpoints::Endpoint;
+use duofleet_tests::{Daemon, DaemonOptions, mk};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const FIRST_KEY: &str = "sk-at-rest-first-0c4e7a";
+const SECOND_KEY: &str = "sk-at-rest-second-91bd3f";
+
+/// Every file under `dir`, read raw.
+fn raw_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(raw_files(&path));
+        } else {
+            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+fn with_args(args: &[&str]) -> DaemonOptions {
+    DaemonOptions {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_sealed_on_disk_and_survive_a_key_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let endpoint = Endpoint::start(&["Mixtral-8x7B-Instruct-v0.1"]).await;
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    let model = Model {
+        endpoint: format!("{}/v1", endpoint.base),
+        api_key: FIRST_KEY.into(),
+        identifier: "custom_openai/Mixtral-8x7B-Instruct-v0.1".into(),
+        ..mk::model("mixtral-prod")
+    };
+    create_model(&mut c, model).await; // 1
+    c.profiles
+        .update_profile(UpdateProfileRequest {
+            profile: Some(Profile {
+                name: "default".into(),
+                features: vec![mk::self_hosted("duo_chat", "mixtral-prod")],
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap(); // 2
+    c.models
+        .update_model(UpdateModelRequest {
+            model: Some(Model {
+                name: "mixtral-prod".into(),
+                api_key: SECOND_KEY.into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["api_key".into()],
+            }),
+        })
+        .await
+        .unwrap(); // 3
+    let tokens = [
+        daemon.token(),
+        std::fs::read_to_string(data.join("enroll.token"))
+            .unwrap()
+            .trim()
+            .to_string(),
+    ];
+    assert!(daemon.stop("TERM").success());
+
+    let db_files = raw_files(&data.join("db"));
+    assert!(!db_files.is_empty());
+    for (path, bytes) in &db_files {
+        for secret in [FIRST_KEY, SECOND_KEY, &tokens[0], &tokens[1]] {
+            assert!(!contains(bytes, secret), "{path} holds a secret in clear");
+        }
+    }
+
+    // Rotation: a new key, with the old one given once to re-seal everything.
+    let new_key = dir.path().join("new.key");
+    std::fs::write(&new_key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let old_key = data.join("secret.key").display().to_string();
+    let new_key_arg = new_key.display().to_string();
+    let rotating = Daemon::start_with(
+        &data,
+        with_args(&[
+            "--secret-key-file",
+            &new_key_arg,
+            "--previous-secret-key-file",
+            &old_key,
+        ]),
+    );
+    assert!(
+        rotating
+            .log()
+            .contains("API keys sealed under the current secret key"),
+        "{}",
+        rotating.log()
+    );
+    assert!(rotating.stop("TERM").success());
+
+    // The old key alone no longer opens anything: duofleetd refuses to start.
+    let refused = std::process::Command::new(duofleet_tests::bin("duofleetd"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("cannot be opened with the secret key (wrong --secret-key-file?)"),
+        "{stderr}"
+    );
+
+    // The new key alone: the current key and the historical one both come back.
+    let daemon = Daemon::start_with(&data, with_args(&["--secret-key-file", &new_key_arg]));
+    let rb = dir.path().join("gitlab.rb");
+    std::fs::write(&rb, "").unwrap();
+    let args: Vec<String> = [
+        "--gitlab-rb",
+        &rb.display().to_string(),
+        "--reconfigure-command",
+        "true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _agent = Agent::start(&daemon, "gitlab-a", dir.path(), &args);
+    wait_for_bearer(&endpoint, SECOND_KEY).await;
+    let mut c = daemon.clients().await;
+    c.history
+        .rollback(RollbackRequest { revision: 2 })
+        .await
+        .unwrap();
+    wait_for_bearer(&endpoint, FIRST_KEY).await;
+}
+
+async fn wait_for_bearer(endpoint: &Endpoint, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = format!("Bearer {key}");
+    while !endpoint
+        .behaviour
+        .lock()
+        .unwrap()
+        .authorizations
+        .contains(&wanted)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the model was never probed with the expected key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
