@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "duofleet/v1/fleet.proto",
     "duofleet/v1/history.proto",
     "duofleet/v1/agent.proto",
+    "duofleet/v1/token.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -8,11 +8,19 @@
 //! exchanged for a per-instance client certificate.
 
 use crate::fsutil;
+use duofleet_proto::v1 as pb;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::SystemTime;
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const ENROLL_TOKEN_FILE: &str = "enroll.token";
+/// Keys the hashes under which issued tokens are kept.
+const TOKEN_HASH_KEY_FILE: &str = "token-hash.key";
 const TOKEN_PREFIX: &str = "duofleet_";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +50,8 @@ pub enum AuthError {
     Invalid,
     #[error("token {token:?} is read-only and cannot {action}")]
     ReadOnly { token: String, action: &'static str },
+    #[error("token {token:?} has expired")]
+    Expired { token: String },
     #[error("token {token:?} is {role}, not for this service")]
     WrongAudience { token: String, role: &'static str },
 }
@@ -55,6 +65,9 @@ struct Token {
 pub struct Tokens {
     tokens: Vec<Token>,
     admin_token_path: PathBuf,
+    /// Tokens made through TokenService, by keyed hash of their secret.
+    issued: RwLock<HashMap<String, pb::Token>>,
+    hash_key: Vec<u8>,
 }
 
 impl Tokens {
@@ -78,9 +91,12 @@ impl Tokens {
                 },
             },
         ];
+        let hash_key = load_or_create_secret(&data_dir.join(TOKEN_HASH_KEY_FILE))?.into_bytes();
         Ok(Tokens {
             tokens,
             admin_token_path,
+            issued: RwLock::new(HashMap::new()),
+            hash_key,
         })
     }
 
@@ -96,11 +112,69 @@ impl Tokens {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or(AuthError::Invalid)?
             .trim();
-        self.tokens
+        if let Some(builtin) = self
+            .tokens
             .iter()
             .find(|t| constant_time_eq(t.secret.as_bytes(), presented.as_bytes()))
-            .map(|t| t.caller.clone())
-            .ok_or(AuthError::Invalid)
+        {
+            return Ok(builtin.caller.clone());
+        }
+        let issued = self.issued.read().unwrap_or_else(|e| e.into_inner());
+        let token = issued
+            .get(&self.hash(presented))
+            .ok_or(AuthError::Invalid)?;
+        if let Some(expire) = token.expire_time
+            && SystemTime::try_from(expire).is_ok_and(|at| at <= SystemTime::now())
+        {
+            return Err(AuthError::Expired {
+                token: token.name.clone(),
+            });
+        }
+        let role = match token.role() {
+            pb::Role::Admin => Role::Admin,
+            _ => Role::Viewer,
+        };
+        Ok(Caller {
+            name: token.name.clone(),
+            role,
+        })
+    }
+
+    /// The keyed hash under which a token's secret is kept.
+    pub fn hash(&self, secret: &str) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.hash_key).expect("HMAC takes any key length");
+        mac.update(secret.as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Accepts a token from now on.
+    pub fn issue(&self, hash: String, token: pb::Token) {
+        self.issued
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash, token);
+    }
+
+    /// Stops accepting the token called `name`.
+    pub fn revoke(&self, name: &str) {
+        self.issued
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, t| t.name != name);
+    }
+
+    pub fn is_reserved(name: &str) -> bool {
+        matches!(name, "admin" | "enroll")
+    }
+
+    /// A new secret for a token.
+    pub fn new_secret() -> io::Result<String> {
+        new_secret()
     }
 }
 

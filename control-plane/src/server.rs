@@ -2,7 +2,7 @@
 //! shutdown on SIGTERM/SIGINT (streams closed, database flushed).
 
 use crate::auth::Tokens;
-use crate::grpc::{self, AgentApi, FleetApi, HistoryApi, ModelApi, ProfileApi};
+use crate::grpc::{self, AgentApi, FleetApi, HistoryApi, ModelApi, ProfileApi, TokenApi};
 use crate::registry::Registry;
 use crate::secrets::{self, Sealer};
 use crate::store::Store;
@@ -14,6 +14,7 @@ use duofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use duofleet_proto::v1::history_service_server::HistoryServiceServer;
 use duofleet_proto::v1::model_service_server::ModelServiceServer;
 use duofleet_proto::v1::profile_service_server::ProfileServiceServer;
+use duofleet_proto::v1::token_service_server::TokenServiceServer;
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,19 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+
+/// The services whose health grpc.health.v1 reports; "" is the server.
+const SERVICES: [&str; 7] = [
+    "",
+    <ModelServiceServer<ModelApi> as NamedService>::NAME,
+    <ProfileServiceServer<ProfileApi> as NamedService>::NAME,
+    <HistoryServiceServer<HistoryApi> as NamedService>::NAME,
+    <FleetServiceServer<FleetApi> as NamedService>::NAME,
+    <AgentServiceServer<AgentApi> as NamedService>::NAME,
+    <TokenServiceServer<TokenApi> as NamedService>::NAME,
+];
 
 /// How long a graceful shutdown waits for clients to let go of their
 /// connections before it drops them.
@@ -173,18 +187,16 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ModelServiceServer<ModelApi>>()
-        .await;
-    health_reporter
-        .set_serving::<ProfileServiceServer<ProfileApi>>()
-        .await;
-    health_reporter
-        .set_serving::<HistoryServiceServer<HistoryApi>>()
-        .await;
-    health_reporter
-        .set_serving::<FleetServiceServer<FleetApi>>()
-        .await;
+    for service in SERVICES {
+        health_reporter
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
+    let token_api =
+        TokenApi::new(store.clone(), tokens.clone()).map_err(|source| StartError::Database {
+            path: db_path.clone(),
+            source,
+        })?;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(duofleet_proto::FILE_DESCRIPTOR_SET)
@@ -211,8 +223,9 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
         .add_service(FleetServiceServer::with_interceptor(
             FleetApi::new(store.clone(), registry.clone(), shutdown_rx.clone()),
-            auth,
+            auth.clone(),
         ))
+        .add_service(TokenServiceServer::with_interceptor(token_api, auth.clone()))
         .add_service(AgentServiceServer::with_interceptor(
             AgentApi::new(store.clone(), registry.clone(), shutdown_rx.clone()),
             agent_auth,
@@ -237,9 +250,11 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             signal,
             "shutting down: closing streams and flushing the database"
         );
-        health_reporter
-            .set_not_serving::<ModelServiceServer<ModelApi>>()
-            .await;
+        for service in SERVICES {
+            health_reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
         let _ = shutdown_tx.send(true);
     });
 

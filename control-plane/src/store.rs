@@ -9,6 +9,7 @@
 //! revisions  revision (u64 BE) -> Revision record (time, actor, summary, changes)
 //! history    kind | name | 0x00 | revision (u64 BE) -> HistoryEntry (value, or empty = deleted)
 //! instances  instance id -> Instance (what agents reported; not versioned)
+//! tokens     name -> StoredToken (operator tokens: metadata and keyed hash)
 //! ```
 //!
 //! `history` is a multi-version log of every model and profile, so the full
@@ -71,6 +72,15 @@ struct HistoryEntry {
     profile: Option<Profile>,
 }
 
+/// An operator token as stored: never its secret, only a keyed hash.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredToken {
+    #[prost(message, optional, tag = "1")]
+    pub token: Option<pb::Token>,
+    #[prost(string, tag = "2")]
+    pub hash: String,
+}
+
 /// What a successful mutation produced.
 pub struct Commit {
     pub config: Arc<Config>,
@@ -86,6 +96,7 @@ pub struct Store {
     revisions: sled::Tree,
     history: sled::Tree,
     instances: sled::Tree,
+    tokens: sled::Tree,
     catalog: &'static Catalog,
     sealer: Sealer,
     writer: Mutex<()>,
@@ -104,6 +115,7 @@ impl Store {
             revisions: db.open_tree("revisions")?,
             history: db.open_tree("history")?,
             instances: db.open_tree("instances")?,
+            tokens: db.open_tree("tokens")?,
             db,
             catalog,
             sealer,
@@ -465,6 +477,31 @@ impl Store {
         Ok(load_tree(&self.instances, "instance")?
             .into_values()
             .collect())
+    }
+
+    /// Stores a new token, durably; false when the name is taken.
+    pub fn insert_token(&self, name: &str, token: &StoredToken) -> Result<bool, StoreError> {
+        let inserted = self
+            .tokens
+            .compare_and_swap(
+                name.as_bytes(),
+                None as Option<&[u8]>,
+                Some(token.encode_to_vec()),
+            )?
+            .is_ok();
+        self.db.flush()?;
+        Ok(inserted)
+    }
+
+    /// Removes a token, durably; false when there was none.
+    pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
+        let removed = self.tokens.remove(name.as_bytes())?.is_some();
+        self.db.flush()?;
+        Ok(removed)
+    }
+
+    pub fn load_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        Ok(load_tree(&self.tokens, "token")?.into_values().collect())
     }
 
     /// Flushes everything to disk (at shutdown).

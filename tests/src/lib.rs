@@ -13,6 +13,7 @@ use duofleet_proto::v1::fleet_service_client::FleetServiceClient;
 use duofleet_proto::v1::history_service_client::HistoryServiceClient;
 use duofleet_proto::v1::model_service_client::ModelServiceClient;
 use duofleet_proto::v1::profile_service_client::ProfileServiceClient;
+use duofleet_proto::v1::token_service_client::TokenServiceClient;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -235,6 +236,7 @@ pub struct Clients {
     pub profiles: ProfileServiceClient<Authed>,
     pub history: HistoryServiceClient<Authed>,
     pub fleet: FleetServiceClient<Authed>,
+    pub tokens: TokenServiceClient<Authed>,
 }
 
 impl Clients {
@@ -244,7 +246,8 @@ impl Clients {
             models: ModelServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             profiles: ProfileServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             history: HistoryServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            fleet: FleetServiceClient::with_interceptor(channel, bearer),
+            fleet: FleetServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            tokens: TokenServiceClient::with_interceptor(channel, bearer),
         }
     }
 }

@@ -7,12 +7,14 @@ mod fleet;
 mod history;
 mod models;
 mod profiles;
+mod tokens;
 
 pub use agent::AgentApi;
 pub use fleet::FleetApi;
 pub use history::HistoryApi;
 pub use models::ModelApi;
 pub use profiles::ProfileApi;
+pub use tokens::TokenApi;
 
 use crate::auth::{AuthError, Caller, Tokens};
 use crate::catalog::Catalog;
@@ -43,7 +45,9 @@ pub fn status(error: StoreError) -> Status {
 
 fn auth_status(error: AuthError) -> Status {
     match error {
-        AuthError::Missing | AuthError::Invalid => Status::unauthenticated(error.to_string()),
+        AuthError::Missing | AuthError::Invalid | AuthError::Expired { .. } => {
+            Status::unauthenticated(error.to_string())
+        }
         AuthError::ReadOnly { .. } | AuthError::WrongAudience { .. } => {
             Status::permission_denied(error.to_string())
         }

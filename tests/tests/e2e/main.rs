@@ -11,6 +11,7 @@ mod hostile;
 mod otlp;
 mod readme;
 mod secrets;
+mod tokens;
 mod validation;
 
 use duofleet_proto::v1::{CreateModelRequest, ListRevisionsRequest, Model};

@@ -1,0 +1,161 @@
+//! TokenService: operator tokens with roles and expiry.
+
+use super::{caller, status, writer};
+use crate::auth::Tokens;
+use crate::error::{ConfigError, quoted};
+use crate::store::{Store, StoredToken};
+use crate::validate;
+use duofleet_proto::v1::token_service_server::TokenService;
+use duofleet_proto::v1::{
+    CreateTokenRequest, CreateTokenResponse, ListTokensRequest, ListTokensResponse,
+    RevokeTokenRequest, Role, Token,
+};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tonic::{Request, Response, Status};
+
+/// The longest a token may live.
+const MAX_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+pub struct TokenApi {
+    store: Arc<Store>,
+    tokens: Arc<Tokens>,
+}
+
+impl TokenApi {
+    /// Loads the tokens made earlier into `tokens`.
+    pub fn new(store: Arc<Store>, tokens: Arc<Tokens>) -> Result<Self, crate::store::StoreError> {
+        for stored in store.load_tokens()? {
+            if let Some(token) = stored.token {
+                tokens.issue(stored.hash, token);
+            }
+        }
+        Ok(TokenApi { store, tokens })
+    }
+}
+
+fn invalid(field: &str, rule: impl Into<String>) -> Status {
+    status(ConfigError::invalid(field, rule).into())
+}
+
+#[tonic::async_trait]
+impl TokenService for TokenApi {
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let creator = writer(&request, "create tokens")?;
+        let request = request.into_inner();
+        validate::profile_name("name", &request.name).map_err(|e| status(e.into()))?;
+        if Tokens::is_reserved(&request.name) {
+            return Err(invalid(
+                "name",
+                format!(
+                    "{} is reserved for a token file in the data dir",
+                    quoted(&request.name)
+                ),
+            ));
+        }
+        if !matches!(request.role(), Role::Admin | Role::Viewer) {
+            return Err(invalid("role", "must be ROLE_ADMIN or ROLE_VIEWER"));
+        }
+        let now = SystemTime::now();
+        let expire_time = match request.ttl {
+            None => None,
+            Some(ttl) if ttl.seconds == 0 && ttl.nanos == 0 => None,
+            Some(ttl) => {
+                let ttl =
+                    Duration::try_from(ttl).map_err(|_| invalid("ttl", "must be positive"))?;
+                if ttl > MAX_TTL {
+                    return Err(invalid("ttl", "must be at most 10 years"));
+                }
+                Some((now + ttl).into())
+            }
+        };
+        let token = Token {
+            name: request.name.clone(),
+            role: request.role,
+            create_time: Some(now.into()),
+            expire_time,
+            created_by: creator.name.clone(),
+        };
+        let secret = Tokens::new_secret()
+            .map_err(|e| Status::internal(format!("cannot make a secret: {e}")))?;
+        let hash = self.tokens.hash(&secret);
+        let stored = StoredToken {
+            token: Some(token.clone()),
+            hash: hash.clone(),
+        };
+        let store = self.store.clone();
+        let name = request.name.clone();
+        let inserted = tokio::task::spawn_blocking(move || store.insert_token(&name, &stored))
+            .await
+            .map_err(|e| Status::internal(format!("token task failed: {e}")))?
+            .map_err(status)?;
+        if !inserted {
+            return Err(status(
+                ConfigError::AlreadyExists {
+                    kind: "token",
+                    name: request.name,
+                }
+                .into(),
+            ));
+        }
+        self.tokens.issue(hash, token.clone());
+        tracing::info!(token = %token.name, role = ?token.role(), actor = %creator.name, "token created");
+        Ok(Response::new(CreateTokenResponse {
+            token: Some(token),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        caller(&request)?;
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || store.load_tokens())
+            .await
+            .map_err(|e| Status::internal(format!("token task failed: {e}")))?
+            .map_err(status)?;
+        let mut tokens: Vec<Token> = stored.into_iter().filter_map(|s| s.token).collect();
+        tokens.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<()>, Status> {
+        let revoker = writer(&request, "revoke tokens")?;
+        let name = request.into_inner().name;
+        if Tokens::is_reserved(&name) {
+            return Err(status(
+                ConfigError::Blocked(format!(
+                    "{} is a token file in the data dir: replace DATA_DIR/{name}.token and restart duofleetd",
+                    quoted(&name)
+                ))
+                .into(),
+            ));
+        }
+        let store = self.store.clone();
+        let target = name.clone();
+        let removed = tokio::task::spawn_blocking(move || store.delete_token(&target))
+            .await
+            .map_err(|e| Status::internal(format!("token task failed: {e}")))?
+            .map_err(status)?;
+        if !removed {
+            return Err(status(
+                ConfigError::NotFound {
+                    kind: "token",
+                    name,
+                }
+                .into(),
+            ));
+        }
+        self.tokens.revoke(&name);
+        tracing::info!(token = %name, actor = %revoker.name, "token revoked");
+        Ok(Response::new(()))
+    }
+}
