@@ -21,6 +21,7 @@
 //! sled; `grpc` is the only place that builds a `tonic::Status`.
 
 pub mod auth;
+pub mod ca;
 pub mod catalog;
 pub mod config;
 pub mod effective;

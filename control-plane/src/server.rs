@@ -2,7 +2,10 @@
 //! shutdown on SIGTERM/SIGINT (streams closed, database flushed).
 
 use crate::auth::Tokens;
-use crate::grpc::{self, AgentApi, FleetApi, HistoryApi, ModelApi, ProfileApi, TokenApi};
+use crate::ca::CertAuthority;
+use crate::grpc::{
+    self, AgentApi, EnrollApi, FleetApi, HistoryApi, ModelApi, ProfileApi, TokenApi,
+};
 use crate::registry::Registry;
 use crate::secrets::{self, Sealer};
 use crate::store::Store;
@@ -10,6 +13,7 @@ use crate::telemetry::{self, LogFormat};
 use crate::{catalog, fsutil};
 use clap::Parser;
 use duofleet_proto::v1::agent_service_server::AgentServiceServer;
+use duofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use duofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use duofleet_proto::v1::history_service_server::HistoryServiceServer;
 use duofleet_proto::v1::model_service_server::ModelServiceServer;
@@ -24,10 +28,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 /// The services whose health grpc.health.v1 reports; "" is the server.
-const SERVICES: [&str; 7] = [
+const SERVICES: [&str; 8] = [
     "",
     <ModelServiceServer<ModelApi> as NamedService>::NAME,
     <ProfileServiceServer<ProfileApi> as NamedService>::NAME,
@@ -35,6 +40,7 @@ const SERVICES: [&str; 7] = [
     <FleetServiceServer<FleetApi> as NamedService>::NAME,
     <AgentServiceServer<AgentApi> as NamedService>::NAME,
     <TokenServiceServer<TokenApi> as NamedService>::NAME,
+    <EnrollmentServiceServer<EnrollApi> as NamedService>::NAME,
 ];
 
 /// How long a graceful shutdown waits for clients to let go of their
@@ -61,6 +67,21 @@ pub struct Args {
     /// Allow plaintext gRPC on a non-loopback address.
     #[arg(long, env = "DUOFLEET_INSECURE")]
     pub insecure: bool,
+
+    /// The gRPC listener's TLS certificate chain (PEM). With --tls-key,
+    /// gRPC is served over TLS, and agents must use their client
+    /// certificates (mutual TLS).
+    #[arg(long, env = "DUOFLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "DUOFLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Lifetime of the agent certificates this daemon issues, in seconds
+    /// (agents renew after two thirds of it).
+    #[arg(long, env = "DUOFLEET_AGENT_CERT_LIFETIME_SECS", default_value_t = 30 * 24 * 3600)]
+    pub agent_cert_lifetime_secs: u64,
 
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
@@ -116,6 +137,12 @@ pub enum StartError {
         #[source]
         source: crate::store::StoreError,
     },
+    #[error("cannot read {path} for TLS")]
+    Tls {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot use the secret key file {path}")]
     SecretKey {
         path: PathBuf,
@@ -138,7 +165,8 @@ pub async fn run(args: Args) -> Result<(), Box<dyn Error>> {
 }
 
 async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
-    if !args.listen.ip().is_loopback() && !args.insecure {
+    let tls = args.tls_cert.is_some();
+    if !tls && !args.listen.ip().is_loopback() && !args.insecure {
         return Err(StartError::PlaintextOnNetwork(args.listen).into());
     }
     fsutil::create_private_dir(&args.data_dir).map_err(|source| StartError::DataDir {
@@ -208,8 +236,32 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .build_v1alpha()?;
 
     let auth = grpc::authenticator(tokens.clone(), false);
-    let agent_auth = grpc::authenticator(tokens.clone(), true);
-    let grpc_server = tonic::transport::Server::builder()
+    let ca = Arc::new(
+        CertAuthority::load_or_create(
+            &args.data_dir,
+            store.clone(),
+            Duration::from_secs(args.agent_cert_lifetime_secs),
+        )
+        .map_err(|e| -> Box<dyn Error> { Box::new(e) })?,
+    );
+    let agent_auth = grpc::agent_authenticator(tokens.clone(), ca.clone(), tls);
+    let enroll_auth = grpc::agent_authenticator(tokens.clone(), ca.clone(), false);
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| StartError::Tls {
+                path: path.clone(),
+                source,
+            })
+        };
+        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        let config = ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(Certificate::from_pem(ca.ca_pem()))
+            .client_auth_optional(true);
+        builder = builder.tls_config(config)?;
+    }
+    let grpc_server = builder
         .http2_keepalive_interval(Some(Duration::from_millis(args.keepalive_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(args.keepalive_ms)))
         .trace_fn(|request| {
@@ -222,7 +274,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(ProfileServiceServer::with_interceptor(ProfileApi::new(store.clone()), auth.clone()))
         .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
         .add_service(FleetServiceServer::with_interceptor(
-            FleetApi::new(store.clone(), registry.clone(), shutdown_rx.clone()),
+            FleetApi::new(store.clone(), registry.clone(), ca.clone(), shutdown_rx.clone()),
             auth.clone(),
         ))
         .add_service(TokenServiceServer::with_interceptor(token_api, auth.clone()))
@@ -230,6 +282,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             AgentApi::new(store.clone(), registry.clone(), shutdown_rx.clone()),
             agent_auth,
         ))
+        .add_service(EnrollmentServiceServer::with_interceptor(EnrollApi::new(ca.clone(), tls), enroll_auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), wait_for(shutdown_rx.clone()));
 
     let http_server = axum::serve(http_listener, crate::http::router(store.clone()))

@@ -10,6 +10,7 @@
 //! history    kind | name | 0x00 | revision (u64 BE) -> HistoryEntry (value, or empty = deleted)
 //! instances  instance id -> Instance (what agents reported; not versioned)
 //! tokens     name -> StoredToken (operator tokens: metadata and keyed hash)
+//! certs      SHA-256 fingerprint -> IssuedCert (agent certificates in force)
 //! ```
 //!
 //! `history` is a multi-version log of every model and profile, so the full
@@ -97,6 +98,7 @@ pub struct Store {
     history: sled::Tree,
     instances: sled::Tree,
     tokens: sled::Tree,
+    certs: sled::Tree,
     catalog: &'static Catalog,
     sealer: Sealer,
     writer: Mutex<()>,
@@ -116,6 +118,7 @@ impl Store {
             history: db.open_tree("history")?,
             instances: db.open_tree("instances")?,
             tokens: db.open_tree("tokens")?,
+            certs: db.open_tree("certs")?,
             db,
             catalog,
             sealer,
@@ -502,6 +505,29 @@ impl Store {
 
     pub fn load_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
         Ok(load_tree(&self.tokens, "token")?.into_values().collect())
+    }
+
+    /// Remembers an issued agent certificate, durably.
+    pub fn put_cert(
+        &self,
+        fingerprint: &str,
+        cert: &crate::ca::IssuedCert,
+    ) -> Result<(), StoreError> {
+        self.certs
+            .insert(fingerprint.as_bytes(), cert.encode_to_vec())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Forgets an agent certificate, durably.
+    pub fn delete_cert(&self, fingerprint: &str) -> Result<(), StoreError> {
+        self.certs.remove(fingerprint.as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn load_certs(&self) -> Result<Vec<(String, crate::ca::IssuedCert)>, StoreError> {
+        Ok(load_tree(&self.certs, "certificate")?.into_iter().collect())
     }
 
     /// Flushes everything to disk (at shutdown).

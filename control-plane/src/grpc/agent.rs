@@ -8,7 +8,7 @@
 //! only its own session, which later sends just the latest state. Memory
 //! per agent is the session task, a 4-slot channel and one DesiredConfig.
 
-use super::status;
+use super::{AgentIdentity, status};
 use crate::effective::{self, Labels};
 use crate::registry::{Registry, Session};
 use crate::store::Store;
@@ -59,6 +59,7 @@ impl AgentService for AgentApi {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
         super::caller(&request)?;
+        let identity = request.extensions().get::<AgentIdentity>().cloned();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -72,6 +73,15 @@ impl AgentService for AgentApi {
             }
         };
         check_hello(&hello)?;
+        if let Some(AgentIdentity(certified)) = &identity
+            && *certified != hello.instance_id
+        {
+            tracing::warn!(certificate = %certified, claimed = %hello.instance_id, "an agent claimed another instance");
+            return Err(Status::permission_denied(format!(
+                "this certificate belongs to instance {certified:?}; it cannot speak for {:?}",
+                hello.instance_id
+            )));
+        }
         let session = self.registry.connect(&hello);
         tracing::info!(instance = %hello.instance_id, hostname = %hello.hostname, applied_revision = hello.applied_revision, "agent connected");
         let (outbound, rx) = mpsc::channel(4);

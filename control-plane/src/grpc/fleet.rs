@@ -2,6 +2,7 @@
 //! revisions and instance events.
 
 use super::{caller, status};
+use crate::ca::CertAuthority;
 use crate::error::ConfigError;
 use crate::fleet_health;
 use crate::registry::Registry;
@@ -24,6 +25,7 @@ use tonic::{Request, Response, Status};
 pub struct FleetApi {
     store: Arc<Store>,
     registry: Arc<Registry>,
+    ca: Arc<CertAuthority>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -31,11 +33,13 @@ impl FleetApi {
     pub fn new(
         store: Arc<Store>,
         registry: Arc<Registry>,
+        ca: Arc<CertAuthority>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         FleetApi {
             store,
             registry,
+            ca,
             shutdown,
         }
     }
@@ -94,10 +98,16 @@ impl FleetService for FleetApi {
         let id = request.into_inner().instance_id;
         let registry = self.registry.clone();
         let target = id.clone();
-        let existed = tokio::task::spawn_blocking(move || registry.delete(&target))
-            .await
-            .map_err(|e| Status::internal(format!("delete task failed: {e}")))?
-            .map_err(status)?;
+        let ca = self.ca.clone();
+        let existed = tokio::task::spawn_blocking(move || -> Result<bool, StoreError> {
+            let known = registry.delete(&target)?;
+            // Deleting revokes: its certificates no longer connect.
+            let revoked = ca.revoke_instance(&target)?;
+            Ok(known || revoked > 0)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("delete task failed: {e}")))?
+        .map_err(status)?;
         if !existed {
             return Err(no_instance(&id));
         }

@@ -3,6 +3,7 @@
 //! errors to gRPC codes.
 
 mod agent;
+mod enroll;
 mod fleet;
 mod history;
 mod models;
@@ -10,6 +11,7 @@ mod profiles;
 mod tokens;
 
 pub use agent::AgentApi;
+pub use enroll::EnrollApi;
 pub use fleet::FleetApi;
 pub use history::HistoryApi;
 pub use models::ModelApi;
@@ -17,6 +19,7 @@ pub use profiles::ProfileApi;
 pub use tokens::TokenApi;
 
 use crate::auth::{AuthError, Caller, Tokens};
+use crate::ca::CertAuthority;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::ConfigError;
@@ -81,6 +84,50 @@ pub fn authenticator(
         caller.require_audience(agent).map_err(auth_status)?;
         request.extensions_mut().insert(caller);
         Ok(request)
+    }
+}
+
+/// The instance a verified client certificate was issued to.
+#[derive(Debug, Clone)]
+pub struct AgentIdentity(pub String);
+
+/// The interceptor in front of the agent services: a client certificate
+/// issued by this duofleetd names the instance; without one, the bearer
+/// enroll token is accepted unless `require_cert`.
+pub fn agent_authenticator(
+    tokens: Arc<Tokens>,
+    ca: Arc<CertAuthority>,
+    require_cert: bool,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    let mut bearer = authenticator(tokens, true);
+    move |mut request: Request<()>| {
+        let presented = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        if let Some(der) = presented {
+            let instance = ca.identify(&der).ok_or_else(|| {
+                Status::permission_denied(
+                    "this client certificate was revoked or was not issued by this duofleetd; enroll again",
+                )
+            })?;
+            request.extensions_mut().insert(Caller {
+                name: instance.clone(),
+                role: crate::auth::Role::Agent,
+            });
+            request.extensions_mut().insert(AgentIdentity(instance));
+            return Ok(request);
+        }
+        if require_cert && request.metadata().get("authorization").is_none() {
+            return Err(Status::unauthenticated(
+                "a client certificate is required: the agent enrolls first (--enroll-token-file)",
+            ));
+        }
+        if require_cert {
+            return Err(Status::permission_denied(
+                "with TLS on, agents connect with their client certificate, not a token",
+            ));
+        }
+        bearer(request)
     }
 }
 

@@ -1,0 +1,81 @@
+//! EnrollmentService: join token + CSR in, client certificate out.
+
+use super::{AgentIdentity, caller, status};
+use crate::ca::{CaError, CertAuthority};
+use crate::error::ConfigError;
+use crate::validate;
+use duofleet_proto::v1::enrollment_service_server::EnrollmentService;
+use duofleet_proto::v1::{EnrollRequest, EnrollResponse, RenewRequest};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct EnrollApi {
+    ca: Arc<CertAuthority>,
+    tls: bool,
+}
+
+impl EnrollApi {
+    pub fn new(ca: Arc<CertAuthority>, tls: bool) -> Self {
+        EnrollApi { ca, tls }
+    }
+
+    async fn issue(
+        &self,
+        instance_id: String,
+        csr_pem: String,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        if !self.tls {
+            return Err(status(
+                ConfigError::Blocked(
+                    "enrollment needs duofleetd to serve TLS (--tls-cert, --tls-key)".into(),
+                )
+                .into(),
+            ));
+        }
+        let ca = self.ca.clone();
+        let id = instance_id.clone();
+        let (certificate_pem, not_after) =
+            tokio::task::spawn_blocking(move || ca.sign(&id, &csr_pem))
+                .await
+                .map_err(|e| Status::internal(format!("signing task failed: {e}")))?
+                .map_err(|e| match e {
+                    CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
+                    other => {
+                        tracing::error!(error = %other, "cannot issue a certificate");
+                        Status::internal("cannot issue a certificate; see the duofleetd log")
+                    }
+                })?;
+        tracing::info!(instance = %instance_id, not_after = ?not_after, "client certificate issued");
+        Ok(Response::new(EnrollResponse {
+            certificate_pem,
+            ca_pem: self.ca.ca_pem().to_string(),
+            not_after: Some(not_after.into()),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl EnrollmentService for EnrollApi {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        caller(&request)?;
+        let request = request.into_inner();
+        validate::instance_id("instance_id", &request.instance_id).map_err(|e| status(e.into()))?;
+        self.issue(request.instance_id, request.csr_pem).await
+    }
+
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let Some(AgentIdentity(instance_id)) = request.extensions().get::<AgentIdentity>().cloned()
+        else {
+            return Err(Status::unauthenticated(
+                "Renew needs the agent's current client certificate",
+            ));
+        };
+        self.issue(instance_id, request.into_inner().csr_pem).await
+    }
+}
