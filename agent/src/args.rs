@@ -82,6 +82,12 @@ pub struct Args {
     #[arg(long, env = "DUOFLEET_ENROLL_TOKEN_FILE")]
     pub enroll_token_file: Option<PathBuf>,
 
+    /// The CA (PEM) that signed duofleetd's TLS certificate, for an https
+    /// --control-plane. The agent then enrolls with --enroll-token-file and
+    /// connects with its own client certificate.
+    #[arg(long, env = "DUOFLEET_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
+
     /// How often to check for hand edits (drift).
     #[arg(long, env = "DUOFLEET_HEALTH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub health_interval: Duration,

@@ -18,6 +18,7 @@ pub mod command;
 pub mod gitlab;
 pub mod gitlab_rb;
 pub mod health;
+pub mod identity;
 pub mod run;
 pub mod session;
 pub mod state;

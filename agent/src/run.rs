@@ -5,6 +5,7 @@ use crate::apply::{Applier, Target};
 use crate::args::{Args, DeploymentKind, LogFormat};
 use crate::gitlab::GitLab;
 use crate::health::Prober;
+use crate::identity::AgentIdentity;
 use crate::session::{Backoff, Session};
 use crate::state::{self, StateFile};
 use clap::Parser;
@@ -86,6 +87,22 @@ async fn run(args: Args) -> Result<(), String> {
         },
     };
     let (gitlab, gitlab_sync, gitlab_version) = gitlab_sync(&args).await?;
+    let identity = if args.control_plane.starts_with("https://") {
+        let path = args
+            .control_plane_ca
+            .as_ref()
+            .ok_or("an https --control-plane needs --control-plane-ca (the CA that signed duofleetd's certificate)")?;
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read --control-plane-ca {}: {e}", path.display()))?;
+        Some(AgentIdentity::new(
+            args.state_dir.clone(),
+            instance_id.clone(),
+            pem,
+            token.clone(),
+        ))
+    } else {
+        None
+    };
     let state_file = StateFile::new(&args.state_dir);
     let state = state_file.load().map_err(|e| e.to_string())?;
     if let Some(pending) = &state.pending {
@@ -124,6 +141,7 @@ async fn run(args: Args) -> Result<(), String> {
         heartbeat: args.health_heartbeat,
         current: state::load_desired(&args.state_dir),
         state_dir: args.state_dir.clone(),
+        identity,
     };
     tokio::select! {
         result = session.run() => result.map_err(|refused| refused.to_string()),

@@ -5,6 +5,7 @@
 
 use crate::apply::{Applier, Drift};
 use crate::health::{self, Prober};
+use crate::identity::{AgentIdentity, IdentityError};
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::agent_service_client::AgentServiceClient;
 use duofleet_proto::v1::control_message;
@@ -36,6 +37,8 @@ pub struct Session {
     /// The newest desired config, whose targets are probed.
     pub current: Option<DesiredConfig>,
     pub state_dir: PathBuf,
+    /// The client certificate, when the control plane is https.
+    pub identity: Option<AgentIdentity>,
 }
 
 /// Why the agent stops for good.
@@ -82,11 +85,22 @@ impl Session {
                 });
             }
         };
+        let endpoint = match &self.identity {
+            None => endpoint,
+            Some(identity) => match identity.client_tls(&endpoint).await {
+                Ok(tls) => match endpoint.tls_config(tls) {
+                    Ok(endpoint) => endpoint,
+                    Err(e) => return Ended::Retry(format!("TLS settings: {e}")),
+                },
+                Err(IdentityError::Refused(status)) => return classify(status),
+                Err(IdentityError::Retry(reason)) => return Ended::Retry(reason),
+            },
+        };
         let channel = match endpoint.connect().await {
             Ok(channel) => channel,
             Err(e) => return Ended::Retry(format!("cannot connect to {}: {e}", self.endpoint)),
         };
-        let mut client = AgentServiceClient::new(channel);
+        let mut client = AgentServiceClient::new(channel.clone());
         let (outbound, rx) = mpsc::channel(16);
         let mut hello = self.hello.clone();
         hello.applied_revision = self.applier.state.applied_revision;
@@ -96,7 +110,8 @@ impl Session {
             })
             .await;
         let mut request = Request::new(ReceiverStream::new(rx));
-        if let Some(token) = &self.token {
+        // On TLS the certificate is the identity; the token only enrolls.
+        if let Some(token) = self.token.as_ref().filter(|_| self.identity.is_none()) {
             match format!("Bearer {token}").parse() {
                 Ok(value) => {
                     request.metadata_mut().insert("authorization", value);
@@ -150,6 +165,15 @@ impl Session {
                 _ = ticker.tick() => {
                     if let Err(ended) = self.check_drift(&outbound).await {
                         return ended;
+                    }
+                    if let Some(identity) = &self.identity
+                        && identity.renewal_due()
+                    {
+                        match identity.renew(channel.clone()).await {
+                            Ok(()) => {}
+                            Err(IdentityError::Refused(status)) => return classify(status),
+                            Err(IdentityError::Retry(reason)) => tracing::warn!(%reason, "certificate renewal failed; will try again"),
+                        }
                     }
                     if !probing && let Some(desired) = self.current.clone() {
                         probing = true;

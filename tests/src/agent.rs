@@ -102,9 +102,7 @@ impl Agent {
         env: &[(&str, &str)],
     ) -> Agent {
         let state_dir = root.join(format!("{instance_id}-state"));
-        let mut all = vec![
-            "--control-plane".to_string(),
-            format!("http://{}", daemon.grpc_addr),
+        let mut all: Vec<String> = vec![
             "--instance-id".into(),
             instance_id.into(),
             "--state-dir".into(),
@@ -116,6 +114,10 @@ impl Agent {
             "--backoff-max".into(),
             "500ms".into(),
         ];
+        if !args.iter().any(|a| a == "--control-plane") {
+            all.push("--control-plane".into());
+            all.push(format!("http://{}", daemon.grpc_addr));
+        }
         if !args.iter().any(|a| a == "--enroll-token-file") {
             all.push("--enroll-token-file".into());
             all.push(daemon.data_dir().join("enroll.token").display().to_string());

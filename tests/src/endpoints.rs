@@ -119,6 +119,9 @@ async fn healthz(State(behaviour): State<Arc<Mutex<Behaviour>>>) -> Response {
 /// A private certificate authority for tests.
 pub struct TestCa {
     pub ca_pem: String,
+    /// A server certificate for 127.0.0.1 and localhost, and its key (PEM).
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
     server_cert: rustls::pki_types::CertificateDer<'static>,
     server_key: Vec<u8>,
 }
@@ -140,6 +143,8 @@ impl TestCa {
         let cert = params.signed_by(&key, &issuer).unwrap();
         TestCa {
             ca_pem: ca_cert.pem(),
+            server_cert_pem: cert.pem(),
+            server_key_pem: key.serialize_pem(),
             server_cert: cert.der().clone(),
             server_key: key.serialize_der(),
         }

@@ -11,6 +11,7 @@ mod hostile;
 mod otlp;
 mod readme;
 mod secrets;
+mod security;
 mod tokens;
 mod validation;
 

@@ -1,0 +1,339 @@
+//! TLS and agent identity: enrollment, mutual TLS, claims checked against
+//! the certificate, revocation, renewal; grpcurl over TLS.
+
+use duofleet_proto::v1::{
+    DeleteInstanceRequest, GetInstanceRequest, Profile, SyncState, UpdateProfileRequest,
+};
+use duofleet_tests::agent::Agent;
+use duofleet_tests::endpoints::TestCa;
+use duofleet_tests::{Clients, Daemon, DaemonOptions, grpcurl_path};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Tls {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    daemon: Daemon,
+    ca_file: String,
+    ca: TestCa,
+}
+
+/// A daemon serving TLS with a server certificate from a test CA.
+fn tls_daemon(extra: &[&str]) -> Tls {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let ca = TestCa::new();
+    let (cert, key, ca_file) = (
+        root.join("server.pem"),
+        root.join("server.key"),
+        root.join("ca.pem"),
+    );
+    std::fs::write(&cert, &ca.server_cert_pem).unwrap();
+    std::fs::write(&key, &ca.server_key_pem).unwrap();
+    ca.write_ca(&ca_file);
+    let mut args: Vec<String> = vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let daemon = Daemon::start_with(
+        &root.join("data"),
+        DaemonOptions {
+            args,
+            ..Default::default()
+        },
+    );
+    Tls {
+        _dir: dir,
+        root,
+        daemon,
+        ca_file: ca_file.display().to_string(),
+        ca,
+    }
+}
+
+impl Tls {
+    async fn clients(&self) -> Clients {
+        let channel = Endpoint::from_shared(format!("https://{}", self.daemon.grpc_addr))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca.ca_pem)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .expect("TLS connect");
+        Clients::new(channel, Some(self.daemon.token()))
+    }
+
+    fn agent(&self, id: &str, extra: &[&str]) -> Agent {
+        let rb = self.root.join(format!("{id}.rb"));
+        if !rb.exists() {
+            std::fs::write(&rb, "").unwrap();
+        }
+        let mut args: Vec<String> = [
+            "--control-plane",
+            &format!("https://{}", self.daemon.grpc_addr),
+            "--control-plane-ca",
+            &self.ca_file,
+            "--gitlab-rb",
+            &rb.display().to_string(),
+            "--reconfigure-command",
+            "true",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Agent::start(&self.daemon, id, &self.root, &args)
+    }
+
+    fn grpcurl(&self, extra: &[&str], method: &str) -> std::process::Output {
+        Command::new(grpcurl_path())
+            .args(["-cacert", &self.ca_file])
+            .args(extra)
+            .arg(&self.daemon.grpc_addr)
+            .arg(method)
+            .output()
+            .unwrap()
+    }
+}
+
+async fn wait_synced(c: &mut Clients, id: &str, revision: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = c
+            .fleet
+            .get_instance(GetInstanceRequest {
+                instance_id: id.into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner());
+        if got.as_ref().is_some_and(|i| {
+            i.connected && i.sync_state() == SyncState::Synced && i.applied_revision == revision
+        }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never synced at {revision}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn set_gateway(c: &mut Clients, url: &str) -> u64 {
+    c.profiles
+        .update_profile(UpdateProfileRequest {
+            profile: Some(Profile {
+                name: "default".into(),
+                ai_gateway_url: url.into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_enroll_then_connect_with_their_certificate() {
+    let tls = tls_daemon(&[]);
+    let mut c = tls.clients().await;
+    let token = tls.root.join("join.token");
+    std::fs::copy(tls.daemon.data_dir().join("enroll.token"), &token).unwrap();
+    let mut agent = tls.agent(
+        "gitlab-a",
+        &["--enroll-token-file", &token.display().to_string()],
+    );
+    let revision = set_gateway(&mut c, "https://aigw.example.com").await;
+    wait_synced(&mut c, "gitlab-a", revision).await;
+    let state_dir = agent.state_dir.clone();
+    let state = &state_dir;
+    assert_eq!(mode(&state.join("agent-key.pem")), 0o600);
+    assert!(
+        std::fs::read_to_string(state.join("agent-cert.pem"))
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+
+    // Enrolled once: it comes back with its certificate, no token needed.
+    agent.kill9();
+    std::fs::remove_file(&token).unwrap();
+    let mut agent = tls.agent("gitlab-a", &[]);
+    assert_eq!(agent.state_dir, state_dir);
+    let second = set_gateway(&mut c, "https://aigw-2.example.com").await;
+    wait_synced(&mut c, "gitlab-a", second).await;
+
+    // Another instance's name with this certificate: refused, final, and
+    // nothing about that instance appears.
+    let impostor_state = tls.root.join("gitlab-b-state");
+    std::fs::create_dir_all(&impostor_state).unwrap();
+    for file in ["agent-cert.pem", "agent-key.pem", "agent-cert.json"] {
+        std::fs::copy(state_dir.join(file), impostor_state.join(file)).unwrap();
+    }
+    let mut impostor = tls.agent("gitlab-b", &[]);
+    assert!(!impostor.wait_exit(WAIT).success());
+    assert!(
+        impostor.log().contains("PermissionDenied: this certificate belongs to instance \"gitlab-a\"; it cannot speak for \"gitlab-b\""),
+        "{}",
+        impostor.log()
+    );
+    let missing = c
+        .fleet
+        .get_instance(GetInstanceRequest {
+            instance_id: "gitlab-b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    // Deleting the instance revokes its certificate.
+    agent.kill9();
+    c.fleet
+        .delete_instance(DeleteInstanceRequest {
+            instance_id: "gitlab-a".into(),
+        })
+        .await
+        .unwrap();
+    agent.restart();
+    assert!(!agent.wait_exit(WAIT).success());
+    assert!(
+        agent.log().contains("this client certificate was revoked"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        c.fleet
+            .get_instance(GetInstanceRequest {
+                instance_id: "gitlab-a".into()
+            })
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_over_tls_and_certificates_that_are_refused() {
+    let tls = tls_daemon(&["--agent-cert-lifetime-secs", "2"]);
+    let auth = format!("authorization: Bearer {}", tls.daemon.token());
+    let ok = tls.grpcurl(&["-H", &auth], "duofleet.v1.ModelService/ListModels");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // Plaintext against a TLS listener fails.
+    let plain = Command::new(grpcurl_path())
+        .args([
+            "-plaintext",
+            "-H",
+            &auth,
+            &tls.daemon.grpc_addr,
+            "duofleet.v1.ModelService/ListModels",
+        ])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+
+    // An agent certificate, used with grpcurl -cert -key on an operator RPC.
+    let mut c = tls.clients().await;
+    let agent = tls.agent("gitlab-a", &[]);
+    let revision = set_gateway(&mut c, "https://aigw.example.com").await;
+    wait_synced(&mut c, "gitlab-a", revision).await;
+    let (cert, key) = (
+        agent.state_dir.join("agent-cert.pem"),
+        agent.state_dir.join("agent-key.pem"),
+    );
+    let with_cert = tls.grpcurl(
+        &[
+            "-cert",
+            &cert.display().to_string(),
+            "-key",
+            &key.display().to_string(),
+            "-H",
+            &auth,
+        ],
+        "duofleet.v1.ModelService/ListModels",
+    );
+    assert!(
+        with_cert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_cert.stderr)
+    );
+
+    // A certificate from another CA is refused in the TLS handshake. (grpcurl
+    // would not even send it: Go offers only certificates of the CAs the
+    // server asks for, so this uses a Rust client, which always sends it.)
+    let forged = TestCa::new();
+    let forged_identity =
+        tonic::transport::Identity::from_pem(&forged.server_cert_pem, &forged.server_key_pem);
+    let forged_result = async {
+        let channel = Endpoint::from_shared(format!("https://{}", tls.daemon.grpc_addr))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca.ca_pem))
+                    .identity(forged_identity),
+            )
+            .unwrap()
+            .connect()
+            .await?;
+        let mut client =
+            duofleet_proto::v1::enrollment_service_client::EnrollmentServiceClient::new(channel);
+        client
+            .renew(duofleet_proto::v1::RenewRequest {
+                csr_pem: String::new(),
+            })
+            .await
+            .map_err(|status| Box::new(status) as Box<dyn std::error::Error + Send + Sync>)?;
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    assert!(
+        forged_result.is_err(),
+        "a certificate from another CA was accepted"
+    );
+
+    // The 2-second certificate is renewed by the agent before it expires;
+    // a copy of the first one, once expired, is refused.
+    let first = std::fs::read_to_string(&cert).unwrap();
+    let expired_copy = tls.root.join("first.pem");
+    std::fs::write(&expired_copy, &first).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_to_string(&cert).unwrap() == first {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never renewed its certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let old = tls.grpcurl(
+        &[
+            "-cert",
+            &expired_copy.display().to_string(),
+            "-key",
+            &key.display().to_string(),
+            "-H",
+            &auth,
+        ],
+        "duofleet.v1.ModelService/ListModels",
+    );
+    assert!(!old.status.success(), "an expired certificate was accepted");
+    drop(agent);
+}
