@@ -29,6 +29,8 @@ pub enum Role {
     Viewer,
     /// An agent: AgentService only.
     Agent,
+    /// A join token: EnrollmentService.Enroll only.
+    Join,
 }
 
 /// Who is calling: the token's name and what it may do.
@@ -132,6 +134,7 @@ impl Tokens {
         }
         let role = match token.role() {
             pb::Role::Admin => Role::Admin,
+            pb::Role::Join => Role::Join,
             _ => Role::Viewer,
         };
         Ok(Caller {
@@ -158,6 +161,34 @@ impl Tokens {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(hash, token);
+    }
+
+    /// Counts one enrollment against a join token; returns the token as it
+    /// must now be stored, or `None` when it is used up (and so removed).
+    pub fn consume(&self, name: &str) -> Option<Option<pb::Token>> {
+        let mut issued = self.issued.write().unwrap_or_else(|e| e.into_inner());
+        let (hash, token) = issued.iter_mut().find(|(_, t)| t.name == name)?;
+        match token.uses_left {
+            0 => Some(Some(token.clone())),
+            1 => {
+                let hash = hash.clone();
+                issued.remove(&hash);
+                Some(None)
+            }
+            n => {
+                token.uses_left = n - 1;
+                Some(Some(token.clone()))
+            }
+        }
+    }
+
+    /// The stored hash of the token called `name`.
+    pub fn hash_of(&self, name: &str) -> Option<String> {
+        let issued = self.issued.read().unwrap_or_else(|e| e.into_inner());
+        issued
+            .iter()
+            .find(|(_, t)| t.name == name)
+            .map(|(h, _)| h.clone())
     }
 
     /// Stops accepting the token called `name`.
@@ -192,7 +223,7 @@ impl Caller {
 
     /// Operator services take operator tokens; AgentService takes agent tokens.
     pub fn require_audience(&self, agent: bool) -> Result<(), AuthError> {
-        match (self.role == Role::Agent, agent) {
+        match (matches!(self.role, Role::Agent | Role::Join), agent) {
             (true, true) | (false, false) => Ok(()),
             (true, false) => Err(AuthError::WrongAudience {
                 token: self.name.clone(),

@@ -282,7 +282,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             AgentApi::new(store.clone(), registry.clone(), shutdown_rx.clone()),
             agent_auth,
         ))
-        .add_service(EnrollmentServiceServer::with_interceptor(EnrollApi::new(ca.clone(), tls), enroll_auth))
+        .add_service(EnrollmentServiceServer::with_interceptor(EnrollApi::new(ca.clone(), tls, tokens.clone(), store.clone()), enroll_auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), wait_for(shutdown_rx.clone()));
 
     let http_server = axum::serve(http_listener, crate::http::router(store.clone()))

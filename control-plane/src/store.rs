@@ -496,6 +496,13 @@ impl Store {
         Ok(inserted)
     }
 
+    /// Replaces a token's record, durably (a join token's uses).
+    pub fn put_token(&self, name: &str, token: &StoredToken) -> Result<(), StoreError> {
+        self.tokens.insert(name.as_bytes(), token.encode_to_vec())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Removes a token, durably; false when there was none.
     pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
         let removed = self.tokens.remove(name.as_bytes())?.is_some();

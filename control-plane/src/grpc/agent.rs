@@ -58,7 +58,13 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
-        super::caller(&request)?;
+        let who = super::caller(&request)?;
+        if who.role == crate::auth::Role::Join {
+            return Err(Status::permission_denied(format!(
+                "token {:?} is a join token: it only enrolls (EnrollmentService.Enroll)",
+                who.name
+            )));
+        }
         let identity = request.extensions().get::<AgentIdentity>().cloned();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())

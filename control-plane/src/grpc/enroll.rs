@@ -1,8 +1,10 @@
 //! EnrollmentService: join token + CSR in, client certificate out.
 
 use super::{AgentIdentity, caller, status};
+use crate::auth::{Role, Tokens};
 use crate::ca::{CaError, CertAuthority};
 use crate::error::ConfigError;
+use crate::store::{Store, StoredToken};
 use crate::validate;
 use duofleet_proto::v1::enrollment_service_server::EnrollmentService;
 use duofleet_proto::v1::{EnrollRequest, EnrollResponse, RenewRequest};
@@ -12,11 +14,43 @@ use tonic::{Request, Response, Status};
 pub struct EnrollApi {
     ca: Arc<CertAuthority>,
     tls: bool,
+    tokens: Arc<Tokens>,
+    store: Arc<Store>,
 }
 
 impl EnrollApi {
-    pub fn new(ca: Arc<CertAuthority>, tls: bool) -> Self {
-        EnrollApi { ca, tls }
+    pub fn new(ca: Arc<CertAuthority>, tls: bool, tokens: Arc<Tokens>, store: Arc<Store>) -> Self {
+        EnrollApi {
+            ca,
+            tls,
+            tokens,
+            store,
+        }
+    }
+
+    /// Counts one use of a join token, durably, before a certificate is issued.
+    async fn consume(&self, name: &str) -> Result<(), Status> {
+        let hash = self.tokens.hash_of(name);
+        let Some(after) = self.tokens.consume(name) else {
+            return Err(Status::permission_denied(format!(
+                "join token {name:?} is used up"
+            )));
+        };
+        let store = self.store.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || match after {
+            Some(token) => store.put_token(
+                &name,
+                &StoredToken {
+                    token: Some(token),
+                    hash: hash.unwrap_or_default(),
+                },
+            ),
+            None => store.delete_token(&name).map(|_| ()),
+        })
+        .await
+        .map_err(|e| Status::internal(format!("token task failed: {e}")))?
+        .map_err(status)
     }
 
     async fn issue(
@@ -60,9 +94,12 @@ impl EnrollmentService for EnrollApi {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
-        caller(&request)?;
+        let who = caller(&request)?;
         let request = request.into_inner();
         validate::instance_id("instance_id", &request.instance_id).map_err(|e| status(e.into()))?;
+        if who.role == Role::Join {
+            self.consume(&who.name).await?;
+        }
         self.issue(request.instance_id, request.csr_pem).await
     }
 

@@ -56,8 +56,14 @@ impl TokenService for TokenApi {
                 ),
             ));
         }
-        if !matches!(request.role(), Role::Admin | Role::Viewer) {
-            return Err(invalid("role", "must be ROLE_ADMIN or ROLE_VIEWER"));
+        if !matches!(request.role(), Role::Admin | Role::Viewer | Role::Join) {
+            return Err(invalid(
+                "role",
+                "must be ROLE_ADMIN, ROLE_VIEWER or ROLE_JOIN",
+            ));
+        }
+        if request.max_uses > 0 && request.role() != Role::Join {
+            return Err(invalid("max_uses", "only for ROLE_JOIN tokens"));
         }
         let now = SystemTime::now();
         let expire_time = match request.ttl {
@@ -78,6 +84,7 @@ impl TokenService for TokenApi {
             create_time: Some(now.into()),
             expire_time,
             created_by: creator.name.clone(),
+            uses_left: request.max_uses,
         };
         let secret = Tokens::new_secret()
             .map_err(|e| Status::internal(format!("cannot make a secret: {e}")))?;

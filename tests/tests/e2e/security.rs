@@ -337,3 +337,51 @@ async fn grpcurl_over_tls_and_certificates_that_are_refused() {
     assert!(!old.status.success(), "an expired certificate was accepted");
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_enrolls_as_many_agents_as_it_allows() {
+    let tls = tls_daemon(&[]);
+    let mut c = tls.clients().await;
+    let join = c
+        .tokens
+        .create_token(duofleet_proto::v1::CreateTokenRequest {
+            name: "rack-7".into(),
+            role: duofleet_proto::v1::Role::Join as i32,
+            ttl: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            max_uses: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(join.token.as_ref().unwrap().uses_left, 1);
+    let token_file = tls.root.join("rack-7.token");
+    std::fs::write(&token_file, &join.secret).unwrap();
+    let token_arg = token_file.display().to_string();
+    let _first = tls.agent("gitlab-a", &["--enroll-token-file", &token_arg]);
+    let revision = set_gateway(&mut c, "https://aigw.example.com").await;
+    wait_synced(&mut c, "gitlab-a", revision).await;
+
+    let mut second = tls.agent("gitlab-b", &["--enroll-token-file", &token_arg]);
+    assert!(!second.wait_exit(WAIT).success());
+    assert!(
+        second
+            .log()
+            .contains("the control plane refused this agent"),
+        "{}",
+        second.log()
+    );
+    let left: Vec<String> = c
+        .tokens
+        .list_tokens(duofleet_proto::v1::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(left.is_empty(), "a used-up join token is gone: {left:?}");
+}

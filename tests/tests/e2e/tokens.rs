@@ -19,6 +19,7 @@ fn create(name: &str, role: Role, ttl: Option<prost_types::Duration>) -> CreateT
         name: name.into(),
         role: role as i32,
         ttl,
+        max_uses: 0,
     }
 }
 
@@ -181,7 +182,7 @@ async fn token_rules_and_expiry() {
         (
             create("ops", Role::Unspecified, None),
             Code::InvalidArgument,
-            "role: must be ROLE_ADMIN or ROLE_VIEWER",
+            "role: must be ROLE_ADMIN, ROLE_VIEWER or ROLE_JOIN",
         ),
         (
             create(
