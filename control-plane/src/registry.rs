@@ -42,12 +42,19 @@ pub struct Registry {
     entries: Mutex<HashMap<String, Entry>>,
     events: broadcast::Sender<FleetEvent>,
     next_session: AtomicU64,
+    /// How many agents may be connected at once.
+    max_agents: usize,
 }
+
+/// The daemon holds as many agent connections as it is allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("duofleetd already holds its limit of {0} connected agents (--max-agents)")]
+pub struct Full(pub usize);
 
 impl Registry {
     /// Loads the instances known from earlier runs, all offline until their
     /// agents reconnect.
-    pub fn load(store: Arc<Store>) -> Result<Self, StoreError> {
+    pub fn load(store: Arc<Store>, max_agents: usize) -> Result<Self, StoreError> {
         let entries = store
             .load_instances()?
             .into_iter()
@@ -71,6 +78,7 @@ impl Registry {
             entries: Mutex::new(entries),
             events: broadcast::Sender::new(1024),
             next_session: AtomicU64::new(1),
+            max_agents,
         })
     }
 
@@ -80,10 +88,17 @@ impl Registry {
 
     /// Registers (or updates) the instance of a new agent connection. An
     /// older connection for the same instance is told to end.
-    pub fn connect(&self, hello: &Hello) -> Session {
+    pub fn connect(&self, hello: &Hello) -> Result<Session, Full> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (kick, kicked) = oneshot::channel();
         let mut entries = self.lock();
+        let connected = entries
+            .values()
+            .filter(|e| e.instance.connected && e.instance.instance_id != hello.instance_id)
+            .count();
+        if connected >= self.max_agents {
+            return Err(Full(self.max_agents));
+        }
         let entry = entries
             .entry(hello.instance_id.clone())
             .or_insert_with(|| Entry {
@@ -115,11 +130,11 @@ impl Registry {
         instance.gitlab_sync = hello.gitlab_sync.clone();
         instance.connected = true;
         self.updated(entry, Some(Event::InstanceConnected));
-        Session {
+        Ok(Session {
             instance_id: hello.instance_id.clone(),
             id,
             kicked,
-        }
+        })
     }
 
     /// The profile the instance matched and the revision it should reach.

@@ -83,6 +83,18 @@ pub struct Args {
     #[arg(long, env = "DUOFLEET_AGENT_CERT_LIFETIME_SECS", default_value_t = 30 * 24 * 3600)]
     pub agent_cert_lifetime_secs: u64,
 
+    /// The most agents connected at once; more get RESOURCE_EXHAUSTED and retry.
+    #[arg(long, env = "DUOFLEET_MAX_AGENTS", default_value_t = 20_000)]
+    pub max_agents: usize,
+
+    /// The most concurrent gRPC streams on one connection.
+    #[arg(
+        long,
+        env = "DUOFLEET_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub max_streams_per_connection: u32,
+
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -189,13 +201,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         })?,
     );
 
-    let registry =
-        Arc::new(
-            Registry::load(store.clone()).map_err(|source| StartError::Database {
-                path: db_path.clone(),
-                source,
-            })?,
-        );
+    let registry = Arc::new(
+        Registry::load(store.clone(), args.max_agents).map_err(|source| StartError::Database {
+            path: db_path.clone(),
+            source,
+        })?,
+    );
 
     let grpc_listener =
         TcpListener::bind(args.listen)
@@ -262,6 +273,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         builder = builder.tls_config(config)?;
     }
     let grpc_server = builder
+        .max_concurrent_streams(args.max_streams_per_connection)
         .http2_keepalive_interval(Some(Duration::from_millis(args.keepalive_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(args.keepalive_ms)))
         .trace_fn(|request| {

@@ -88,7 +88,10 @@ impl AgentService for AgentApi {
                 hello.instance_id
             )));
         }
-        let session = self.registry.connect(&hello);
+        let session = self.registry.connect(&hello).map_err(|full| {
+            tracing::warn!(instance = %hello.instance_id, %full, "agent refused");
+            Status::resource_exhausted(full.to_string())
+        })?;
         tracing::info!(instance = %hello.instance_id, hostname = %hello.hostname, applied_revision = hello.applied_revision, "agent connected");
         let (outbound, rx) = mpsc::channel(4);
         let run = SessionTask {

@@ -802,3 +802,32 @@ async fn a_failed_helm_upgrade_restores_the_values_file() {
         "first upgrade, the failed one, the one that restores"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_beyond_the_limit_are_refused_and_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = DaemonOptions {
+        args: args(&["--max-agents", "1"]),
+        ..Default::default()
+    };
+    let daemon = Daemon::start_with(&dir.path().join("data"), options);
+    let mut c = daemon.clients().await;
+    let (mut first, _ctl_a, _rb_a) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    wait_synced(&mut c, "gitlab-a", 0).await;
+    let (_second, _ctl_b, _rb_b) = linux_agent(&daemon, dir.path(), "gitlab-b", ENV_HASH_RB, &[]);
+    let deadline = Instant::now() + WAIT;
+    while !daemon
+        .log()
+        .contains("already holds its limit of 1 connected agents")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the second agent was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(instance(&mut c, "gitlab-b").await.is_none());
+    // RESOURCE_EXHAUSTED is not final: once there is room, it gets in.
+    first.kill9();
+    wait_synced(&mut c, "gitlab-b", 0).await;
+}
