@@ -4,18 +4,17 @@
 //! converge without extra reconfigures.
 
 use crate::fresh_daemon;
+use crate::{WAIT, instance, wait_instance, wait_synced};
 use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
-    CreateModelRequest, CreateProfileRequest, DeleteInstanceRequest, GetInstanceRequest, Instance,
-    ListInstancesRequest, Profile, SetFeatureSettingRequest, SyncState, UpdateProfileRequest,
+    CreateModelRequest, CreateProfileRequest, DeleteInstanceRequest, ListInstancesRequest, Profile,
+    SetFeatureSettingRequest, SyncState, UpdateProfileRequest,
 };
 use duofleet_tests::agent::{Agent, FakeCommand};
 use duofleet_tests::{Clients, Daemon, DaemonOptions, mk};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 const ENV_HASH_RB: &str = r#"external_url 'https://gitlab-a.example.com'
 gitlab_rails['time_zone'] = 'UTC'
@@ -63,44 +62,6 @@ fn linux_agent(
     ]);
     all.extend(args(extra));
     (Agent::start(daemon, id, root, &all), ctl, rb)
-}
-
-async fn instance(c: &mut Clients, id: &str) -> Option<Instance> {
-    c.fleet
-        .get_instance(GetInstanceRequest {
-            instance_id: id.into(),
-        })
-        .await
-        .ok()
-        .map(|r| r.into_inner())
-}
-
-/// Waits until `check` holds for the instance, and returns it.
-async fn wait_instance(
-    c: &mut Clients,
-    id: &str,
-    what: &str,
-    check: impl Fn(&Instance) -> bool,
-) -> Instance {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = instance(c, id).await;
-        if let Some(i) = got.as_ref().filter(|i| check(i)) {
-            return i.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id}: never {what}; last seen {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_synced(c: &mut Clients, id: &str, revision: u64) -> Instance {
-    wait_instance(c, id, &format!("synced at {revision}"), |i| {
-        i.connected && i.sync_state() == SyncState::Synced && i.applied_revision == revision
-    })
-    .await
 }
 
 async fn set_gateway(c: &mut Clients, profile: &str, url: &str) -> u64 {

@@ -2,10 +2,10 @@
 //! daemon and agents against the GitLab simulator.
 
 use crate::fresh_daemon;
+use crate::{WAIT, wait_instance, wait_synced};
 use duofleet_proto::v1::{
-    CreateModelRequest, DeleteModelRequest, FeatureSetting, GetInstanceRequest, Instance, Model,
-    Profile, Provider, SetFeatureSettingRequest, SyncState, UpdateModelRequest,
-    UpdateProfileRequest,
+    CreateModelRequest, DeleteModelRequest, FeatureSetting, Model, Profile, Provider,
+    SetFeatureSettingRequest, SyncState, UpdateModelRequest, UpdateProfileRequest,
 };
 use duofleet_tests::agent::{Agent, FakeCommand};
 use duofleet_tests::gitlab_sim::{self, Shared};
@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "glpat-simulated-admin-token";
-const WAIT: Duration = Duration::from_secs(30);
 
 fn agent_with_gitlab(
     daemon: &Daemon,
@@ -42,40 +41,6 @@ fn agent_with_gitlab(
     .map(|s| s.to_string())
     .collect();
     Agent::start(daemon, id, root, &args)
-}
-
-async fn wait_instance(
-    c: &mut Clients,
-    id: &str,
-    what: &str,
-    check: impl Fn(&Instance) -> bool,
-) -> Instance {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = c
-            .fleet
-            .get_instance(GetInstanceRequest {
-                instance_id: id.into(),
-            })
-            .await
-            .ok()
-            .map(|r| r.into_inner());
-        if let Some(i) = got.as_ref().filter(|i| check(i)) {
-            return i.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id}: never {what}; last seen {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_synced(c: &mut Clients, id: &str, revision: u64) -> Instance {
-    wait_instance(c, id, &format!("synced at {revision}"), |i| {
-        i.sync_state() == SyncState::Synced && i.applied_revision == revision
-    })
-    .await
 }
 
 fn setting(feature: &str, provider: Provider, model: &str) -> FeatureSetting {

@@ -2,10 +2,11 @@
 //! every model of the profile, with the failures an operator must see.
 
 use crate::fresh_daemon;
+use crate::wait_instance;
 use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
-    CreateModelRequest, EndpointHealth, GetFleetHealthRequest, GetInstanceRequest, HealthState,
-    Instance, Model, Profile, TargetKind, UpdateProfileRequest,
+    CreateModelRequest, EndpointHealth, GetFleetHealthRequest, HealthState, Instance, Model,
+    Profile, TargetKind, UpdateProfileRequest,
 };
 use duofleet_tests::agent::Agent;
 use duofleet_tests::endpoints::{Endpoint, TestCa};
@@ -13,7 +14,6 @@ use duofleet_tests::{Clients, Daemon, mk};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(30);
 const KEY: &str = "sk-health-canary-5d1f";
 
 fn start_agent(daemon: &Daemon, root: &Path, id: &str, extra: &[&str]) -> Agent {
@@ -77,34 +77,6 @@ fn target<'a>(instance: &'a Instance, name: &str) -> Option<&'a EndpointHealth> 
     instance.health.iter().find(|h| h.target == name)
 }
 
-async fn wait_health(
-    c: &mut Clients,
-    id: &str,
-    what: &str,
-    check: impl Fn(&Instance) -> bool,
-) -> Instance {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = c
-            .fleet
-            .get_instance(GetInstanceRequest {
-                instance_id: id.into(),
-            })
-            .await
-            .ok()
-            .map(|r| r.into_inner());
-        if let Some(i) = got.as_ref().filter(|i| check(i)) {
-            return i.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id}: never {what}; last seen {:?}",
-            got.map(|i| i.health)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn state_of(instance: &Instance, name: &str) -> Option<HealthState> {
     target(instance, name).map(|h| h.state())
 }
@@ -134,7 +106,7 @@ async fn a_stopped_endpoint_turns_unhealthy_with_the_error() {
     .await;
     let mut events = crate::watch_fleet(&mut c).await;
 
-    let healthy = wait_health(&mut c, "gitlab-a", "healthy", |i| {
+    let healthy = wait_instance(&mut c, "gitlab-a", "healthy", |i| {
         i.health.len() == 3 && i.health.iter().all(|h| h.state() == HealthState::Healthy)
     })
     .await;
@@ -157,7 +129,7 @@ async fn a_stopped_endpoint_turns_unhealthy_with_the_error() {
     );
 
     model.stop();
-    let failing = wait_health(&mut c, "gitlab-a", "unhealthy", |i| {
+    let failing = wait_instance(&mut c, "gitlab-a", "unhealthy", |i| {
         state_of(i, "mixtral-prod") == Some(HealthState::Unhealthy)
             && state_of(i, "bedrock-mixtral") == Some(HealthState::Unhealthy)
     })
@@ -249,7 +221,7 @@ async fn a_wrong_identifier_names_the_served_models() {
         )],
     )
     .await;
-    let i = wait_health(&mut c, "gitlab-a", "unhealthy", |i| {
+    let i = wait_instance(&mut c, "gitlab-a", "unhealthy", |i| {
         state_of(i, "mixtral-prod") == Some(HealthState::Unhealthy)
     })
     .await;
@@ -289,7 +261,7 @@ async fn a_private_ca_needs_the_ca_bundle() {
     )
     .await;
 
-    let trusted = wait_health(&mut c, "with-bundle", "healthy", |i| {
+    let trusted = wait_instance(&mut c, "with-bundle", "healthy", |i| {
         i.health.len() == 2 && i.health.iter().all(|h| h.state() == HealthState::Healthy)
     })
     .await;
@@ -297,7 +269,7 @@ async fn a_private_ca_needs_the_ca_bundle() {
         state_of(&trusted, "mixtral-prod"),
         Some(HealthState::Healthy)
     );
-    let refused = wait_health(&mut c, "no-bundle", "unhealthy", |i| {
+    let refused = wait_instance(&mut c, "no-bundle", "unhealthy", |i| {
         state_of(i, "mixtral-prod") == Some(HealthState::Unhealthy)
     })
     .await;
@@ -359,13 +331,13 @@ async fn proxies_are_honoured_and_no_proxy_bypasses_them() {
         )],
     )
     .await;
-    let proxied = wait_health(&mut c, "proxied", "unhealthy", |i| {
+    let proxied = wait_instance(&mut c, "proxied", "unhealthy", |i| {
         state_of(i, "mixtral-prod") == Some(HealthState::Unhealthy)
     })
     .await;
     let error = target(&proxied, "mixtral-prod").unwrap().error.clone();
     assert!(error.contains("/v1/models failed"), "{error}");
-    wait_health(&mut c, "bypass", "healthy", |i| {
+    wait_instance(&mut c, "bypass", "healthy", |i| {
         state_of(i, "mixtral-prod") == Some(HealthState::Healthy)
     })
     .await;
@@ -383,7 +355,7 @@ async fn unchanged_results_are_not_resent_before_the_heartbeat() {
         &["--health-heartbeat", "1h"],
     );
     configure(&mut c, &gateway.base, vec![]).await;
-    wait_health(&mut c, "gitlab-a", "healthy", |i| {
+    wait_instance(&mut c, "gitlab-a", "healthy", |i| {
         state_of(i, &gateway.base) == Some(HealthState::Healthy)
     })
     .await;
@@ -404,7 +376,7 @@ async fn unchanged_results_are_not_resent_before_the_heartbeat() {
     assert_eq!(reports, 0);
     // A change goes at once.
     gateway.behaviour.lock().unwrap().status = 503;
-    let i = wait_health(&mut c, "gitlab-a", "unhealthy", |i| {
+    let i = wait_instance(&mut c, "gitlab-a", "unhealthy", |i| {
         state_of(i, &gateway.base) == Some(HealthState::Unhealthy)
     })
     .await;

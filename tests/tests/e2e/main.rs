@@ -16,7 +16,9 @@ mod tokens;
 mod validation;
 
 use duofleet_proto::v1::{CreateModelRequest, ListRevisionsRequest, Model};
+use duofleet_proto::v1::{GetInstanceRequest, Instance, SyncState};
 use duofleet_tests::Clients;
+use std::time::{Duration, Instant};
 
 /// Creates a model and returns what the daemon answered.
 pub async fn create_model(clients: &mut Clients, model: Model) -> Model {
@@ -74,3 +76,44 @@ pub fn fresh_daemon() -> (tempfile::TempDir, duofleet_tests::Daemon) {
     let daemon = duofleet_tests::Daemon::start(&dir.path().join("data"));
     (dir, daemon)
 }
+
+pub async fn instance(c: &mut Clients, id: &str) -> Option<Instance> {
+    c.fleet
+        .get_instance(GetInstanceRequest {
+            instance_id: id.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Waits until `check` holds for the instance, and returns it.
+pub async fn wait_instance(
+    c: &mut Clients,
+    id: &str,
+    what: &str,
+    check: impl Fn(&Instance) -> bool,
+) -> Instance {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = instance(c, id).await;
+        if let Some(i) = got.as_ref().filter(|i| check(i)) {
+            return i.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}: never {what}; last seen {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn wait_synced(c: &mut Clients, id: &str, revision: u64) -> Instance {
+    wait_instance(c, id, &format!("synced at {revision}"), |i| {
+        i.connected && i.sync_state() == SyncState::Synced && i.applied_revision == revision
+    })
+    .await
+}
+
+/// How long the end-to-end waits give a condition.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(30);

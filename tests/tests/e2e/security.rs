@@ -1,8 +1,9 @@
 //! TLS and agent identity: enrollment, mutual TLS, claims checked against
 //! the certificate, revocation, renewal; grpcurl over TLS.
 
+use crate::{WAIT, wait_synced};
 use duofleet_proto::v1::{
-    DeleteInstanceRequest, GetInstanceRequest, Profile, SyncState, UpdateProfileRequest,
+    DeleteInstanceRequest, GetInstanceRequest, Profile, UpdateProfileRequest,
 };
 use duofleet_tests::agent::Agent;
 use duofleet_tests::endpoints::TestCa;
@@ -11,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 struct Tls {
     _dir: tempfile::TempDir,
@@ -102,30 +101,6 @@ impl Tls {
             .arg(method)
             .output()
             .unwrap()
-    }
-}
-
-async fn wait_synced(c: &mut Clients, id: &str, revision: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = c
-            .fleet
-            .get_instance(GetInstanceRequest {
-                instance_id: id.into(),
-            })
-            .await
-            .ok()
-            .map(|r| r.into_inner());
-        if got.as_ref().is_some_and(|i| {
-            i.connected && i.sync_state() == SyncState::Synced && i.applied_revision == revision
-        }) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} never synced at {revision}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
