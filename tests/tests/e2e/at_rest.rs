@@ -1,38 +1,17 @@
 //! API keys are sealed at rest: the raw sled files never hold one, and a
 //! documented key rotation re-seals the whole history.
 
-use crate::create_model;
+use crate::{contains, create_model, raw_files};
 use duofleet_proto::v1::{
     Model, Profile, RollbackRequest, UpdateModelRequest, UpdateProfileRequest,
 };
 use duofleet_tests::agent::Agent;
 use duofleet_tests::endpoints::Endpoint;
 use duofleet_tests::{Daemon, DaemonOptions, mk};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const FIRST_KEY: &str = "sk-at-rest-first-0c4e7a";
 const SECOND_KEY: &str = "sk-at-rest-second-91bd3f";
-
-/// Every file under `dir`, read raw.
-fn raw_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(raw_files(&path));
-        } else {
-            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-}
 
 fn with_args(args: &[&str]) -> DaemonOptions {
     DaemonOptions {

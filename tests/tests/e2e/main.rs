@@ -117,3 +117,23 @@ pub async fn wait_synced(c: &mut Clients, id: &str, revision: u64) -> Instance {
 
 /// How long the end-to-end waits give a condition.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Every file under `dir`, read raw.
+pub fn raw_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(raw_files(&path));
+        } else {
+            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+pub fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}

@@ -140,28 +140,15 @@ async fn viewers_read_admins_write_and_revoked_tokens_stop_working() {
 
     // The secrets are not in the database files.
     assert!(daemon.stop("TERM").success());
-    for (path, bytes) in raw(&data.join("db")) {
+    for (path, bytes) in crate::raw_files(&data.join("db")) {
         for secret in [&viewer_secret, &ci.secret] {
             assert!(
-                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                !crate::contains(&bytes, secret),
                 "{path} holds a token secret"
             );
         }
     }
     drop(dir);
-}
-
-fn raw(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(raw(&path));
-        } else {
-            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
