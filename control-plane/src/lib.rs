@@ -30,6 +30,7 @@ pub mod fleet_health;
 pub mod fsutil;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod registry;
 pub mod secrets;
 pub mod server;

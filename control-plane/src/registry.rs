@@ -4,6 +4,7 @@
 //! a newer connection with the same instance id) are ignored.
 
 use crate::effective::Labels;
+use crate::metrics::{self, Metrics};
 use crate::store::{Store, StoreError};
 use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
@@ -13,7 +14,7 @@ use duofleet_proto::v1::{
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot};
 
 /// How many health state changes an instance keeps.
@@ -27,6 +28,8 @@ struct Entry {
     kick: Option<oneshot::Sender<()>>,
     failed: bool,
     drifted: bool,
+    /// The revision last pushed and when, for the push-to-ack histogram.
+    pushed: Option<(u64, Instant)>,
 }
 
 /// One agent connection, as the registry knows it.
@@ -44,6 +47,7 @@ pub struct Registry {
     next_session: AtomicU64,
     /// How many agents may be connected at once.
     max_agents: usize,
+    pub metrics: Metrics,
 }
 
 /// The daemon holds as many agent connections as it is allowed.
@@ -69,6 +73,7 @@ impl Registry {
                     kick: None,
                     failed,
                     drifted,
+                    pushed: None,
                 };
                 (entry.instance.instance_id.clone(), entry)
             })
@@ -79,6 +84,7 @@ impl Registry {
             events: broadcast::Sender::new(1024),
             next_session: AtomicU64::new(1),
             max_agents,
+            metrics: Metrics::default(),
         })
     }
 
@@ -110,6 +116,7 @@ impl Registry {
                 kick: None,
                 failed: false,
                 drifted: false,
+                pushed: None,
             });
         if let Some(old) = entry.kick.take() {
             let _ = old.send(());
@@ -142,6 +149,9 @@ impl Registry {
         self.with_session(session, None, |entry| {
             entry.instance.profile = profile.to_string();
             entry.instance.desired_revision = desired_revision;
+            if desired_revision != entry.instance.applied_revision {
+                entry.pushed = Some((desired_revision, Instant::now()));
+            }
         });
     }
 
@@ -150,7 +160,14 @@ impl Registry {
             AckResult::Failed => Event::Failed,
             _ => Event::Applied,
         };
+        self.metrics.ack(ack.result());
         self.with_session(session, Some(event), |entry| {
+            if let Some((revision, at)) = entry.pushed
+                && ack.revision >= revision
+            {
+                self.metrics.push_to_ack(at.elapsed());
+                entry.pushed = None;
+            }
             if ack.gitlab_sync.is_some() {
                 entry.instance.gitlab_sync = ack.gitlab_sync.clone();
             }
@@ -236,6 +253,71 @@ impl Registry {
         self.store.delete_instance(instance_id)?;
         self.emit(Event::Deleted, &entry.instance);
         Ok(true)
+    }
+
+    /// The fleet gauges for /metrics, then the counters.
+    pub fn render_metrics(&self, out: &mut String) {
+        let entries = self.lock();
+        let connected = entries.values().filter(|e| e.instance.connected).count() as u64;
+        metrics::gauge(
+            out,
+            "duofleet_agents_connected",
+            "Agents connected now.",
+            &[("", connected)],
+        );
+        let mut states = std::collections::BTreeMap::new();
+        let mut health = std::collections::BTreeMap::new();
+        for entry in entries.values() {
+            let state = entry
+                .instance
+                .sync_state()
+                .as_str_name()
+                .trim_start_matches("SYNC_STATE_")
+                .to_lowercase();
+            *states.entry(state).or_insert(0u64) += 1;
+            for result in &entry.instance.health {
+                let state = result
+                    .state()
+                    .as_str_name()
+                    .trim_start_matches("HEALTH_STATE_")
+                    .to_lowercase();
+                *health.entry(state).or_insert(0u64) += 1;
+            }
+        }
+        drop(entries);
+        let labels: Vec<(String, u64)> = ["synced", "pending", "failed", "drifted", "offline"]
+            .iter()
+            .map(|s| {
+                (
+                    format!("sync_state=\"{s}\""),
+                    states.get(*s).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        let labels: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metrics::gauge(
+            out,
+            "duofleet_instances",
+            "Instances by sync state.",
+            &labels,
+        );
+        let labels: Vec<(String, u64)> = ["healthy", "unhealthy", "unknown"]
+            .iter()
+            .map(|s| {
+                (
+                    format!("state=\"{s}\""),
+                    health.get(*s).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        let labels: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metrics::gauge(
+            out,
+            "duofleet_endpoint_targets",
+            "Probed targets across instances, by latest state.",
+            &labels,
+        );
+        self.metrics.render(out);
     }
 
     fn with_session(

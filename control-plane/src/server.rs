@@ -297,8 +297,11 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(EnrollmentServiceServer::with_interceptor(EnrollApi::new(ca.clone(), tls, tokens.clone(), store.clone()), enroll_auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), wait_for(shutdown_rx.clone()));
 
-    let http_server = axum::serve(http_listener, crate::http::router(store.clone()))
-        .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
+    let http_server = axum::serve(
+        http_listener,
+        crate::http::router(store.clone(), registry.clone()),
+    )
+    .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
 
     tracing::info!(
         %grpc_addr,

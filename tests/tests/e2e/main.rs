@@ -8,6 +8,7 @@ mod grpcurl;
 mod health;
 mod history;
 mod hostile;
+mod metrics;
 mod otlp;
 mod readme;
 mod secrets;

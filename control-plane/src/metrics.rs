@@ -1,0 +1,126 @@
+//! Counters and a histogram for `/metrics`, in Prometheus' text format.
+//! Hand-written: a few atomics need no metrics framework.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds, in seconds, of the push-to-ack histogram.
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    acks_applied: AtomicU64,
+    acks_unchanged: AtomicU64,
+    acks_failed: AtomicU64,
+    push_to_ack: Histogram,
+}
+
+#[derive(Default)]
+struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn ack(&self, result: duofleet_proto::v1::AckResult) {
+        use duofleet_proto::v1::AckResult;
+        let counter = match result {
+            AckResult::Failed => &self.acks_failed,
+            AckResult::Unchanged => &self.acks_unchanged,
+            _ => &self.acks_applied,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// From sending a DesiredConfig to the agent's ack of it.
+    pub fn push_to_ack(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, count) in BUCKETS.iter().zip(&self.push_to_ack.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.push_to_ack.count.fetch_add(1, Ordering::Relaxed);
+        self.push_to_ack
+            .sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP duofleet_acks_total Acks from agents, by result.\n# TYPE duofleet_acks_total counter"
+        );
+        for (result, counter) in [
+            ("applied", &self.acks_applied),
+            ("unchanged", &self.acks_unchanged),
+            ("failed", &self.acks_failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "duofleet_acks_total{{result=\"{result}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let h = &self.push_to_ack;
+        let name = "duofleet_push_to_ack_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from sending a desired config to the agent's ack.\n# TYPE {name} histogram"
+        );
+        for (bound, count) in BUCKETS.iter().zip(&h.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let total = h.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+/// Writes one gauge with optional labels.
+pub fn gauge(out: &mut String, name: &str, help: &str, values: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (labels, value) in values {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.push_to_ack(Duration::from_millis(20));
+        m.push_to_ack(Duration::from_secs(3));
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("duofleet_push_to_ack_seconds_bucket{le=\"0.025\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("duofleet_push_to_ack_seconds_bucket{le=\"10\"} 2\n"),
+            "{out}"
+        );
+        assert!(out.contains("duofleet_push_to_ack_seconds_count 2\n"));
+    }
+}
