@@ -7,6 +7,7 @@ mod durability;
 mod gitlab_api;
 mod grpcurl;
 mod health;
+mod helm;
 mod history;
 mod hostile;
 mod metrics;

@@ -1,0 +1,160 @@
+//! deploy/helm/duofleet with the real helm 3.11: lint, and the rendered
+//! manifests have what an operator relies on.
+
+use serde_norway::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn helm() -> PathBuf {
+    let local = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/bin/helm"));
+    local
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("helm"))
+}
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/duofleet")
+}
+
+fn render(set: &[&str]) -> Vec<Value> {
+    let mut command = Command::new(helm());
+    command
+        .args(["template", "fleet"])
+        .arg(chart())
+        .args(["--namespace", "duofleet"]);
+    for s in set {
+        command.args(["--set", s]);
+    }
+    let out = command
+        .output()
+        .expect("helm is required (.ci/install-helm)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+use serde::Deserialize;
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect()
+}
+
+fn container(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn assert_hardened(c: &Value) {
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true), "{c:?}");
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+}
+
+#[test]
+fn the_chart_lints_and_renders_a_hardened_control_plane() {
+    let lint = Command::new(helm())
+        .arg("lint")
+        .arg(chart())
+        .output()
+        .expect("helm");
+    assert!(
+        lint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
+
+    let docs = render(&[]);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["Service", "StatefulSet"],
+        "the agent is off by default"
+    );
+    let sts = kind(&docs, "StatefulSet")[0];
+    let c = container(sts);
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            c[probe]["httpGet"]["path"].as_str(),
+            Some("/healthz"),
+            "{probe}"
+        );
+    }
+    assert_hardened(c);
+    let claim = &sts["spec"]["volumeClaimTemplates"][0];
+    assert_eq!(claim["metadata"]["name"].as_str(), Some("data"));
+    assert_eq!(
+        claim["spec"]["resources"]["requests"]["storage"].as_str(),
+        Some("5Gi")
+    );
+    let mounts: Vec<&str> = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert_eq!(mounts, ["/var/lib/duofleet", "/etc/duofleet/tls"]);
+    let env: Vec<&str> = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(env.contains(&"DUOFLEET_TLS_CERT") && env.contains(&"DUOFLEET_TLS_KEY"));
+    assert!(c["resources"]["limits"]["memory"].as_str().is_some());
+    let service = kind(&docs, "Service")[0];
+    let ports: Vec<i64> = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(ports, [7700, 7701]);
+}
+
+#[test]
+fn the_agent_gets_rbac_only_in_the_gitlab_namespace() {
+    let docs = render(&["agent.enabled=true", "agent.gitlabNamespace=gitlab-prod"]);
+    for k in ["ServiceAccount", "Role", "RoleBinding", "Deployment"] {
+        assert_eq!(kind(&docs, k).len(), 1, "{k}");
+    }
+    assert!(kind(&docs, "ClusterRole").is_empty() && kind(&docs, "ClusterRoleBinding").is_empty());
+    assert_eq!(
+        kind(&docs, "Role")[0]["metadata"]["namespace"].as_str(),
+        Some("gitlab-prod")
+    );
+    let binding = kind(&docs, "RoleBinding")[0];
+    assert_eq!(
+        binding["metadata"]["namespace"].as_str(),
+        Some("gitlab-prod")
+    );
+    assert_eq!(
+        binding["subjects"][0]["namespace"].as_str(),
+        Some("duofleet")
+    );
+    let agent = container(kind(&docs, "Deployment")[0]);
+    assert_hardened(agent);
+    let env = |name: &str| {
+        agent["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"].as_str() == Some(name))
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_string)
+    };
+    assert_eq!(env("DUOFLEET_DEPLOYMENT").as_deref(), Some("helm"));
+    assert_eq!(
+        env("DUOFLEET_CONTROL_PLANE").as_deref(),
+        Some("https://fleet-duofleet:7700")
+    );
+    assert!(env("DUOFLEET_HELM_COMMAND").unwrap().contains("{values}"));
+}
