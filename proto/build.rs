@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "duofleet/v1/history.proto",
     "duofleet/v1/agent.proto",
     "duofleet/v1/token.proto",
+    "duofleet/v1/backup.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -4,7 +4,7 @@
 use crate::auth::Tokens;
 use crate::ca::CertAuthority;
 use crate::grpc::{
-    self, AgentApi, EnrollApi, FleetApi, HistoryApi, ModelApi, ProfileApi, TokenApi,
+    self, AgentApi, BackupApi, EnrollApi, FleetApi, HistoryApi, ModelApi, ProfileApi, TokenApi,
 };
 use crate::registry::Registry;
 use crate::secrets::{self, Sealer};
@@ -13,6 +13,7 @@ use crate::telemetry::{self, LogFormat};
 use crate::{catalog, fsutil};
 use clap::Parser;
 use duofleet_proto::v1::agent_service_server::AgentServiceServer;
+use duofleet_proto::v1::backup_service_server::BackupServiceServer;
 use duofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use duofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use duofleet_proto::v1::history_service_server::HistoryServiceServer;
@@ -32,7 +33,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 /// The services whose health grpc.health.v1 reports; "" is the server.
-const SERVICES: [&str; 8] = [
+const SERVICES: [&str; 9] = [
     "",
     <ModelServiceServer<ModelApi> as NamedService>::NAME,
     <ProfileServiceServer<ProfileApi> as NamedService>::NAME,
@@ -41,6 +42,7 @@ const SERVICES: [&str; 8] = [
     <AgentServiceServer<AgentApi> as NamedService>::NAME,
     <TokenServiceServer<TokenApi> as NamedService>::NAME,
     <EnrollmentServiceServer<EnrollApi> as NamedService>::NAME,
+    <BackupServiceServer<BackupApi> as NamedService>::NAME,
 ];
 
 /// How long a graceful shutdown waits for clients to let go of their
@@ -287,6 +289,10 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
         .add_service(FleetServiceServer::with_interceptor(
             FleetApi::new(store.clone(), registry.clone(), ca.clone(), shutdown_rx.clone()),
+            auth.clone(),
+        ))
+        .add_service(BackupServiceServer::with_interceptor(
+            BackupApi::new(store.clone(), args.data_dir.clone(), args.secret_key_file.clone()),
             auth.clone(),
         ))
         .add_service(TokenServiceServer::with_interceptor(token_api, auth.clone()))

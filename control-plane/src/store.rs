@@ -537,6 +537,18 @@ impl Store {
         Ok(load_tree(&self.certs, "certificate")?.into_iter().collect())
     }
 
+    /// Copies the whole database into a new sled database at `dest`, with
+    /// configuration writes held off so the copy is one consistent revision.
+    /// Returns that revision.
+    pub fn backup(&self, dest: &Path) -> Result<u64, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let revision = self.current().revision;
+        let target = sled::Config::new().path(dest).open()?;
+        target.import(self.db.export());
+        target.flush()?;
+        Ok(revision)
+    }
+
     /// Flushes everything to disk (at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;

@@ -3,6 +3,7 @@
 //! errors to gRPC codes.
 
 mod agent;
+mod backup;
 mod enroll;
 mod fleet;
 mod history;
@@ -11,6 +12,7 @@ mod profiles;
 mod tokens;
 
 pub use agent::AgentApi;
+pub use backup::BackupApi;
 pub use enroll::EnrollApi;
 pub use fleet::FleetApi;
 pub use history::HistoryApi;

@@ -105,3 +105,74 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_running_restores_that_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"));
+    let mut c = daemon.clients().await;
+    create_model(&mut c, mk::model("kept")).await;
+    c.profiles
+        .set_feature_setting(SetFeatureSettingRequest {
+            profile: String::new(),
+            setting: Some(mk::self_hosted("duo_chat", "kept")),
+        })
+        .await
+        .unwrap();
+    let backup_dir = dir.path().join("backup-1");
+    let auth = format!("authorization: Bearer {}", daemon.token());
+    let body = format!(r#"{{"directory": "{}"}}"#, backup_dir.display());
+    let out = duofleet_tests::grpcurl(
+        &daemon.grpc_addr,
+        &["-H", &auth, "-d", &body],
+        &["duofleet.v1.BackupService/CreateBackup"],
+    );
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let backup = out.json();
+    assert_eq!(backup["revision"], "2");
+    assert!(
+        backup["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "secret.key")
+    );
+    // Refusals: the same directory again, and a relative path.
+    let again = duofleet_tests::grpcurl(
+        &daemon.grpc_addr,
+        &["-H", &auth, "-d", &body],
+        &["duofleet.v1.BackupService/CreateBackup"],
+    );
+    assert!(
+        again.stderr.contains("Code: FailedPrecondition")
+            && again.stderr.contains("already exists"),
+        "{again:?}"
+    );
+    let relative = duofleet_tests::grpcurl(
+        &daemon.grpc_addr,
+        &["-H", &auth, "-d", r#"{"directory": "rel"}"#],
+        &["duofleet.v1.BackupService/CreateBackup"],
+    );
+    assert!(
+        relative
+            .stderr
+            .contains("directory: must be an absolute path on the duofleetd host"),
+        "{relative:?}"
+    );
+
+    create_model(&mut c, mk::model("after-backup")).await;
+    assert!(daemon.stop("TERM").success());
+
+    let restored = Daemon::start(&backup_dir);
+    let mut c = restored.clients().await;
+    let models = list_models(&mut c).await;
+    assert_eq!(
+        models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        ["kept"]
+    );
+    assert!(
+        models[0].has_api_key,
+        "the sealed key opens with the backed-up secret key"
+    );
+    assert_eq!(revision_numbers(&mut c).await, [2, 1]);
+}
