@@ -12,6 +12,8 @@ const BUCKETS: [f64; 12] = [
 
 #[derive(Default)]
 pub struct Metrics {
+    /// RPCs by (method, gRPC status code).
+    rpcs: std::sync::Mutex<std::collections::BTreeMap<(String, i32), u64>>,
     acks_applied: AtomicU64,
     acks_unchanged: AtomicU64,
     acks_failed: AtomicU64,
@@ -36,6 +38,19 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One finished RPC (for streams: the code at the response's start).
+    pub fn rpc(&self, path: &str, code: i32) {
+        // Only our own and the standard services: a client cannot grow the
+        // label set with made-up paths.
+        let method = if path.starts_with("/duofleet.v1.") || path.starts_with("/grpc.") {
+            path
+        } else {
+            "other"
+        };
+        let mut rpcs = self.rpcs.lock().unwrap_or_else(|e| e.into_inner());
+        *rpcs.entry((method.to_string(), code)).or_insert(0) += 1;
+    }
+
     /// From sending a DesiredConfig to the agent's ack of it.
     pub fn push_to_ack(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
@@ -51,6 +66,17 @@ impl Metrics {
     }
 
     pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP duofleet_grpc_requests_total gRPC requests by method and status code.\n# TYPE duofleet_grpc_requests_total counter"
+        );
+        for ((method, code), count) in self.rpcs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let code = CODES.get(*code as usize).copied().unwrap_or("UNKNOWN");
+            let _ = writeln!(
+                out,
+                "duofleet_grpc_requests_total{{method=\"{method}\",code=\"{code}\"}} {count}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP duofleet_acks_total Acks from agents, by result.\n# TYPE duofleet_acks_total counter"
@@ -87,6 +113,90 @@ impl Metrics {
             h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// Counts every gRPC request by method and the status it answered with.
+#[derive(Clone)]
+pub struct RpcMetricsLayer(pub std::sync::Arc<crate::registry::Registry>);
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> RpcMetrics<S> {
+        RpcMetrics {
+            inner,
+            registry: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcMetrics<S> {
+    inner: S,
+    registry: std::sync::Arc<crate::registry::Registry>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, RB> tower::Service<tonic::codegen::http::Request<B>> for RpcMetrics<S>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<RB>,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let registry = self.registry.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            if let Ok(r) = &response {
+                // Errors come as "trailers-only" responses: the status is in
+                // the headers. Without one the call started fine.
+                let code = r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                registry.metrics.rpc(&path, code);
+            }
+            response
+        })
     }
 }
 

@@ -275,6 +275,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         builder = builder.tls_config(config)?;
     }
     let grpc_server = builder
+        .layer(crate::metrics::RpcMetricsLayer(registry.clone()))
         .max_concurrent_streams(args.max_streams_per_connection)
         .http2_keepalive_interval(Some(Duration::from_millis(args.keepalive_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(args.keepalive_ms)))

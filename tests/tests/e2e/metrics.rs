@@ -67,6 +67,14 @@ async fn metrics_count_agents_states_and_acks_and_pass_promtool() {
     })
     .await;
 
+    // A refused call is counted with its code.
+    let refused = c
+        .fleet
+        .get_instance(duofleet_proto::v1::GetInstanceRequest {
+            instance_id: "nope".into(),
+        })
+        .await;
+    assert!(refused.is_err());
     let (status, metrics) = http_get(&daemon.http_addr, "/metrics");
     assert_eq!(status, 200);
     assert_eq!(value(&metrics, "duofleet_agents_connected"), 3.0);
@@ -88,6 +96,25 @@ async fn metrics_count_agents_states_and_acks_and_pass_promtool() {
         1.0
     );
     assert_eq!(value(&metrics, "duofleet_push_to_ack_seconds_count"), 3.0);
+    assert_eq!(
+        value(
+            &metrics,
+            "duofleet_grpc_requests_total{method=\"/duofleet.v1.ProfileService/UpdateProfile\",code=\"OK\"}"
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &metrics,
+            "duofleet_grpc_requests_total{method=\"/duofleet.v1.FleetService/GetInstance\",code=\"OK\"}"
+        ) >= 4.0
+    );
+    assert!(
+        value(
+            &metrics,
+            "duofleet_grpc_requests_total{method=\"/duofleet.v1.FleetService/GetInstance\",code=\"NOT_FOUND\"}"
+        ) >= 1.0
+    );
 
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
