@@ -20,6 +20,7 @@
 //! Domain modules (`catalog`, `validate`, `config`) know nothing of tonic or
 //! sled; `grpc` is the only place that builds a `tonic::Status`.
 
+pub mod admission;
 pub mod auth;
 pub mod ca;
 pub mod catalog;

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -96,6 +95,19 @@ pub struct Args {
         default_value_t = 100
     )]
     pub max_streams_per_connection: u32,
+
+    /// The most open gRPC connections; more wait in the listen backlog.
+    #[arg(long, env = "DUOFLEET_MAX_CONNECTIONS", default_value_t = 25_000)]
+    pub max_connections: usize,
+
+    /// A connection that sends nothing this long after it opens is closed.
+    #[arg(
+        long,
+        env = "DUOFLEET_FIRST_BYTE_TIMEOUT_MS",
+        default_value_t = 10_000,
+        hide = true
+    )]
+    pub first_byte_timeout_ms: u64,
 
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
@@ -302,7 +314,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             agent_auth,
         ))
         .add_service(EnrollmentServiceServer::with_interceptor(EnrollApi::new(ca.clone(), tls, tokens.clone(), store.clone()), enroll_auth))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), wait_for(shutdown_rx.clone()));
+        .serve_with_incoming_shutdown(crate::admission::admit(grpc_listener, args.max_connections, Duration::from_millis(args.first_byte_timeout_ms)), wait_for(shutdown_rx.clone()));
 
     let http_server = axum::serve(
         http_listener,

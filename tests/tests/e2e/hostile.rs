@@ -111,3 +111,64 @@ async fn fifty_concurrent_creates_of_one_name_have_one_winner() {
     assert_eq!(models.len(), 1);
     assert_eq!(revision_numbers(&mut c).await, [1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_connections_are_capped() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let options = duofleet_tests::DaemonOptions {
+        args: ["--max-connections", "2", "--first-byte-timeout-ms", "300"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let daemon = duofleet_tests::Daemon::start_with(&dir.path().join("data"), options);
+
+    // Two clients that connect and say nothing are dropped.
+    let mut silent: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&daemon.grpc_addr).unwrap())
+        .collect();
+    for stream in &mut silent {
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        // The server speaks first (HTTP/2 settings), then closes.
+        let mut seen = Vec::new();
+        let closed = match stream.read_to_end(&mut seen) {
+            Ok(_) => true,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        };
+        assert!(closed, "a silent connection was kept open");
+    }
+    let check = grpcurl(
+        &daemon.grpc_addr,
+        &["-max-time", "5"],
+        &["grpc.health.v1.Health/Check"],
+    );
+    assert_eq!(check.exit_code, 0, "{check:?}");
+
+    // Two live connections fill the daemon; a third waits until one closes.
+    let first = daemon.channel().await;
+    let second = daemon.channel().await;
+    let waiting = grpcurl(
+        &daemon.grpc_addr,
+        &["-max-time", "2"],
+        &["grpc.health.v1.Health/Check"],
+    );
+    assert_ne!(
+        waiting.exit_code, 0,
+        "a third connection was served: {waiting:?}"
+    );
+    drop(first);
+    let admitted = grpcurl(
+        &daemon.grpc_addr,
+        &["-max-time", "10"],
+        &["grpc.health.v1.Health/Check"],
+    );
+    assert_eq!(admitted.exit_code, 0, "{admitted:?}");
+    drop(second);
+}
