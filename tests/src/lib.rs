@@ -30,12 +30,14 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("DUOFLEET_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // target/<profile>/deps/<test binary> -> target/<profile>
-    let exe = std::env::current_exe().expect("current test binary");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
+    // target/<profile>/deps/<test binary> or target/<profile>/<bin> -> target/<profile>
+    let exe = std::env::current_exe().expect("current binary");
+    let dir = exe.parent().expect("binary in a directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 pub fn bin(name: &str) -> PathBuf {

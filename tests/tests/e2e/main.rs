@@ -2,6 +2,7 @@
 
 mod agents;
 mod at_rest;
+mod bench_smoke;
 mod deploy;
 mod durability;
 mod gitlab_api;
