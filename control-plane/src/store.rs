@@ -663,8 +663,22 @@ mod tests {
         }
     }
 
+    /// Opens the store. sled's flusher thread lets go of the file lock a
+    /// moment after the previous handle is dropped, so a reopen in the same
+    /// process retries briefly on a lock error.
     fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open(dir, catalog::get(), Sealer::new(&[9; 32], None))
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, catalog::get(), Sealer::new(&[9; 32], None)) {
+                Err(StoreError::Storage(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn create(store: &Store, name: &str) -> Commit {
