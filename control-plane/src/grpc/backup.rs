@@ -1,6 +1,6 @@
 //! BackupService: a consistent copy of the data dir while running.
 
-use super::{status, writer};
+use super::{blocking, status, writer};
 use crate::error::ConfigError;
 use crate::fsutil;
 use crate::store::Store;
@@ -64,7 +64,7 @@ impl BackupService for BackupApi {
         let store = self.store.clone();
         let data_dir = self.data_dir.clone();
         let dest = directory.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<String>), String> {
+        let result = blocking(move || -> Result<(u64, Vec<String>), String> {
             fsutil::create_private_dir(&dest)
                 .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
             let revision = store
@@ -81,8 +81,7 @@ impl BackupService for BackupApi {
             }
             Ok((revision, files))
         })
-        .await
-        .map_err(|e| Status::internal(format!("backup task failed: {e}")))?;
+        .await?;
         let (revision, files) = result.map_err(|e| {
             tracing::error!(error = %e, "backup failed");
             Status::internal(format!("backup failed: {e}"))

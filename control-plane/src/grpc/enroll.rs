@@ -1,6 +1,6 @@
 //! EnrollmentService: join token + CSR in, client certificate out.
 
-use super::{AgentIdentity, caller, status};
+use super::{AgentIdentity, blocking, caller, status};
 use crate::auth::{Role, Tokens};
 use crate::ca::{CaError, CertAuthority};
 use crate::error::ConfigError;
@@ -38,7 +38,7 @@ impl EnrollApi {
         };
         let store = self.store.clone();
         let name = name.to_string();
-        tokio::task::spawn_blocking(move || match after {
+        blocking(move || match after {
             Some(token) => store.put_token(
                 &name,
                 &StoredToken {
@@ -48,8 +48,7 @@ impl EnrollApi {
             ),
             None => store.delete_token(&name).map(|_| ()),
         })
-        .await
-        .map_err(|e| Status::internal(format!("token task failed: {e}")))?
+        .await?
         .map_err(status)
     }
 
@@ -68,17 +67,15 @@ impl EnrollApi {
         }
         let ca = self.ca.clone();
         let id = instance_id.clone();
-        let (certificate_pem, not_after) =
-            tokio::task::spawn_blocking(move || ca.sign(&id, &csr_pem))
-                .await
-                .map_err(|e| Status::internal(format!("signing task failed: {e}")))?
-                .map_err(|e| match e {
-                    CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
-                    other => {
-                        tracing::error!(error = %other, "cannot issue a certificate");
-                        Status::internal("cannot issue a certificate; see the duofleetd log")
-                    }
-                })?;
+        let (certificate_pem, not_after) = blocking(move || ca.sign(&id, &csr_pem))
+            .await?
+            .map_err(|e| match e {
+                CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
+                other => {
+                    tracing::error!(error = %other, "cannot issue a certificate");
+                    Status::internal("cannot issue a certificate; see the duofleetd log")
+                }
+            })?;
         tracing::info!(instance = %instance_id, not_after = ?not_after, "client certificate issued");
         Ok(Response::new(EnrollResponse {
             certificate_pem,

@@ -1,7 +1,7 @@
 //! FleetService: the instances whose agents connected, and a live stream of
 //! revisions and instance events.
 
-use super::{caller, status};
+use super::{blocking, caller, status};
 use crate::ca::CertAuthority;
 use crate::error::ConfigError;
 use crate::fleet_health;
@@ -99,14 +99,13 @@ impl FleetService for FleetApi {
         let registry = self.registry.clone();
         let target = id.clone();
         let ca = self.ca.clone();
-        let existed = tokio::task::spawn_blocking(move || -> Result<bool, StoreError> {
+        let existed = blocking(move || -> Result<bool, StoreError> {
             let known = registry.delete(&target)?;
             // Deleting revokes: its certificates no longer connect.
             let revoked = ca.revoke_instance(&target)?;
             Ok(known || revoked > 0)
         })
-        .await
-        .map_err(|e| Status::internal(format!("delete task failed: {e}")))?
+        .await?
         .map_err(status)?;
         if !existed {
             return Err(no_instance(&id));

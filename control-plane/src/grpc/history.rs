@@ -1,4 +1,4 @@
-use super::{caller, log_commit, public_model, status, writer};
+use super::{blocking, caller, log_commit, public_model, status, writer};
 use crate::store::Store;
 use duofleet_proto::v1::history_service_server::HistoryService;
 use duofleet_proto::v1::{
@@ -44,11 +44,9 @@ impl HistoryService for HistoryApi {
             })?),
         };
         let store = self.store.clone();
-        let mut revisions =
-            tokio::task::spawn_blocking(move || store.list_revisions(before, page_size + 1))
-                .await
-                .map_err(|e| Status::internal(format!("read task failed: {e}")))?
-                .map_err(status)?;
+        let mut revisions = blocking(move || store.list_revisions(before, page_size + 1))
+            .await?
+            .map_err(status)?;
         let next_page_token = if revisions.len() > page_size {
             revisions.truncate(page_size);
             revisions
@@ -71,11 +69,9 @@ impl HistoryService for HistoryApi {
         caller(&request)?;
         let revision = request.get_ref().revision;
         let store = self.store.clone();
-        let (mut record, config) =
-            tokio::task::spawn_blocking(move || store.get_revision(revision))
-                .await
-                .map_err(|e| Status::internal(format!("read task failed: {e}")))?
-                .map_err(status)?;
+        let (mut record, config) = blocking(move || store.get_revision(revision))
+            .await?
+            .map_err(status)?;
         record.models = config.models.values().map(public_model).collect();
         record.profiles = config.profiles.into_values().collect();
         Ok(Response::new(record))
@@ -89,9 +85,7 @@ impl HistoryService for HistoryApi {
         let target = request.get_ref().revision;
         let store = self.store.clone();
         let actor = caller.name.clone();
-        let result = tokio::task::spawn_blocking(move || store.rollback(&actor, target))
-            .await
-            .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+        let result = blocking(move || store.rollback(&actor, target)).await?;
         let commit = log_commit(&caller, result)?;
         let record = commit.revision.expect("a rollback always makes a revision");
         Ok(Response::new(record))

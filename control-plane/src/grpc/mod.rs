@@ -152,6 +152,16 @@ fn required<T>(value: Option<T>, field: &str) -> Result<T, Status> {
     value.ok_or_else(|| Status::invalid_argument(format!("{field}: required")))
 }
 
+/// Runs blocking store work (sled reads, writes and flushes, signing) on
+/// the blocking pool, off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Status::internal(format!("blocking task failed: {e}")))
+}
+
 /// Runs one configuration change on the blocking pool (sled flushes to
 /// disk) and logs the revision it made.
 async fn commit(
@@ -161,9 +171,7 @@ async fn commit(
 ) -> Result<Commit, Status> {
     let store = store.clone();
     let actor = caller.name.clone();
-    let result = tokio::task::spawn_blocking(move || store.mutate(&actor, op))
-        .await
-        .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+    let result = blocking(move || store.mutate(&actor, op)).await?;
     log_commit(&caller, result)
 }
 

@@ -1,6 +1,6 @@
 //! TokenService: operator tokens with roles and expiry.
 
-use super::{caller, status, writer};
+use super::{blocking, caller, status, writer};
 use crate::auth::Tokens;
 use crate::error::{ConfigError, quoted};
 use crate::store::{Store, StoredToken};
@@ -95,9 +95,8 @@ impl TokenService for TokenApi {
         };
         let store = self.store.clone();
         let name = request.name.clone();
-        let inserted = tokio::task::spawn_blocking(move || store.insert_token(&name, &stored))
-            .await
-            .map_err(|e| Status::internal(format!("token task failed: {e}")))?
+        let inserted = blocking(move || store.insert_token(&name, &stored))
+            .await?
             .map_err(status)?;
         if !inserted {
             return Err(status(
@@ -122,9 +121,8 @@ impl TokenService for TokenApi {
     ) -> Result<Response<ListTokensResponse>, Status> {
         caller(&request)?;
         let store = self.store.clone();
-        let stored = tokio::task::spawn_blocking(move || store.load_tokens())
-            .await
-            .map_err(|e| Status::internal(format!("token task failed: {e}")))?
+        let stored = blocking(move || store.load_tokens())
+            .await?
             .map_err(status)?;
         let mut tokens: Vec<Token> = stored.into_iter().filter_map(|s| s.token).collect();
         tokens.sort_by(|a, b| a.name.cmp(&b.name));
@@ -148,9 +146,8 @@ impl TokenService for TokenApi {
         }
         let store = self.store.clone();
         let target = name.clone();
-        let removed = tokio::task::spawn_blocking(move || store.delete_token(&target))
-            .await
-            .map_err(|e| Status::internal(format!("token task failed: {e}")))?
+        let removed = blocking(move || store.delete_token(&target))
+            .await?
             .map_err(status)?;
         if !removed {
             return Err(status(
