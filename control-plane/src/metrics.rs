@@ -200,6 +200,29 @@ where
     }
 }
 
+/// Writes one gauge with a series per value of `label`, in the order of
+/// `values`; values absent from `counts` are 0.
+pub fn gauge_by(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+    counts: &std::collections::BTreeMap<String, u64>,
+) {
+    let series: Vec<(String, u64)> = values
+        .iter()
+        .map(|v| {
+            (
+                format!("{label}=\"{v}\""),
+                counts.get(*v).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    let series: Vec<(&str, u64)> = series.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    gauge(out, name, help, &series);
+}
+
 /// Writes one gauge with optional labels.
 pub fn gauge(out: &mut String, name: &str, help: &str, values: &[(&str, u64)]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

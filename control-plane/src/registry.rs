@@ -285,37 +285,21 @@ impl Registry {
             }
         }
         drop(entries);
-        let labels: Vec<(String, u64)> = ["synced", "pending", "failed", "drifted", "offline"]
-            .iter()
-            .map(|s| {
-                (
-                    format!("sync_state=\"{s}\""),
-                    states.get(*s).copied().unwrap_or(0),
-                )
-            })
-            .collect();
-        let labels: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metrics::gauge(
+        metrics::gauge_by(
             out,
             "duofleet_instances",
             "Instances by sync state.",
-            &labels,
+            "sync_state",
+            &["synced", "pending", "failed", "drifted", "offline"],
+            &states,
         );
-        let labels: Vec<(String, u64)> = ["healthy", "unhealthy", "unknown"]
-            .iter()
-            .map(|s| {
-                (
-                    format!("state=\"{s}\""),
-                    health.get(*s).copied().unwrap_or(0),
-                )
-            })
-            .collect();
-        let labels: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metrics::gauge(
+        metrics::gauge_by(
             out,
             "duofleet_endpoint_targets",
             "Probed targets across instances, by latest state.",
-            &labels,
+            "state",
+            &["healthy", "unhealthy", "unknown"],
+            &health,
         );
         self.metrics.render(out);
     }
