@@ -152,7 +152,7 @@ async fn three_agents_get_the_gateway_with_one_reconfigure_each() {
             && b.contains(&format!("'AI_GATEWAY_URL' => '{url}'"))
     );
     // C: the Helm values, and the helm command with the values path.
-    let c_values: serde_json::Value = serde_json::to_value(read_yaml(&values)).unwrap();
+    let c_values: serde_json::Value = read_yaml(&values);
     for component in ["webservice", "sidekiq", "toolbox"] {
         assert_eq!(
             c_values["gitlab"][component]["extraEnv"]["AI_GATEWAY_URL"], url,
@@ -212,7 +212,7 @@ async fn three_agents_get_the_gateway_with_one_reconfigure_each() {
         .into_inner();
     let moved = wait_synced(&mut c, "gitlab-c", canary.revision).await;
     assert_eq!(moved.profile, "canary");
-    let c_values: serde_json::Value = serde_json::to_value(read_yaml(&values)).unwrap();
+    let c_values: serde_json::Value = read_yaml(&values);
     assert_eq!(
         c_values["gitlab"]["webservice"]["extraEnv"]["AI_GATEWAY_URL"],
         "https://aigw-canary.example.com"
@@ -252,44 +252,8 @@ async fn three_agents_get_the_gateway_with_one_reconfigure_each() {
 }
 
 fn read_yaml(path: &Path) -> serde_json::Value {
-    // The values file is plain YAML maps of strings; its JSON view suffices.
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut root = serde_json::Map::new();
-    let mut stack: Vec<(usize, String)> = Vec::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
-    {
-        let indent = line.len() - line.trim_start().len();
-        let (key, value) = line.trim().split_once(':').unwrap();
-        while stack.last().is_some_and(|(i, _)| *i >= indent) {
-            stack.pop();
-        }
-        let mut node = &mut root;
-        for (_, k) in &stack {
-            node = node
-                .entry(k.clone())
-                .or_insert_with(|| serde_json::Value::Object(Default::default()))
-                .as_object_mut()
-                .unwrap();
-        }
-        let value = value.trim();
-        if value.is_empty() {
-            node.insert(
-                key.to_string(),
-                serde_json::Value::Object(Default::default()),
-            );
-            stack.push((indent, key.to_string()));
-        } else {
-            node.insert(
-                key.to_string(),
-                serde_json::Value::String(
-                    value.trim_matches(|c| c == '\'' || c == '"').to_string(),
-                ),
-            );
-        }
-    }
-    serde_json::Value::Object(root)
+    serde_norway::from_str(&std::fs::read_to_string(path).unwrap())
+        .expect("the values file is YAML")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
