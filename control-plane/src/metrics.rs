@@ -17,6 +17,7 @@ pub struct Metrics {
     acks_applied: AtomicU64,
     acks_unchanged: AtomicU64,
     acks_failed: AtomicU64,
+    health_reports: AtomicU64,
     push_to_ack: Histogram,
 }
 
@@ -36,6 +37,11 @@ impl Metrics {
             _ => &self.acks_applied,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One HealthReport taken in from an agent.
+    pub fn health_report(&self) {
+        self.health_reports.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One finished RPC (for streams: the code at the response's start).
@@ -92,6 +98,11 @@ impl Metrics {
                 counter.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP duofleet_health_reports_total Health reports taken in from agents.\n# TYPE duofleet_health_reports_total counter\nduofleet_health_reports_total {}",
+            self.health_reports.load(Ordering::Relaxed)
+        );
         let h = &self.push_to_ack;
         let name = "duofleet_push_to_ack_seconds";
         let _ = writeln!(

@@ -30,6 +30,8 @@ struct Entry {
     drifted: bool,
     /// The revision last pushed and when, for the push-to-ack histogram.
     pushed: Option<(u64, Instant)>,
+    /// Changed since it was last saved.
+    dirty: bool,
 }
 
 /// One agent connection, as the registry knows it.
@@ -43,6 +45,9 @@ pub struct Session {
 pub struct Registry {
     store: Arc<Store>,
     entries: Mutex<HashMap<String, Entry>>,
+    /// Held while instance records are written or deleted, so that a save
+    /// in flight cannot bring a deleted instance back.
+    saving: Mutex<()>,
     events: broadcast::Sender<FleetEvent>,
     next_session: AtomicU64,
     /// How many agents may be connected at once.
@@ -74,6 +79,7 @@ impl Registry {
                     failed,
                     drifted,
                     pushed: None,
+                    dirty: false,
                 };
                 (entry.instance.instance_id.clone(), entry)
             })
@@ -81,6 +87,7 @@ impl Registry {
         Ok(Registry {
             store,
             entries: Mutex::new(entries),
+            saving: Mutex::new(()),
             events: broadcast::Sender::new(1024),
             next_session: AtomicU64::new(1),
             max_agents,
@@ -117,6 +124,7 @@ impl Registry {
                 failed: false,
                 drifted: false,
                 pushed: None,
+                dirty: false,
             });
         if let Some(old) = entry.kick.take() {
             let _ = old.send(());
@@ -193,10 +201,14 @@ impl Registry {
         });
     }
 
-    /// The latest result per target, and the last 100 state changes.
+    /// The latest result per target, and the last 100 state changes. A
+    /// report that changes no target's state (a heartbeat) raises no
+    /// health-changed event.
     pub fn health(&self, session: &Session, report: HealthReport) {
-        self.with_session(session, Some(Event::HealthChanged), |entry| {
+        self.metrics.health_report();
+        self.with_session_then(session, |entry| {
             let instance = &mut entry.instance;
+            let mut changed = false;
             for result in &report.results {
                 let before = instance
                     .health
@@ -204,14 +216,18 @@ impl Registry {
                     .find(|h| h.kind == result.kind && h.target == result.target);
                 if before.is_none_or(|b| b.state != result.state) {
                     instance.health_transitions.push(result.clone());
+                    changed = true;
                 }
             }
+            // A target no longer probed is a change too.
+            changed |= instance.health.len() != report.results.len();
             let excess = instance
                 .health_transitions
                 .len()
                 .saturating_sub(HEALTH_TRANSITIONS);
             instance.health_transitions.drain(..excess);
             instance.health = report.results;
+            changed.then_some(Event::HealthChanged as fn(InstanceEvent) -> Event)
         });
     }
 
@@ -244,6 +260,7 @@ impl Registry {
 
     /// Forgets an instance and ends its connection. Returns whether it existed.
     pub fn delete(&self, instance_id: &str) -> Result<bool, StoreError> {
+        let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let Some(mut entry) = self.lock().remove(instance_id) else {
             return Ok(false);
         };
@@ -253,6 +270,20 @@ impl Registry {
         self.store.delete_instance(instance_id)?;
         self.emit(Event::Deleted, &entry.instance);
         Ok(true)
+    }
+
+    /// Writes the instances changed since the last call, in one batch.
+    /// Runs every 500 ms and at shutdown: acks and health reports from a
+    /// whole fleet cost one write each per interval, not one each.
+    pub fn save_changed(&self) -> Result<usize, StoreError> {
+        let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let changed: Vec<Instance> = self
+            .lock()
+            .values_mut()
+            .filter_map(|e| std::mem::take(&mut e.dirty).then(|| e.instance.clone()))
+            .collect();
+        self.store.save_instances(&changed)?;
+        Ok(changed.len())
     }
 
     /// The fleet gauges for /metrics, then the counters.
@@ -310,6 +341,18 @@ impl Registry {
         event: Option<fn(InstanceEvent) -> Event>,
         edit: impl FnOnce(&mut Entry),
     ) {
+        self.with_session_then(session, |entry| {
+            edit(entry);
+            event
+        });
+    }
+
+    /// Like `with_session`, with the event (if any) chosen by the edit.
+    fn with_session_then(
+        &self,
+        session: &Session,
+        edit: impl FnOnce(&mut Entry) -> Option<fn(InstanceEvent) -> Event>,
+    ) {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(&session.instance_id) else {
             return;
@@ -317,11 +360,12 @@ impl Registry {
         if entry.session != session.id {
             return;
         }
-        edit(entry);
+        let event = edit(entry);
         self.updated(entry, event);
     }
 
-    /// Recomputes the derived fields, persists and announces a change.
+    /// Recomputes the derived fields, marks the entry for saving and
+    /// announces a change.
     fn updated(&self, entry: &mut Entry, event: Option<fn(InstanceEvent) -> Event>) {
         let instance = &mut entry.instance;
         instance.last_seen = Some(SystemTime::now().into());
@@ -337,9 +381,7 @@ impl Registry {
             SyncState::Pending
         };
         instance.sync_state = state as i32;
-        if let Err(error) = self.store.save_instance(instance) {
-            tracing::warn!(instance = %instance.instance_id, %error, "could not persist instance state");
-        }
+        entry.dirty = true;
         if let Some(event) = event {
             self.emit(event, instance);
         }

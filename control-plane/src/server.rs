@@ -239,6 +239,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     let http_addr = http_listener.local_addr()?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(save_instances(registry.clone()));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for service in SERVICES {
         health_reporter
@@ -357,6 +358,9 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             None
         }
     };
+    if let Err(error) = registry.save_changed() {
+        tracing::warn!(%error, "could not save the fleet's instance state");
+    }
     let flushed = store.flush();
     if let Some((grpc_result, http_result)) = results {
         grpc_result?;
@@ -385,6 +389,21 @@ fn sealer(args: &Args) -> Result<Sealer, StartError> {
         None => None,
     };
     Ok(Sealer::new(&current, previous.as_ref()))
+}
+
+/// Saves the instances that changed, every 500 ms (sled's own flush
+/// interval), off the agents' streams.
+async fn save_instances(registry: Arc<Registry>) {
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let registry = registry.clone();
+        let saved = tokio::task::spawn_blocking(move || registry.save_changed()).await;
+        if let Ok(Err(error)) = saved {
+            tracing::warn!(%error, "could not save the fleet's instance state");
+        }
+    }
 }
 
 async fn wait_for(mut shutdown: watch::Receiver<bool>) {

@@ -39,6 +39,8 @@ use tokio::sync::{broadcast, watch};
 /// refused; an older one is migrated at open. Version 2 seals API keys.
 pub const SCHEMA_VERSION: u32 = 2;
 
+/// sled's page cache (see `Store::open`).
+const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 const REVISION_KEY: &[u8] = b"revision";
 const MODEL_KIND: u8 = b'm';
@@ -109,7 +111,13 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `dir` and loads the configuration.
     pub fn open(dir: &Path, catalog: &'static Catalog, sealer: Sealer) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // The configuration is small and the fleet's instances live in the
+        // registry's memory: sled's default 1 GiB page cache would only
+        // hold copies of instance records (about 30 KiB per agent at 10,000).
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()?;
         let store = Store {
             meta: db.open_tree("meta")?,
             models: db.open_tree("models")?,
@@ -463,9 +471,15 @@ impl Store {
     /// Records what an agent reported. Instance state is rebuilt by agents
     /// on reconnect, so it rides sled's periodic flush instead of a flush
     /// per report.
-    pub fn save_instance(&self, instance: &pb::Instance) -> Result<(), StoreError> {
-        self.instances
-            .insert(instance.instance_id.as_bytes(), instance.encode_to_vec())?;
+    /// Saves instance records in one atomic batch. Not flushed: the
+    /// fleet's live state reaches disk with sled's periodic flush (and at
+    /// shutdown); agents resend it on reconnect.
+    pub fn save_instances(&self, instances: &[pb::Instance]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for instance in instances {
+            batch.insert(instance.instance_id.as_bytes(), instance.encode_to_vec());
+        }
+        self.instances.apply_batch(batch)?;
         Ok(())
     }
 

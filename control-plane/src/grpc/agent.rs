@@ -16,7 +16,7 @@ use crate::validate;
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::agent_service_server::AgentService;
 use duofleet_proto::v1::control_message;
-use duofleet_proto::v1::{AgentMessage, ControlMessage, DesiredConfig, Hello};
+use duofleet_proto::v1::{AckResult, AgentMessage, ControlMessage, DesiredConfig, Hello};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -191,7 +191,8 @@ impl SessionTask {
     async fn send(&self, session: &Session, desired: &DesiredConfig) -> bool {
         self.registry
             .set_desired(session, &desired.profile, desired.revision);
-        tracing::info!(instance = %session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
+        // Per agent and change: debug, or a fleet's rollout floods the log.
+        tracing::debug!(instance = %session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
         let message = ControlMessage {
             message: Some(control_message::Message::DesiredConfig(desired.clone())),
         };
@@ -201,7 +202,11 @@ impl SessionTask {
     fn handle(&self, session: &Session, message: AgentMessage) {
         match message.message {
             Some(Message::Ack(ack)) => {
-                tracing::info!(instance = %session.instance_id, revision = ack.revision, result = ?ack.result(), error = %ack.error, "agent acked");
+                if ack.result() == AckResult::Failed {
+                    tracing::warn!(instance = %session.instance_id, revision = ack.revision, error = %ack.error, "agent failed to apply");
+                } else {
+                    tracing::debug!(instance = %session.instance_id, revision = ack.revision, result = ?ack.result(), "agent acked");
+                }
                 self.registry.ack(session, &ack);
             }
             Some(Message::HealthReport(report)) => self.registry.health(session, report),

@@ -1,10 +1,13 @@
-//! The fan-out benchmark at a small N, so that it keeps working. Its
-//! figures are not asserted: timing belongs to the benchmark, not the tests.
+//! The fan-out benchmark at a small N, so that it keeps working: every
+//! phase runs, against the real daemon and a real etcd. Its figures are
+//! not asserted (timing belongs to the benchmark, not the tests); what
+//! every run must show is.
 
 #[test]
-fn fanout_runs_and_reports_every_change() {
+fn fanout_runs_every_phase_and_reports_it() {
     let out = std::process::Command::new(duofleet_tests::bin("fanout"))
-        .args(["--agents", "5", "--changes", "3"])
+        .args(["--agents", "5", "--changes", "3", "--health-reports", "4"])
+        .arg("--etcd")
         .output()
         .expect("run fanout");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -16,19 +19,38 @@ fn fanout_runs_and_reports_every_change() {
     let lines: Vec<serde_json::Value> = stdout
         .lines()
         .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect();
-    let changes: Vec<u64> = lines
+    let of = |metric: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["metric"] == metric).collect()
+    };
+    let revisions: Vec<u64> = of("change_to_all_acked")
         .iter()
-        .filter(|l| l["metric"] == "change_to_all_acked")
         .map(|l| l["revision"].as_u64().unwrap())
         .collect();
-    assert_eq!(changes, [1, 2, 3]);
-    let summary = lines
-        .iter()
-        .find(|l| l["metric"] == "summary")
-        .expect("summary line");
+    assert_eq!(revisions, [1, 2, 3]);
+    let summary = of("summary")[0];
     assert_eq!(summary["agents"], 5);
     assert!(summary["rss_per_agent_kib"].as_f64().is_some());
-    assert!(stdout.contains("| agents | changes |"));
+
+    // Both health rounds: 5 agents x 4 reports, taken in at some rate.
+    let health = of("health_fan_in");
+    assert_eq!(health.len(), 2);
+    for round in health {
+        assert_eq!(round["reports"], 20.0);
+        assert!(round["per_second"].as_f64().unwrap() > 0.0);
+    }
+
+    // The restart: every agent back (SYNCED), nothing sent or acked again.
+    let storm = of("reconnect_storm")[0];
+    assert_eq!(storm["reconnects"], 5);
+    assert_eq!(storm["configs_resent"], 0);
+    assert_eq!(storm["reapplied"], 0);
+    assert_eq!(storm["acks_after_restart"], 0.0);
+
+    // etcd: the same changes reached all 5 watchers, and the ratio is there.
+    assert_eq!(of("etcd_change_to_all_watchers").len(), 3);
+    assert_eq!(of("etcd_summary")[0]["watchers"], 5);
+    assert!(of("ratio_duofleet_over_etcd")[0]["p99_from_request"].is_number());
+    assert!(stdout.contains("| 5 subscribers, 3 changes | duofleet | etcd |"));
 }

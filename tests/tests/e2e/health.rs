@@ -385,3 +385,47 @@ async fn unchanged_results_are_not_resent_before_the_heartbeat() {
         format!("GET {}/monitoring/healthz answered HTTP 503", gateway.base)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_counted_but_raise_no_health_changed_event() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let gateway = Endpoint::start(&[]).await;
+    let _agent = start_agent(
+        &daemon,
+        dir.path(),
+        "gitlab-a",
+        &["--health-heartbeat", "200ms"],
+    );
+    configure(&mut c, &gateway.base, vec![]).await;
+    wait_instance(&mut c, "gitlab-a", "healthy", |i| {
+        state_of(i, &gateway.base) == Some(HealthState::Healthy)
+    })
+    .await;
+    let reports = || {
+        let (_, metrics) = duofleet_tests::http_get(&daemon.http_addr, "/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("duofleet_health_reports_total "))
+            .expect("duofleet_health_reports_total in /metrics")
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = reports();
+    let mut events = crate::watch_fleet(&mut c).await;
+    let mut changed = 0;
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while let Ok(Ok(Some(event))) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        events.message(),
+    )
+    .await
+    {
+        if matches!(event.event, Some(Event::HealthChanged(_))) {
+            changed += 1;
+        }
+    }
+    // Heartbeats arrived (every 200 ms), and none of them is an event.
+    assert!(reports() >= before + 3, "too few heartbeats counted");
+    assert_eq!(changed, 0);
+}

@@ -1,0 +1,533 @@
+//! Fan-out benchmark: N simulated agents, each on its own TCP connection
+//! with automatic acks, against a real duofleetd on a temp data dir.
+//!
+//! 1. All N connect at once; the daemon's RSS per connected agent.
+//! 2. M changes to the default profile; per change, the time from the RPC's
+//!    OK (and from the request) to the last agent's ack.
+//! 3. Health-report fan-in: every agent sends K reports (unchanged
+//!    heartbeats, then flapping ones); reports per second the daemon takes in.
+//! 4. Reconnect storm: the daemon restarts (SIGTERM, start on the same data
+//!    dir and port); the time until all N are back and SYNCED, and how many
+//!    configurations were sent again (must be none).
+//! 5. With `--etcd`: the same N subscribers as etcd watches on one key
+//!    (Debian's etcd-server, started here), M puts, the time from each put's
+//!    OK to the last watcher's event, and the ratio duofleet/etcd.
+//!
+//!   cargo run --release -p duofleet-tests --bin fanout -- --agents 10000 --changes 20 --etcd
+//!
+//! Prints one JSON object per line, then a table. Not part of the timed
+//! test suite: a small-N smoke run of it is (it must not rot).
+
+mod etcd;
+mod fleet;
+
+use duofleet_proto::v1::{DesiredConfig, Profile, UpdateProfileRequest};
+use duofleet_tests::{Daemon, DaemonOptions};
+use fleet::{Fleet, HealthRound};
+use prost::Message;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// However slow the machine, a phase that takes this long has failed.
+const PHASE_LIMIT: Duration = Duration::from_secs(300);
+
+struct Options {
+    agents: usize,
+    changes: usize,
+    health_reports: usize,
+    etcd: bool,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        agents: 100,
+        changes: 10,
+        health_reports: 10,
+        etcd: false,
+    };
+    let usage = "use --agents N --changes M [--health-reports K] [--etcd]";
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--etcd" {
+            o.etcd = true;
+            continue;
+        }
+        let value = args.next().and_then(|v| v.parse::<usize>().ok());
+        match (arg.as_str(), value) {
+            ("--agents", Some(n)) if n > 0 => o.agents = n,
+            ("--changes", Some(n)) if n > 0 => o.changes = n,
+            ("--health-reports", Some(n)) => o.health_reports = n,
+            (other, _) => {
+                eprintln!("fanout: unknown, incomplete or zero argument {other:?}; {usage}");
+                std::process::exit(2);
+            }
+        }
+    }
+    o
+}
+
+/// Re-runs this program under a raised open-file limit (one socket per
+/// agent, on both ends; the daemon and etcd inherit it).
+fn raise_nofile() {
+    if std::env::var_os("DUOFLEET_FANOUT_NOFILE").is_some() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("own path");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec "$0" "$@""#)
+        .arg(exe)
+        .args(std::env::args().skip(1))
+        .env("DUOFLEET_FANOUT_NOFILE", "1")
+        .status()
+        .expect("re-exec");
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time a process has used (user + system), in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime and
+    // stime are the 12th and 13th, in clock ticks (100 per second here).
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let ticks: Vec<f64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    ticks.iter().sum::<f64>() * 10.0
+}
+
+/// When each revision reached each subscriber (agent or etcd watcher).
+#[derive(Default)]
+pub struct Arrivals {
+    /// revision -> (arrivals so far, time of the last one)
+    by_revision: Mutex<HashMap<u64, (usize, Instant)>>,
+    progress: Notify,
+}
+
+impl Arrivals {
+    pub fn record(&self, revision: u64) {
+        let now = Instant::now();
+        let mut by_revision = self.by_revision.lock().unwrap();
+        let entry = by_revision.entry(revision).or_insert((0, now));
+        entry.0 += 1;
+        entry.1 = now;
+        drop(by_revision);
+        self.progress.notify_waiters();
+    }
+
+    /// When the `count`th subscriber received `revision`.
+    async fn all(&self, revision: u64, count: usize) -> Instant {
+        let deadline = Instant::now() + PHASE_LIMIT;
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some((n, at)) = self.by_revision.lock().unwrap().get(&revision).copied()
+                && n >= count
+            {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "revision {revision} reached too few subscribers"
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
+    }
+}
+
+/// One change's delivery: from the write's OK, and from its request.
+struct Delivery {
+    revision: u64,
+    from_ok_ms: f64,
+    from_request_ms: f64,
+}
+
+/// Makes one change and waits until all `count` subscribers have it.
+async fn deliver(arrivals: &Arrivals, count: usize, change: impl Future<Output = u64>) -> Delivery {
+    let sent_at = Instant::now();
+    let revision = change.await;
+    let ok_at = Instant::now();
+    let last = arrivals.all(revision, count).await;
+    Delivery {
+        revision,
+        from_ok_ms: last.saturating_duration_since(ok_at).as_secs_f64() * 1000.0,
+        from_request_ms: last.saturating_duration_since(sent_at).as_secs_f64() * 1000.0,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Spread {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn spread(mut values: Vec<f64>) -> Spread {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| {
+        let rank = ((p / 100.0) * values.len() as f64).ceil().max(1.0) as usize;
+        values
+            .get(rank.min(values.len()) - 1)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Spread {
+        p50: at(50.0),
+        p99: at(99.0),
+        max: values.last().copied().unwrap_or(0.0),
+    }
+}
+
+/// The payload both systems deliver: the agent's DesiredConfig.
+fn desired(change: usize) -> DesiredConfig {
+    DesiredConfig {
+        revision: change as u64,
+        profile: "default".into(),
+        ai_gateway_url: gateway(change),
+        ..Default::default()
+    }
+}
+
+fn gateway(change: usize) -> String {
+    format!("https://aigw-{change}.example.com")
+}
+
+/// A sample from the daemon's /metrics (0 when absent). A name without
+/// labels sums all of its labelled samples.
+async fn metric(http_addr: &str, name: &str) -> f64 {
+    let (addr, name) = (http_addr.to_string(), name.to_string());
+    tokio::task::spawn_blocking(move || {
+        let (_, body) = duofleet_tests::http_get(&addr, "/metrics");
+        body.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name.as_str())?;
+                match rest.strip_prefix(' ') {
+                    Some(value) => Some(value),
+                    None if rest.starts_with('{') && !name.contains('{') => {
+                        rest.split_once("} ").map(|(_, value)| value)
+                    }
+                    None => None,
+                }
+            })
+            .filter_map(|v| v.parse::<f64>().ok())
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until every named sample of /metrics reaches its value.
+async fn wait_metrics(http_addr: &str, wanted: &[(&str, f64)], what: &str) {
+    let deadline = Instant::now() + PHASE_LIMIT;
+    'poll: loop {
+        assert!(Instant::now() < deadline, "{what}: not reached in time");
+        for (name, value) in wanted {
+            if metric(http_addr, name).await < *value {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue 'poll;
+            }
+        }
+        return;
+    }
+}
+
+/// A row of the closing table: figure, duofleet, etcd.
+type Row = (String, String, String);
+
+fn main() {
+    raise_nofile();
+    let o = options();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run(o));
+}
+
+async fn run(o: Options) {
+    let n = o.agents;
+    let mut rows: Vec<Row> = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut options = DaemonOptions {
+        args: vec![
+            "--max-agents".into(),
+            (n + 10).to_string(),
+            "--max-connections".into(),
+            (n + 100).to_string(),
+        ],
+        ..Default::default()
+    };
+    let daemon = tokio::task::block_in_place(|| Daemon::start_with(&data, options.clone()));
+    let token = std::fs::read_to_string(data.join("enroll.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut operator = daemon.clients().await;
+
+    // 1. Connect.
+    let rss_before = rss_kib(daemon.pid());
+    let started = Instant::now();
+    let fleet = Fleet::start(&daemon.grpc_addr, &token, n);
+    wait_metrics(
+        &daemon.http_addr,
+        &[
+            ("duofleet_agents_connected", n as f64),
+            ("duofleet_instances{sync_state=\"synced\"}", n as f64),
+        ],
+        "all agents connected",
+    )
+    .await;
+    let connect_secs = started.elapsed().as_secs_f64();
+    let rss_after = rss_kib(daemon.pid());
+    let per_agent_kib = rss_after.saturating_sub(rss_before) as f64 / n as f64;
+    println!(r#"{{"metric":"connect_all","agents":{n},"seconds":{connect_secs:.3}}}"#);
+    println!(
+        r#"{{"metric":"rss_per_agent_kib","agents":{n},"value":{per_agent_kib:.1},"rss_before_kib":{rss_before},"rss_after_kib":{rss_after}}}"#
+    );
+    rows.push((
+        format!("{n} subscribers connect"),
+        format!("{connect_secs:.2} s (all at once)"),
+        String::new(),
+    ));
+
+    // 2. Changes.
+    let cpu_before = cpu_ms(daemon.pid());
+    let mut deliveries = Vec::with_capacity(o.changes);
+    for change in 1..=o.changes {
+        let d = deliver(&fleet.counters.arrivals, n, async {
+            operator
+                .profiles
+                .update_profile(UpdateProfileRequest {
+                    profile: Some(Profile {
+                        name: "default".into(),
+                        ai_gateway_url: gateway(change),
+                        ..Default::default()
+                    }),
+                    update_mask: None,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .revision
+        })
+        .await;
+        println!(
+            r#"{{"metric":"change_to_all_acked","change":{change},"revision":{},"agents":{n},"ms":{:.3},"from_request_ms":{:.3}}}"#,
+            d.revision, d.from_ok_ms, d.from_request_ms
+        );
+        deliveries.push(d);
+    }
+    let cpu_per_change = (cpu_ms(daemon.pid()) - cpu_before) / o.changes as f64;
+    let ours = spread(deliveries.iter().map(|d| d.from_ok_ms).collect());
+    let ours_request = spread(deliveries.iter().map(|d| d.from_request_ms).collect());
+    println!(
+        r#"{{"metric":"summary","agents":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"rss_per_agent_kib":{per_agent_kib:.1},"daemon_cpu_ms_per_change":{cpu_per_change:.1}}}"#,
+        o.changes, ours.p50, ours.p99, ours.max, ours_request.p50, ours_request.p99
+    );
+    let latest = o.changes as f64;
+    wait_metrics(
+        &daemon.http_addr,
+        &[
+            ("duofleet_instances{sync_state=\"synced\"}", n as f64),
+            ("duofleet_acks_total", latest * n as f64),
+        ],
+        "every ack taken in",
+    )
+    .await;
+
+    // 3. Health-report fan-in.
+    for flapping in [false, true] {
+        let mode = if flapping { "flapping" } else { "steady" };
+        let total = (n * o.health_reports) as f64;
+        let before = metric(&daemon.http_addr, "duofleet_health_reports_total").await;
+        let started = Instant::now();
+        fleet.send_health(HealthRound {
+            reports: o.health_reports,
+            flapping,
+        });
+        wait_metrics(
+            &daemon.http_addr,
+            &[("duofleet_health_reports_total", before + total)],
+            "health reports taken in",
+        )
+        .await;
+        let seconds = started.elapsed().as_secs_f64();
+        let per_second = total / seconds;
+        println!(
+            r#"{{"metric":"health_fan_in","mode":"{mode}","agents":{n},"reports":{total},"seconds":{seconds:.3},"per_second":{per_second:.0}}}"#
+        );
+        rows.push((
+            format!("health reports taken in, {mode} ({total} reports)"),
+            format!("{per_second:.0} /s"),
+            String::new(),
+        ));
+    }
+    let rss_health = rss_kib(daemon.pid());
+    let per_agent_health_kib = rss_health.saturating_sub(rss_before) as f64 / n as f64;
+    println!(
+        r#"{{"metric":"rss_per_agent_kib_with_health","agents":{n},"value":{per_agent_health_kib:.1}}}"#
+    );
+    rows.push((
+        format!(
+            "server RSS per agent after the health flood ({} reports each, as fast as taken)",
+            2 * o.health_reports
+        ),
+        format!("{per_agent_health_kib:.1} KiB"),
+        String::new(),
+    ));
+
+    // 4. Reconnect storm.
+    let counters = &fleet.counters;
+    let desired_before = counters.desired.load(Ordering::Relaxed);
+    let sessions_before = counters.sessions.load(Ordering::Relaxed);
+    let grpc_addr = daemon.grpc_addr.clone();
+    let storm = Instant::now();
+    tokio::task::block_in_place(|| daemon.stop("TERM"));
+    let stop_secs = storm.elapsed().as_secs_f64();
+    options.listen = Some(grpc_addr);
+    let daemon = tokio::task::block_in_place(|| Daemon::start_with(&data, options.clone()));
+    let ready_secs = storm.elapsed().as_secs_f64();
+    wait_metrics(
+        &daemon.http_addr,
+        &[
+            ("duofleet_agents_connected", n as f64),
+            ("duofleet_instances{sync_state=\"synced\"}", n as f64),
+        ],
+        "all agents back and SYNCED",
+    )
+    .await;
+    let storm_secs = storm.elapsed().as_secs_f64();
+    let resent = counters.desired.load(Ordering::Relaxed) - desired_before;
+    let reapplied = counters.reapplied.load(Ordering::Relaxed);
+    let reconnects = counters.sessions.load(Ordering::Relaxed) - sessions_before;
+    let acks_after = metric(&daemon.http_addr, "duofleet_acks_total").await;
+    println!(
+        r#"{{"metric":"reconnect_storm","agents":{n},"seconds":{storm_secs:.3},"stopped_s":{stop_secs:.3},"ready_s":{ready_secs:.3},"reconnects":{reconnects},"configs_resent":{resent},"reapplied":{reapplied},"acks_after_restart":{acks_after}}}"#
+    );
+    rows.push((
+        format!("reconnect storm: restart to all {n} SYNCED"),
+        format!("{storm_secs:.2} s ({resent} configs resent)"),
+        String::new(),
+    ));
+    drop(operator);
+    drop(fleet);
+    drop(daemon);
+
+    // 5. etcd, the same N subscribers and changes.
+    let rss_row = format!("{per_agent_kib:.1} KiB");
+    let mut etcd_spreads = None;
+    let mut etcd_rss = String::new();
+    let mut etcd_cpu = String::new();
+    if o.etcd {
+        let etcd = etcd::Etcd::start().await.unwrap_or_else(|e| {
+            eprintln!("fanout: {e}");
+            std::process::exit(1);
+        });
+        let arrivals = Arc::new(Arrivals::default());
+        let rss_before = rss_kib(etcd.pid());
+        let started = Instant::now();
+        let watchers = etcd::watchers(&etcd.url, n, arrivals.clone()).await;
+        let connect_secs = started.elapsed().as_secs_f64();
+        let per_watcher_kib = rss_kib(etcd.pid()).saturating_sub(rss_before) as f64 / n as f64;
+        println!(
+            r#"{{"metric":"etcd_connect_all","watchers":{n},"seconds":{connect_secs:.3},"rss_per_watcher_kib":{per_watcher_kib:.1}}}"#
+        );
+        let mut writer = etcd_client::Client::connect([&etcd.url], None)
+            .await
+            .expect("etcd writer");
+        let cpu_before = cpu_ms(etcd.pid());
+        let mut deliveries = Vec::with_capacity(o.changes);
+        for change in 1..=o.changes {
+            let value = desired(change).encode_to_vec();
+            let d = deliver(&arrivals, n, async {
+                let put = writer.put(etcd::KEY, value, None).await.expect("etcd put");
+                put.header().expect("put header").revision() as u64
+            })
+            .await;
+            println!(
+                r#"{{"metric":"etcd_change_to_all_watchers","change":{change},"revision":{},"watchers":{n},"ms":{:.3},"from_request_ms":{:.3}}}"#,
+                d.revision, d.from_ok_ms, d.from_request_ms
+            );
+            deliveries.push(d);
+        }
+        let etcd_cpu_per_change = (cpu_ms(etcd.pid()) - cpu_before) / o.changes as f64;
+        let theirs = spread(deliveries.iter().map(|d| d.from_ok_ms).collect());
+        let theirs_request = spread(deliveries.iter().map(|d| d.from_request_ms).collect());
+        println!(
+            r#"{{"metric":"etcd_summary","watchers":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"etcd_cpu_ms_per_change":{etcd_cpu_per_change:.1}}}"#,
+            o.changes, theirs.p50, theirs.p99, theirs.max, theirs_request.p50, theirs_request.p99
+        );
+        // JSON has no infinity: a ratio over zero is null.
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.3}", a / b)
+            } else {
+                "null".to_string()
+            }
+        };
+        println!(
+            r#"{{"metric":"ratio_duofleet_over_etcd","agents":{n},"p50_from_ok":{},"p99_from_ok":{},"p50_from_request":{},"p99_from_request":{}}}"#,
+            ratio(ours.p50, theirs.p50),
+            ratio(ours.p99, theirs.p99),
+            ratio(ours_request.p50, theirs_request.p50),
+            ratio(ours_request.p99, theirs_request.p99),
+        );
+        etcd_spreads = Some((theirs, theirs_request));
+        etcd_rss = format!("{per_watcher_kib:.1} KiB");
+        etcd_cpu = format!("{etcd_cpu_per_change:.0} ms");
+        rows[0].2 = format!("{connect_secs:.2} s (100 at a time)");
+        drop(watchers);
+    }
+
+    // The table.
+    let ms = |s: Spread| format!("{:.1} / {:.1} / {:.1} ms", s.p50, s.p99, s.max);
+    let mut table = vec![
+        (
+            format!("change to all {n} acked, from the OK (p50 / p99 / max)"),
+            ms(ours),
+            etcd_spreads.map(|(t, _)| ms(t)).unwrap_or_default(),
+        ),
+        (
+            "the same, from the request".to_string(),
+            ms(ours_request),
+            etcd_spreads.map(|(_, t)| ms(t)).unwrap_or_default(),
+        ),
+        (
+            "server CPU per change (user + system)".to_string(),
+            format!("{cpu_per_change:.0} ms"),
+            etcd_cpu,
+        ),
+        ("server RSS per subscriber".to_string(), rss_row, etcd_rss),
+    ];
+    table.extend(rows);
+    println!();
+    println!(
+        "| {n} subscribers, {} changes | duofleet | etcd |",
+        o.changes
+    );
+    println!("|---|---|---|");
+    for (figure, ours, theirs) in table {
+        println!("| {figure} | {ours} | {theirs} |");
+    }
+}
