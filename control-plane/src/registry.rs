@@ -403,3 +403,44 @@ impl Registry {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::Sealer;
+
+    fn registry(dir: &std::path::Path) -> Registry {
+        let store = Store::open(dir, crate::catalog::get(), Sealer::new(&[7; 32], None)).unwrap();
+        Registry::load(Arc::new(store), 10).unwrap()
+    }
+
+    fn hello(id: &str) -> Hello {
+        Hello {
+            instance_id: id.into(),
+            applied_revision: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn changed_instances_are_saved_in_one_batch_and_deleted_ones_stay_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let _a = registry.connect(&hello("gitlab-a")).unwrap();
+        let b = registry.connect(&hello("gitlab-b")).unwrap();
+        // Nothing reaches the store until the saver runs.
+        assert!(registry.store.load_instances().unwrap().is_empty());
+        assert_eq!(registry.save_changed().unwrap(), 2);
+        assert_eq!(registry.save_changed().unwrap(), 0, "nothing changed since");
+
+        registry.set_desired(&b, "default", 5);
+        assert!(registry.delete("gitlab-b").unwrap());
+        // gitlab-b changed before its deletion: the next save must not
+        // bring it back.
+        assert_eq!(registry.save_changed().unwrap(), 0);
+        let saved = registry.store.load_instances().unwrap();
+        let ids: Vec<&str> = saved.iter().map(|i| i.instance_id.as_str()).collect();
+        assert_eq!(ids, ["gitlab-a"]);
+        assert_eq!(saved[0].applied_revision, 4);
+    }
+}

@@ -48,6 +48,9 @@ const SERVICES: [&str; 9] = [
 /// connections before it drops them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The HTTP/2 flow-control window per stream (twice that per connection).
+const FLOW_WINDOW_BYTES: u32 = 64 * 1024;
+
 /// duofleetd: the duofleet control plane. Stores self-hosted model and Duo
 /// feature configuration, versioned by revision, and serves it over gRPC.
 #[derive(Debug, Parser)]
@@ -290,6 +293,10 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     let grpc_server = builder
         .layer(crate::metrics::RpcMetricsLayer(registry.clone()))
         .max_concurrent_streams(args.max_streams_per_connection)
+        // What a peer may send ahead of what we have read. hyper's default
+        // is 1 MiB per stream: 10,000 agents bursting would hold 10 GiB.
+        .initial_stream_window_size(FLOW_WINDOW_BYTES)
+        .initial_connection_window_size(2 * FLOW_WINDOW_BYTES)
         .http2_keepalive_interval(Some(Duration::from_millis(args.keepalive_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(args.keepalive_ms)))
         .trace_fn(|request| {
