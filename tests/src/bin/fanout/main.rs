@@ -26,7 +26,6 @@ use duofleet_tests::{Daemon, DaemonOptions};
 use fleet::{Fleet, HealthRound};
 use prost::Message;
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -155,23 +154,44 @@ impl Arrivals {
     }
 }
 
-/// One change's delivery: from the write's OK, and from its request.
-struct Delivery {
-    revision: u64,
-    from_ok_ms: f64,
-    from_request_ms: f64,
+/// The changes' deliveries to every subscriber, and the server's cost.
+struct Deliveries {
+    from_ok: Spread,
+    from_request: Spread,
+    cpu_ms_per_change: f64,
 }
 
-/// Makes one change and waits until all `count` subscribers have it.
-async fn deliver(arrivals: &Arrivals, count: usize, change: impl Future<Output = u64>) -> Delivery {
-    let sent_at = Instant::now();
-    let revision = change.await;
-    let ok_at = Instant::now();
-    let last = arrivals.all(revision, count).await;
-    Delivery {
-        revision,
-        from_ok_ms: last.saturating_duration_since(ok_at).as_secs_f64() * 1000.0,
-        from_request_ms: last.saturating_duration_since(sent_at).as_secs_f64() * 1000.0,
+/// Makes `count` changes one after the other through `change` (which
+/// answers the revision it made), waits each time until all `subscribers`
+/// have it, and prints a `metric` line per change.
+async fn deliver(
+    metric: &str,
+    who: &str,
+    arrivals: &Arrivals,
+    subscribers: usize,
+    count: usize,
+    server_pid: u32,
+    mut change: impl AsyncFnMut(usize) -> u64,
+) -> Deliveries {
+    let cpu_before = cpu_ms(server_pid);
+    let (mut from_ok, mut from_request) = (Vec::new(), Vec::new());
+    for n in 1..=count {
+        let sent_at = Instant::now();
+        let revision = change(n).await;
+        let ok_at = Instant::now();
+        let last = arrivals.all(revision, subscribers).await;
+        let ms = last.saturating_duration_since(ok_at).as_secs_f64() * 1000.0;
+        let request_ms = last.saturating_duration_since(sent_at).as_secs_f64() * 1000.0;
+        println!(
+            r#"{{"metric":"{metric}","change":{n},"revision":{revision},"{who}":{subscribers},"ms":{ms:.3},"from_request_ms":{request_ms:.3}}}"#
+        );
+        from_ok.push(ms);
+        from_request.push(request_ms);
+    }
+    Deliveries {
+        from_ok: spread(from_ok),
+        from_request: spread(from_request),
+        cpu_ms_per_change: (cpu_ms(server_pid) - cpu_before) / count as f64,
     }
 }
 
@@ -312,10 +332,14 @@ async fn run(o: Options) {
     ));
 
     // 2. Changes.
-    let cpu_before = cpu_ms(daemon.pid());
-    let mut deliveries = Vec::with_capacity(o.changes);
-    for change in 1..=o.changes {
-        let d = deliver(&fleet.counters.arrivals, n, async {
+    let ours = deliver(
+        "change_to_all_acked",
+        "agents",
+        &fleet.counters.arrivals,
+        n,
+        o.changes,
+        daemon.pid(),
+        async |change| {
             operator
                 .profiles
                 .update_profile(UpdateProfileRequest {
@@ -330,20 +354,18 @@ async fn run(o: Options) {
                 .unwrap()
                 .into_inner()
                 .revision
-        })
-        .await;
-        println!(
-            r#"{{"metric":"change_to_all_acked","change":{change},"revision":{},"agents":{n},"ms":{:.3},"from_request_ms":{:.3}}}"#,
-            d.revision, d.from_ok_ms, d.from_request_ms
-        );
-        deliveries.push(d);
-    }
-    let cpu_per_change = (cpu_ms(daemon.pid()) - cpu_before) / o.changes as f64;
-    let ours = spread(deliveries.iter().map(|d| d.from_ok_ms).collect());
-    let ours_request = spread(deliveries.iter().map(|d| d.from_request_ms).collect());
+        },
+    )
+    .await;
     println!(
-        r#"{{"metric":"summary","agents":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"rss_per_agent_kib":{per_agent_kib:.1},"daemon_cpu_ms_per_change":{cpu_per_change:.1}}}"#,
-        o.changes, ours.p50, ours.p99, ours.max, ours_request.p50, ours_request.p99
+        r#"{{"metric":"summary","agents":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"rss_per_agent_kib":{per_agent_kib:.1},"daemon_cpu_ms_per_change":{:.1}}}"#,
+        o.changes,
+        ours.from_ok.p50,
+        ours.from_ok.p99,
+        ours.from_ok.max,
+        ours.from_request.p50,
+        ours.from_request.p99,
+        ours.cpu_ms_per_change
     );
     let latest = o.changes as f64;
     wait_metrics(
@@ -436,9 +458,8 @@ async fn run(o: Options) {
 
     // 5. etcd, the same N subscribers and changes.
     let rss_row = format!("{per_agent_kib:.1} KiB");
-    let mut etcd_spreads = None;
+    let mut etcd_run = None;
     let mut etcd_rss = String::new();
-    let mut etcd_cpu = String::new();
     if o.etcd {
         let etcd = etcd::Etcd::start().await.unwrap_or_else(|e| {
             eprintln!("fanout: {e}");
@@ -456,27 +477,29 @@ async fn run(o: Options) {
         let mut writer = etcd_client::Client::connect([&etcd.url], None)
             .await
             .expect("etcd writer");
-        let cpu_before = cpu_ms(etcd.pid());
-        let mut deliveries = Vec::with_capacity(o.changes);
-        for change in 1..=o.changes {
-            let value = desired(change).encode_to_vec();
-            let d = deliver(&arrivals, n, async {
+        let theirs = deliver(
+            "etcd_change_to_all_watchers",
+            "watchers",
+            &arrivals,
+            n,
+            o.changes,
+            etcd.pid(),
+            async |change| {
+                let value = desired(change).encode_to_vec();
                 let put = writer.put(etcd::KEY, value, None).await.expect("etcd put");
                 put.header().expect("put header").revision() as u64
-            })
-            .await;
-            println!(
-                r#"{{"metric":"etcd_change_to_all_watchers","change":{change},"revision":{},"watchers":{n},"ms":{:.3},"from_request_ms":{:.3}}}"#,
-                d.revision, d.from_ok_ms, d.from_request_ms
-            );
-            deliveries.push(d);
-        }
-        let etcd_cpu_per_change = (cpu_ms(etcd.pid()) - cpu_before) / o.changes as f64;
-        let theirs = spread(deliveries.iter().map(|d| d.from_ok_ms).collect());
-        let theirs_request = spread(deliveries.iter().map(|d| d.from_request_ms).collect());
+            },
+        )
+        .await;
         println!(
-            r#"{{"metric":"etcd_summary","watchers":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"etcd_cpu_ms_per_change":{etcd_cpu_per_change:.1}}}"#,
-            o.changes, theirs.p50, theirs.p99, theirs.max, theirs_request.p50, theirs_request.p99
+            r#"{{"metric":"etcd_summary","watchers":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"etcd_cpu_ms_per_change":{:.1}}}"#,
+            o.changes,
+            theirs.from_ok.p50,
+            theirs.from_ok.p99,
+            theirs.from_ok.max,
+            theirs.from_request.p50,
+            theirs.from_request.p99,
+            theirs.cpu_ms_per_change
         );
         // JSON has no infinity: a ratio over zero is null.
         let ratio = |a: f64, b: f64| {
@@ -488,14 +511,13 @@ async fn run(o: Options) {
         };
         println!(
             r#"{{"metric":"ratio_duofleet_over_etcd","agents":{n},"p50_from_ok":{},"p99_from_ok":{},"p50_from_request":{},"p99_from_request":{}}}"#,
-            ratio(ours.p50, theirs.p50),
-            ratio(ours.p99, theirs.p99),
-            ratio(ours_request.p50, theirs_request.p50),
-            ratio(ours_request.p99, theirs_request.p99),
+            ratio(ours.from_ok.p50, theirs.from_ok.p50),
+            ratio(ours.from_ok.p99, theirs.from_ok.p99),
+            ratio(ours.from_request.p50, theirs.from_request.p50),
+            ratio(ours.from_request.p99, theirs.from_request.p99),
         );
-        etcd_spreads = Some((theirs, theirs_request));
         etcd_rss = format!("{per_watcher_kib:.1} KiB");
-        etcd_cpu = format!("{etcd_cpu_per_change:.0} ms");
+        etcd_run = Some(theirs);
         rows[0].2 = format!("{connect_secs:.2} s (100 at a time)");
         drop(watchers);
     }
@@ -505,18 +527,24 @@ async fn run(o: Options) {
     let mut table = vec![
         (
             format!("change to all {n} acked, from the OK (p50 / p99 / max)"),
-            ms(ours),
-            etcd_spreads.map(|(t, _)| ms(t)).unwrap_or_default(),
+            ms(ours.from_ok),
+            etcd_run.as_ref().map(|t| ms(t.from_ok)).unwrap_or_default(),
         ),
         (
             "the same, from the request".to_string(),
-            ms(ours_request),
-            etcd_spreads.map(|(_, t)| ms(t)).unwrap_or_default(),
+            ms(ours.from_request),
+            etcd_run
+                .as_ref()
+                .map(|t| ms(t.from_request))
+                .unwrap_or_default(),
         ),
         (
             "server CPU per change (user + system)".to_string(),
-            format!("{cpu_per_change:.0} ms"),
-            etcd_cpu,
+            format!("{:.0} ms", ours.cpu_ms_per_change),
+            etcd_run
+                .as_ref()
+                .map(|t| format!("{:.0} ms", t.cpu_ms_per_change))
+                .unwrap_or_default(),
         ),
         ("server RSS per subscriber".to_string(), rss_row, etcd_rss),
     ];
