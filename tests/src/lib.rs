@@ -328,6 +328,13 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// One sample of a Prometheus text page, by its exact series: a name, or a
+/// name with its labels as the daemon writes them (`name{label="v"}`).
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Polls `check` until it returns `Some`, for at most `timeout`.
 pub async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

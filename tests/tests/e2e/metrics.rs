@@ -9,15 +9,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 fn value(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
-        .parse()
-        .unwrap()
+    duofleet_tests::metric(metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

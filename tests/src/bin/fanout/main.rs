@@ -232,42 +232,40 @@ fn gateway(change: usize) -> String {
     format!("https://aigw-{change}.example.com")
 }
 
-/// A sample from the daemon's /metrics (0 when absent). A name without
-/// labels sums all of its labelled samples.
-async fn metric(http_addr: &str, name: &str) -> f64 {
-    let (addr, name) = (http_addr.to_string(), name.to_string());
-    tokio::task::spawn_blocking(move || {
-        let (_, body) = duofleet_tests::http_get(&addr, "/metrics");
-        body.lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix(name.as_str())?;
-                match rest.strip_prefix(' ') {
-                    Some(value) => Some(value),
-                    None if rest.starts_with('{') && !name.contains('{') => {
-                        rest.split_once("} ").map(|(_, value)| value)
-                    }
-                    None => None,
-                }
-            })
-            .filter_map(|v| v.parse::<f64>().ok())
-            .sum()
-    })
-    .await
-    .unwrap()
+/// The daemon's /metrics page.
+async fn scrape(http_addr: &str) -> String {
+    let addr = http_addr.to_string();
+    tokio::task::spawn_blocking(move || duofleet_tests::http_get(&addr, "/metrics").1)
+        .await
+        .unwrap()
 }
 
-/// Waits until every named sample of /metrics reaches its value.
+/// One series of a /metrics page (0 when absent).
+fn sample(page: &str, series: &str) -> f64 {
+    duofleet_tests::metric(page, series).unwrap_or(0.0)
+}
+
+/// Acks of every result.
+fn acks(page: &str) -> f64 {
+    ["applied", "unchanged", "failed"]
+        .iter()
+        .map(|result| sample(page, &format!("duofleet_acks_total{{result=\"{result}\"}}")))
+        .sum()
+}
+
+/// Waits until every series of /metrics reaches its value.
 async fn wait_metrics(http_addr: &str, wanted: &[(&str, f64)], what: &str) {
     let deadline = Instant::now() + PHASE_LIMIT;
-    'poll: loop {
-        assert!(Instant::now() < deadline, "{what}: not reached in time");
-        for (name, value) in wanted {
-            if metric(http_addr, name).await < *value {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue 'poll;
-            }
+    loop {
+        let page = scrape(http_addr).await;
+        if wanted
+            .iter()
+            .all(|(series, value)| sample(&page, series) >= *value)
+        {
+            return;
         }
-        return;
+        assert!(Instant::now() < deadline, "{what}: not reached in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -372,7 +370,7 @@ async fn run(o: Options) {
         &daemon.http_addr,
         &[
             ("duofleet_instances{sync_state=\"synced\"}", n as f64),
-            ("duofleet_acks_total", latest * n as f64),
+            ("duofleet_acks_total{result=\"applied\"}", latest * n as f64),
         ],
         "every ack taken in",
     )
@@ -382,7 +380,10 @@ async fn run(o: Options) {
     for flapping in [false, true] {
         let mode = if flapping { "flapping" } else { "steady" };
         let total = (n * o.health_reports) as f64;
-        let before = metric(&daemon.http_addr, "duofleet_health_reports_total").await;
+        let before = sample(
+            &scrape(&daemon.http_addr).await,
+            "duofleet_health_reports_total",
+        );
         let started = Instant::now();
         fleet.send_health(HealthRound {
             reports: o.health_reports,
@@ -443,7 +444,7 @@ async fn run(o: Options) {
     let resent = counters.desired.load(Ordering::Relaxed) - desired_before;
     let reapplied = counters.reapplied.load(Ordering::Relaxed);
     let reconnects = counters.sessions.load(Ordering::Relaxed) - sessions_before;
-    let acks_after = metric(&daemon.http_addr, "duofleet_acks_total").await;
+    let acks_after = acks(&scrape(&daemon.http_addr).await);
     println!(
         r#"{{"metric":"reconnect_storm","agents":{n},"seconds":{storm_secs:.3},"stopped_s":{stop_secs:.3},"ready_s":{ready_secs:.3},"reconnects":{reconnects},"configs_resent":{resent},"reapplied":{reapplied},"acks_after_restart":{acks_after}}}"#
     );
