@@ -343,72 +343,43 @@ async fn proxies_are_honoured_and_no_proxy_bypasses_them() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unchanged_results_are_not_resent_before_the_heartbeat() {
-    let (dir, daemon) = fresh_daemon();
-    let mut c = daemon.clients().await;
-    let gateway = Endpoint::start(&[]).await;
-    let _agent = start_agent(
-        &daemon,
-        dir.path(),
-        "gitlab-a",
-        &["--health-heartbeat", "1h"],
-    );
-    configure(&mut c, &gateway.base, vec![]).await;
-    wait_instance(&mut c, "gitlab-a", "healthy", |i| {
-        state_of(i, &gateway.base) == Some(HealthState::Healthy)
-    })
-    .await;
-    let mut events = crate::watch_fleet(&mut c).await;
-    // Several probe intervals (300 ms) pass with the same result: no report.
-    let mut reports = 0;
-    let deadline = Instant::now() + Duration::from_millis(1500);
-    while let Ok(Ok(Some(event))) = tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()),
-        events.message(),
-    )
-    .await
-    {
-        if matches!(event.event, Some(Event::HealthChanged(_))) {
-            reports += 1;
-        }
-    }
-    assert_eq!(reports, 0);
-    // A change goes at once.
-    gateway.behaviour.lock().unwrap().status = 503;
-    let i = wait_instance(&mut c, "gitlab-a", "unhealthy", |i| {
-        state_of(i, &gateway.base) == Some(HealthState::Unhealthy)
-    })
-    .await;
-    assert_eq!(
-        target(&i, &gateway.base).unwrap().error,
-        format!("GET {}/monitoring/healthz answered HTTP 503", gateway.base)
-    );
+/// An agent of gitlab-a with `--health-heartbeat heartbeat`, once its
+/// healthy gateway is reported.
+struct HealthyAgent {
+    _dir: tempfile::TempDir,
+    daemon: Daemon,
+    c: Clients,
+    gateway: Endpoint,
+    _agent: Agent,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heartbeats_are_counted_but_raise_no_health_changed_event() {
+async fn healthy_agent(heartbeat: &str) -> HealthyAgent {
     let (dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
     let gateway = Endpoint::start(&[]).await;
-    let _agent = start_agent(
+    let agent = start_agent(
         &daemon,
         dir.path(),
         "gitlab-a",
-        &["--health-heartbeat", "200ms"],
+        &["--health-heartbeat", heartbeat],
     );
     configure(&mut c, &gateway.base, vec![]).await;
     wait_instance(&mut c, "gitlab-a", "healthy", |i| {
         state_of(i, &gateway.base) == Some(HealthState::Healthy)
     })
     .await;
-    let reports = || {
-        let (_, metrics) = duofleet_tests::http_get(&daemon.http_addr, "/metrics");
-        duofleet_tests::metric(&metrics, "duofleet_health_reports_total")
-            .expect("duofleet_health_reports_total in /metrics")
-    };
-    let before = reports();
-    let mut events = crate::watch_fleet(&mut c).await;
+    HealthyAgent {
+        _dir: dir,
+        daemon,
+        c,
+        gateway,
+        _agent: agent,
+    }
+}
+
+/// The health-changed events WatchFleet sends in the next 1.5 s.
+async fn health_changed_events(c: &mut Clients) -> usize {
+    let mut events = crate::watch_fleet(c).await;
     let mut changed = 0;
     let deadline = Instant::now() + Duration::from_millis(1500);
     while let Ok(Ok(Some(event))) = tokio::time::timeout(
@@ -421,6 +392,38 @@ async fn heartbeats_are_counted_but_raise_no_health_changed_event() {
             changed += 1;
         }
     }
+    changed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_results_are_not_resent_before_the_heartbeat() {
+    let mut a = healthy_agent("1h").await;
+    let gateway = &a.gateway;
+    // Several probe intervals (300 ms) pass with the same result: no report.
+    assert_eq!(health_changed_events(&mut a.c).await, 0);
+    // A change goes at once.
+    gateway.behaviour.lock().unwrap().status = 503;
+    let i = wait_instance(&mut a.c, "gitlab-a", "unhealthy", |i| {
+        state_of(i, &gateway.base) == Some(HealthState::Unhealthy)
+    })
+    .await;
+    assert_eq!(
+        target(&i, &gateway.base).unwrap().error,
+        format!("GET {}/monitoring/healthz answered HTTP 503", gateway.base)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_counted_but_raise_no_health_changed_event() {
+    let mut a = healthy_agent("200ms").await;
+    let addr = a.daemon.http_addr.clone();
+    let reports = || {
+        let (_, metrics) = duofleet_tests::http_get(&addr, "/metrics");
+        duofleet_tests::metric(&metrics, "duofleet_health_reports_total")
+            .expect("duofleet_health_reports_total in /metrics")
+    };
+    let before = reports();
+    let changed = health_changed_events(&mut a.c).await;
     // Heartbeats arrived (every 200 ms), and none of them is an event.
     assert!(reports() >= before + 3.0, "too few heartbeats counted");
     assert_eq!(changed, 0);
