@@ -6,9 +6,11 @@
 
 use crate::command::{self, Outcome, shell_quote};
 use crate::gitlab::GitLab;
+use crate::gitlab::api::since;
 use crate::gitlab_rb;
 use crate::state::{self, Gateway, State, StateFile};
-use duofleet_proto::v1::{Ack, AckResult, DesiredConfig, GitLabSync};
+use duofleet_proto::GitLabVersion;
+use duofleet_proto::v1::{Ack, AckResult, DesiredConfig, GitLabSync, HostSync};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
@@ -33,6 +35,9 @@ pub struct Applier {
     pub state: State,
     /// Models and feature settings through GitLab's API; `None` when off.
     pub gitlab: Option<GitLab>,
+    /// The GitLab version last seen, which decides where the gateway URL
+    /// takes effect.
+    pub gitlab_version: Option<GitLabVersion>,
 }
 
 /// The result of looking for hand edits.
@@ -42,7 +47,9 @@ pub enum Drift {
 }
 
 impl Applier {
-    /// Applies `desired` and says how it went, as the ack to send.
+    /// Applies `desired` and says how it went, as the ack to send. The two
+    /// layers apply independently: the host (gitlab.rb and reconfigure, or
+    /// Helm) and GitLab's API; the ack says how each went.
     pub async fn apply(&mut self, desired: &DesiredConfig) -> Ack {
         let revision = desired.revision;
         let digest = state::digest(desired);
@@ -52,50 +59,123 @@ impl Applier {
             !want.url.is_empty() && (self.state.pending.is_some() || want != self.state.gateway);
         let unchanged = digest == self.state.applied_digest && !gateway_changes;
         if unchanged && self.gitlab.is_none() {
-            return self.record(revision, digest, AckResult::Unchanged, None);
+            let host = self.host_sync(revision, None, false);
+            return self.record(revision, digest, AckResult::Unchanged, None, host);
         }
-        if gateway_changes && let Err(error) = self.put_gateway(&want).await {
-            tracing::warn!(revision, %error, "apply failed");
-            return failed(revision, error, None);
+        let host_error = if gateway_changes {
+            self.put_gateway(&want).await.err()
+        } else {
+            None
+        };
+        if let Some(error) = &host_error {
+            tracing::warn!(revision, %error, "host step failed");
         }
         let mut sync_status = None;
+        let mut api_error = None;
         let mut mutations = 0;
         if let Some(gitlab) = &self.gitlab {
             let mut created = self.state.gitlab.clone();
             let result = gitlab.reconcile(desired, &mut created).await;
+            match result {
+                Ok(report) => {
+                    self.gitlab_version = GitLabVersion::parse(&report.version);
+                    if report.failed() {
+                        api_error = report.failure();
+                    } else {
+                        created.applied_revision = revision;
+                    }
+                    mutations = report.mutations;
+                    sync_status = Some(report.status(created.applied_revision));
+                }
+                Err(error) => {
+                    let status = GitLabSync {
+                        enabled: true,
+                        detail: error.to_string(),
+                        applied_revision: created.applied_revision,
+                        ..Default::default()
+                    };
+                    api_error = Some(error.to_string());
+                    sync_status = Some(status);
+                }
+            }
             // Keep what was created even when a later step failed.
             let mut next = self.state.clone();
             next.gitlab = created;
             if let Err(error) = self.save(next) {
-                return failed(revision, error, None);
+                return failed(revision, error, sync_status, None);
             }
-            match result {
-                Ok(report) => {
-                    let status = report.status();
-                    if let Some(error) = report.failure() {
-                        tracing::warn!(revision, %error, "GitLab API sync incomplete");
-                        return failed(revision, error, Some(status));
-                    }
-                    mutations = report.mutations;
-                    sync_status = Some(status);
-                }
-                Err(error) => {
-                    tracing::warn!(revision, %error, "GitLab API sync failed");
-                    let status = GitLabSync {
-                        enabled: true,
-                        detail: error.to_string(),
-                        unmanaged_models: Vec::new(),
-                    };
-                    return failed(revision, error.to_string(), Some(status));
+            if let Some(error) = &api_error {
+                tracing::warn!(revision, %error, "GitLab API sync incomplete");
+            }
+        }
+        let host = self.host_sync(revision, host_error.clone(), gateway_changes);
+        if host_error.is_some() || api_error.is_some() {
+            if host_error.is_none() {
+                let mut next = self.state.clone();
+                next.host_revision = revision;
+                if let Err(error) = self.save(next) {
+                    return failed(revision, error, sync_status, Some(host));
                 }
             }
+            let error = [host_error, api_error]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("\n");
+            return failed(revision, error, sync_status, Some(host));
         }
         let result = if unchanged && mutations == 0 {
             AckResult::Unchanged
         } else {
             AckResult::Applied
         };
-        self.record(revision, digest, result, sync_status)
+        self.record(revision, digest, result, sync_status, host)
+    }
+
+    /// The host layer's status after an apply of `revision`.
+    fn host_sync(&self, revision: u64, error: Option<String>, ran: bool) -> HostSync {
+        let what = match &self.target {
+            Target::LinuxPackage {
+                gitlab_rb,
+                reconfigure_command,
+            } => {
+                if ran {
+                    format!(
+                        "AI_GATEWAY_URL written to {} and `{reconfigure_command}` ran",
+                        gitlab_rb.display()
+                    )
+                } else {
+                    format!("AI_GATEWAY_URL in {} already in place", gitlab_rb.display())
+                }
+            }
+            Target::Helm {
+                values,
+                helm_command,
+            } => {
+                if ran {
+                    format!(
+                        "AI_GATEWAY_URL written to {} and `{helm_command}` ran",
+                        values.display()
+                    )
+                } else {
+                    format!("AI_GATEWAY_URL in {} already in place", values.display())
+                }
+            }
+        };
+        let note = gateway_source(self.gitlab_version, self.gitlab.is_some());
+        HostSync {
+            applied_revision: if error.is_none() {
+                revision
+            } else {
+                self.state.host_revision
+            },
+            error: error.unwrap_or_default(),
+            detail: if note.is_empty() {
+                what
+            } else {
+                format!("{what}. {note}")
+            },
+        }
     }
 
     fn record(
@@ -104,18 +184,21 @@ impl Applier {
         digest: String,
         result: AckResult,
         gitlab_sync: Option<GitLabSync>,
+        host: HostSync,
     ) -> Ack {
         let mut next = self.state.clone();
         next.applied_revision = revision;
         next.applied_digest = digest;
+        next.host_revision = revision;
         if let Err(e) = self.save(next) {
-            return failed(revision, e, gitlab_sync);
+            return failed(revision, e, gitlab_sync, Some(host));
         }
         Ack {
             revision,
             result: result as i32,
             error: String::new(),
             gitlab_sync,
+            host_sync: Some(host),
         }
     }
 
@@ -267,18 +350,58 @@ impl Applier {
                 result: AckResult::Applied as i32,
                 error: String::new(),
                 gitlab_sync: None,
+                host_sync: Some(self.host_sync(revision, None, true)),
             },
-            Err(error) => failed(revision, error, None),
+            Err(error) => {
+                let host = self.host_sync(revision, Some(error.clone()), true);
+                failed(revision, error, None, Some(host))
+            }
         }
     }
 }
 
-fn failed(revision: u64, error: String, gitlab_sync: Option<GitLabSync>) -> Ack {
+fn failed(
+    revision: u64,
+    error: String,
+    gitlab_sync: Option<GitLabSync>,
+    host_sync: Option<HostSync>,
+) -> Ack {
     Ack {
         revision,
         result: AckResult::Failed as i32,
         error,
         gitlab_sync,
+        host_sync,
+    }
+}
+
+/// Which gateway setting takes effect on this GitLab version, in words.
+/// GitLab up to 17.8 reads AI_GATEWAY_URL; 17.9 to 17.11 prefer the
+/// database setting and fall back to AI_GATEWAY_URL; 18.x reads only the
+/// database setting, which AI_GATEWAY_URL seeds once when it is created.
+pub fn gateway_source(version: Option<GitLabVersion>, api_sync: bool) -> String {
+    let Some(v) = version else {
+        return String::new();
+    };
+    if v < since::DUO_SETTINGS {
+        format!("GitLab {v} takes the gateway from AI_GATEWAY_URL")
+    } else if v < since::V18 {
+        let how = if api_sync {
+            "the agent sets both"
+        } else {
+            "without --gitlab-token-file the agent cannot set the database setting"
+        };
+        format!(
+            "GitLab {v} takes the gateway from its database setting when set, else from AI_GATEWAY_URL; {how}"
+        )
+    } else if api_sync {
+        format!(
+            "GitLab {v} takes the gateway only from its database setting, which the agent sets through the API; AI_GATEWAY_URL only seeds it on first setup"
+        )
+    } else {
+        format!(
+            "GitLab {v} takes the gateway only from its database setting; AI_GATEWAY_URL only seeds it on first setup, so without --gitlab-token-file this edit changes nothing on a running instance"
+        )
     }
 }
 

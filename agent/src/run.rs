@@ -122,6 +122,7 @@ async fn run(args: Args) -> Result<(), String> {
         gitlab_sync: Some(gitlab_sync),
     };
     tracing::info!(instance = %instance_id, control_plane = %args.control_plane, applied_revision = state.applied_revision, "duofleet-agent starting");
+    let gitlab_version_seen = duofleet_proto::GitLabVersion::parse(&hello.gitlab_version);
     let session = Session {
         endpoint: args.control_plane.clone(),
         token,
@@ -132,6 +133,7 @@ async fn run(args: Args) -> Result<(), String> {
             state_file,
             state,
             gitlab,
+            gitlab_version: gitlab_version_seen,
         },
         check_interval: args.health_interval,
         repair_drift: args.repair_drift,
@@ -162,7 +164,7 @@ async fn gitlab_sync(args: &Args) -> Result<(Option<GitLab>, GitLabSync, String)
         let status = GitLabSync {
             enabled: false,
             detail: "off: no --gitlab-token-file".into(),
-            unmanaged_models: Vec::new(),
+            ..Default::default()
         };
         return Ok((None, status, String::new()));
     };
@@ -187,7 +189,7 @@ async fn gitlab_sync(args: &Args) -> Result<(Option<GitLab>, GitLabSync, String)
     let status = GitLabSync {
         enabled: true,
         detail: format!("on: {}", args.gitlab_url),
-        unmanaged_models: Vec::new(),
+        ..Default::default()
     };
     Ok((Some(gitlab), status, version))
 }

@@ -6,6 +6,7 @@ use duofleet_proto::v1::DesiredConfig;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -53,16 +54,34 @@ pub struct State {
     /// What the agent created in GitLab through its API.
     #[serde(default)]
     pub gitlab: GitLabState,
+    /// The newest revision whose gateway is in place on the host (gitlab.rb
+    /// and reconfigure, or Helm), even when the API layer failed.
+    #[serde(default)]
+    pub host_revision: u64,
 }
 
-/// The self-hosted models this agent created in GitLab, by name.
+/// What this agent created and set in GitLab through its API.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitLabState {
-    pub models: std::collections::BTreeMap<String, ManagedModel>,
-    /// This GitLab takes one `feature:` per aiFeatureSettingUpdate (early 17.x).
+    /// The self-hosted models this agent created, by name.
+    pub models: BTreeMap<String, ManagedModel>,
+    /// The feature settings this agent set, by feature key: what stands for
+    /// GitLab's answer where it cannot be read (17.4), and what goes back to
+    /// GitLab's default when a feature leaves the profile.
     #[serde(default)]
-    pub single_feature_form: bool,
+    pub features: BTreeMap<String, ManagedFeature>,
+    /// Creates refused because a model GitLab hides holds the name, by
+    /// model name: not tried again until the desired model changes.
+    #[serde(default)]
+    pub blocked: BTreeMap<String, Blocked>,
+    /// The newest revision whose every API item held.
+    #[serde(default)]
+    pub applied_revision: u64,
+    /// Written by agents before 0.2, which guessed the form from errors;
+    /// the form now follows GitLab's version. Read and dropped.
+    #[serde(default, skip_serializing, rename = "single_feature_form")]
+    pub legacy_single_feature_form: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +91,27 @@ pub struct ManagedModel {
     pub id: String,
     /// HMAC-SHA256 of the API key last pushed (GitLab never returns keys).
     pub key_digest: String,
+    /// SHA-256 of the fields last pushed: a model GitLab hides (a beta
+    /// family before the testing terms are accepted) is compared with it.
+    #[serde(default)]
+    pub pushed: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedFeature {
+    /// As GitLab's enum has it, e.g. SELF_HOSTED.
+    pub provider: String,
+    /// The self-hosted model's global id, or empty.
+    pub model_id: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Blocked {
+    /// `ManagedModel::pushed` of the refused model.
+    pub pushed: String,
+    pub reason: String,
 }
 
 /// The key for API-key digests: `<state-dir>/digest.key`, made on first use.
@@ -145,10 +185,7 @@ pub fn digest(desired: &DesiredConfig) -> String {
         revision: 0,
         ..desired.clone()
     };
-    Sha256::digest(content.encode_to_vec())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(content.encode_to_vec()))
 }
 
 /// Replaces `path` atomically: temp file in the same directory, fsync,
@@ -208,6 +245,7 @@ mod tests {
             },
             pending: None,
             gitlab: GitLabState::default(),
+            host_revision: 7,
         };
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), state);
@@ -216,6 +254,26 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn state_of_an_older_agent_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("state.json"),
+            r#"{"applied_revision": 3, "applied_digest": "ab",
+                "gateway": {"url": "https://gw", "internal_url": ""}, "pending": null,
+                "gitlab": {"models": {"m": {"id": "gid://gitlab/Ai::SelfHostedModel/1", "key_digest": ""}},
+                           "single_feature_form": true}}"#,
+        )
+        .unwrap();
+        let state = StateFile::new(dir.path()).load().unwrap();
+        assert_eq!(state.applied_revision, 3);
+        assert_eq!(
+            state.gitlab.models["m"].id,
+            "gid://gitlab/Ai::SelfHostedModel/1"
+        );
+        assert_eq!(state.host_revision, 0);
     }
 
     #[test]

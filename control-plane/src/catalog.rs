@@ -1,8 +1,12 @@
 //! The catalog of model families and Duo features, embedded from
-//! `catalog.yaml` (the one file to edit when GitLab adds a feature).
+//! `catalog.yaml` (the one file to edit when GitLab adds a feature), with
+//! the GitLab version that brought each one and its release state by
+//! version.
 
+use duofleet_proto::GitLabVersion;
 use duofleet_proto::v1 as pb;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -18,7 +22,10 @@ pub enum ReleaseState {
 pub struct Family {
     pub key: String,
     pub gitlab_enum: String,
-    pub release_state: ReleaseState,
+    /// The GitLab version that brought it, e.g. "18.3".
+    pub since: String,
+    /// GitLab version -> the release state from that version on.
+    pub release_states: BTreeMap<String, ReleaseState>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -26,8 +33,68 @@ pub struct Family {
 pub struct Feature {
     pub key: String,
     pub title: String,
-    pub release_state: ReleaseState,
+    pub since: String,
+    pub release_states: BTreeMap<String, ReleaseState>,
     pub compatible_families: Vec<String>,
+}
+
+/// The versioned part that families and features share.
+trait Versioned {
+    fn since(&self) -> &str;
+    fn states(&self) -> &BTreeMap<String, ReleaseState>;
+
+    /// Release states ordered by version, oldest first.
+    fn ordered_states(&self) -> Vec<(GitLabVersion, ReleaseState)> {
+        let mut states: Vec<_> = self
+            .states()
+            .iter()
+            .map(|(v, s)| (parse_version(v), *s))
+            .collect();
+        states.sort_by_key(|(v, _)| *v);
+        states
+    }
+
+    /// The state in the newest GitLab version.
+    fn release_state(&self) -> ReleaseState {
+        self.ordered_states()
+            .last()
+            .map_or(ReleaseState::Beta, |(_, s)| *s)
+    }
+
+    fn versions_proto(&self) -> (String, Vec<pb::ReleaseStateSince>) {
+        let states = self
+            .ordered_states()
+            .into_iter()
+            .map(|(v, s)| pb::ReleaseStateSince {
+                since_gitlab_version: v.to_string(),
+                release_state: s.to_proto() as i32,
+            })
+            .collect();
+        (parse_version(self.since()).to_string(), states)
+    }
+}
+
+impl Versioned for Family {
+    fn since(&self) -> &str {
+        &self.since
+    }
+    fn states(&self) -> &BTreeMap<String, ReleaseState> {
+        &self.release_states
+    }
+}
+
+impl Versioned for Feature {
+    fn since(&self) -> &str {
+        &self.since
+    }
+    fn states(&self) -> &BTreeMap<String, ReleaseState> {
+        &self.release_states
+    }
+}
+
+/// Catalog versions are checked by the unit tests below.
+fn parse_version(text: &str) -> GitLabVersion {
+    GitLabVersion::parse(text).unwrap_or(GitLabVersion::new(0, 0))
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,30 +133,38 @@ impl Catalog {
 
     pub fn to_proto(&self) -> pb::Catalog {
         pb::Catalog {
-            families: self
-                .families
-                .iter()
-                .map(|f| pb::Family {
-                    key: f.key.clone(),
-                    gitlab_enum: f.gitlab_enum.clone(),
-                    release_state: f.release_state.to_proto() as i32,
-                })
-                .collect(),
-            features: self
-                .features
-                .iter()
-                .map(|f| pb::Feature {
-                    key: f.key.clone(),
-                    title: f.title.clone(),
-                    release_state: f.release_state.to_proto() as i32,
-                    compatible_families: f.compatible_families.clone(),
-                })
-                .collect(),
+            families: self.families.iter().map(Family::to_proto).collect(),
+            features: self.features.iter().map(Feature::to_proto).collect(),
+        }
+    }
+}
+
+impl Family {
+    pub fn to_proto(&self) -> pb::Family {
+        let (since, states) = self.versions_proto();
+        pb::Family {
+            key: self.key.clone(),
+            gitlab_enum: self.gitlab_enum.clone(),
+            release_state: self.release_state().to_proto() as i32,
+            since_gitlab_version: since,
+            release_states: states,
         }
     }
 }
 
 impl Feature {
+    pub fn to_proto(&self) -> pb::Feature {
+        let (since, states) = self.versions_proto();
+        pb::Feature {
+            key: self.key.clone(),
+            title: self.title.clone(),
+            release_state: self.release_state().to_proto() as i32,
+            compatible_families: self.compatible_families.clone(),
+            since_gitlab_version: since,
+            release_states: states,
+        }
+    }
+
     pub fn accepts(&self, family: &str) -> bool {
         self.compatible_families.iter().any(|f| f == family)
     }
@@ -148,13 +223,70 @@ mod tests {
         for family in &catalog.families {
             assert_eq!(family.gitlab_enum, family.key.to_uppercase());
         }
+        let versions = catalog
+            .families
+            .iter()
+            .flat_map(|f| std::iter::once(&f.since).chain(f.release_states.keys()))
+            .chain(
+                catalog
+                    .features
+                    .iter()
+                    .flat_map(|f| std::iter::once(&f.since).chain(f.release_states.keys())),
+            );
+        for version in versions {
+            assert!(
+                GitLabVersion::parse(version).is_some(),
+                "bad version {version:?}"
+            );
+        }
+        for (key, since, states) in catalog
+            .families
+            .iter()
+            .map(|f| (&f.key, &f.since, &f.release_states))
+            .chain(
+                catalog
+                    .features
+                    .iter()
+                    .map(|f| (&f.key, &f.since, &f.release_states)),
+            )
+        {
+            assert!(
+                states.contains_key(since),
+                "{key}: its first release state must be at its since version"
+            );
+        }
     }
 
     #[test]
     fn catalog_matches_gitlab_metadata() {
         let catalog = get();
-        assert_eq!(catalog.families.len(), 12);
-        assert_eq!(catalog.features.len(), 16);
+        // GitLab's AiAcceptedSelfHostedModels: no QWEN, no GEMINI before 19.x.
+        let families: Vec<&str> = catalog.families.iter().map(|f| f.key.as_str()).collect();
+        assert_eq!(families.len(), 10);
+        assert!(!families.contains(&"qwen") && !families.contains(&"gemini"));
+        assert_eq!(catalog.family("general").unwrap().since, "18.3");
+        assert_eq!(catalog.features.len(), 18);
+        let review = catalog.feature("review_merge_request").unwrap().to_proto();
+        assert_eq!(review.release_state, pb::ReleaseState::Ga as i32);
+        assert_eq!(
+            review
+                .release_states
+                .iter()
+                .map(|s| s.since_gitlab_version.as_str())
+                .collect::<Vec<_>>(),
+            ["17.4", "18.4"]
+        );
+        let agentic = catalog
+            .feature("duo_agent_platform_agentic_chat")
+            .unwrap()
+            .to_proto();
+        assert_eq!(agentic.since_gitlab_version, "18.7");
+        assert!(
+            catalog
+                .feature("duo_agent_platform")
+                .unwrap()
+                .accepts("general")
+        );
         let chat = catalog.feature("duo_chat").unwrap();
         assert_eq!(chat.title, "General Chat");
         assert!(!chat.accepts("codegemma"));
@@ -165,7 +297,7 @@ mod tests {
                 .accepts("codegemma")
         );
         assert_eq!(
-            catalog.feature("summarize_review").unwrap().release_state,
+            catalog.feature("summarize_review").unwrap().release_state(),
             ReleaseState::Experiment
         );
         assert!(

@@ -37,6 +37,8 @@ const PROFILE_FIELDS: &[&str] = &[
     "selector",
     "priority",
     "features",
+    "ai_gateway_timeout_seconds",
+    "duo_agent_platform_service_url",
 ];
 const OUTPUT_FIELDS: &[&str] = &["revision", "create_time", "update_time", "has_api_key"];
 
@@ -162,6 +164,8 @@ impl Config {
             "selector" => !patch.selector.is_empty(),
             "priority" => patch.priority != 0,
             "features" => !patch.features.is_empty(),
+            "ai_gateway_timeout_seconds" => patch.ai_gateway_timeout_seconds != 0,
+            "duo_agent_platform_service_url" => !patch.duo_agent_platform_service_url.is_empty(),
             _ => false,
         })?;
         let mut profile = self.profile(&patch.name)?.clone();
@@ -174,6 +178,13 @@ impl Config {
                 "selector" => profile.selector = patch.selector.clone(),
                 "priority" => profile.priority = patch.priority,
                 "features" => profile.features = patch.features.clone(),
+                "ai_gateway_timeout_seconds" => {
+                    profile.ai_gateway_timeout_seconds = patch.ai_gateway_timeout_seconds
+                }
+                "duo_agent_platform_service_url" => {
+                    profile.duo_agent_platform_service_url =
+                        patch.duo_agent_platform_service_url.clone()
+                }
                 _ => unreachable!("mask_fields returns only listed fields"),
             }
         }

@@ -5,9 +5,10 @@
 //! are all among the instance's labels; on equal priority the one with more
 //! selector labels, then the name that sorts first; otherwise `default`.
 
+use crate::catalog;
 use crate::config::Config;
 use crate::validate::DEFAULT_PROFILE;
-use duofleet_proto::v1::{DesiredConfig, DesiredModel, Profile, Provider};
+use duofleet_proto::v1::{self as pb, DesiredConfig, DesiredModel, Profile, Provider};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub type Labels = BTreeMap<String, String>;
@@ -45,7 +46,7 @@ pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
         .filter(|s| s.provider() == Provider::SelfHosted)
         .map(|s| s.model.as_str())
         .collect();
-    let models = used
+    let models: Vec<DesiredModel> = used
         .into_iter()
         .filter_map(|name| config.models.get(name))
         .map(|m| DesiredModel {
@@ -56,6 +57,25 @@ pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
             identifier: m.identifier.clone(),
         })
         .collect();
+    // The agent needs to know which GitLab version brought each family and
+    // feature it is given, and what GitLab hides as beta.
+    let catalog = catalog::get();
+    let families: BTreeSet<&str> = models.iter().map(|m| m.family.as_str()).collect();
+    let catalog_families = families
+        .into_iter()
+        .filter_map(|f| catalog.family(f))
+        .map(|f| f.to_proto())
+        .collect();
+    let catalog_features = profile
+        .features
+        .iter()
+        .filter_map(|s| catalog.feature(&s.feature))
+        .map(|f| pb::Feature {
+            // The agent needs no compatibility list: GitLab checks it.
+            compatible_families: Vec::new(),
+            ..f.to_proto()
+        })
+        .collect();
     DesiredConfig {
         revision: config.revision,
         profile: profile.name.clone(),
@@ -63,6 +83,10 @@ pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
         ai_gateway_internal_url: profile.ai_gateway_internal_url.clone(),
         models,
         features: profile.features.clone(),
+        ai_gateway_timeout_seconds: profile.ai_gateway_timeout_seconds,
+        duo_agent_platform_service_url: profile.duo_agent_platform_service_url.clone(),
+        catalog_families,
+        catalog_features,
     }
 }
 

@@ -179,10 +179,21 @@ impl Registry {
             if ack.gitlab_sync.is_some() {
                 entry.instance.gitlab_sync = ack.gitlab_sync.clone();
             }
+            if ack.host_sync.is_some() {
+                entry.instance.host_sync = ack.host_sync.clone();
+            }
             match ack.result() {
                 AckResult::Failed => {
                     entry.failed = true;
                     entry.instance.last_error = ack.error.clone();
+                    // Only the API layer failed: the revision is in place
+                    // on the host, and the instance must not say otherwise.
+                    if let Some(host) = &ack.host_sync
+                        && host.error.is_empty()
+                        && host.applied_revision == ack.revision
+                    {
+                        entry.instance.applied_revision = ack.revision;
+                    }
                 }
                 _ => {
                     entry.failed = false;

@@ -108,6 +108,39 @@ fn identifier(identifier: &str) -> Result {
     }
 }
 
+/// `host:port` without a scheme, as GitLab takes the Duo Agent Platform
+/// service address (it is gRPC), e.g. `dap.example.com:50052`.
+pub fn host_port(field: &str, value: &str) -> Result {
+    const EXAMPLE: &str = "host:port without a scheme, e.g. dap.example.com:50052";
+    let len = value.chars().count();
+    if len > URL_MAX {
+        return Err(ConfigError::invalid(
+            field,
+            format!("must be at most {URL_MAX} characters (got {len})"),
+        ));
+    }
+    if value.contains("://") {
+        return Err(ConfigError::invalid(
+            field,
+            format!("must be {EXAMPLE}; GitLab takes no scheme here"),
+        ));
+    }
+    let parsed = url::Url::parse(&format!("grpc://{value}")).ok();
+    let valid = parsed.as_ref().is_some_and(|u| {
+        u.host_str().is_some_and(|h| !h.is_empty())
+            && u.port().is_some()
+            && u.path().is_empty()
+            && u.username().is_empty()
+            && u.password().is_none()
+            && u.query().is_none()
+            && u.fragment().is_none()
+    });
+    if !valid {
+        return Err(ConfigError::invalid(field, format!("must be {EXAMPLE}")));
+    }
+    Ok(())
+}
+
 /// An absolute http or https URL of at most 2048 characters, with a host and
 /// no user:password part, query or fragment.
 pub fn http_url(field: &str, value: &str) -> Result<url::Url> {
@@ -183,6 +216,23 @@ pub fn profile(profile: &Profile, catalog: &Catalog) -> Result {
                 "needs ai_gateway_url to be set as well",
             ));
         }
+    }
+    if profile.ai_gateway_timeout_seconds != 0
+        && !(60..=600).contains(&profile.ai_gateway_timeout_seconds)
+    {
+        return Err(ConfigError::invalid(
+            "profile.ai_gateway_timeout_seconds",
+            format!(
+                "must be 60 to 600 seconds, as GitLab allows, or 0 to leave GitLab's own (got {})",
+                profile.ai_gateway_timeout_seconds
+            ),
+        ));
+    }
+    if !profile.duo_agent_platform_service_url.is_empty() {
+        host_port(
+            "profile.duo_agent_platform_service_url",
+            &profile.duo_agent_platform_service_url,
+        )?;
     }
     selector("profile.selector", &profile.selector)?;
     if profile.name == DEFAULT_PROFILE && !profile.selector.is_empty() {
@@ -345,6 +395,39 @@ mod tests {
         let mut m = mk_model();
         edit(&mut m);
         model(&m, catalog::get()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn gitlab_settings_follow_gitlab_rules() {
+        let catalog = catalog::get();
+        let mut p = Profile {
+            name: "default".into(),
+            ai_gateway_timeout_seconds: 59,
+            ..Default::default()
+        };
+        assert!(
+            profile(&p, catalog)
+                .unwrap_err()
+                .to_string()
+                .starts_with("profile.ai_gateway_timeout_seconds: must be 60 to 600 seconds")
+        );
+        p.ai_gateway_timeout_seconds = 600;
+        profile(&p, catalog).unwrap();
+        for bad in [
+            "https://dap.example.com:50052",
+            "dap.example.com",
+            "dap:50052/x",
+            "u:p@dap:1",
+        ] {
+            p.duo_agent_platform_service_url = bad.into();
+            let err = profile(&p, catalog).unwrap_err().to_string();
+            assert!(
+                err.starts_with("profile.duo_agent_platform_service_url: must be host:port"),
+                "{bad}: {err}"
+            );
+        }
+        p.duo_agent_platform_service_url = "dap.example.com:50052".into();
+        profile(&p, catalog).unwrap();
     }
 
     #[test]

@@ -18,6 +18,40 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/duofleet_descriptor.bin"));
 
+/// A GitLab version as its major and minor numbers, which is all that
+/// decides what GitLab's API offers: "17.11.2-ee" is 17.11. It orders
+/// numerically (17.4 < 17.11), unlike the strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GitLabVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl GitLabVersion {
+    pub const fn new(major: u32, minor: u32) -> GitLabVersion {
+        GitLabVersion { major, minor }
+    }
+
+    /// "17.11.2-ee", "18.0.0-pre" or "17.4" -> Some; anything without a
+    /// leading "major.minor" -> None.
+    pub fn parse(text: &str) -> Option<GitLabVersion> {
+        let mut parts = text.trim().splitn(3, '.');
+        let major = parts.next()?.parse().ok()?;
+        let minor: String = parts
+            .next()?
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        Some(GitLabVersion::new(major, minor.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for GitLabVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
 /// Debug that never prints an API key: `{:?}` of a request must be safe to log.
 mod redact {
     use super::v1::{DesiredModel, Model};
@@ -61,7 +95,20 @@ mod redact {
 
     #[cfg(test)]
     mod tests {
+        use super::super::GitLabVersion;
         use super::*;
+
+        #[test]
+        fn gitlab_versions_parse_and_order_numerically() {
+            let v = |t| GitLabVersion::parse(t).unwrap();
+            assert_eq!(v("17.11.2-ee"), GitLabVersion::new(17, 11));
+            assert_eq!(v("18.0.0-pre"), GitLabVersion::new(18, 0));
+            assert_eq!(v("17.4"), GitLabVersion::new(17, 4));
+            assert!(v("17.4.0") < v("17.11.0"));
+            assert_eq!(v("18.3.1-ee").to_string(), "18.3");
+            assert_eq!(GitLabVersion::parse("garbage"), None);
+            assert_eq!(GitLabVersion::parse(""), None);
+        }
 
         #[test]
         fn debug_never_shows_the_api_key() {

@@ -1,15 +1,17 @@
-//! Models and feature settings reach GitLab through its GraphQL API: real
-//! daemon and agents against the GitLab simulator.
+//! Models, feature settings and Duo settings reach GitLab through its
+//! GraphQL API: real daemon and agents against the GitLab simulator, which
+//! follows real GitLab version by version.
 
 use crate::fresh_daemon;
 use crate::{WAIT, wait_instance, wait_synced};
 use duofleet_proto::v1::{
-    CreateModelRequest, DeleteModelRequest, FeatureSetting, Model, Profile, Provider,
-    SetFeatureSettingRequest, SyncState, UpdateModelRequest, UpdateProfileRequest,
+    CreateModelRequest, DeleteModelRequest, FeatureSetting, Instance, Model, Profile, Provider,
+    SetFeatureSettingRequest, SyncItemState, SyncState, UpdateModelRequest, UpdateProfileRequest,
 };
 use duofleet_tests::agent::{Agent, FakeCommand};
 use duofleet_tests::gitlab_sim::{self, Shared};
 use duofleet_tests::{Clients, Daemon, mk};
+use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -60,8 +62,51 @@ async fn create(c: &mut Clients, model: Model) -> u64 {
         .revision
 }
 
-fn model_named<'a>(sim: &'a gitlab_sim::Sim, name: &str) -> Option<&'a gitlab_sim::SimModel> {
-    sim.models.values().find(|m| m.name == name)
+/// An item of the instance's API layer: (state, detail).
+fn item(instance: &Instance, kind: &str, key: &str) -> (SyncItemState, String) {
+    let sync = instance.gitlab_sync.as_ref().expect("sync status");
+    sync.items
+        .iter()
+        .find(|i| i.kind == kind && i.key == key)
+        .map(|i| (i.state(), i.detail.clone()))
+        .unwrap_or_else(|| panic!("no {kind} {key} in {:?}", sync.items))
+}
+
+async fn set_default_profile(c: &mut Clients, profile: Profile) -> u64 {
+    c.profiles
+        .update_profile(UpdateProfileRequest {
+            profile: Some(Profile {
+                name: "default".into(),
+                ..profile
+            }),
+            update_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
+/// Makes the agent sync again with nothing changed for it: it is stopped,
+/// an unrelated revision is made, and on restart it is sent its config at
+/// the new revision.
+async fn resync_unchanged(c: &mut Clients, agents: &mut [(&str, &mut Agent)], n: &str) -> u64 {
+    for (_, agent) in agents.iter_mut() {
+        agent.kill9();
+    }
+    let unrelated = create(
+        c,
+        Model {
+            family: "gpt".into(),
+            ..mk::model(&format!("unused-{n}"))
+        },
+    )
+    .await;
+    for (id, agent) in agents.iter_mut() {
+        agent.restart();
+        wait_synced(c, id, unrelated).await;
+    }
+    unrelated
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,6 +114,7 @@ async fn models_and_features_reach_gitlab_idempotently() {
     let (dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
     let (url, sim): (String, Shared) = gitlab_sim::start("17.9.0-ee", TOKEN).await;
+    sim.lock().unwrap().testing_terms_accepted = true;
     let by_hand = sim.lock().unwrap().add_model_by_hand("by-hand", "GPT");
     let mut agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-a", &url, TOKEN);
 
@@ -81,73 +127,82 @@ async fn models_and_features_reach_gitlab_idempotently() {
         },
     )
     .await;
-    let revision = c
-        .profiles
-        .update_profile(UpdateProfileRequest {
-            profile: Some(Profile {
-                name: "default".into(),
-                ai_gateway_url: "https://aigw.example.com".into(),
-                features: vec![
-                    setting("duo_chat", Provider::SelfHosted, "mixtral-prod"),
-                    setting("code_completions", Provider::SelfHosted, "codestral-22b"),
-                    setting("code_generations", Provider::SelfHosted, "codestral-22b"),
-                    setting("duo_chat_explain_code", Provider::Vendor, ""),
-                    setting("summarize_review", Provider::Disabled, ""),
-                ],
-                ..Default::default()
-            }),
-            update_mask: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let revision = set_default_profile(
+        &mut c,
+        Profile {
+            ai_gateway_url: "https://aigw.example.com".into(),
+            features: vec![
+                setting("duo_chat", Provider::SelfHosted, "mixtral-prod"),
+                setting("code_completions", Provider::SelfHosted, "codestral-22b"),
+                setting("code_generations", Provider::SelfHosted, "codestral-22b"),
+                setting("duo_chat_explain_code", Provider::Vendor, ""),
+                setting("summarize_review", Provider::Disabled, ""),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
     let synced = wait_synced(&mut c, "gitlab-a", revision).await;
-    let status = synced.gitlab_sync.expect("sync status");
+    let status = synced.gitlab_sync.clone().expect("sync status");
     assert!(status.enabled);
     assert_eq!(status.detail, "GitLab 17.9.0-ee");
     assert_eq!(status.unmanaged_models, ["by-hand"]);
+    assert_eq!(status.applied_revision, revision);
+    assert_eq!(
+        item(&synced, "feature", "duo_chat"),
+        (SyncItemState::Applied, "duo_chat -> SELF_HOSTED".into())
+    );
+    let host = synced.host_sync.clone().expect("host layer");
+    assert_eq!(host.applied_revision, revision);
+    assert!(
+        host.detail.contains("GitLab 17.9 takes the gateway from its database setting when set, else from AI_GATEWAY_URL"),
+        "{}",
+        host.detail
+    );
     {
         let sim = sim.lock().unwrap();
-        let mixtral = model_named(&sim, "mixtral-prod").expect("created");
+        let mixtral = sim.model_named("mixtral-prod").expect("created");
+        // GitLab keeps the family in lower case.
         assert_eq!(
             (mixtral.model.as_str(), mixtral.api_token.as_str()),
-            ("MIXTRAL", "sk-test-key-of-mixtral-prod")
+            ("mixtral", "sk-test-key-of-mixtral-prod")
         );
         assert_eq!(mixtral.endpoint, "https://vllm.example.internal:8000/v1");
         assert_eq!(
             mixtral.identifier,
             "custom_openai/Mixtral-8x7B-Instruct-v0.1"
         );
-        let codestral = model_named(&sim, "codestral-22b").expect("created").id;
+        let codestral = sim.model_named("codestral-22b").expect("created").id;
         assert_eq!(
-            sim.features["DUO_CHAT"],
-            ("SELF_HOSTED".to_string(), Some(mixtral.id))
+            sim.feature("duo_chat"),
+            ("self_hosted".to_string(), Some(mixtral.id))
         );
         assert_eq!(
-            sim.features["CODE_COMPLETIONS"],
-            ("SELF_HOSTED".to_string(), Some(codestral))
+            sim.feature("code_completions"),
+            ("self_hosted".to_string(), Some(codestral))
         );
         assert_eq!(
-            sim.features["CODE_GENERATIONS"],
-            ("SELF_HOSTED".to_string(), Some(codestral))
+            sim.feature("code_generations"),
+            ("self_hosted".to_string(), Some(codestral))
         );
         assert_eq!(
-            sim.features["DUO_CHAT_EXPLAIN_CODE"],
-            ("VENDORED".to_string(), None)
+            sim.feature("summarize_review"),
+            ("disabled".to_string(), None)
         );
+        // explain_code already had GitLab's 17.x default, the vendor model.
         assert_eq!(
-            sim.features["SUMMARIZE_REVIEW"],
-            ("DISABLED".to_string(), None)
+            sim.feature("duo_chat_explain_code"),
+            ("vendored".to_string(), None)
         );
-        // One call per (provider, model): the two codestral features share one.
-        assert_eq!(
-            sim.mutations()
-                .iter()
-                .filter(|m| *m == "aiFeatureSettingUpdate")
-                .count(),
-            4
-        );
+        assert!(!sim.features.contains_key("duo_chat_explain_code"));
+        // 17.9 takes one `feature:` per call: four features differed.
+        let forms: Vec<bool> = sim
+            .mutation_log()
+            .iter()
+            .filter(|l| l.field == "aiFeatureSettingUpdate")
+            .map(|l| l.input.get("feature").is_some() && l.input.get("features").is_none())
+            .collect();
+        assert_eq!(forms, [true; 4]);
         assert_eq!(
             sim.ai_gateway_url.as_deref(),
             Some("https://aigw.example.com")
@@ -161,17 +216,7 @@ async fn models_and_features_reach_gitlab_idempotently() {
     // Idempotent: the agent comes back behind by a revision that changes
     // nothing for it; the sync sends queries only.
     let mutations_before = sim.lock().unwrap().mutations().len();
-    agent.kill9();
-    let unrelated = create(
-        &mut c,
-        Model {
-            family: "gpt".into(),
-            ..mk::model("unused")
-        },
-    )
-    .await;
-    agent.restart();
-    wait_synced(&mut c, "gitlab-a", unrelated).await;
+    resync_unchanged(&mut c, &mut [("gitlab-a", &mut agent)], "a").await;
     assert_eq!(
         sim.lock().unwrap().mutations().len(),
         mutations_before,
@@ -199,13 +244,41 @@ async fn models_and_features_reach_gitlab_idempotently() {
     {
         let sim = sim.lock().unwrap();
         assert_eq!(
-            model_named(&sim, "mixtral-prod").unwrap().api_token,
+            sim.model_named("mixtral-prod").unwrap().api_token,
             "sk-rotated"
         );
         assert_eq!(
             sim.mutations()[mutations_before..],
             ["aiSelfHostedModelUpdate"]
         );
+    }
+
+    // An endpoint change leaves the key out: GitLab keeps it.
+    let moved = c
+        .models
+        .update_model(UpdateModelRequest {
+            model: Some(Model {
+                name: "mixtral-prod".into(),
+                endpoint: "https://vllm-2.example.internal:8000/v1".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["endpoint".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    wait_synced(&mut c, "gitlab-a", moved).await;
+    {
+        let sim = sim.lock().unwrap();
+        let last = sim.mutation_log().last().cloned().cloned().unwrap();
+        assert_eq!(last.field, "aiSelfHostedModelUpdate");
+        assert!(last.input.get("apiToken").is_none(), "{:?}", last.input);
+        let mixtral = sim.model_named("mixtral-prod").unwrap();
+        assert_eq!(mixtral.endpoint, "https://vllm-2.example.internal:8000/v1");
+        assert_eq!(mixtral.api_token, "sk-rotated");
     }
 
     // Dropping a model from duofleet deletes the one the agent created.
@@ -216,8 +289,6 @@ async fn models_and_features_reach_gitlab_idempotently() {
         })
         .await
         .unwrap();
-    // No profile uses it now: the agent deletes it from GitLab, and
-    // deleting it from duofleet is allowed.
     c.models
         .delete_model(DeleteModelRequest {
             name: "mixtral-prod".into(),
@@ -225,7 +296,7 @@ async fn models_and_features_reach_gitlab_idempotently() {
         .await
         .unwrap();
     let deadline = Instant::now() + WAIT;
-    while model_named(&sim.lock().unwrap(), "mixtral-prod").is_some() {
+    while sim.lock().unwrap().model_named("mixtral-prod").is_some() {
         assert!(
             Instant::now() < deadline,
             "mixtral-prod was not deleted from GitLab"
@@ -233,8 +304,379 @@ async fn models_and_features_reach_gitlab_idempotently() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let sim = sim.lock().unwrap();
-    assert_eq!(sim.features["DUO_CHAT"], ("VENDORED".to_string(), None));
+    assert_eq!(sim.feature("duo_chat"), ("vendored".to_string(), None));
     assert!(sim.models.contains_key(&by_hand));
+}
+
+/// The versions the issue names: each gets its own forms, skips what it
+/// lacks with the reason, and a second sync of the same config sends no
+/// mutation at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gitlab_version_gets_its_forms_and_a_second_sync_is_silent() {
+    const VERSIONS: &[&str] = &[
+        "17.4.2-ee",
+        "17.8.1-ee",
+        "17.11.0-ee",
+        "18.3.2-ee",
+        "18.9.0-ee",
+    ];
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let mut sims = Vec::new();
+    let mut agents = Vec::new();
+    for version in VERSIONS {
+        let (url, sim) = gitlab_sim::start(version, TOKEN).await;
+        sim.lock().unwrap().testing_terms_accepted = true;
+        let id = format!("gitlab-{}", version.replace('.', "-"));
+        agents.push((
+            id.clone(),
+            agent_with_gitlab(&daemon, dir.path(), &id, &url, TOKEN),
+        ));
+        sims.push(sim);
+    }
+    create(&mut c, mk::model("mixtral-prod")).await;
+    create(
+        &mut c,
+        Model {
+            family: "general".into(),
+            identifier: "custom_openai/Qwen2.5-Coder-32B".into(),
+            ..mk::model("qwen-coder")
+        },
+    )
+    .await;
+    let revision = set_default_profile(
+        &mut c,
+        Profile {
+            // GitLab trims the trailing "/": the agent must not resend it.
+            ai_gateway_url: "https://aigw.example.com/".into(),
+            ai_gateway_timeout_seconds: 120,
+            duo_agent_platform_service_url: "dap.example.com:50052".into(),
+            features: vec![
+                setting("duo_chat", Provider::SelfHosted, "mixtral-prod"),
+                setting("duo_chat_fix_code", Provider::SelfHosted, "mixtral-prod"),
+                setting("code_completions", Provider::SelfHosted, "qwen-coder"),
+                setting("duo_agent_platform", Provider::SelfHosted, "qwen-coder"),
+                setting("review_merge_request", Provider::Disabled, ""),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    for ((id, _), (version, sim)) in agents.iter().zip(VERSIONS.iter().zip(&sims)) {
+        let i = wait_synced(&mut c, id, revision).await;
+        let v = duofleet_proto::GitLabVersion::parse(version).unwrap();
+        let at = |major, minor| v >= duofleet_proto::GitLabVersion::new(major, minor);
+        let sim = sim.lock().unwrap();
+        let mixtral = sim
+            .model_named("mixtral-prod")
+            .expect("mixtral everywhere")
+            .id;
+        assert_eq!(
+            sim.feature("duo_chat"),
+            ("self_hosted".into(), Some(mixtral)),
+            "{version}"
+        );
+        assert_eq!(
+            sim.feature("review_merge_request"),
+            ("disabled".into(), None),
+            "{version}"
+        );
+        // The feature form follows the version: `feature:` before 17.11.
+        let updates: Vec<&Value> = sim
+            .mutation_log()
+            .into_iter()
+            .filter(|l| l.field == "aiFeatureSettingUpdate")
+            .map(|l| &l.input)
+            .collect();
+        assert!(!updates.is_empty(), "{version}");
+        for input in &updates {
+            assert_eq!(
+                input.get("features").is_some(),
+                at(17, 11),
+                "{version}: {input}"
+            );
+            assert_eq!(
+                input.get("feature").is_some(),
+                !at(17, 11),
+                "{version}: {input}"
+            );
+        }
+        // GENERAL came in 18.3; before it the model and its features are skipped.
+        if at(18, 3) {
+            let qwen = sim.model_named("qwen-coder").expect("general model").id;
+            assert_eq!(sim.model_named("qwen-coder").unwrap().model, "general");
+            assert_eq!(
+                sim.feature("code_completions"),
+                ("self_hosted".into(), Some(qwen))
+            );
+        } else {
+            assert!(sim.model_named("qwen-coder").is_none(), "{version}");
+            let (state, detail) = item(&i, "model", "qwen-coder");
+            assert_eq!(state, SyncItemState::Skipped, "{version}");
+            assert_eq!(
+                detail,
+                format!("family general: not supported by GitLab {v} (it came in 18.3)")
+            );
+            assert_eq!(
+                item(&i, "feature", "code_completions").0,
+                SyncItemState::Skipped
+            );
+        }
+        if at(18, 4) {
+            let qwen = sim.model_named("qwen-coder").unwrap().id;
+            assert_eq!(
+                sim.feature("duo_agent_platform"),
+                ("self_hosted".into(), Some(qwen))
+            );
+            assert_eq!(
+                sim.duo_agent_platform_service_url.as_deref(),
+                Some("dap.example.com:50052")
+            );
+        } else {
+            let (state, detail) = item(&i, "feature", "duo_agent_platform");
+            assert_eq!(state, SyncItemState::Skipped, "{version}");
+            assert!(
+                detail.contains(&format!("not supported by GitLab {v}")),
+                "{detail}"
+            );
+        }
+        if at(17, 9) {
+            assert_eq!(
+                sim.ai_gateway_url.as_deref(),
+                Some("https://aigw.example.com"),
+                "{version}"
+            );
+        } else {
+            assert!(
+                !sim.mutations().contains(&"duoSettingsUpdate".to_string()),
+                "{version}"
+            );
+        }
+        if at(18, 7) {
+            assert_eq!(sim.ai_gateway_timeout_seconds, 120);
+        } else if at(17, 9) {
+            assert_eq!(
+                item(&i, "setting", "aiGatewayTimeoutSeconds").0,
+                SyncItemState::Skipped
+            );
+            assert_eq!(sim.ai_gateway_timeout_seconds, 60);
+        }
+        let host = i.host_sync.clone().expect("host layer");
+        let expected = if at(18, 0) {
+            "takes the gateway only from its database setting"
+        } else if at(17, 9) {
+            "takes the gateway from its database setting when set"
+        } else {
+            "takes the gateway from AI_GATEWAY_URL"
+        };
+        assert!(host.detail.contains(expected), "{version}: {}", host.detail);
+    }
+
+    // A second sync of the same configuration: queries only, on every version.
+    let before: Vec<usize> = sims
+        .iter()
+        .map(|s| s.lock().unwrap().mutations().len())
+        .collect();
+    let mut handles: Vec<(&str, &mut Agent)> =
+        agents.iter_mut().map(|(id, a)| (id.as_str(), a)).collect();
+    resync_unchanged(&mut c, &mut handles, "b").await;
+    for ((version, sim), before) in VERSIONS.iter().zip(&sims).zip(before) {
+        let sim = sim.lock().unwrap();
+        assert_eq!(
+            sim.mutations()[before..],
+            [] as [String; 0],
+            "GitLab {version} got mutations on an unchanged sync"
+        );
+        assert!(sim.log.iter().any(|l| l.kind == "query"), "{version}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_item_fails_alone_and_the_host_layer_still_shows() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (url, sim) = gitlab_sim::start("18.9.0-ee", TOKEN).await;
+    sim.lock()
+        .unwrap()
+        .fail
+        .insert("codestral-22b".into(), "Internal server error".into());
+    let mut agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-a", &url, TOKEN);
+    create(&mut c, mk::model("mixtral-prod")).await;
+    create(
+        &mut c,
+        Model {
+            family: "codestral".into(),
+            ..mk::model("codestral-22b")
+        },
+    )
+    .await;
+    let revision = set_default_profile(
+        &mut c,
+        Profile {
+            ai_gateway_url: "https://aigw.example.com".into(),
+            features: vec![
+                setting("duo_chat", Provider::SelfHosted, "mixtral-prod"),
+                setting("code_completions", Provider::SelfHosted, "codestral-22b"),
+                setting("code_generations", Provider::Vendor, ""),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let failed = wait_instance(&mut c, "gitlab-a", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert!(
+        failed.last_error.contains("not applied: codestral-22b: Internal server error; code_completions: model codestral-22b is not in GitLab"),
+        "{}",
+        failed.last_error
+    );
+    // gitlab.rb and reconfigure landed: the instance says so.
+    let host = failed.host_sync.clone().expect("host layer");
+    assert_eq!((host.applied_revision, host.error.as_str()), (revision, ""));
+    assert_eq!(failed.applied_revision, revision);
+    assert_eq!(failed.gitlab_sync.as_ref().unwrap().applied_revision, 0);
+    assert_eq!(
+        item(&failed, "model", "mixtral-prod").0,
+        SyncItemState::Applied
+    );
+    assert_eq!(
+        item(&failed, "feature", "duo_chat").0,
+        SyncItemState::Applied
+    );
+    assert_eq!(
+        item(&failed, "model", "codestral-22b").0,
+        SyncItemState::Failed
+    );
+    {
+        let sim = sim.lock().unwrap();
+        let mixtral = sim.model_named("mixtral-prod").unwrap().id;
+        assert_eq!(
+            sim.feature("duo_chat"),
+            ("self_hosted".into(), Some(mixtral))
+        );
+        assert_eq!(sim.feature("code_generations"), ("vendored".into(), None));
+        assert_eq!(sim.feature("code_completions"), ("unassigned".into(), None));
+        assert_eq!(
+            sim.ai_gateway_url.as_deref(),
+            Some("https://aigw.example.com")
+        );
+    }
+    // GitLab recovers; the next sync brings the rest.
+    sim.lock().unwrap().fail.clear();
+    let next = resync_unchanged(&mut c, &mut [("gitlab-a", &mut agent)], "c").await;
+    let synced = wait_synced(&mut c, "gitlab-a", next).await;
+    assert_eq!(synced.gitlab_sync.unwrap().applied_revision, next);
+    let sim = sim.lock().unwrap();
+    let codestral = sim.model_named("codestral-22b").expect("created").id;
+    assert_eq!(
+        sim.feature("code_completions"),
+        ("self_hosted".into(), Some(codestral))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_beta_items_are_named_and_never_lost() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (url, sim) = gitlab_sim::start("18.9.0-ee", TOKEN).await;
+    let mut agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-a", &url, TOKEN);
+    create(
+        &mut c,
+        Model {
+            family: "llama3".into(),
+            ..mk::model("llama-70b")
+        },
+    )
+    .await;
+    let revision = set_default_profile(
+        &mut c,
+        Profile {
+            features: vec![
+                setting("duo_chat", Provider::SelfHosted, "llama-70b"),
+                setting("duo_chat_troubleshoot_job", Provider::Vendor, ""),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    // Hidden items are not failures: the rest is in place.
+    let synced = wait_synced(&mut c, "gitlab-a", revision).await;
+    let (state, detail) = item(&synced, "feature", "duo_chat_troubleshoot_job");
+    assert_eq!(state, SyncItemState::Hidden);
+    assert!(
+        detail.contains("until an administrator accepts the testing terms"),
+        "{detail}"
+    );
+    let llama = sim
+        .lock()
+        .unwrap()
+        .model_named("llama-70b")
+        .expect("created")
+        .id;
+    assert_eq!(
+        sim.lock().unwrap().feature("duo_chat"),
+        ("self_hosted".into(), Some(llama))
+    );
+
+    // GitLab does not list the llama3 model; the agent still knows it.
+    let before = sim.lock().unwrap().mutations().len();
+    let next = resync_unchanged(&mut c, &mut [("gitlab-a", &mut agent)], "d").await;
+    let i = wait_synced(&mut c, "gitlab-a", next).await;
+    let (state, detail) = item(&i, "model", "llama-70b");
+    assert_eq!(state, SyncItemState::Hidden);
+    assert!(detail.contains("created by duofleet"), "{detail}");
+    assert_eq!(
+        sim.lock().unwrap().mutations().len(),
+        before,
+        "no mutation for hidden items"
+    );
+    assert_eq!(sim.lock().unwrap().models.len(), 1, "no second model");
+
+    // An agent that lost its state meets the hidden name: it says why, once,
+    // and does not try again until something changes.
+    agent.kill9();
+    let mut other = agent_with_gitlab(&daemon, dir.path(), "gitlab-b", &url, TOKEN);
+    let failed = wait_instance(&mut c, "gitlab-b", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert!(
+        failed
+            .last_error
+            .contains("GitLab already has a model named llama-70b that it does not list"),
+        "{}",
+        failed.last_error
+    );
+    let creates = |sim: &Shared| {
+        sim.lock()
+            .unwrap()
+            .mutations()
+            .iter()
+            .filter(|m| *m == "aiSelfHostedModelCreate")
+            .count()
+    };
+    let tried = creates(&sim);
+    other.kill9();
+    create(
+        &mut c,
+        Model {
+            family: "gpt".into(),
+            ..mk::model("unused-e")
+        },
+    )
+    .await;
+    other.restart();
+    wait_instance(&mut c, "gitlab-b", "failed again", |i| {
+        i.connected
+            && i.sync_state() == SyncState::Failed
+            && i.desired_revision > failed.desired_revision
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(creates(&sim), tried, "the refused create is not repeated");
+    assert_eq!(sim.lock().unwrap().models.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,12 +716,12 @@ async fn a_bad_token_is_a_token_problem_and_not_retried_in_a_loop() {
 async fn gitlab_refusals_are_surfaced_verbatim() {
     let (dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
-    let (url, sim) = gitlab_sim::start("17.9.0-ee", TOKEN).await;
-    // This GitLab accepts only Mistral for General Chat.
-    sim.lock()
-        .unwrap()
-        .compatible
-        .insert("DUO_CHAT".into(), vec!["MISTRAL".into()]);
+    let (url, sim) = gitlab_sim::start("18.9.0-ee", TOKEN).await;
+    // GitLab refuses the endpoint of a model that duofleet accepted.
+    sim.lock().unwrap().fail.insert(
+        "mixtral-prod".into(),
+        "Endpoint is blocked: Requests to the local network are not allowed".into(),
+    );
     let _agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-a", &url, TOKEN);
     create(&mut c, mk::model("mixtral-prod")).await;
     c.profiles
@@ -295,65 +737,8 @@ async fn gitlab_refusals_are_surfaced_verbatim() {
     .await;
     assert_eq!(
         failed.last_error,
-        "GitLab API: applied created model mixtral-prod; not applied: duo_chat: Mixtral is incompatible with the General Chat feature"
+        "GitLab API: applied nothing; not applied: mixtral-prod: Endpoint is blocked: Requests to the local network are not allowed; duo_chat: model mixtral-prod is not in GitLab"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn older_gitlabs_get_the_forms_they_understand() {
-    let (dir, daemon) = fresh_daemon();
-    let mut c = daemon.clients().await;
-    let (url_178, sim_178) = gitlab_sim::start("17.8.2-ee", TOKEN).await;
-    let (url_172, sim_172) = gitlab_sim::start("17.2.0-ee", TOKEN).await;
-    let _a = agent_with_gitlab(&daemon, dir.path(), "gitlab-178", &url_178, TOKEN);
-    let _b = agent_with_gitlab(&daemon, dir.path(), "gitlab-172", &url_172, TOKEN);
-    create(&mut c, mk::model("mixtral-prod")).await;
-    let revision = c
-        .profiles
-        .update_profile(UpdateProfileRequest {
-            profile: Some(Profile {
-                name: "default".into(),
-                ai_gateway_url: "https://aigw.example.com".into(),
-                features: vec![
-                    setting("duo_chat", Provider::SelfHosted, "mixtral-prod"),
-                    setting("duo_chat_fix_code", Provider::SelfHosted, "mixtral-prod"),
-                ],
-                ..Default::default()
-            }),
-            update_mask: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
-    wait_synced(&mut c, "gitlab-178", revision).await;
-    wait_synced(&mut c, "gitlab-172", revision).await;
-    for sim in [&sim_178, &sim_172] {
-        let sim = sim.lock().unwrap();
-        let id = model_named(&sim, "mixtral-prod").unwrap().id;
-        assert_eq!(
-            sim.features["DUO_CHAT"],
-            ("SELF_HOSTED".to_string(), Some(id))
-        );
-        assert_eq!(
-            sim.features["DUO_CHAT_FIX_CODE"],
-            ("SELF_HOSTED".to_string(), Some(id))
-        );
-        // Before 17.9 the environment variable is the only gateway setting.
-        assert!(!sim.mutations().contains(&"duoSettingsUpdate".to_string()));
-        assert_eq!(sim.ai_gateway_url, None);
-    }
-    // 17.8 takes the list in one call; 17.2 refuses it and gets one call per feature.
-    let features = |sim: &Shared| {
-        sim.lock()
-            .unwrap()
-            .mutations()
-            .iter()
-            .filter(|m| *m == "aiFeatureSettingUpdate")
-            .count()
-    };
-    assert_eq!(features(&sim_178), 1);
-    assert_eq!(features(&sim_172), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,270 @@
+//! Feature settings: which provider (and which self-hosted model) each Duo
+//! feature uses, in the form of the instance's GitLab version.
+
+use super::api::since;
+use super::{Sync, SyncError, TESTING_TERMS};
+use crate::state::ManagedFeature;
+use duofleet_proto::v1::{DesiredConfig, Provider, SyncItemState};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+const FEATURES_QUERY: &str = "query duofleetFeatures { aiFeatureSettings { nodes { feature provider selfHostedModel { id } } } }";
+const FEATURES_UPDATE: &str = "mutation duofleetFeatures($input: AiFeatureSettingUpdateInput!) { aiFeatureSettingUpdate(input: $input) { errors } }";
+
+/// What a feature is set to: provider (upper case) and model id.
+type Setting = (String, String);
+
+impl Sync<'_> {
+    pub(super) async fn features(&mut self, desired: &DesiredConfig) -> Result<(), SyncError> {
+        let wanted = self.wanted_features(desired);
+        if self.version < since::FEATURE_UPDATE {
+            for feature in wanted.keys() {
+                let why = format!(
+                    "not supported by GitLab {}: feature settings came in {}",
+                    self.version,
+                    since::FEATURE_UPDATE
+                );
+                self.report
+                    .add("feature", feature, SyncItemState::Skipped, why);
+            }
+            return Ok(());
+        }
+        // 17.5 and later list the features the instance allows; 17.4 cannot
+        // be read, and what the agent set last stands for it.
+        let listed = if self.version >= since::FEATURE_LIST {
+            match self.list().await? {
+                Ok(listed) => Some(listed),
+                Err(why) => {
+                    for feature in wanted.keys() {
+                        let detail = format!("cannot list GitLab's feature settings: {why}");
+                        self.report
+                            .add("feature", feature, SyncItemState::Failed, detail);
+                    }
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        // (target, whether the feature leaves duofleet's hands) -> features
+        let mut changes: BTreeMap<(Setting, bool), Vec<String>> = BTreeMap::new();
+        for (feature, target) in &wanted {
+            let target = match target {
+                Ok(target) => target,
+                Err((state, why)) => {
+                    self.report.add("feature", feature, *state, why.clone());
+                    continue;
+                }
+            };
+            let current = match &listed {
+                Some(listed) => match listed.get(feature) {
+                    Some(current) => Some(current.clone()),
+                    None => {
+                        let why = if self.catalog.feature_beta(feature) {
+                            format!("a beta feature on GitLab {}: {TESTING_TERMS}", self.version)
+                        } else {
+                            "GitLab does not offer it on this instance (its license tier lacks it)"
+                                .to_string()
+                        };
+                        self.report
+                            .add("feature", feature, SyncItemState::Hidden, why);
+                        continue;
+                    }
+                },
+                None => self
+                    .state
+                    .features
+                    .get(feature)
+                    .map(|m| (m.provider.clone(), m.model_id.clone())),
+            };
+            if current.as_ref() == Some(target) {
+                self.set(feature, target);
+                self.report
+                    .add("feature", feature, SyncItemState::Unchanged, "");
+            } else {
+                changes
+                    .entry((target.clone(), false))
+                    .or_default()
+                    .push(feature.clone());
+            }
+        }
+        // Features this agent set that left the profile go back to GitLab's
+        // default: unassigned on 18.x, the vendor model on 17.x.
+        let default = if self.version >= since::V18 {
+            "UNASSIGNED"
+        } else {
+            "VENDORED"
+        };
+        let released: Vec<String> = self
+            .state
+            .features
+            .keys()
+            .filter(|f| !wanted.contains_key(*f))
+            .cloned()
+            .collect();
+        for feature in released {
+            let ours = self.state.features[&feature].clone();
+            let still_ours = match &listed {
+                Some(listed) => {
+                    listed.get(&feature) == Some(&(ours.provider.clone(), ours.model_id.clone()))
+                }
+                None => true,
+            };
+            if still_ours {
+                changes
+                    .entry(((default.to_string(), String::new()), true))
+                    .or_default()
+                    .push(feature);
+            } else {
+                self.state.features.remove(&feature);
+            }
+        }
+        for ((target, released), features) in changes {
+            self.update_features(&target, features, released).await?;
+        }
+        Ok(())
+    }
+
+    /// The desired setting per feature key, or why it cannot be applied.
+    fn wanted_features(
+        &self,
+        desired: &DesiredConfig,
+    ) -> BTreeMap<String, Result<Setting, (SyncItemState, String)>> {
+        let mut wanted = BTreeMap::new();
+        for setting in &desired.features {
+            let provider = match setting.provider() {
+                Provider::Disabled => "DISABLED",
+                Provider::Vendor => "VENDORED",
+                Provider::SelfHosted => "SELF_HOSTED",
+                Provider::Unspecified => continue,
+            };
+            let target = if let Some(why) = self.catalog.feature_unsupported(&setting.feature) {
+                Err((SyncItemState::Skipped, why))
+            } else if setting.provider() == Provider::SelfHosted {
+                self.model_id(&setting.model)
+                    .map(|id| (provider.to_string(), id))
+            } else {
+                Ok((provider.to_string(), String::new()))
+            };
+            wanted.insert(setting.feature.clone(), target);
+        }
+        wanted
+    }
+
+    async fn list(&self) -> Result<Result<BTreeMap<String, Setting>, String>, SyncError> {
+        Ok(self
+            .query("aiFeatureSettings", FEATURES_QUERY)
+            .await?
+            .map(|data| parse_listing(&data)))
+    }
+
+    fn set(&mut self, feature: &str, target: &Setting) {
+        self.state.features.insert(
+            feature.to_string(),
+            ManagedFeature {
+                provider: target.0.clone(),
+                model_id: target.1.clone(),
+            },
+        );
+    }
+
+    /// Sets `features` to `target`: one call for all of them from 17.11,
+    /// one call each before. GitLab saves each feature on its own, so a
+    /// call that reports errors is checked against a fresh listing.
+    async fn update_features(
+        &mut self,
+        target: &Setting,
+        features: Vec<String>,
+        released: bool,
+    ) -> Result<(), SyncError> {
+        let (provider, model_id) = target;
+        let mut input = json!({ "provider": provider });
+        if !model_id.is_empty() {
+            input["aiSelfHostedModelId"] = json!(model_id);
+        }
+        let upper = |f: &str| f.to_uppercase();
+        let mut outcomes: Vec<(String, Result<(), String>)> = Vec::new();
+        if self.version >= since::FEATURE_LIST_FORM {
+            let mut list = input.clone();
+            list["features"] = json!(features.iter().map(|f| upper(f)).collect::<Vec<_>>());
+            match self
+                .mutate(
+                    "aiFeatureSettingUpdate",
+                    FEATURES_UPDATE,
+                    "aiFeatureSettingUpdate",
+                    list,
+                )
+                .await?
+            {
+                Ok(_) => outcomes.extend(features.iter().map(|f| (f.clone(), Ok(())))),
+                Err(why) => {
+                    // Which of them were saved: ask GitLab.
+                    let listed = self.list().await?.unwrap_or_default();
+                    for feature in &features {
+                        let saved = listed.get(feature) == Some(target);
+                        outcomes.push((
+                            feature.clone(),
+                            if saved { Ok(()) } else { Err(why.clone()) },
+                        ));
+                    }
+                }
+            }
+        } else {
+            for feature in &features {
+                let mut single = input.clone();
+                single["feature"] = json!(upper(feature));
+                let result = self
+                    .mutate(
+                        "aiFeatureSettingUpdate",
+                        FEATURES_UPDATE,
+                        "aiFeatureSettingUpdate",
+                        single,
+                    )
+                    .await?
+                    .map(|_| ());
+                outcomes.push((feature.clone(), result));
+            }
+        }
+        for (feature, result) in outcomes {
+            match result {
+                Ok(()) if released => {
+                    self.state.features.remove(&feature);
+                    let detail = format!("{feature} -> {provider} (GitLab's default)");
+                    self.report
+                        .add("feature", &feature, SyncItemState::Applied, detail);
+                }
+                Ok(()) => {
+                    self.set(&feature, target);
+                    let detail = format!("{feature} -> {provider}");
+                    self.report
+                        .add("feature", &feature, SyncItemState::Applied, detail);
+                }
+                Err(why) => self
+                    .report
+                    .add("feature", &feature, SyncItemState::Failed, why),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// feature (lower case) -> (provider in upper case, model id).
+fn parse_listing(data: &Value) -> BTreeMap<String, Setting> {
+    data["aiFeatureSettings"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            Some((
+                n["feature"].as_str()?.to_lowercase(),
+                (
+                    n["provider"].as_str()?.to_uppercase(),
+                    n["selfHostedModel"]["id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+            ))
+        })
+        .collect()
+}
