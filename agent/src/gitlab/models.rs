@@ -350,7 +350,7 @@ fn same(current: &Listed, model: &DesiredModel) -> bool {
         && current.model.eq_ignore_ascii_case(&model.family)
         && current.endpoint == model.endpoint
         && current.identifier == model.identifier
-        && current.has_api_token == !model.api_key.is_empty()
+        && current.has_api_token != model.api_key.is_empty()
 }
 
 /// What was pushed, to compare a model GitLab does not list.

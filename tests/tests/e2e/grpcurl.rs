@@ -103,6 +103,60 @@ fn grpcurl_creates_a_model_from_json_and_needs_the_token() {
 }
 
 #[test]
+fn grpcurl_shows_the_catalog_by_gitlab_version() {
+    let (_dir, daemon) = fresh_daemon();
+    let auth = format!("authorization: Bearer {}", daemon.token());
+    let catalog = grpcurl(
+        &daemon.grpc_addr,
+        &["-H", &auth],
+        &["duofleet.v1.ProfileService/GetCatalog"],
+    );
+    assert_eq!(catalog.exit_code, 0, "{catalog:?}");
+    let catalog = catalog.json();
+    let find = |list: &str, key: &str| {
+        catalog[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["key"] == key)
+            .cloned()
+    };
+    let general = find("families", "general").expect("general");
+    assert_eq!(general["sinceGitlabVersion"], "18.3");
+    assert_eq!(general["releaseState"], "RELEASE_STATE_BETA");
+    assert!(find("families", "qwen").is_none() && find("families", "gemini").is_none());
+    let review = find("features", "review_merge_request").expect("review");
+    assert_eq!(review["releaseState"], "RELEASE_STATE_GA");
+    assert_eq!(
+        review["releaseStates"],
+        serde_json::json!([
+            {"sinceGitlabVersion": "17.4", "releaseState": "RELEASE_STATE_BETA"},
+            {"sinceGitlabVersion": "18.4", "releaseState": "RELEASE_STATE_GA"}
+        ])
+    );
+    let agentic = find("features", "duo_agent_platform_agentic_chat").expect("agentic chat");
+    assert_eq!(agentic["sinceGitlabVersion"], "18.7");
+
+    // No GitLab version has a QWEN family: such models go through general.
+    let qwen = grpcurl(
+        &daemon.grpc_addr,
+        &[
+            "-H",
+            &auth,
+            "-d",
+            r#"{"model": {"name": "qwen", "family": "qwen",
+            "endpoint": "https://vllm.internal:8000/v1"}}"#,
+        ],
+        &["duofleet.v1.ModelService/CreateModel"],
+    );
+    assert_ne!(qwen.exit_code, 0, "{qwen:?}");
+    assert!(
+        qwen.stderr.contains("model.family: unknown family \"qwen\"; known families: mistral, mixtral, codestral, claude_3, gpt, llama3, codegemma, codellama, deepseekcoder, general"),
+        "{qwen:?}"
+    );
+}
+
+#[test]
 fn health_answers_serving_without_a_token() {
     let (_dir, daemon) = fresh_daemon();
     let check = grpcurl(&daemon.grpc_addr, &[], &["grpc.health.v1.Health/Check"]);

@@ -218,7 +218,7 @@ async fn profile_and_feature_rules() {
         })
         .await,
         invalid,
-        "profile.features[0].feature: unknown feature \"duo_chat_draw_pictures\"; known features: code_generations, code_completions, duo_chat, duo_chat_explain_code, duo_chat_write_tests, duo_chat_refactor_code, duo_chat_fix_code, duo_chat_troubleshoot_job, duo_chat_explain_vulnerability, duo_chat_summarize_comments, generate_commit_message, summarize_new_merge_request, resolve_vulnerability, summarize_review, glab_ask_git_command, review_merge_request",
+        "profile.features[0].feature: unknown feature \"duo_chat_draw_pictures\"; known features: code_generations, code_completions, duo_chat, duo_chat_explain_code, duo_chat_write_tests, duo_chat_refactor_code, duo_chat_fix_code, duo_chat_troubleshoot_job, duo_chat_explain_vulnerability, duo_chat_summarize_comments, generate_commit_message, summarize_new_merge_request, resolve_vulnerability, summarize_review, glab_ask_git_command, review_merge_request, duo_agent_platform, duo_agent_platform_agentic_chat",
     );
     assert_refused(
         try_create_profile(&mut c, |p| {
@@ -292,6 +292,19 @@ async fn profile_and_feature_rules() {
         "profile.ai_gateway_internal_url: needs ai_gateway_url to be set as well",
     );
     assert_refused(
+        try_create_profile(&mut c, |p| p.ai_gateway_timeout_seconds = 30).await,
+        invalid,
+        "profile.ai_gateway_timeout_seconds: must be 60 to 600 seconds, as GitLab allows, or 0 to leave GitLab's own (got 30)",
+    );
+    assert_refused(
+        try_create_profile(&mut c, |p| {
+            p.duo_agent_platform_service_url = "https://dap.example.com:50052".into()
+        })
+        .await,
+        invalid,
+        "profile.duo_agent_platform_service_url: must be host:port without a scheme, e.g. dap.example.com:50052; GitLab takes no scheme here",
+    );
+    assert_refused(
         try_create_profile(&mut c, |p| {
             p.features = vec![mk::vendor("duo_chat"), mk::vendor("duo_chat")]
         })
@@ -340,7 +353,7 @@ async fn profile_and_feature_rules() {
             })
             .await,
         invalid,
-        "update_mask: unknown field \"aiGatewayURL\" for Profile; updatable fields: ai_gateway_url, ai_gateway_internal_url, selector, priority, features",
+        "update_mask: unknown field \"aiGatewayURL\" for Profile; updatable fields: ai_gateway_url, ai_gateway_internal_url, selector, priority, features, ai_gateway_timeout_seconds, duo_agent_platform_service_url",
     );
     assert!(
         revision_numbers(&mut c).await.is_empty(),
