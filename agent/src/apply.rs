@@ -5,8 +5,8 @@
 //! command runs again to bring the previous state back.
 
 use crate::command::{self, Outcome, shell_quote};
-use crate::gitlab::GitLab;
 use crate::gitlab::api::since;
+use crate::gitlab::{GitLab, SyncError};
 use crate::gitlab_rb;
 use crate::state::{self, Gateway, State, StateFile};
 use duofleet_proto::GitLabVersion;
@@ -38,6 +38,9 @@ pub struct Applier {
     /// The GitLab version last seen, which decides where the gateway URL
     /// takes effect.
     pub gitlab_version: Option<GitLabVersion>,
+    /// The last API sync could not reach GitLab (not a refusal): worth
+    /// trying again by itself.
+    pub gitlab_unreachable: bool,
 }
 
 /// The result of looking for hand edits.
@@ -73,6 +76,7 @@ impl Applier {
         let mut sync_status = None;
         let mut api_error = None;
         let mut mutations = 0;
+        self.gitlab_unreachable = false;
         if let Some(gitlab) = &self.gitlab {
             let mut created = self.state.gitlab.clone();
             let result = gitlab.reconcile(desired, &mut created).await;
@@ -88,6 +92,7 @@ impl Applier {
                     sync_status = Some(report.status(created.applied_revision));
                 }
                 Err(error) => {
+                    self.gitlab_unreachable = matches!(error, SyncError::Http { .. });
                     let status = GitLabSync {
                         enabled: true,
                         detail: error.to_string(),
@@ -134,33 +139,23 @@ impl Applier {
 
     /// The host layer's status after an apply of `revision`.
     fn host_sync(&self, revision: u64, error: Option<String>, ran: bool) -> HostSync {
-        let what = match &self.target {
+        let (file, command) = match &self.target {
             Target::LinuxPackage {
                 gitlab_rb,
                 reconfigure_command,
-            } => {
-                if ran {
-                    format!(
-                        "AI_GATEWAY_URL written to {} and `{reconfigure_command}` ran",
-                        gitlab_rb.display()
-                    )
-                } else {
-                    format!("AI_GATEWAY_URL in {} already in place", gitlab_rb.display())
-                }
-            }
+            } => (gitlab_rb, reconfigure_command),
             Target::Helm {
                 values,
                 helm_command,
-            } => {
-                if ran {
-                    format!(
-                        "AI_GATEWAY_URL written to {} and `{helm_command}` ran",
-                        values.display()
-                    )
-                } else {
-                    format!("AI_GATEWAY_URL in {} already in place", values.display())
-                }
-            }
+            } => (values, helm_command),
+        };
+        let what = if ran {
+            format!(
+                "AI_GATEWAY_URL written to {} and `{command}` ran",
+                file.display()
+            )
+        } else {
+            format!("AI_GATEWAY_URL in {} already in place", file.display())
         };
         let note = gateway_source(self.gitlab_version, self.gitlab.is_some());
         HostSync {

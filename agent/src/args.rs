@@ -117,6 +117,12 @@ pub struct Args {
     #[arg(long, env = "DUOFLEET_GITLAB_TOKEN_FILE")]
     pub gitlab_token_file: Option<PathBuf>,
 
+    /// Also ask GitLab itself to check each model (GitLab 17.7+:
+    /// GitLab -> AI gateway -> model), at most this often. Off by default:
+    /// every check calls the model. Needs --gitlab-token-file.
+    #[arg(long, env = "DUOFLEET_CONNECTION_CHECK_INTERVAL", value_parser = parse_duration)]
+    pub connection_check_interval: Option<Duration>,
+
     /// How long one health probe may take.
     #[arg(long, env = "DUOFLEET_PROBE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub probe_timeout: Duration,

@@ -6,7 +6,7 @@ use crate::args::{Args, DeploymentKind, LogFormat};
 use crate::gitlab::GitLab;
 use crate::health::Prober;
 use crate::identity::AgentIdentity;
-use crate::session::{Backoff, Session};
+use crate::session::{Backoff, ConnectionCheck, Session};
 use crate::state::{self, StateFile};
 use clap::Parser;
 use duofleet_proto::v1::{Deployment, GitLabSync, Hello};
@@ -122,6 +122,22 @@ async fn run(args: Args) -> Result<(), String> {
         gitlab_sync: Some(gitlab_sync),
     };
     tracing::info!(instance = %instance_id, control_plane = %args.control_plane, applied_revision = state.applied_revision, "duofleet-agent starting");
+    let connection_check = match (args.connection_check_interval, &gitlab) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(
+                "--connection-check-interval needs --gitlab-token-file: GitLab runs the check"
+                    .into(),
+            );
+        }
+        (Some(interval), Some(gitlab)) => Some(ConnectionCheck {
+            gitlab: gitlab.clone(),
+            interval,
+            last: None,
+            running: false,
+            results: Vec::new(),
+        }),
+    };
     let gitlab_version_seen = duofleet_proto::GitLabVersion::parse(&hello.gitlab_version);
     let session = Session {
         endpoint: args.control_plane.clone(),
@@ -134,6 +150,7 @@ async fn run(args: Args) -> Result<(), String> {
             state,
             gitlab,
             gitlab_version: gitlab_version_seen,
+            gitlab_unreachable: false,
         },
         check_interval: args.health_interval,
         repair_drift: args.repair_drift,
@@ -144,6 +161,8 @@ async fn run(args: Args) -> Result<(), String> {
         current: state::load_desired(&args.state_dir),
         state_dir: args.state_dir.clone(),
         identity,
+        connection_check,
+        api_retry: None,
     };
     tokio::select! {
         result = session.run() => result.map_err(|refused| refused.to_string()),

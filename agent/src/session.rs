@@ -4,6 +4,7 @@
 //! UNAUTHENTICATED and PERMISSION_DENIED are final.
 
 use crate::apply::{Applier, Drift};
+use crate::gitlab::GitLab;
 use crate::health::{self, Prober};
 use crate::identity::{AgentIdentity, IdentityError};
 use duofleet_proto::v1::agent_message::Message;
@@ -39,6 +40,23 @@ pub struct Session {
     pub state_dir: PathBuf,
     /// The client certificate, when the control plane is https.
     pub identity: Option<AgentIdentity>,
+    /// GitLab's own connection check, when asked for.
+    pub connection_check: Option<ConnectionCheck>,
+    /// A config whose API sync could not reach GitLab (e.g. while Puma
+    /// restarts after a reconfigure): when to try again, and the delay
+    /// after that (doubling, up to 10 minutes).
+    pub api_retry: Option<(DesiredConfig, Instant, Duration)>,
+}
+
+/// GitLab's own check of each model (--connection-check-interval): it calls
+/// the model, so it runs at most once per interval and never overlaps.
+pub struct ConnectionCheck {
+    pub gitlab: GitLab,
+    pub interval: Duration,
+    pub last: Option<Instant>,
+    pub running: bool,
+    /// The latest results, sent with every health report.
+    pub results: Vec<EndpointHealth>,
 }
 
 /// Why the agent stops for good.
@@ -133,12 +151,25 @@ impl Session {
         let mut ticker = tokio::time::interval(self.check_interval);
         ticker.tick().await;
         let (probe_tx, mut probe_rx) = mpsc::channel::<Vec<EndpointHealth>>(1);
+        let (check_tx, mut check_rx) = mpsc::channel::<Vec<EndpointHealth>>(1);
+        if let Some(check) = &mut self.connection_check {
+            check.running = false;
+        }
         let mut probing = false;
         let mut last_report: Option<(health::Signature, Instant)> = None;
         loop {
             tokio::select! {
-                Some(results) = probe_rx.recv() => {
+                Some(results) = check_rx.recv() => {
+                    if let Some(check) = &mut self.connection_check {
+                        check.running = false;
+                        check.results = results;
+                    }
+                }
+                Some(mut results) = probe_rx.recv() => {
                     probing = false;
+                    if let Some(check) = &self.connection_check {
+                        results.extend(check.results.iter().cloned());
+                    }
                     let signature = health::signature(&results);
                     let due = match &last_report {
                         Some((last, at)) => *last != signature || at.elapsed() >= self.heartbeat,
@@ -174,6 +205,19 @@ impl Session {
                             Err(IdentityError::Refused(status)) => return classify(status),
                             Err(IdentityError::Retry(reason)) => tracing::warn!(%reason, "certificate renewal failed; will try again"),
                         }
+                    }
+                    if let (Some(check), Some(desired)) = (&mut self.connection_check, &self.current)
+                        && !check.running
+                        && check.last.is_none_or(|at| at.elapsed() >= check.interval)
+                    {
+                        check.running = true;
+                        check.last = Some(Instant::now());
+                        let gitlab = check.gitlab.clone();
+                        let desired = desired.clone();
+                        let tx = check_tx.clone();
+                        tokio::spawn(async move {
+                            let _ = tx.send(gitlab.connection_checks(&desired).await).await;
+                        });
                     }
                     if !probing && let Some(desired) = self.current.clone() {
                         probing = true;
@@ -233,14 +277,39 @@ impl Session {
         self.current = Some(desired.clone());
         let ack = self.applier.apply(&desired).await;
         tracing::info!(revision = ack.revision, result = ?ack.result(), "applied");
-        self.failed =
-            (ack.result() == AckResult::Failed).then(|| (desired, self.applier.watched_file()));
+        let failed = ack.result() == AckResult::Failed;
+        // Only the API layer is tried again: a failed host step waits for
+        // an edit of gitlab.rb, so that reconfigure never runs in a loop.
+        let host_ok = ack.host_sync.as_ref().is_some_and(|h| h.error.is_empty());
+        self.api_retry = if failed && host_ok && self.applier.gitlab_unreachable {
+            let delay = match &self.api_retry {
+                Some((previous, _, delay)) if previous.revision == desired.revision => {
+                    (*delay * 2).min(Duration::from_secs(600))
+                }
+                _ => self.check_interval.max(Duration::from_secs(1)),
+            };
+            tracing::info!(retry_in = ?delay, "GitLab's API could not be reached; will try again");
+            Some((desired.clone(), Instant::now() + delay, delay))
+        } else {
+            None
+        };
+        self.failed = failed.then(|| (desired, self.applier.watched_file()));
         send(outbound, Message::Ack(ack)).await
     }
 
     /// Periodic: retry a failed config once its file was edited, then look
     /// for hand edits of what was applied.
     async fn check_drift(&mut self, outbound: &mpsc::Sender<AgentMessage>) -> Result<(), Ended> {
+        if let Some((desired, at, _)) = &self.api_retry
+            && Instant::now() >= *at
+        {
+            let desired = desired.clone();
+            tracing::info!(
+                revision = desired.revision,
+                "trying the GitLab API sync again"
+            );
+            return self.apply_and_ack(desired, outbound).await;
+        }
         if let Some((desired, Some(seen))) = &self.failed
             && self.applier.watched_file().as_ref() != Some(seen)
         {

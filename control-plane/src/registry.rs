@@ -142,7 +142,20 @@ impl Registry {
         instance.agent_version = hello.agent_version.clone();
         instance.gitlab_version = hello.gitlab_version.clone();
         instance.applied_revision = hello.applied_revision;
+        let before = instance.gitlab_sync.take();
         instance.gitlab_sync = hello.gitlab_sync.clone();
+        // Hello says only that the sync is on; what the last sync did item
+        // by item stands until the next ack replaces it.
+        if let (Some(now), Some(before)) = (instance.gitlab_sync.as_mut(), before)
+            && now.enabled
+            && before.enabled
+            && now.items.is_empty()
+        {
+            now.items = before.items;
+            now.applied_revision = before.applied_revision;
+            now.unmanaged_models = before.unmanaged_models;
+            now.detail = before.detail;
+        }
         instance.connected = true;
         self.updated(entry, Some(Event::InstanceConnected));
         Ok(Session {
@@ -431,6 +444,68 @@ mod tests {
             applied_revision: 4,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_reconnect_keeps_what_the_last_sync_did() {
+        use duofleet_proto::v1::{GitLabSync, SyncItem};
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let on = |detail: &str| GitLabSync {
+            enabled: true,
+            detail: detail.into(),
+            ..Default::default()
+        };
+        let session = registry
+            .connect(&Hello {
+                gitlab_sync: Some(on("on: https://gitlab")),
+                ..hello("gitlab-a")
+            })
+            .unwrap();
+        let item = SyncItem {
+            kind: "model".into(),
+            key: "m".into(),
+            ..Default::default()
+        };
+        registry.ack(
+            &session,
+            &Ack {
+                revision: 4,
+                result: AckResult::Applied as i32,
+                gitlab_sync: Some(GitLabSync {
+                    items: vec![item.clone()],
+                    applied_revision: 4,
+                    ..on("GitLab 18.9.0-ee")
+                }),
+                ..Default::default()
+            },
+        );
+        registry.disconnect(&session);
+        registry
+            .connect(&Hello {
+                gitlab_sync: Some(on("on: https://gitlab")),
+                ..hello("gitlab-a")
+            })
+            .unwrap();
+        let sync = registry.get("gitlab-a").unwrap().gitlab_sync.unwrap();
+        assert_eq!((sync.items, sync.applied_revision), (vec![item], 4));
+        assert_eq!(sync.detail, "GitLab 18.9.0-ee");
+        // Turned off on the agent: nothing of the old sync is shown.
+        registry
+            .connect(&Hello {
+                gitlab_sync: Some(GitLabSync::default()),
+                ..hello("gitlab-a")
+            })
+            .unwrap();
+        assert!(
+            registry
+                .get("gitlab-a")
+                .unwrap()
+                .gitlab_sync
+                .unwrap()
+                .items
+                .is_empty()
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ impl SyncError {
     }
 }
 
+#[derive(Clone)]
 pub struct Api {
     http: reqwest::Client,
     base: String,

@@ -21,6 +21,7 @@
 //!   API key, it keeps a keyed digest of the last key it pushed.
 
 pub mod api;
+mod connection;
 mod features;
 mod models;
 mod settings;
@@ -36,6 +37,7 @@ use duofleet_proto::v1::{
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+#[derive(Clone)]
 pub struct GitLab {
     api: Api,
     /// Keys the API-key digests; lives in the state dir.

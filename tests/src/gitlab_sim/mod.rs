@@ -79,6 +79,11 @@ pub struct Sim {
     pub log: Vec<Logged>,
     /// Model name or feature key -> a top-level error for its mutations.
     pub fail: BTreeMap<String, String>,
+    /// GitLab is restarting: every request gets HTTP 502.
+    pub down: bool,
+    /// Endpoint -> what the AI gateway answers GitLab's connection check
+    /// (the gateway and the model cannot run here); absent: success.
+    pub unreachable: BTreeMap<String, String>,
 }
 
 fn gid(id: u64) -> String {
@@ -293,11 +298,15 @@ impl Sim {
             }
             "aiSelfHostedModelConnectionCheck" => {
                 let endpoint = input["endpoint"].as_str().unwrap_or_default();
-                let ok = endpoint.starts_with("http") && !endpoint.contains("unreachable");
-                json!({ "result": {
-                    "success": ok,
-                    "message": if ok { "Successfully connected to the self-hosted model".to_string() } else { format!("Failed to connect to {endpoint}") },
-                }, "errors": [] })
+                match self.unreachable.get(endpoint) {
+                    None => json!({ "result": {
+                        "success": true,
+                        "message": "Successfully connected to the self-hosted model",
+                    }, "errors": [] }),
+                    Some(message) => json!({ "result": {
+                        "success": false, "message": message,
+                    }, "errors": [] }),
+                }
             }
             "aiFeatureSettingUpdate" => self.update_features(&input),
             _ => self.update_duo_settings(&input),
@@ -600,8 +609,19 @@ fn unauthorized(sim: &mut Sim) -> Response {
         .into_response()
 }
 
+fn bad_gateway() -> Response {
+    (
+        StatusCode::BAD_GATEWAY,
+        "502 Bad Gateway: GitLab is not responding",
+    )
+        .into_response()
+}
+
 async fn version_handler(State(sim): State<Shared>, headers: HeaderMap) -> Response {
     let mut sim = sim.lock().unwrap();
+    if sim.down {
+        return bad_gateway();
+    }
     if !authorized(&sim, &headers) {
         return unauthorized(&mut sim);
     }
@@ -614,6 +634,9 @@ async fn graphql_handler(
     Json(body): Json<Value>,
 ) -> Response {
     let mut sim = sim.lock().unwrap();
+    if sim.down {
+        return bad_gateway();
+    }
     if !authorized(&sim, &headers) {
         return unauthorized(&mut sim);
     }

@@ -5,8 +5,9 @@
 use crate::fresh_daemon;
 use crate::{WAIT, wait_instance, wait_synced};
 use duofleet_proto::v1::{
-    CreateModelRequest, DeleteModelRequest, FeatureSetting, Instance, Model, Profile, Provider,
-    SetFeatureSettingRequest, SyncItemState, SyncState, UpdateModelRequest, UpdateProfileRequest,
+    CreateModelRequest, DeleteModelRequest, FeatureSetting, HealthState, Instance, Model, Profile,
+    Provider, SetFeatureSettingRequest, SyncItemState, SyncState, TargetKind, UpdateModelRequest,
+    UpdateProfileRequest,
 };
 use duofleet_tests::agent::{Agent, FakeCommand};
 use duofleet_tests::gitlab_sim::{self, Shared};
@@ -24,6 +25,17 @@ fn agent_with_gitlab(
     gitlab_url: &str,
     token: &str,
 ) -> Agent {
+    agent_with_gitlab_and(daemon, root, id, gitlab_url, token, &[])
+}
+
+fn agent_with_gitlab_and(
+    daemon: &Daemon,
+    root: &Path,
+    id: &str,
+    gitlab_url: &str,
+    token: &str,
+    extra: &[&str],
+) -> Agent {
     let ctl = FakeCommand::new(&root.join(format!("{id}-ctl")));
     let rb = root.join(format!("{id}-gitlab.rb"));
     std::fs::write(&rb, "external_url 'https://gitlab.example.com'\n").unwrap();
@@ -40,6 +52,7 @@ fn agent_with_gitlab(
         &token_file.display().to_string(),
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     Agent::start(daemon, id, root, &args)
@@ -70,6 +83,24 @@ fn item(instance: &Instance, kind: &str, key: &str) -> (SyncItemState, String) {
         .find(|i| i.kind == kind && i.key == key)
         .map(|i| (i.state(), i.detail.clone()))
         .unwrap_or_else(|| panic!("no {kind} {key} in {:?}", sync.items))
+}
+
+/// Updates one field of mixtral-prod; returns the revision.
+async fn update_model(c: &mut Clients, patch: Model, field: &str) -> u64 {
+    c.models
+        .update_model(UpdateModelRequest {
+            model: Some(Model {
+                name: "mixtral-prod".into(),
+                ..patch
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec![field.into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
 }
 
 async fn set_default_profile(c: &mut Clients, profile: Profile) -> u64 {
@@ -224,22 +255,15 @@ async fn models_and_features_reach_gitlab_idempotently() {
     );
 
     // Rotating the API key pushes the new key, once.
-    let rotated = c
-        .models
-        .update_model(UpdateModelRequest {
-            model: Some(Model {
-                name: "mixtral-prod".into(),
-                api_key: "sk-rotated".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["api_key".into()],
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let rotated = update_model(
+        &mut c,
+        Model {
+            api_key: "sk-rotated".into(),
+            ..Default::default()
+        },
+        "api_key",
+    )
+    .await;
     wait_synced(&mut c, "gitlab-a", rotated).await;
     {
         let sim = sim.lock().unwrap();
@@ -254,22 +278,15 @@ async fn models_and_features_reach_gitlab_idempotently() {
     }
 
     // An endpoint change leaves the key out: GitLab keeps it.
-    let moved = c
-        .models
-        .update_model(UpdateModelRequest {
-            model: Some(Model {
-                name: "mixtral-prod".into(),
-                endpoint: "https://vllm-2.example.internal:8000/v1".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["endpoint".into()],
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let moved = update_model(
+        &mut c,
+        Model {
+            endpoint: "https://vllm-2.example.internal:8000/v1".into(),
+            ..Default::default()
+        },
+        "endpoint",
+    )
+    .await;
     wait_synced(&mut c, "gitlab-a", moved).await;
     {
         let sim = sim.lock().unwrap();
@@ -677,6 +694,122 @@ async fn hidden_beta_items_are_named_and_never_lost() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(creates(&sim), tried, "the refused create is not repeated");
     assert_eq!(sim.lock().unwrap().models.len(), 1);
+}
+
+/// GitLab's own connection check, as health targets of their own: at most
+/// once per interval, and named "not supported" before 17.7.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_connection_checks_are_rate_limited_health_targets() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (url, sim) = gitlab_sim::start("18.9.0-ee", TOKEN).await;
+    let (old_url, _old_sim) = gitlab_sim::start("17.6.0-ee", TOKEN).await;
+    sim.lock().unwrap().unreachable.insert(
+        "https://vllm-down.example.internal:8000/v1".into(),
+        "AI gateway: 503 from the model endpoint".into(),
+    );
+    let check = ["--connection-check-interval", "1h"];
+    let _a = agent_with_gitlab_and(&daemon, dir.path(), "gitlab-189", &url, TOKEN, &check);
+    let _b = agent_with_gitlab_and(&daemon, dir.path(), "gitlab-176", &old_url, TOKEN, &check);
+    create(&mut c, mk::model("up")).await;
+    create(
+        &mut c,
+        Model {
+            endpoint: "https://vllm-down.example.internal:8000/v1".into(),
+            ..mk::model("down")
+        },
+    )
+    .await;
+    set_default_profile(
+        &mut c,
+        Profile {
+            features: vec![
+                setting("duo_chat", Provider::SelfHosted, "up"),
+                setting("code_completions", Provider::SelfHosted, "down"),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let check_of = |i: &Instance, model: &str| {
+        i.health
+            .iter()
+            .find(|h| h.kind() == TargetKind::GitlabConnectionCheck && h.target == model)
+            .map(|h| (h.state(), h.error.clone()))
+    };
+    let i = wait_instance(&mut c, "gitlab-189", "connection checks", |i| {
+        check_of(i, "up").is_some() && check_of(i, "down").is_some()
+    })
+    .await;
+    assert_eq!(
+        check_of(&i, "up"),
+        Some((HealthState::Healthy, String::new()))
+    );
+    assert_eq!(
+        check_of(&i, "down"),
+        Some((
+            HealthState::Unhealthy,
+            "AI gateway: 503 from the model endpoint".into()
+        ))
+    );
+    let old = wait_instance(&mut c, "gitlab-176", "connection checks", |i| {
+        check_of(i, "up").is_some()
+    })
+    .await;
+    assert_eq!(
+        check_of(&old, "up"),
+        Some((
+            HealthState::Unknown,
+            "not supported by GitLab 17.6 (it came in 17.7)".into()
+        ))
+    );
+    // Many health ticks later, still one check per model: it calls the model.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let checks = sim
+        .lock()
+        .unwrap()
+        .mutations()
+        .iter()
+        .filter(|m| *m == "aiSelfHostedModelConnectionCheck")
+        .count();
+    assert_eq!(checks, 2);
+    // The API key went to GitLab's check, never into the result.
+    assert!(!format!("{:?}", i.health).contains("sk-test-key"));
+}
+
+/// Puma restarts during a reconfigure: GitLab answers 502 for a while. The
+/// agent tries the API sync again by itself, with no new revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_gitlab_is_tried_again_by_itself() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (url, sim) = gitlab_sim::start("18.9.0-ee", TOKEN).await;
+    sim.lock().unwrap().down = true;
+    let _agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-a", &url, TOKEN);
+    create(&mut c, mk::model("mixtral-prod")).await;
+    let revision = set_default_profile(
+        &mut c,
+        Profile {
+            ai_gateway_url: "https://aigw.example.com".into(),
+            features: vec![setting("duo_chat", Provider::SelfHosted, "mixtral-prod")],
+            ..Default::default()
+        },
+    )
+    .await;
+    let failed = wait_instance(&mut c, "gitlab-a", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert!(
+        failed.last_error.contains("HTTP 502"),
+        "{}",
+        failed.last_error
+    );
+    assert_eq!(failed.host_sync.unwrap().applied_revision, revision);
+    sim.lock().unwrap().down = false;
+    let synced = wait_synced(&mut c, "gitlab-a", revision).await;
+    assert_eq!(synced.gitlab_sync.unwrap().applied_revision, revision);
+    assert!(sim.lock().unwrap().model_named("mixtral-prod").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
