@@ -85,6 +85,19 @@ fn item(instance: &Instance, kind: &str, key: &str) -> (SyncItemState, String) {
         .unwrap_or_else(|| panic!("no {kind} {key} in {:?}", sync.items))
 }
 
+/// Creates mixtral-prod and codestral-22b.
+async fn mixtral_and_codestral(c: &mut Clients) {
+    create(c, mk::model("mixtral-prod")).await;
+    create(
+        c,
+        Model {
+            family: "codestral".into(),
+            ..mk::model("codestral-22b")
+        },
+    )
+    .await;
+}
+
 /// Updates one field of mixtral-prod; returns the revision.
 async fn update_model(c: &mut Clients, patch: Model, field: &str) -> u64 {
     c.models
@@ -149,15 +162,7 @@ async fn models_and_features_reach_gitlab_idempotently() {
     let by_hand = sim.lock().unwrap().add_model_by_hand("by-hand", "GPT");
     let mut agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-a", &url, TOKEN);
 
-    create(&mut c, mk::model("mixtral-prod")).await;
-    create(
-        &mut c,
-        Model {
-            family: "codestral".into(),
-            ..mk::model("codestral-22b")
-        },
-    )
-    .await;
+    mixtral_and_codestral(&mut c).await;
     let revision = set_default_profile(
         &mut c,
         Profile {
@@ -518,15 +523,7 @@ async fn one_bad_item_fails_alone_and_the_host_layer_still_shows() {
         .fail
         .insert("codestral-22b".into(), "Internal server error".into());
     let mut agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-a", &url, TOKEN);
-    create(&mut c, mk::model("mixtral-prod")).await;
-    create(
-        &mut c,
-        Model {
-            family: "codestral".into(),
-            ..mk::model("codestral-22b")
-        },
-    )
-    .await;
+    mixtral_and_codestral(&mut c).await;
     let revision = set_default_profile(
         &mut c,
         Profile {
