@@ -58,7 +58,7 @@ pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
         })
         .collect();
     // The agent needs to know which GitLab version brought each family and
-    // feature it is given, and what GitLab hides as beta.
+    // feature, and what GitLab hides as beta.
     let catalog = catalog::get();
     let families: BTreeSet<&str> = models.iter().map(|m| m.family.as_str()).collect();
     let catalog_families = families
@@ -66,10 +66,11 @@ pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
         .filter_map(|f| catalog.family(f))
         .map(|f| f.to_proto())
         .collect();
-    let catalog_features = profile
+    // Every feature, not only those set: which beta features GitLab lists
+    // tells the agent whether the testing terms were accepted.
+    let catalog_features = catalog
         .features
         .iter()
-        .filter_map(|s| catalog.feature(&s.feature))
         .map(|f| pb::Feature {
             // The agent needs no compatibility list: GitLab checks it.
             compatible_families: Vec::new(),

@@ -33,7 +33,18 @@ impl Sync<'_> {
         // be read, and what the agent set last stands for it.
         let listed = if self.version >= since::FEATURE_LIST {
             match self.list().await? {
-                Ok(listed) => Some(listed),
+                Ok(None) => {
+                    for feature in wanted.keys() {
+                        self.report.add(
+                            "feature",
+                            feature,
+                            SyncItemState::Failed,
+                            super::NOT_ADMIN,
+                        );
+                    }
+                    return Ok(());
+                }
+                Ok(Some(listed)) => Some(listed),
                 Err(why) => {
                     for feature in wanted.keys() {
                         let detail = format!("cannot list GitLab's feature settings: {why}");
@@ -60,7 +71,10 @@ impl Sync<'_> {
                 Some(listed) => match listed.get(feature) {
                     Some(current) => Some(current.clone()),
                     None => {
-                        let why = if self.catalog.feature_beta(feature) {
+                        // GitLab lists every feature it allows: a beta one
+                        // among them means the testing terms were accepted.
+                        let terms_accepted = listed.keys().any(|f| self.catalog.feature_beta(f));
+                        let why = if self.catalog.feature_beta(feature) && !terms_accepted {
                             format!("a beta feature on GitLab {}: {TESTING_TERMS}", self.version)
                         } else {
                             "GitLab does not offer it on this instance (its license tier lacks it)"
@@ -151,11 +165,13 @@ impl Sync<'_> {
         wanted
     }
 
-    async fn list(&self) -> Result<Result<BTreeMap<String, Setting>, String>, SyncError> {
+    /// GitLab's feature settings; `Ok(None)` when it answers null (the
+    /// token's user may not manage them).
+    async fn list(&self) -> Result<Result<Option<BTreeMap<String, Setting>>, String>, SyncError> {
         Ok(self
             .query("aiFeatureSettings", FEATURES_QUERY)
             .await?
-            .map(|data| parse_listing(&data)))
+            .map(|data| (!data["aiFeatureSettings"].is_null()).then(|| parse_listing(&data))))
     }
 
     fn set(&mut self, feature: &str, target: &Setting) {
@@ -199,7 +215,7 @@ impl Sync<'_> {
                 Ok(_) => outcomes.extend(features.iter().map(|f| (f.clone(), Ok(())))),
                 Err(why) => {
                     // Which of them were saved: ask GitLab.
-                    let listed = self.list().await?.unwrap_or_default();
+                    let listed = self.list().await?.ok().flatten().unwrap_or_default();
                     for feature in &features {
                         let saved = listed.get(feature) == Some(target);
                         outcomes.push((

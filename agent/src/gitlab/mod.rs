@@ -187,6 +187,9 @@ fn beta_at(states: &[duofleet_proto::v1::ReleaseStateSince], version: GitLabVers
         .is_some_and(|(_, state)| matches!(state, ReleaseState::Beta | ReleaseState::Experiment))
 }
 
+/// GitLab answers null where the token's user lacks the permission.
+pub const NOT_ADMIN: &str = "GitLab answered nothing: the user of --gitlab-token-file may not manage self-hosted models; it must be an administrator's token with the api scope";
+
 /// Where GitLab hides beta items, the words an administrator needs.
 pub const TESTING_TERMS: &str = "GitLab hides beta models and features until an administrator accepts the testing terms (Admin > GitLab Duo > Self-hosted models: \"Use beta models and features\")";
 

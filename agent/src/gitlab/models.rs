@@ -40,6 +40,17 @@ impl Sync<'_> {
             return Ok(());
         }
         let listed = match self.query("aiSelfHostedModels", MODELS_QUERY).await? {
+            Ok(data) if data["aiSelfHostedModels"].is_null() => {
+                for model in &desired.models {
+                    self.report.add(
+                        "model",
+                        &model.name,
+                        SyncItemState::Failed,
+                        super::NOT_ADMIN,
+                    );
+                }
+                return Ok(());
+            }
             Ok(data) => parse_listing(&data),
             Err(why) => {
                 for model in &desired.models {

@@ -81,6 +81,9 @@ pub struct Sim {
     pub fail: BTreeMap<String, String>,
     /// GitLab is restarting: every request gets HTTP 502.
     pub down: bool,
+    /// The token belongs to a user who is not an administrator: queries
+    /// answer null, mutations a top-level permission error.
+    pub not_admin: bool,
     /// Endpoint -> what the AI gateway answers GitLab's connection check
     /// (the gateway and the model cannot run here); absent: success.
     pub unreachable: BTreeMap<String, String>,
@@ -233,6 +236,14 @@ impl Sim {
             },
         });
         let v = self.v();
+        if self.not_admin {
+            if kind == "query" {
+                return json!({ "data": { field: null } });
+            }
+            return top_level(
+                "The resource that you are attempting to access does not exist or you don't have permission to perform this action",
+            );
+        }
         if kind == "query" {
             if query_since(field).is_none_or(|since| v < since) {
                 return top_level(format!("Field '{field}' doesn't exist on type 'Query'"));

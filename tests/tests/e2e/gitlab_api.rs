@@ -809,6 +809,64 @@ async fn an_unreachable_gitlab_is_tried_again_by_itself() {
     assert!(sim.lock().unwrap().model_named("mixtral-prod").is_some());
 }
 
+/// A Premium license lacks the vulnerability features; a token of a user
+/// who is not an administrator gets nothing listed. Both are named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn license_and_permission_limits_are_named() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (premium_url, premium) = gitlab_sim::start("18.9.0-ee", TOKEN).await;
+    {
+        let mut sim = premium.lock().unwrap();
+        sim.premium = true;
+        sim.testing_terms_accepted = true;
+    }
+    let (user_url, user) = gitlab_sim::start("18.9.0-ee", TOKEN).await;
+    user.lock().unwrap().not_admin = true;
+    let _a = agent_with_gitlab(&daemon, dir.path(), "premium", &premium_url, TOKEN);
+    let _b = agent_with_gitlab(&daemon, dir.path(), "not-admin", &user_url, TOKEN);
+    create(&mut c, mk::model("mixtral-prod")).await;
+    let revision = set_default_profile(
+        &mut c,
+        Profile {
+            features: vec![
+                setting("duo_chat", Provider::SelfHosted, "mixtral-prod"),
+                setting("resolve_vulnerability", Provider::Vendor, ""),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let i = wait_synced(&mut c, "premium", revision).await;
+    let (state, detail) = item(&i, "feature", "resolve_vulnerability");
+    assert_eq!(state, SyncItemState::Hidden);
+    assert!(detail.contains("license tier lacks it"), "{detail}");
+    let mixtral = premium
+        .lock()
+        .unwrap()
+        .model_named("mixtral-prod")
+        .unwrap()
+        .id;
+    assert_eq!(
+        premium.lock().unwrap().feature("duo_chat"),
+        ("self_hosted".into(), Some(mixtral))
+    );
+
+    let failed = wait_instance(&mut c, "not-admin", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert!(
+        failed.last_error.contains("mixtral-prod: GitLab answered nothing: the user of --gitlab-token-file may not manage self-hosted models"),
+        "{}",
+        failed.last_error
+    );
+    assert!(
+        user.lock().unwrap().mutations().is_empty(),
+        "nothing is created blind"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_is_a_token_problem_and_not_retried_in_a_loop() {
     let (dir, daemon) = fresh_daemon();
