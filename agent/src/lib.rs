@@ -19,6 +19,7 @@ pub mod gitlab;
 pub mod gitlab_rb;
 pub mod health;
 pub mod identity;
+pub mod limits;
 pub mod run;
 pub mod session;
 pub mod state;

@@ -72,6 +72,9 @@ pub struct Refused {
 enum Ended {
     /// The stream ended or failed: reconnect.
     Retry(String),
+    /// The control plane refused a message of this agent as malformed: no
+    /// quick retry will change that. Reconnect after the longest backoff.
+    Invalid(String),
     Refused(Refused),
 }
 
@@ -83,6 +86,11 @@ impl Session {
                 Ended::Retry(reason) => {
                     let delay = self.backoff.next_delay();
                     tracing::warn!(%reason, retry_in = ?delay, "control plane unavailable; keeping the last applied configuration");
+                    tokio::time::sleep(delay).await;
+                }
+                Ended::Invalid(reason) => {
+                    let delay = self.backoff.longest();
+                    tracing::error!(%reason, retry_in = ?delay, "the control plane refused a message of this agent as invalid; keeping the last applied configuration");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -177,7 +185,7 @@ impl Session {
                     };
                     if due {
                         last_report = Some((signature, Instant::now()));
-                        if let Err(ended) = send(&outbound, Message::HealthReport(HealthReport { results })).await {
+                        if let Err(ended) = send(&outbound, Message::HealthReport(crate::limits::health(HealthReport { results }))).await {
                             return ended;
                         }
                     }
@@ -294,7 +302,7 @@ impl Session {
             None
         };
         self.failed = failed.then(|| (desired, self.applier.watched_file()));
-        send(outbound, Message::Ack(ack)).await
+        send(outbound, Message::Ack(crate::limits::ack(ack))).await
     }
 
     /// Periodic: retry a failed config once its file was edited, then look
@@ -335,7 +343,7 @@ impl Session {
             if ack.result() == AckResult::Failed {
                 tracing::warn!(error = %ack.error, "drift repair failed");
             }
-            send(outbound, Message::Ack(ack)).await?;
+            send(outbound, Message::Ack(crate::limits::ack(ack))).await?;
         }
         Ok(())
     }
@@ -356,6 +364,7 @@ fn classify(status: Status) -> Ended {
             code: status.code(),
             message: status.message().to_string(),
         }),
+        Code::InvalidArgument => Ended::Invalid(status.message().to_string()),
         _ => Ended::Retry(format!("{:?}: {}", status.code(), status.message())),
     }
 }
@@ -385,6 +394,12 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.current = self.initial;
+    }
+
+    /// The cap, for failures that a quick retry cannot mend.
+    pub fn longest(&mut self) -> Duration {
+        self.current = self.max;
+        self.max
     }
 
     pub fn next_delay(&mut self) -> Duration {

@@ -21,6 +21,7 @@
 //! sled; `grpc` is the only place that builds a `tonic::Status`.
 
 pub mod admission;
+pub mod agent_input;
 pub mod auth;
 pub mod ca;
 pub mod catalog;

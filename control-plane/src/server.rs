@@ -317,8 +317,11 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             auth.clone(),
         ))
         .add_service(TokenServiceServer::with_interceptor(token_api, auth.clone()))
-        .add_service(AgentServiceServer::with_interceptor(
-            AgentApi::new(store.clone(), registry.clone(), shutdown_rx.clone()),
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            // Larger messages are refused before they are read; the limits
+            // per field are in agent_input.
+            AgentServiceServer::new(AgentApi::new(store.clone(), registry.clone(), shutdown_rx.clone()))
+                .max_decoding_message_size(crate::agent_input::DECODE_MAX_BYTES),
             agent_auth,
         ))
         .add_service(EnrollmentServiceServer::with_interceptor(EnrollApi::new(ca.clone(), tls, tokens.clone(), store.clone()), enroll_auth))

@@ -278,20 +278,40 @@ impl Store {
         self.commit_locked(actor, &old, new, summary, false)
     }
 
-    /// Makes a new revision whose models and profiles equal those at `target`,
-    /// API keys included.
+    /// Makes a new revision whose models and profiles equal those at
+    /// `target`. It restores configuration, never credentials: every model
+    /// keeps its current API key (a rotated key stays rotated), and a model
+    /// brought back from deletion comes back without one.
     pub fn rollback(&self, actor: &str, target: u64) -> Result<Commit, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current();
         if target == 0 || self.revisions.get(target.to_be_bytes())?.is_none() {
             return Err(ConfigError::RevisionNotFound(target).into());
         }
-        let restored = self.config_at(target)?;
+        let mut restored = self.config_at(target)?;
+        let mut keyless = Vec::new();
+        for (name, model) in restored.models.iter_mut() {
+            match old.models.get(name) {
+                Some(current) => model.api_key = current.api_key.clone(),
+                None => {
+                    if !model.api_key.is_empty() {
+                        keyless.push(name.clone());
+                    }
+                    model.api_key.clear();
+                }
+            }
+        }
         let new = Config {
             revision: old.revision,
             ..restored
         };
-        let summary = format!("rollback to revision {target}");
+        let mut summary = format!("rollback to revision {target}");
+        if !keyless.is_empty() {
+            summary.push_str(&format!(
+                "; {} restored without an API key (set it with UpdateModel)",
+                keyless.join(", ")
+            ));
+        }
         self.commit_locked(actor, &old, new, summary, true)
     }
 
@@ -744,7 +764,7 @@ mod tests {
     }
 
     #[test]
-    fn rollback_restores_models_and_keys_as_a_new_revision() {
+    fn rollback_restores_configuration_but_never_credentials() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path()).unwrap();
         create(&store, "a"); // 1
@@ -762,10 +782,15 @@ mod tests {
         let record = commit.revision.unwrap();
         assert_eq!(record.revision, 5);
         assert_eq!(record.actor, "ops");
+        assert_eq!(
+            record.summary,
+            "rollback to revision 2; a restored without an API key (set it with UpdateModel)"
+        );
         let config = store.current();
         assert_eq!(config.models.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(config.models["a"].api_key, "key-of-a");
-        assert_eq!(config.models["b"].api_key, "key-of-b");
+        // Brought back from deletion: no key. Rotated: the new key stays.
+        assert_eq!(config.models["a"].api_key, "");
+        assert_eq!(config.models["b"].api_key, "rotated");
         let (_, at_three) = store.get_revision(3).unwrap();
         assert_eq!(at_three.models.keys().collect::<Vec<_>>(), ["b"]);
         assert!(matches!(

@@ -1,5 +1,5 @@
-//! Field rules of CONTRACT.md and GitLab's own limits (DOMAIN.md). Each
-//! refusal names the field and the rule. Rules that depend on the rest of
+//! Field rules of the API (the README's tables) and GitLab's own limits.
+//! Each refusal names the field and the rule. Rules that depend on the rest of
 //! the configuration (references, compatibility) live in `config`.
 
 use crate::catalog::Catalog;

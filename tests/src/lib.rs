@@ -254,6 +254,18 @@ impl Clients {
     }
 }
 
+/// A process's resident memory, in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// What a grpcurl run printed.
 #[derive(Debug)]
 pub struct GrpcurlOutput {

@@ -9,10 +9,10 @@
 //! per agent is the session task, a 4-slot channel and one DesiredConfig.
 
 use super::{AgentIdentity, status};
+use crate::agent_input;
 use crate::effective::{self, Labels};
 use crate::registry::{Registry, Session};
 use crate::store::Store;
-use crate::validate;
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::agent_service_server::AgentService;
 use duofleet_proto::v1::control_message;
@@ -107,16 +107,7 @@ impl AgentService for AgentApi {
 }
 
 fn check_hello(hello: &Hello) -> Result<(), Status> {
-    validate::instance_id("hello.instance_id", &hello.instance_id)
-        .and_then(|()| {
-            if hello.hostname.is_empty() {
-                Ok(())
-            } else {
-                validate::instance_id("hello.hostname", &hello.hostname)
-            }
-        })
-        .and_then(|()| validate::selector("hello.labels", &hello.labels))
-        .map_err(|e| status(e.into()))
+    agent_input::hello(hello).map_err(|e| status(e.into()))
 }
 
 async fn until_stopped(mut shutdown: watch::Receiver<bool>) {
@@ -168,7 +159,14 @@ impl SessionTask {
                         }
                     }
                     message = inbound.message() => match message {
-                        Ok(Some(message)) => self.handle(&session, message),
+                        Ok(Some(message)) => {
+                            if let Err(error) = agent_input::message(&message) {
+                                tracing::warn!(instance = %session.instance_id, %error, "agent message refused");
+                                let _ = self.outbound.send(Err(status(error.into()))).await;
+                                break;
+                            }
+                            self.handle(&session, message);
+                        }
                         Ok(None) => break,
                         Err(error) => {
                             tracing::info!(instance = %session.instance_id, %error, "agent stream failed");

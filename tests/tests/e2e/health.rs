@@ -428,3 +428,78 @@ async fn heartbeats_are_counted_but_raise_no_health_changed_event() {
     assert!(reports() >= before + 3.0, "too few heartbeats counted");
     assert_eq!(changed, 0);
 }
+
+/// A leaked key is rotated, then an unrelated change is rolled back: the
+/// rollback restores configuration, never the revoked key. The model
+/// endpoint itself shows which key the GitLab host presents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_after_a_key_rotation_keeps_the_new_key() {
+    use duofleet_proto::v1::{RollbackRequest, SetFeatureSettingRequest, UpdateModelRequest};
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let gateway = Endpoint::start(&[]).await;
+    let model = Endpoint::start(&["Mixtral-8x7B-Instruct-v0.1"]).await;
+    let _agent = start_agent(&daemon, dir.path(), "gitlab-a", &[]);
+    configure(
+        &mut c,
+        &gateway.base,
+        vec![vllm(
+            "mixtral-prod",
+            &model.base,
+            "Mixtral-8x7B-Instruct-v0.1",
+        )],
+    )
+    .await; // 1: model, 2: profile
+    let presented = |key: &str| {
+        model
+            .behaviour
+            .lock()
+            .unwrap()
+            .authorizations
+            .contains(&format!("Bearer {key}"))
+    };
+    duofleet_tests::wait_for(Duration::from_secs(30), || presented(KEY).then_some(())).await;
+
+    c.models
+        .update_model(UpdateModelRequest {
+            model: Some(Model {
+                name: "mixtral-prod".into(),
+                api_key: "sk-rotated-after-the-leak".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["api_key".into()],
+            }),
+        })
+        .await
+        .unwrap(); // 3
+    duofleet_tests::wait_for(Duration::from_secs(30), || {
+        presented("sk-rotated-after-the-leak").then_some(())
+    })
+    .await;
+    c.profiles
+        .set_feature_setting(SetFeatureSettingRequest {
+            profile: String::new(),
+            setting: Some(mk::vendor("code_generations")),
+        })
+        .await
+        .unwrap(); // 4: the unrelated change
+    let rollback = c
+        .history
+        .rollback(RollbackRequest { revision: 2 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rollback.summary, "rollback to revision 2");
+    crate::wait_synced(&mut c, "gitlab-a", rollback.revision).await;
+    model.behaviour.lock().unwrap().authorizations.clear();
+    duofleet_tests::wait_for(Duration::from_secs(30), || {
+        (model.behaviour.lock().unwrap().authorizations.len() >= 3).then_some(())
+    })
+    .await;
+    let seen = model.behaviour.lock().unwrap().authorizations.clone();
+    assert!(
+        seen.iter().all(|a| a == "Bearer sk-rotated-after-the-leak"),
+        "the revoked key came back: {seen:?}"
+    );
+}

@@ -17,6 +17,7 @@ mod readme;
 mod secrets;
 mod security;
 mod tokens;
+mod trust;
 mod validation;
 
 use duofleet_proto::v1::{CreateModelRequest, ListRevisionsRequest, Model};

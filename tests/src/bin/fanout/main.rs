@@ -22,7 +22,7 @@ mod etcd;
 mod fleet;
 
 use duofleet_proto::v1::{DesiredConfig, Profile, UpdateProfileRequest};
-use duofleet_tests::{Daemon, DaemonOptions};
+use duofleet_tests::{Daemon, DaemonOptions, rss_kib};
 use fleet::{Fleet, HealthRound};
 use prost::Message;
 use std::collections::HashMap;
@@ -86,17 +86,6 @@ fn raise_nofile() {
         .status()
         .expect("re-exec");
     std::process::exit(status.code().unwrap_or(1));
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// CPU time a process has used (user + system), in milliseconds.

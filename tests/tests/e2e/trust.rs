@@ -1,0 +1,103 @@
+//! Trust: what an agent (a host, which may be compromised) can claim and
+//! send. Real daemon, raw agent streams.
+
+use crate::fresh_daemon;
+use duofleet_proto::v1::agent_message::Message;
+use duofleet_proto::v1::agent_service_client::AgentServiceClient;
+use duofleet_proto::v1::{AgentMessage, Hello, ListInstancesRequest};
+use duofleet_tests::{Daemon, rss_kib};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Status};
+
+/// Connects as an agent with the enroll token, says `hello`, and returns
+/// how the stream answers: the first message's error, if any.
+async fn say_hello(daemon: &Daemon, hello: Hello) -> Result<(), Status> {
+    let token = std::fs::read_to_string(daemon.data_dir().join("enroll.token")).unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(AgentMessage {
+        message: Some(Message::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut request = Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim()).parse().unwrap(),
+    );
+    let mut client = AgentServiceClient::new(daemon.channel().await)
+        .max_encoding_message_size(usize::MAX);
+    let mut inbound = client.connect(request).await?.into_inner();
+    inbound.message().await.map(|_| ())
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_hello_is_refused_and_costs_nothing() {
+    let (_dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let hello = |id: &str, version: String| Hello {
+        instance_id: id.into(),
+        hostname: "web-01".into(),
+        gitlab_version: version,
+        ..Default::default()
+    };
+    let refused = say_hello(&daemon, hello("big", "1".repeat(64 * 1024)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("hello: the message must be at most 8192 bytes (got 655"),
+        "{}",
+        refused.message()
+    );
+    let named = say_hello(&daemon, hello("long-version", "1".repeat(100)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (named.code(), named.message()),
+        (
+            Code::InvalidArgument,
+            "hello.gitlab_version: must be at most 64 bytes (got 100)"
+        )
+    );
+
+    // 100 Hellos of 3 MiB once took the daemon from 11 MB to 743 MB and
+    // grew the database by 1.1 GB.
+    let rss_before = rss_kib(daemon.pid());
+    let db_before = dir_bytes(daemon.data_dir());
+    for i in 0..100 {
+        let error = say_hello(&daemon, hello(&format!("huge-{i}"), "9".repeat(3 << 20)))
+            .await
+            .unwrap_err();
+        assert_ne!(error.code(), Code::Ok);
+    }
+    let grown_mib = rss_kib(daemon.pid()).saturating_sub(rss_before) / 1024;
+    assert!(grown_mib < 64, "the daemon grew by {grown_mib} MiB");
+    let db_grown = dir_bytes(daemon.data_dir()).saturating_sub(db_before);
+    assert!(db_grown < 1 << 20, "the data dir grew by {db_grown} bytes");
+    let instances = c
+        .fleet
+        .list_instances(ListInstancesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert!(instances.is_empty(), "{instances:?}");
+}
