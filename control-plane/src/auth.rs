@@ -58,6 +58,18 @@ pub enum AuthError {
     WrongAudience { token: String, role: &'static str },
 }
 
+impl AuthError {
+    /// The token's name, when the token was recognised.
+    pub fn token(&self) -> Option<&str> {
+        match self {
+            AuthError::ReadOnly { token, .. }
+            | AuthError::Expired { token }
+            | AuthError::WrongAudience { token, .. } => Some(token),
+            AuthError::Missing | AuthError::Invalid => None,
+        }
+    }
+}
+
 struct Token {
     secret: String,
     caller: Caller,
@@ -70,6 +82,8 @@ pub struct Tokens {
     /// Tokens made through TokenService, by keyed hash of their secret.
     issued: RwLock<HashMap<String, pb::Token>>,
     hash_key: Vec<u8>,
+    /// Failed authentication, logged at a bounded rate.
+    pub refusals: crate::refusals::Refusals,
 }
 
 impl Tokens {
@@ -99,6 +113,7 @@ impl Tokens {
             admin_token_path,
             issued: RwLock::new(HashMap::new()),
             hash_key,
+            refusals: Default::default(),
         })
     }
 

@@ -33,6 +33,7 @@ pub mod fsutil;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod refusals;
 pub mod registry;
 pub mod secrets;
 pub mod server;

@@ -30,7 +30,7 @@ use duofleet_proto::v1::Model;
 use std::sync::Arc;
 use tonic::{Request, Status};
 
-/// Maps every domain error to its gRPC code (CONTRACT.md, "Error codes").
+/// Maps every domain error to its gRPC code (the README's error table).
 pub fn status(error: StoreError) -> Status {
     match error {
         StoreError::Config(config) => match &config {
@@ -82,8 +82,15 @@ pub fn authenticator(
             .metadata()
             .get("authorization")
             .map(|v| v.to_str().unwrap_or_default());
-        let caller = tokens.authenticate(header).map_err(auth_status)?;
-        caller.require_audience(agent).map_err(auth_status)?;
+        let peer = request.remote_addr().map(|a| a.ip());
+        let refused = |error: AuthError| {
+            tokens
+                .refusals
+                .record(peer, error.token(), &error.to_string());
+            auth_status(error)
+        };
+        let caller = tokens.authenticate(header).map_err(refused)?;
+        caller.require_audience(agent).map_err(refused)?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }
@@ -101,13 +108,17 @@ pub fn agent_authenticator(
     ca: Arc<CertAuthority>,
     require_cert: bool,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    let mut bearer = authenticator(tokens, true);
+    let mut bearer = authenticator(tokens.clone(), true);
     move |mut request: Request<()>| {
         let presented = request
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
         if let Some(der) = presented {
+            let peer = request.remote_addr().map(|a| a.ip());
             let instance = ca.identify(&der).ok_or_else(|| {
+                tokens
+                    .refusals
+                    .record(peer, None, "a revoked or foreign client certificate");
                 Status::permission_denied(
                     "this client certificate was revoked or was not issued by this duofleetd; enroll again",
                 )

@@ -25,8 +25,8 @@ async fn say_hello(daemon: &Daemon, hello: Hello) -> Result<(), Status> {
         "authorization",
         format!("Bearer {}", token.trim()).parse().unwrap(),
     );
-    let mut client = AgentServiceClient::new(daemon.channel().await)
-        .max_encoding_message_size(usize::MAX);
+    let mut client =
+        AgentServiceClient::new(daemon.channel().await).max_encoding_message_size(usize::MAX);
     let mut inbound = client.connect(request).await?.into_inner();
     inbound.message().await.map(|_| ())
 }
@@ -100,4 +100,36 @@ async fn an_oversized_hello_is_refused_and_costs_nothing() {
         .into_inner()
         .instances;
     assert!(instances.is_empty(), "{instances:?}");
+}
+
+/// Failed logins leave a trace with the peer, and a flood of them leaves
+/// one line, not thousands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_logged_once_per_peer_per_minute() {
+    let (_dir, daemon) = fresh_daemon();
+    let mut wrong = duofleet_tests::Clients::new(
+        daemon.channel().await,
+        Some("duofleet_not-a-real-token-7f3a".into()),
+    );
+    for _ in 0..200 {
+        let refused = wrong
+            .fleet
+            .list_instances(ListInstancesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
+    let log = duofleet_tests::wait_for(std::time::Duration::from_secs(10), || {
+        let log = daemon.log();
+        log.contains("authentication refused").then_some(log)
+    })
+    .await;
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("authentication refused"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("peer=127.0.0.1"), "{}", lines[0]);
+    assert!(lines[0].contains("refusals=1"), "{}", lines[0]);
+    assert!(!log.contains("not-a-real-token-7f3a"), "a presented secret was logged");
 }
