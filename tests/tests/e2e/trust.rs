@@ -131,5 +131,8 @@ async fn failed_logins_are_logged_once_per_peer_per_minute() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("peer=127.0.0.1"), "{}", lines[0]);
     assert!(lines[0].contains("refusals=1"), "{}", lines[0]);
-    assert!(!log.contains("not-a-real-token-7f3a"), "a presented secret was logged");
+    assert!(
+        !log.contains("not-a-real-token-7f3a"),
+        "a presented secret was logged"
+    );
 }
