@@ -182,7 +182,8 @@ fn classify(status: Status) -> IdentityError {
     match status.code() {
         tonic::Code::Unauthenticated
         | tonic::Code::PermissionDenied
-        | tonic::Code::FailedPrecondition => IdentityError::Refused(status),
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::AlreadyExists => IdentityError::Refused(status),
         _ => IdentityError::Retry(format!("{:?}: {}", status.code(), status.message())),
     }
 }

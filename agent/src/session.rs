@@ -72,8 +72,9 @@ pub struct Refused {
 enum Ended {
     /// The stream ended or failed: reconnect.
     Retry(String),
-    /// The control plane refused a message of this agent as malformed: no
-    /// quick retry will change that. Reconnect after the longest backoff.
+    /// The control plane refused a message of this agent as malformed, or
+    /// another host holds this instance id: no quick retry will change
+    /// that. Reconnect after the longest backoff.
     Invalid(String),
     Refused(Refused),
 }
@@ -90,7 +91,7 @@ impl Session {
                 }
                 Ended::Invalid(reason) => {
                     let delay = self.backoff.longest();
-                    tracing::error!(%reason, retry_in = ?delay, "the control plane refused a message of this agent as invalid; keeping the last applied configuration");
+                    tracing::error!(%reason, retry_in = ?delay, "the control plane refused this agent until an operator acts; keeping the last applied configuration");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -364,7 +365,11 @@ fn classify(status: Status) -> Ended {
             code: status.code(),
             message: status.message().to_string(),
         }),
-        Code::InvalidArgument => Ended::Invalid(status.message().to_string()),
+        // A malformed message, or an id another host holds: a quick retry
+        // changes nothing.
+        Code::InvalidArgument | Code::AlreadyExists => {
+            Ended::Invalid(format!("{:?}: {}", status.code(), status.message()))
+        }
         _ => Ended::Retry(format!("{:?}: {}", status.code(), status.message())),
     }
 }

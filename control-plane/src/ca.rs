@@ -157,6 +157,21 @@ impl CertAuthority {
             .map(|c| c.instance_id.clone())
     }
 
+    /// Whether `instance_id` holds a certificate that is in force.
+    pub fn holds_valid(&self, instance_id: &str) -> bool {
+        let now = SystemTime::now();
+        self.issued
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|c| {
+                c.instance_id == instance_id
+                    && c.not_after
+                        .and_then(|t| SystemTime::try_from(t).ok())
+                        .is_some_and(|t| t > now)
+            })
+    }
+
     /// Forgets every certificate of an instance: it cannot connect again
     /// until it enrolls anew.
     pub fn revoke_instance(&self, instance_id: &str) -> Result<usize, StoreError> {

@@ -14,7 +14,7 @@ use duofleet_proto::v1::{
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot};
 
 /// How many health state changes an instance keeps.
@@ -32,6 +32,8 @@ struct Entry {
     pushed: Option<(u64, Instant)>,
     /// Changed since it was last saved.
     dirty: bool,
+    /// The host last warned about for claiming this instance id.
+    warned_conflict: Option<String>,
 }
 
 /// One agent connection, as the registry knows it.
@@ -55,10 +57,23 @@ pub struct Registry {
     pub metrics: Metrics,
 }
 
-/// The daemon holds as many agent connections as it is allowed.
+/// Why a new agent connection is refused.
 #[derive(Debug, thiserror::Error)]
-#[error("duofleetd already holds its limit of {0} connected agents (--max-agents)")]
-pub struct Full(pub usize);
+pub enum Refused {
+    #[error("duofleetd already holds its limit of {0} connected agents (--max-agents)")]
+    Full(usize),
+    #[error(
+        "instance {instance:?} is already connected from host {holder:?}; two hosts claim the same instance id: give each its own --instance-id (this host, {claimant:?}, was refused)"
+    )]
+    Conflict {
+        instance: String,
+        holder: String,
+        claimant: String,
+    },
+}
+
+/// How long a refused claim stays shown on the instance.
+const CONFLICT_SHOWN: Duration = Duration::from_secs(600);
 
 impl Registry {
     /// Loads the instances known from earlier runs, all offline until their
@@ -80,6 +95,7 @@ impl Registry {
                     drifted,
                     pushed: None,
                     dirty: false,
+                    warned_conflict: None,
                 };
                 (entry.instance.instance_id.clone(), entry)
             })
@@ -101,7 +117,7 @@ impl Registry {
 
     /// Registers (or updates) the instance of a new agent connection. An
     /// older connection for the same instance is told to end.
-    pub fn connect(&self, hello: &Hello) -> Result<Session, Full> {
+    pub fn connect(&self, hello: &Hello) -> Result<Session, Refused> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (kick, kicked) = oneshot::channel();
         let mut entries = self.lock();
@@ -110,7 +126,30 @@ impl Registry {
             .filter(|e| e.instance.connected && e.instance.instance_id != hello.instance_id)
             .count();
         if connected >= self.max_agents {
-            return Err(Full(self.max_agents));
+            return Err(Refused::Full(self.max_agents));
+        }
+        // A live session from another host: two agents claim one id. The
+        // same host reconnecting (a restart) takes over its old session.
+        if let Some(entry) = entries.get_mut(&hello.instance_id)
+            && entry.instance.connected
+            && entry.instance.hostname != hello.hostname
+        {
+            let refused = Refused::Conflict {
+                instance: hello.instance_id.clone(),
+                holder: entry.instance.hostname.clone(),
+                claimant: hello.hostname.clone(),
+            };
+            if entry.warned_conflict.as_deref() != Some(hello.hostname.as_str()) {
+                tracing::warn!(instance = %hello.instance_id, holder = %entry.instance.hostname, claimant = %hello.hostname, "two hosts claim the same instance id; the second is refused (logged once per host)");
+                entry.warned_conflict = Some(hello.hostname.clone());
+            }
+            entry.instance.conflict = format!(
+                "host {:?} claimed this instance id while {:?} was connected, and was refused",
+                hello.hostname, entry.instance.hostname
+            );
+            entry.instance.conflict_time = Some(SystemTime::now().into());
+            entry.dirty = true;
+            return Err(refused);
         }
         let entry = entries
             .entry(hello.instance_id.clone())
@@ -125,6 +164,7 @@ impl Registry {
                 drifted: false,
                 pushed: None,
                 dirty: false,
+                warned_conflict: None,
             });
         if let Some(old) = entry.kick.take() {
             let _ = old.send(());
@@ -136,6 +176,15 @@ impl Registry {
         entry.failed = false;
         entry.drifted = false;
         let instance = &mut entry.instance;
+        let stale = instance
+            .conflict_time
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .is_some_and(|t| t.elapsed().unwrap_or_default() >= CONFLICT_SHOWN);
+        if stale {
+            instance.conflict.clear();
+            instance.conflict_time = None;
+            entry.warned_conflict = None;
+        }
         instance.hostname = hello.hostname.clone();
         instance.deployment = hello.deployment;
         instance.labels = hello.labels.clone();

@@ -274,7 +274,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .map_err(|e| -> Box<dyn Error> { Box::new(e) })?,
     );
     let agent_auth = grpc::agent_authenticator(tokens.clone(), ca.clone(), tls);
-    let enroll_auth = grpc::agent_authenticator(tokens.clone(), ca.clone(), false);
+    let enroll_auth = grpc::agent_or_admin_authenticator(tokens.clone(), ca.clone(), false, true);
     let mut builder = tonic::transport::Server::builder();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read = |path: &PathBuf| {

@@ -11,7 +11,7 @@
 use super::{AgentIdentity, status};
 use crate::agent_input;
 use crate::effective::{self, Labels};
-use crate::registry::{Registry, Session};
+use crate::registry::{Refused, Registry, Session};
 use crate::store::Store;
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::agent_service_server::AgentService;
@@ -88,10 +88,17 @@ impl AgentService for AgentApi {
                 hello.instance_id
             )));
         }
-        let session = self.registry.connect(&hello).map_err(|full| {
-            tracing::warn!(instance = %hello.instance_id, %full, "agent refused");
-            Status::resource_exhausted(full.to_string())
-        })?;
+        let session = self
+            .registry
+            .connect(&hello)
+            .map_err(|refused| match refused {
+                Refused::Full(_) => {
+                    tracing::warn!(instance = %hello.instance_id, %refused, "agent refused");
+                    Status::resource_exhausted(refused.to_string())
+                }
+                // Logged once per claiming host by the registry.
+                Refused::Conflict { .. } => Status::already_exists(refused.to_string()),
+            })?;
         tracing::info!(instance = %hello.instance_id, hostname = %hello.hostname, applied_revision = hello.applied_revision, "agent connected");
         let (outbound, rx) = mpsc::channel(4);
         let run = SessionTask {

@@ -94,6 +94,23 @@ impl EnrollmentService for EnrollApi {
         let who = caller(&request)?;
         let request = request.into_inner();
         validate::instance_id("instance_id", &request.instance_id).map_err(|e| status(e.into()))?;
+        let id = request.instance_id.clone();
+        if who.role == Role::Admin {
+            // An operator re-enrolls explicitly: the old certificates stop.
+            let ca = self.ca.clone();
+            let target = id.clone();
+            let revoked = blocking(move || ca.revoke_instance(&target))
+                .await?
+                .map_err(status)?;
+            tracing::warn!(instance = %id, actor = %who.name, revoked, "instance re-enrolled by an operator");
+        } else if self.ca.holds_valid(&id) {
+            // One identity per instance: a join token cannot take over an
+            // enrolled instance.
+            tracing::warn!(instance = %id, token = %who.name, "enrollment refused: the instance is already enrolled");
+            return Err(Status::already_exists(format!(
+                "instance {id:?} is already enrolled and holds a valid certificate; an operator must delete it (FleetService/DeleteInstance) or re-enroll it with an admin token"
+            )));
+        }
         if who.role == Role::Join {
             self.consume(&who.name).await?;
         }

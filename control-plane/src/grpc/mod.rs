@@ -108,7 +108,19 @@ pub fn agent_authenticator(
     ca: Arc<CertAuthority>,
     require_cert: bool,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    agent_or_admin_authenticator(tokens, ca, require_cert, false)
+}
+
+/// Like [`agent_authenticator`]; with `admin`, an admin token is accepted
+/// too (EnrollmentService: an operator re-enrolls an instance explicitly).
+pub fn agent_or_admin_authenticator(
+    tokens: Arc<Tokens>,
+    ca: Arc<CertAuthority>,
+    require_cert: bool,
+    admin: bool,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     let mut bearer = authenticator(tokens.clone(), true);
+    let mut operator = authenticator(tokens.clone(), false);
     move |mut request: Request<()>| {
         let presented = request
             .peer_certs()
@@ -129,6 +141,18 @@ pub fn agent_authenticator(
             });
             request.extensions_mut().insert(AgentIdentity(instance));
             return Ok(request);
+        }
+        if admin {
+            let header = request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap_or_default());
+            if tokens
+                .authenticate(header)
+                .is_ok_and(|c| c.role == crate::auth::Role::Admin)
+            {
+                return operator(request);
+            }
         }
         if require_cert && request.metadata().get("authorization").is_none() {
             return Err(Status::unauthenticated(

@@ -58,8 +58,8 @@ fn tls_daemon(extra: &[&str]) -> Tls {
 }
 
 impl Tls {
-    async fn clients(&self) -> Clients {
-        let channel = Endpoint::from_shared(format!("https://{}", self.daemon.grpc_addr))
+    async fn channel(&self) -> tonic::transport::Channel {
+        Endpoint::from_shared(format!("https://{}", self.daemon.grpc_addr))
             .unwrap()
             .tls_config(
                 ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca.ca_pem)),
@@ -67,8 +67,36 @@ impl Tls {
             .unwrap()
             .connect()
             .await
-            .expect("TLS connect");
-        Clients::new(channel, Some(self.daemon.token()))
+            .expect("TLS connect")
+    }
+
+    async fn clients(&self) -> Clients {
+        Clients::new(self.channel().await, Some(self.daemon.token()))
+    }
+
+    /// Enroll for `instance_id` with `token`, with a fresh key's CSR.
+    async fn enroll(&self, instance_id: &str, token: &str) -> Result<String, tonic::Status> {
+        use duofleet_proto::v1::EnrollRequest;
+        use duofleet_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let mut request = tonic::Request::new(EnrollRequest {
+            instance_id: instance_id.into(),
+            csr_pem: csr,
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", token.trim()).parse().unwrap(),
+        );
+        EnrollmentServiceClient::new(self.channel().await)
+            .enroll(request)
+            .await
+            .map(|r| r.into_inner().certificate_pem)
     }
 
     fn agent(&self, id: &str, extra: &[&str]) -> Agent {
@@ -199,6 +227,55 @@ async fn agents_enroll_then_connect_with_their_certificate() {
             })
             .await
             .is_err()
+    );
+}
+
+/// One identity per instance: a join token cannot enroll an instance that
+/// holds a valid certificate; an operator can, explicitly, and the old
+/// certificate stops working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_enrollment_of_an_instance_is_refused_until_an_operator_acts() {
+    let tls = tls_daemon(&[]);
+    let mut c = tls.clients().await;
+    let mut agent = tls.agent("gitlab-a", &[]);
+    let revision = set_gateway(&mut c, "https://aigw.example.com").await;
+    wait_synced(&mut c, "gitlab-a", revision).await;
+
+    let enroll_token = std::fs::read_to_string(tls.daemon.data_dir().join("enroll.token")).unwrap();
+    let taken = tls.enroll("gitlab-a", &enroll_token).await.unwrap_err();
+    assert_eq!(taken.code(), tonic::Code::AlreadyExists, "{taken:?}");
+    assert_eq!(
+        taken.message(),
+        "instance \"gitlab-a\" is already enrolled and holds a valid certificate; an operator must delete it (FleetService/DeleteInstance) or re-enroll it with an admin token"
+    );
+    // The enrolled agent was not disturbed.
+    let still = c
+        .fleet
+        .get_instance(GetInstanceRequest {
+            instance_id: "gitlab-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(still.connected);
+
+    // The operator re-enrolls it: the old certificate is revoked.
+    let certificate = tls.enroll("gitlab-a", &tls.daemon.token()).await.unwrap();
+    assert!(certificate.contains("BEGIN CERTIFICATE"));
+    agent.kill9();
+    agent.restart();
+    assert!(!agent.wait_exit(WAIT).success());
+    assert!(
+        agent.log().contains("this client certificate was revoked"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        tls.daemon
+            .log()
+            .contains("instance re-enrolled by an operator"),
+        "{}",
+        tls.daemon.log()
     );
 }
 

@@ -136,3 +136,64 @@ async fn failed_logins_are_logged_once_per_peer_per_minute() {
         "a presented secret was logged"
     );
 }
+
+/// Two hosts claim one instance id: the second is refused with a clear
+/// error, the first keeps its session, the instance shows the conflict,
+/// and the log says so once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_instance_id_is_refused_and_does_not_storm() {
+    use duofleet_proto::v1::GetInstanceRequest;
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let rb = dir.path().join("gitlab.rb");
+    std::fs::write(&rb, "").unwrap();
+    let agent = duofleet_tests::agent::Agent::start(
+        &daemon,
+        "gitlab-a",
+        dir.path(),
+        &["--gitlab-rb".into(), rb.display().to_string()],
+    );
+    let first = crate::wait_instance(&mut c, "gitlab-a", "connected", |i| i.connected).await;
+    let claim = || Hello {
+        instance_id: "gitlab-a".into(),
+        hostname: "web-02".into(),
+        ..Default::default()
+    };
+    for _ in 0..20 {
+        let refused = say_hello(&daemon, claim()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+        assert_eq!(
+            refused.message(),
+            format!(
+                "instance \"gitlab-a\" is already connected from host {:?}; two hosts claim the same instance id: give each its own --instance-id (this host, \"web-02\", was refused)",
+                first.hostname
+            )
+        );
+    }
+    let now = c
+        .fleet
+        .get_instance(GetInstanceRequest {
+            instance_id: "gitlab-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(now.connected && now.hostname == first.hostname);
+    assert!(
+        now.conflict
+            .contains("host \"web-02\" claimed this instance id"),
+        "{}",
+        now.conflict
+    );
+    assert!(now.conflict_time.is_some());
+    let warnings = daemon
+        .log()
+        .matches("two hosts claim the same instance id")
+        .count();
+    assert_eq!(warnings, 1, "{}", daemon.log());
+    assert!(
+        !agent.log().contains("connected again"),
+        "the first agent was kicked: {}",
+        agent.log()
+    );
+}
