@@ -74,7 +74,10 @@ pub struct Args {
     #[arg(long, env = "DUOFLEET_HELM_COMMAND")]
     pub helm_command: Option<String>,
 
-    /// A label of this instance, KEY=VALUE; repeatable.
+    /// A label this instance reports, KEY=VALUE; repeatable. The control
+    /// plane takes them at the instance's first registration, as far as its
+    /// join token allows; afterwards operators set labels, and these are
+    /// only shown as reported.
     #[arg(long = "label", env = "DUOFLEET_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
 

@@ -197,6 +197,12 @@ impl Tokens {
         }
     }
 
+    /// The issued token called `name`.
+    pub fn token_named(&self, name: &str) -> Option<pb::Token> {
+        let issued = self.issued.read().unwrap_or_else(|e| e.into_inner());
+        issued.values().find(|t| t.name == name).cloned()
+    }
+
     /// The stored hash of the token called `name`.
     pub fn hash_of(&self, name: &str) -> Option<String> {
         let issued = self.issued.read().unwrap_or_else(|e| e.into_inner());

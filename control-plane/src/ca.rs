@@ -44,6 +44,10 @@ pub struct IssuedCert {
     pub instance_id: String,
     #[prost(message, optional, tag = "2")]
     pub not_after: Option<prost_types::Timestamp>,
+    /// What the token it was enrolled with lets it set at first
+    /// registration; unset: every key (the default enroll token).
+    #[prost(message, optional, tag = "3")]
+    pub grant: Option<crate::labels::LabelGrant>,
 }
 
 pub struct CertAuthority {
@@ -114,7 +118,12 @@ impl CertAuthority {
 
     /// Signs a client certificate for `instance_id` from the agent's CSR
     /// (only its public key is taken) and remembers it.
-    pub fn sign(&self, instance_id: &str, csr_pem: &str) -> Result<(String, SystemTime), CaError> {
+    pub fn sign(
+        &self,
+        instance_id: &str,
+        csr_pem: &str,
+        grant: Option<crate::labels::LabelGrant>,
+    ) -> Result<(String, SystemTime), CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let now = SystemTime::now();
@@ -138,6 +147,7 @@ impl CertAuthority {
         let record = IssuedCert {
             instance_id: instance_id.to_string(),
             not_after: Some(not_after.into()),
+            grant,
         };
         let fingerprint = fingerprint(cert.der());
         self.store.put_cert(&fingerprint, &record)?;
@@ -155,6 +165,17 @@ impl CertAuthority {
             .unwrap_or_else(|e| e.into_inner())
             .get(&fingerprint(der))
             .map(|c| c.instance_id.clone())
+    }
+
+    /// The label grant of the newest certificate of `instance_id`.
+    pub fn grant_of(&self, instance_id: &str) -> Option<crate::labels::LabelGrant> {
+        self.issued
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|c| c.instance_id == instance_id)
+            .max_by_key(|c| c.not_after.map(|t| (t.seconds, t.nanos)))
+            .and_then(|c| c.grant.clone())
     }
 
     /// Whether `instance_id` holds a certificate that is in force.

@@ -32,6 +32,7 @@ pub mod fleet_health;
 pub mod fsutil;
 pub mod grpc;
 pub mod http;
+pub mod labels;
 pub mod metrics;
 pub mod refusals;
 pub mod registry;

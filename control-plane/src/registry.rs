@@ -4,18 +4,19 @@
 //! a newer connection with the same instance id) are ignored.
 
 use crate::effective::Labels;
+use crate::labels::LabelGrant;
 use crate::metrics::{self, Metrics};
 use crate::store::{Store, StoreError};
 use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
     Ack, AckResult, DriftReport, FleetEvent, HealthReport, Hello, Instance, InstanceEvent,
-    SyncState,
+    LabelsChanged, SyncState,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 
 /// How many health state changes an instance keeps.
 const HEALTH_TRANSITIONS: usize = 100;
@@ -34,6 +35,10 @@ struct Entry {
     dirty: bool,
     /// The host last warned about for claiming this instance id.
     warned_conflict: Option<String>,
+    /// Tells the live session when an operator changes the labels.
+    labels_tx: Option<watch::Sender<Labels>>,
+    /// A DesiredConfig was sent and not acked yet.
+    awaiting_ack: bool,
 }
 
 /// One agent connection, as the registry knows it.
@@ -42,6 +47,9 @@ pub struct Session {
     pub id: u64,
     /// Resolves when this session must end (replaced or deleted).
     pub kicked: oneshot::Receiver<()>,
+    /// The instance's labels, which decide its profile: they change when
+    /// an operator changes them.
+    pub labels: watch::Receiver<Labels>,
 }
 
 pub struct Registry {
@@ -96,6 +104,8 @@ impl Registry {
                     pushed: None,
                     dirty: false,
                     warned_conflict: None,
+                    labels_tx: None,
+                    awaiting_ack: false,
                 };
                 (entry.instance.instance_id.clone(), entry)
             })
@@ -117,7 +127,9 @@ impl Registry {
 
     /// Registers (or updates) the instance of a new agent connection. An
     /// older connection for the same instance is told to end.
-    pub fn connect(&self, hello: &Hello) -> Result<Session, Refused> {
+    /// `grant` is what the token that admitted the agent lets its Hello set
+    /// at the instance's first registration.
+    pub fn connect(&self, hello: &Hello, grant: &LabelGrant) -> Result<Session, Refused> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (kick, kicked) = oneshot::channel();
         let mut entries = self.lock();
@@ -151,6 +163,7 @@ impl Registry {
             entry.dirty = true;
             return Err(refused);
         }
+        let first = !entries.contains_key(&hello.instance_id);
         let entry = entries
             .entry(hello.instance_id.clone())
             .or_insert_with(|| Entry {
@@ -165,6 +178,8 @@ impl Registry {
                 pushed: None,
                 dirty: false,
                 warned_conflict: None,
+                labels_tx: None,
+                awaiting_ack: false,
             });
         if let Some(old) = entry.kick.take() {
             let _ = old.send(());
@@ -175,6 +190,7 @@ impl Registry {
         // (it is sent what it is behind on, and reports drift again).
         entry.failed = false;
         entry.drifted = false;
+        entry.awaiting_ack = false;
         let instance = &mut entry.instance;
         let stale = instance
             .conflict_time
@@ -187,7 +203,13 @@ impl Registry {
         }
         instance.hostname = hello.hostname.clone();
         instance.deployment = hello.deployment;
-        instance.labels = hello.labels.clone();
+        // Labels are the control plane's: the Hello's are a claim, taken
+        // once, at first registration, as far as the token allows.
+        if first {
+            instance.labels = grant.apply(&hello.labels);
+            tracing::info!(instance = %hello.instance_id, labels = ?instance.labels, reported = ?hello.labels, "instance registered");
+        }
+        instance.reported_labels = hello.labels.clone();
         instance.agent_version = hello.agent_version.clone();
         instance.gitlab_version = hello.gitlab_version.clone();
         instance.applied_revision = hello.applied_revision;
@@ -207,19 +229,26 @@ impl Registry {
         }
         instance.connected = true;
         self.updated(entry, Some(Event::InstanceConnected));
+        let (labels_tx, labels) = watch::channel(entry.instance.labels.clone());
+        entry.labels_tx = Some(labels_tx);
         Ok(Session {
             instance_id: hello.instance_id.clone(),
             id,
             kicked,
+            labels,
         })
     }
 
     /// The profile the instance matched and the revision it should reach.
-    pub fn set_desired(&self, session: &Session, profile: &str, desired_revision: u64) {
+    /// `sent`: a DesiredConfig went out, which the agent must ack before
+    /// the instance is SYNCED again, even at the same revision (a relabel
+    /// changes what an instance gets without a new revision).
+    pub fn set_desired(&self, session: &Session, profile: &str, desired_revision: u64, sent: bool) {
         self.with_session(session, None, |entry| {
             entry.instance.profile = profile.to_string();
             entry.instance.desired_revision = desired_revision;
-            if desired_revision != entry.instance.applied_revision {
+            if sent {
+                entry.awaiting_ack = true;
                 entry.pushed = Some((desired_revision, Instant::now()));
             }
         });
@@ -237,6 +266,9 @@ impl Registry {
             {
                 self.metrics.push_to_ack(at.elapsed());
                 entry.pushed = None;
+            }
+            if ack.revision >= entry.instance.desired_revision {
+                entry.awaiting_ack = false;
             }
             if ack.gitlab_sync.is_some() {
                 entry.instance.gitlab_sync = ack.gitlab_sync.clone();
@@ -332,6 +364,34 @@ impl Registry {
     }
 
     /// Forgets an instance and ends its connection. Returns whether it existed.
+    /// An operator sets an instance's labels; its live session, if any,
+    /// follows at once. `None` when there is no such instance.
+    pub fn update_labels(
+        &self,
+        instance_id: &str,
+        labels: Labels,
+        actor: &str,
+    ) -> Option<Instance> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(instance_id)?;
+        let old = std::mem::replace(&mut entry.instance.labels, labels.clone());
+        if let Some(tx) = &entry.labels_tx {
+            let _ = tx.send(labels.clone());
+        }
+        entry.dirty = true;
+        tracing::info!(instance = %instance_id, %actor, old = ?old, new = ?labels, "instance labels changed");
+        let _ = self.events.send(FleetEvent {
+            time: Some(SystemTime::now().into()),
+            event: Some(Event::LabelsChanged(LabelsChanged {
+                instance_id: instance_id.to_string(),
+                actor: actor.to_string(),
+                old_labels: old,
+                new_labels: labels,
+            })),
+        });
+        Some(entry.instance.clone())
+    }
+
     pub fn delete(&self, instance_id: &str) -> Result<bool, StoreError> {
         let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let Some(mut entry) = self.lock().remove(instance_id) else {
@@ -448,7 +508,7 @@ impl Registry {
             SyncState::Drifted
         } else if entry.failed {
             SyncState::Failed
-        } else if instance.applied_revision >= instance.desired_revision {
+        } else if instance.applied_revision >= instance.desired_revision && !entry.awaiting_ack {
             SyncState::Synced
         } else {
             SyncState::Pending
@@ -506,10 +566,13 @@ mod tests {
             ..Default::default()
         };
         let session = registry
-            .connect(&Hello {
-                gitlab_sync: Some(on("on: https://gitlab")),
-                ..hello("gitlab-a")
-            })
+            .connect(
+                &Hello {
+                    gitlab_sync: Some(on("on: https://gitlab")),
+                    ..hello("gitlab-a")
+                },
+                &LabelGrant::all(),
+            )
             .unwrap();
         let item = SyncItem {
             kind: "model".into(),
@@ -531,20 +594,26 @@ mod tests {
         );
         registry.disconnect(&session);
         registry
-            .connect(&Hello {
-                gitlab_sync: Some(on("on: https://gitlab")),
-                ..hello("gitlab-a")
-            })
+            .connect(
+                &Hello {
+                    gitlab_sync: Some(on("on: https://gitlab")),
+                    ..hello("gitlab-a")
+                },
+                &LabelGrant::all(),
+            )
             .unwrap();
         let sync = registry.get("gitlab-a").unwrap().gitlab_sync.unwrap();
         assert_eq!((sync.items, sync.applied_revision), (vec![item], 4));
         assert_eq!(sync.detail, "GitLab 18.9.0-ee");
         // Turned off on the agent: nothing of the old sync is shown.
         registry
-            .connect(&Hello {
-                gitlab_sync: Some(GitLabSync::default()),
-                ..hello("gitlab-a")
-            })
+            .connect(
+                &Hello {
+                    gitlab_sync: Some(GitLabSync::default()),
+                    ..hello("gitlab-a")
+                },
+                &LabelGrant::all(),
+            )
             .unwrap();
         assert!(
             registry
@@ -561,14 +630,18 @@ mod tests {
     fn changed_instances_are_saved_in_one_batch_and_deleted_ones_stay_gone() {
         let dir = tempfile::tempdir().unwrap();
         let registry = registry(dir.path());
-        let _a = registry.connect(&hello("gitlab-a")).unwrap();
-        let b = registry.connect(&hello("gitlab-b")).unwrap();
+        let _a = registry
+            .connect(&hello("gitlab-a"), &LabelGrant::all())
+            .unwrap();
+        let b = registry
+            .connect(&hello("gitlab-b"), &LabelGrant::all())
+            .unwrap();
         // Nothing reaches the store until the saver runs.
         assert!(registry.store.load_instances().unwrap().is_empty());
         assert_eq!(registry.save_changed().unwrap(), 2);
         assert_eq!(registry.save_changed().unwrap(), 0, "nothing changed since");
 
-        registry.set_desired(&b, "default", 5);
+        registry.set_desired(&b, "default", 5, true);
         assert!(registry.delete("gitlab-b").unwrap());
         // gitlab-b changed before its deletion: the next save must not
         // bring it back.

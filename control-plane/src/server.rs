@@ -320,7 +320,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(tonic::service::interceptor::InterceptedService::new(
             // Larger messages are refused before they are read; the limits
             // per field are in agent_input.
-            AgentServiceServer::new(AgentApi::new(store.clone(), registry.clone(), shutdown_rx.clone()))
+            AgentServiceServer::new(AgentApi::new(store.clone(), registry.clone(), ca.clone(), shutdown_rx.clone()))
                 .max_decoding_message_size(crate::agent_input::DECODE_MAX_BYTES),
             agent_auth,
         ))

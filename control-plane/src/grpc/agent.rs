@@ -10,7 +10,9 @@
 
 use super::{AgentIdentity, status};
 use crate::agent_input;
+use crate::ca::CertAuthority;
 use crate::effective::{self, Labels};
+use crate::labels::LabelGrant;
 use crate::registry::{Refused, Registry, Session};
 use crate::store::Store;
 use duofleet_proto::v1::agent_message::Message;
@@ -31,6 +33,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AgentApi {
     store: Arc<Store>,
     registry: Arc<Registry>,
+    ca: Arc<CertAuthority>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -38,11 +41,13 @@ impl AgentApi {
     pub fn new(
         store: Arc<Store>,
         registry: Arc<Registry>,
+        ca: Arc<CertAuthority>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         AgentApi {
             store,
             registry,
+            ca,
             shutdown,
         }
     }
@@ -88,9 +93,16 @@ impl AgentService for AgentApi {
                 hello.instance_id
             )));
         }
+        // What the token that admitted this agent lets it set: the grant
+        // of its certificate's enrollment, or every key for the default
+        // enroll token.
+        let grant = match &identity {
+            Some(AgentIdentity(instance)) => self.ca.grant_of(instance).unwrap_or_default(),
+            None => LabelGrant::all(),
+        };
         let session = self
             .registry
-            .connect(&hello)
+            .connect(&hello, &grant)
             .map_err(|refused| match refused {
                 Refused::Full(_) => {
                     tracing::warn!(instance = %hello.instance_id, %refused, "agent refused");
@@ -105,7 +117,6 @@ impl AgentService for AgentApi {
             store: self.store.clone(),
             registry: self.registry.clone(),
             shutdown: self.shutdown.clone(),
-            labels: hello.labels.clone(),
             outbound,
         };
         tokio::spawn(run.run(session, hello.applied_revision, inbound));
@@ -125,7 +136,6 @@ struct SessionTask {
     store: Arc<Store>,
     registry: Arc<Registry>,
     shutdown: watch::Receiver<bool>,
-    labels: Labels,
     outbound: mpsc::Sender<Result<ControlMessage, Status>>,
 }
 
@@ -140,11 +150,12 @@ impl SessionTask {
         let stopped = until_stopped(self.shutdown.clone());
         tokio::pin!(stopped);
         let config = configs.borrow_and_update().clone();
-        let mut last = effective::desired_config(&config, &self.labels);
+        let mut labels: Labels = session.labels.borrow_and_update().clone();
+        let mut last = effective::desired_config(&config, &labels);
         // Behind (or from another history): send. Otherwise it has it all.
         let alive = if applied_revision == config.revision {
             self.registry
-                .set_desired(&session, &last.profile, applied_revision);
+                .set_desired(&session, &last.profile, applied_revision, false);
             true
         } else {
             self.send(&session, &last).await
@@ -157,7 +168,22 @@ impl SessionTask {
                             break;
                         }
                         let config = configs.borrow_and_update().clone();
-                        let desired = effective::desired_config(&config, &self.labels);
+                        let desired = effective::desired_config(&config, &labels);
+                        if !effective::same_content(&desired, &last) {
+                            last = desired;
+                            if !self.send(&session, &last).await {
+                                break;
+                            }
+                        }
+                    }
+                    // An operator relabelled the instance: its profile may change.
+                    changed = session.labels.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        labels = session.labels.borrow_and_update().clone();
+                        let config = configs.borrow().clone();
+                        let desired = effective::desired_config(&config, &labels);
                         if !effective::same_content(&desired, &last) {
                             last = desired;
                             if !self.send(&session, &last).await {
@@ -195,7 +221,7 @@ impl SessionTask {
 
     async fn send(&self, session: &Session, desired: &DesiredConfig) -> bool {
         self.registry
-            .set_desired(session, &desired.profile, desired.revision);
+            .set_desired(session, &desired.profile, desired.revision, true);
         // Per agent and change: debug, or a fleet's rollout floods the log.
         tracing::debug!(instance = %session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
         let message = ControlMessage {

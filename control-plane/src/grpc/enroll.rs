@@ -4,6 +4,7 @@ use super::{AgentIdentity, blocking, caller, status};
 use crate::auth::{Role, Tokens};
 use crate::ca::{CaError, CertAuthority};
 use crate::error::ConfigError;
+use crate::labels::LabelGrant;
 use crate::store::{Store, StoredToken};
 use crate::validate;
 use duofleet_proto::v1::enrollment_service_server::EnrollmentService;
@@ -56,6 +57,7 @@ impl EnrollApi {
         &self,
         instance_id: String,
         csr_pem: String,
+        grant: Option<LabelGrant>,
     ) -> Result<Response<EnrollResponse>, Status> {
         if !self.tls {
             return Err(status(
@@ -67,15 +69,15 @@ impl EnrollApi {
         }
         let ca = self.ca.clone();
         let id = instance_id.clone();
-        let (certificate_pem, not_after) = blocking(move || ca.sign(&id, &csr_pem))
+        let (certificate_pem, not_after) = blocking(move || ca.sign(&id, &csr_pem, grant))
             .await?
             .map_err(|e| match e {
-                CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
-                other => {
-                    tracing::error!(error = %other, "cannot issue a certificate");
-                    Status::internal("cannot issue a certificate; see the duofleetd log")
-                }
-            })?;
+            CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
+            other => {
+                tracing::error!(error = %other, "cannot issue a certificate");
+                Status::internal("cannot issue a certificate; see the duofleetd log")
+            }
+        })?;
         tracing::info!(instance = %instance_id, not_after = ?not_after, "client certificate issued");
         Ok(Response::new(EnrollResponse {
             certificate_pem,
@@ -111,10 +113,20 @@ impl EnrollmentService for EnrollApi {
                 "instance {id:?} is already enrolled and holds a valid certificate; an operator must delete it (FleetService/DeleteInstance) or re-enroll it with an admin token"
             )));
         }
+        // A join token passes on what it allows of labels; the default
+        // enroll token (and an operator) allow every key.
+        let grant = match who.role {
+            Role::Join => self.tokens.token_named(&who.name).map(|t| LabelGrant {
+                fixed: t.labels,
+                allowed_keys: t.allowed_label_keys,
+            }),
+            _ => None,
+        };
         if who.role == Role::Join {
             self.consume(&who.name).await?;
         }
-        self.issue(request.instance_id, request.csr_pem).await
+        self.issue(request.instance_id, request.csr_pem, grant)
+            .await
     }
 
     async fn renew(
@@ -127,6 +139,9 @@ impl EnrollmentService for EnrollApi {
                 "Renew needs the agent's current client certificate",
             ));
         };
-        self.issue(instance_id, request.into_inner().csr_pem).await
+        // Renewal keeps what the first enrollment granted.
+        let grant = self.ca.grant_of(&instance_id);
+        self.issue(instance_id, request.into_inner().csr_pem, grant)
+            .await
     }
 }

@@ -13,7 +13,7 @@ use duofleet_proto::v1::fleet_service_server::FleetService;
 use duofleet_proto::v1::{
     DeleteInstanceRequest, FleetEvent, FleetHealth, GetFleetHealthRequest, GetInstanceRequest,
     Instance, ListInstancesRequest, ListInstancesResponse, Revision, RevisionCreated,
-    WatchFleetRequest,
+    UpdateInstanceRequest, WatchFleetRequest,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -88,6 +88,27 @@ impl FleetService for FleetApi {
             .get(id)
             .map(Response::new)
             .ok_or_else(|| no_instance(id))
+    }
+
+    async fn update_instance(
+        &self,
+        request: Request<UpdateInstanceRequest>,
+    ) -> Result<Response<Instance>, Status> {
+        let caller = super::writer(&request, "change instances")?;
+        let request = request.into_inner();
+        let instance = super::required(request.instance, "instance")?;
+        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths != ["labels"] {
+            return Err(Status::invalid_argument(format!(
+                "update_mask: must be exactly [\"labels\"], the only field operators set on an instance (got {paths:?})"
+            )));
+        }
+        validate::selector("instance.labels", &instance.labels).map_err(|e| status(e.into()))?;
+        let updated = self
+            .registry
+            .update_labels(&instance.instance_id, instance.labels, &caller.name)
+            .ok_or_else(|| no_instance(&instance.instance_id))?;
+        Ok(Response::new(updated))
     }
 
     async fn delete_instance(

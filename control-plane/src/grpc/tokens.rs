@@ -65,6 +65,21 @@ impl TokenService for TokenApi {
         if request.max_uses > 0 && request.role() != Role::Join {
             return Err(invalid("max_uses", "only for ROLE_JOIN tokens"));
         }
+        if request.role() != Role::Join
+            && !(request.labels.is_empty() && request.allowed_label_keys.is_empty())
+        {
+            return Err(invalid(
+                "labels",
+                "labels and allowed_label_keys are only for ROLE_JOIN tokens",
+            ));
+        }
+        validate::selector("labels", &request.labels).map_err(|e| status(e.into()))?;
+        let keys = request
+            .allowed_label_keys
+            .iter()
+            .map(|k| (k.clone(), String::new()))
+            .collect();
+        validate::selector("allowed_label_keys", &keys).map_err(|e| status(e.into()))?;
         let now = SystemTime::now();
         let expire_time = match request.ttl {
             None => None,
@@ -85,6 +100,8 @@ impl TokenService for TokenApi {
             expire_time,
             created_by: creator.name.clone(),
             uses_left: request.max_uses,
+            labels: request.labels.clone(),
+            allowed_label_keys: request.allowed_label_keys.clone(),
         };
         let secret = Tokens::new_secret()
             .map_err(|e| Status::internal(format!("cannot make a secret: {e}")))?;

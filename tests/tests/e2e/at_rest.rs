@@ -3,7 +3,7 @@
 
 use crate::{contains, create_model, raw_files};
 use duofleet_proto::v1::{
-    Model, Profile, RollbackRequest, UpdateModelRequest, UpdateProfileRequest,
+    GetRevisionRequest, Model, Profile, RollbackRequest, UpdateModelRequest, UpdateProfileRequest,
 };
 use duofleet_tests::agent::Agent;
 use duofleet_tests::endpoints::Endpoint;
@@ -127,12 +127,35 @@ async fn api_keys_are_sealed_on_disk_and_survive_a_key_rotation() {
     .collect();
     let _agent = Agent::start(&daemon, "gitlab-a", dir.path(), &args);
     wait_for_bearer(&endpoint, SECOND_KEY).await;
+    // History re-sealed under the new key still opens (GetRevision rebuilds
+    // the configuration at revision 1, unsealing its key) ...
     let mut c = daemon.clients().await;
-    c.history
+    let first = c
+        .history
+        .get_revision(GetRevisionRequest { revision: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.models[0].has_api_key);
+    // ... but a rollback never brings the first key back.
+    let rollback = c
+        .history
         .rollback(RollbackRequest { revision: 2 })
         .await
-        .unwrap();
-    wait_for_bearer(&endpoint, FIRST_KEY).await;
+        .unwrap()
+        .into_inner();
+    assert_eq!(rollback.revision, 4);
+    endpoint.behaviour.lock().unwrap().authorizations.clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while endpoint.behaviour.lock().unwrap().authorizations.len() < 3 {
+        assert!(Instant::now() < deadline, "the model is no longer probed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = endpoint.behaviour.lock().unwrap().authorizations.clone();
+    assert!(
+        !seen.contains(&format!("Bearer {FIRST_KEY}")),
+        "a rollback restored the old key: {seen:?}"
+    );
 }
 
 async fn wait_for_bearer(endpoint: &Endpoint, key: &str) {

@@ -404,6 +404,9 @@ async fn a_join_token_enrolls_as_many_agents_as_it_allows() {
                 nanos: 0,
             }),
             max_uses: 1,
+            // What it grants its agents: ring is fixed, region may be set.
+            labels: [("ring".to_string(), "stable".to_string())].into(),
+            allowed_label_keys: vec!["region".into()],
         })
         .await
         .unwrap()
@@ -412,9 +415,34 @@ async fn a_join_token_enrolls_as_many_agents_as_it_allows() {
     let token_file = tls.root.join("rack-7.token");
     std::fs::write(&token_file, &join.secret).unwrap();
     let token_arg = token_file.display().to_string();
-    let _first = tls.agent("gitlab-a", &["--enroll-token-file", &token_arg]);
+    let _first = tls.agent(
+        "gitlab-a",
+        &[
+            "--enroll-token-file",
+            &token_arg,
+            "--label",
+            "ring=canary",
+            "--label",
+            "region=eu",
+            "--label",
+            "team=web",
+        ],
+    );
     let revision = set_gateway(&mut c, "https://aigw.example.com").await;
-    wait_synced(&mut c, "gitlab-a", revision).await;
+    let registered = wait_synced(&mut c, "gitlab-a", revision).await;
+    let pairs = |list: &[(&str, &str)]| {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        registered.labels,
+        pairs(&[("region", "eu"), ("ring", "stable")])
+    );
+    assert_eq!(
+        registered.reported_labels,
+        pairs(&[("region", "eu"), ("ring", "canary"), ("team", "web")])
+    );
 
     let mut second = tls.agent("gitlab-b", &["--enroll-token-file", &token_arg]);
     assert!(!second.wait_exit(WAIT).success());

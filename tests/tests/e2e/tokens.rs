@@ -19,7 +19,7 @@ fn create(name: &str, role: Role, ttl: Option<prost_types::Duration>) -> CreateT
         name: name.into(),
         role: role as i32,
         ttl,
-        max_uses: 0,
+        ..Default::default()
     }
 }
 

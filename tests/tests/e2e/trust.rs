@@ -197,3 +197,200 @@ async fn a_duplicate_instance_id_is_refused_and_does_not_storm() {
         agent.log()
     );
 }
+
+/// Two profiles with their own model and key: default and canary.
+async fn two_profiles(c: &mut duofleet_tests::Clients) -> u64 {
+    use duofleet_proto::v1::{CreateModelRequest, CreateProfileRequest, Model, Profile};
+    use duofleet_tests::mk;
+    for (name, key) in [
+        ("default-model", "sk-default"),
+        ("canary-model", "sk-canary-secret"),
+    ] {
+        c.models
+            .create_model(CreateModelRequest {
+                model: Some(Model {
+                    api_key: key.into(),
+                    ..mk::model(name)
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    c.profiles
+        .set_feature_setting(duofleet_proto::v1::SetFeatureSettingRequest {
+            profile: String::new(),
+            setting: Some(mk::self_hosted("duo_chat", "default-model")),
+        })
+        .await
+        .unwrap();
+    c.profiles
+        .create_profile(CreateProfileRequest {
+            profile: Some(Profile {
+                selector: [("ring".to_string(), "canary".to_string())].into(),
+                priority: 10,
+                features: vec![mk::self_hosted("duo_chat", "canary-model")],
+                ..mk::profile("canary")
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
+/// What the agent received last, raw: API keys included.
+fn received(agent: &duofleet_tests::agent::Agent) -> String {
+    String::from_utf8_lossy(&std::fs::read(agent.state_dir.join("desired.pb")).unwrap_or_default())
+        .into_owned()
+}
+
+/// An enrolled host that says `ring: canary` in its Hello does not get the
+/// canary profile's keys; an operator's relabel moves it, and the fleet
+/// stream shows who did it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_belong_to_the_control_plane() {
+    use duofleet_proto::v1::fleet_event::Event;
+    use duofleet_proto::v1::{Instance, UpdateInstanceRequest};
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let revision = two_profiles(&mut c).await;
+    let rb = dir.path().join("gitlab.rb");
+    std::fs::write(&rb, "").unwrap();
+    let args = |labels: &[&str]| {
+        let mut args = vec![
+            "--gitlab-rb".to_string(),
+            rb.display().to_string(),
+            "--reconfigure-command".into(),
+            "true".into(),
+        ];
+        for label in labels {
+            args.push("--label".into());
+            args.push(label.to_string());
+        }
+        args
+    };
+    let mut agent =
+        duofleet_tests::agent::Agent::start(&daemon, "web-01", dir.path(), &args(&["ring=stable"]));
+    let first = crate::wait_synced(&mut c, "web-01", revision).await;
+    assert_eq!(first.profile, "default");
+    assert_eq!(
+        first.labels,
+        [("ring".to_string(), "stable".to_string())].into()
+    );
+
+    // The host claims canary: shown, not applied; no canary key reaches it.
+    agent.kill9();
+    let mut agent =
+        duofleet_tests::agent::Agent::start(&daemon, "web-01", dir.path(), &args(&["ring=canary"]));
+    let claimed = crate::wait_instance(&mut c, "web-01", "reported canary", |i| {
+        i.connected && i.reported_labels.get("ring").map(String::as_str) == Some("canary")
+    })
+    .await;
+    assert_eq!(
+        claimed.labels,
+        [("ring".to_string(), "stable".to_string())].into()
+    );
+    assert_eq!(claimed.profile, "default");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(received(&agent).contains("sk-default"));
+    assert!(
+        !received(&agent).contains("sk-canary-secret"),
+        "a self-chosen label leaked a key"
+    );
+
+    // A viewer cannot relabel; an admin can, and the instance follows.
+    let relabel = |labels: &[(&str, &str)]| UpdateInstanceRequest {
+        instance: Some(Instance {
+            instance_id: "web-01".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["labels".into()],
+        }),
+    };
+    let viewer = c
+        .tokens
+        .create_token(duofleet_proto::v1::CreateTokenRequest {
+            name: "dash".into(),
+            role: duofleet_proto::v1::Role::Viewer as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut as_viewer = duofleet_tests::Clients::new(daemon.channel().await, Some(viewer));
+    let denied = as_viewer
+        .fleet
+        .update_instance(relabel(&[("ring", "canary")]))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let bad_mask = c
+        .fleet
+        .update_instance(UpdateInstanceRequest {
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["hostname".into()],
+            }),
+            ..relabel(&[])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_mask.code(), Code::InvalidArgument);
+    assert!(
+        bad_mask
+            .message()
+            .starts_with("update_mask: must be exactly [\"labels\"]")
+    );
+
+    let mut events = crate::watch_fleet(&mut c).await;
+    let moved = c
+        .fleet
+        .update_instance(relabel(&[("ring", "canary")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        moved.labels,
+        [("ring".to_string(), "canary".to_string())].into()
+    );
+    let canary = crate::wait_instance(&mut c, "web-01", "canary", |i| {
+        i.profile == "canary" && i.sync_state() == duofleet_proto::v1::SyncState::Synced
+    })
+    .await;
+    assert_eq!(canary.applied_revision, revision);
+    assert!(received(&agent).contains("sk-canary-secret"));
+    let changed = loop {
+        let event = events.message().await.unwrap().unwrap();
+        if let Some(Event::LabelsChanged(changed)) = event.event {
+            break changed;
+        }
+    };
+    assert_eq!(changed.instance_id, "web-01");
+    assert_eq!(changed.actor, "admin");
+    assert_eq!(
+        changed.old_labels,
+        [("ring".to_string(), "stable".to_string())].into()
+    );
+    assert!(daemon.log().contains("instance labels changed"));
+
+    // Labels survive a daemon restart.
+    agent.kill9();
+    let data = daemon.data_dir().to_path_buf();
+    daemon.stop("TERM");
+    let daemon = duofleet_tests::Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    let mut agent =
+        duofleet_tests::agent::Agent::start(&daemon, "web-01", dir.path(), &args(&["ring=stable"]));
+    let back = crate::wait_instance(&mut c, "web-01", "back", |i| i.connected).await;
+    assert_eq!(
+        back.labels,
+        [("ring".to_string(), "canary".to_string())].into()
+    );
+    assert_eq!(back.profile, "canary");
+    agent.kill9();
+}
