@@ -46,9 +46,9 @@ impl Metrics {
 
     /// One finished RPC (for streams: the code at the response's start).
     pub fn rpc(&self, path: &str, code: i32) {
-        // Only our own and the standard services: a client cannot grow the
-        // label set with made-up paths.
-        let method = if path.starts_with("/duofleet.v1.") || path.starts_with("/grpc.") {
+        // Only methods this server has: a client cannot grow the label set
+        // with made-up paths.
+        let method = if KNOWN_METHODS.contains(path) {
             path
         } else {
             "other"
@@ -146,6 +146,32 @@ const CODES: [&str; 17] = [
     "DATA_LOSS",
     "UNAUTHENTICATED",
 ];
+
+/// Every gRPC method this server serves, as request paths: the duofleet.v1
+/// services (from the compiled contract), health and both reflections.
+static KNOWN_METHODS: std::sync::LazyLock<std::collections::HashSet<String>> =
+    std::sync::LazyLock::new(|| {
+        use prost::Message;
+        let mut known: std::collections::HashSet<String> = [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+        let set = prost_types::FileDescriptorSet::decode(duofleet_proto::FILE_DESCRIPTOR_SET)
+            .expect("the compiled descriptor set decodes");
+        for file in set.file.iter().filter(|f| f.package() == "duofleet.v1") {
+            for service in &file.service {
+                for method in &service.method {
+                    known.insert(format!("/duofleet.v1.{}/{}", service.name(), method.name()));
+                }
+            }
+        }
+        known
+    });
 
 /// Counts every gRPC request by method and the status it answered with.
 #[derive(Clone)]
@@ -249,6 +275,24 @@ pub fn gauge(out: &mut String, name: &str, help: &str, values: &[(&str, u64)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_served_methods_get_a_label() {
+        let metrics = Metrics::default();
+        metrics.rpc("/duofleet.v1.ModelService/CreateModel", 0);
+        for i in 0..100 {
+            metrics.rpc(&format!("/duofleet.v1.ModelService/Made{i}"), 12);
+            metrics.rpc(&format!("/grpc.health.v1.Health/Nope{i}"), 12);
+        }
+        let rpcs = metrics.rpcs.lock().unwrap();
+        let methods: std::collections::BTreeSet<&str> =
+            rpcs.keys().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(
+            methods,
+            ["/duofleet.v1.ModelService/CreateModel", "other"].into()
+        );
+        assert_eq!(rpcs[&("other".to_string(), 12)], 200);
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {
