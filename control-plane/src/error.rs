@@ -40,3 +40,15 @@ pub fn quoted(value: &str) -> String {
         format!("{head:?}…")
     }
 }
+
+/// An error and its causes on one line, for the log.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

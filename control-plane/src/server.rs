@@ -56,8 +56,16 @@ const FLOW_WINDOW_BYTES: u32 = 64 * 1024;
 #[derive(Debug, Parser)]
 #[command(name = "duofleetd", version)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Directory for the sled database and admin.token.
-    #[arg(long, env = "DUOFLEET_DATA_DIR", default_value = "./duofleet-data")]
+    #[arg(
+        long,
+        env = "DUOFLEET_DATA_DIR",
+        default_value = "./duofleet-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
 
     /// gRPC address for operators and agents.
@@ -118,7 +126,7 @@ pub struct Args {
 
     /// The key that seals API keys at rest (64 hex characters). Default:
     /// DATA_DIR/secret.key, made on first start.
-    #[arg(long, env = "DUOFLEET_SECRET_KEY_FILE")]
+    #[arg(long, env = "DUOFLEET_SECRET_KEY_FILE", global = true)]
     pub secret_key_file: Option<PathBuf>,
 
     /// During a key rotation: the old key, to re-seal everything under the new one.
@@ -141,10 +149,72 @@ impl Args {
     /// Parses the command line and runs the daemon until a signal stops it.
     pub fn parse_and_run() -> Result<(), Box<dyn Error>> {
         let args = Args::parse();
+        if let Some(Command::Check) = args.command {
+            return check(&args);
+        }
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
             .block_on(run(args))
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Verify every record and revision of a stopped daemon's data dir, like
+    /// fsck: exits 0 when all is sound, 1 with each problem listed.
+    Check,
+}
+
+/// The newest acknowledged revision, outside sled's files.
+pub const HIGH_WATER_FILE: &str = "revision.hwm";
+
+/// `duofleetd check`: prints what it read and every problem; fails on any.
+fn check(args: &Args) -> Result<(), Box<dyn Error>> {
+    let db_path = args.data_dir.join("db");
+    if !db_path.exists() {
+        return Err(format!("{} does not exist: no database to check", db_path.display()).into());
+    }
+    let key_path = args
+        .secret_key_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("secret.key"));
+    let key = secrets::load_key(&key_path, false).map_err(|source| StartError::SecretKey {
+        path: key_path.clone(),
+        source,
+    })?;
+    let high_water = args.data_dir.join(HIGH_WATER_FILE);
+    let store = Store::open_for_check(
+        &db_path,
+        Some(&high_water),
+        catalog::get(),
+        Sealer::new(&key, None),
+    )
+    .map_err(|source| StartError::Database {
+        path: db_path.clone(),
+        source,
+    })?;
+    let report = store.check();
+    for damage in &report.damage {
+        println!("DAMAGED {}: {}", damage.what, damage.detail);
+    }
+    println!(
+        "checked {}: current revision {}, {} revision records, {} records; {} problem(s)",
+        args.data_dir.display(),
+        report.revision,
+        report.revisions,
+        report.records,
+        report.damage.len()
+    );
+    if report.damage.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} problem(s) in {}; restore the data dir from a backup (see the README, \"Failure modes\")",
+            report.damage.len(),
+            args.data_dir.display()
+        )
+        .into())
     }
 }
 
@@ -211,11 +281,14 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         );
     let sealer = sealer(&args)?;
     let db_path = args.data_dir.join("db");
+    let high_water = args.data_dir.join(HIGH_WATER_FILE);
     let store = Arc::new(
-        Store::open(&db_path, catalog::get(), sealer).map_err(|source| StartError::Database {
-            path: db_path.clone(),
-            source,
-        })?,
+        Store::open_guarded(&db_path, Some(&high_water), catalog::get(), sealer).map_err(
+            |source| StartError::Database {
+                path: db_path.clone(),
+                source,
+            },
+        )?,
     );
 
     let registry = Arc::new(

@@ -24,7 +24,7 @@ use crate::auth::{AuthError, Caller, Tokens};
 use crate::ca::CertAuthority;
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::error::ConfigError;
+use crate::error::{ConfigError, error_chain};
 use crate::store::{Commit, Store, StoreError};
 use duofleet_proto::v1::Model;
 use std::sync::Arc;
@@ -57,17 +57,6 @@ fn auth_status(error: AuthError) -> Status {
             Status::permission_denied(error.to_string())
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The interceptor in front of every service but health and reflection:

@@ -176,3 +176,93 @@ async fn a_backup_taken_while_running_restores_that_revision() {
     );
     assert_eq!(revision_numbers(&mut c).await, [2, 1]);
 }
+
+/// `duofleetd check` on a data dir; (exit code, stdout, stderr).
+fn check(data: &std::path::Path) -> (i32, String, String) {
+    let output = std::process::Command::new(duofleet_tests::bin("duofleetd"))
+        .arg("check")
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Lost database files once made duofleetd start empty at revision 0 and
+/// reuse revision 1. Against the acknowledged revision it now refuses, and
+/// says how to restore; `check` finds the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_database_files_are_refused_never_started_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    for i in 0..5 {
+        create_model(&mut c, mk::model(&format!("model-{i}"))).await;
+    }
+    assert!(daemon.stop("TERM").success());
+    let (code, out, err) = check(&data);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("current revision 5, 5 revision records"),
+        "{out}"
+    );
+    assert!(out.contains("0 problem(s)"), "{out}");
+
+    // The database goes missing (a bad restore, a wiped volume).
+    std::fs::remove_dir_all(data.join("db")).unwrap();
+    let refused = std::process::Command::new(duofleet_tests::bin("duofleetd"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("the database holds revision 0, but revision 5 was acknowledged")
+            && stderr.contains("Restore the data dir from a backup"),
+        "{stderr}"
+    );
+    // Nothing was written in its place.
+    let (code, out, _) = check(&data);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains(
+            "DAMAGED revision.hwm: revision 5 was acknowledged, but the database holds only 0"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("DAMAGED meta: no schema version"), "{out}");
+}
+
+/// Damage in the middle of the data file: the daemon or `check` says so;
+/// neither reports a sound database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_bytes_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    for i in 0..20 {
+        create_model(&mut c, mk::model(&format!("model-{i}"))).await;
+    }
+    assert!(daemon.stop("TERM").success());
+    let file = data.join("db").join("db");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 256] {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let (code, out, err) = check(&data);
+    assert_ne!(code, 0, "damage went unnoticed:\n{out}{err}");
+    assert!(
+        out.contains("DAMAGED") || err.contains("cannot open the database"),
+        "{out}{err}"
+    );
+}

@@ -21,6 +21,10 @@
 //! of revision records. Writers are serialised by one mutex: configuration
 //! changes are rare and small, and serialising them keeps "exactly one of 50
 //! concurrent creates wins" trivially true.
+//!
+//! After each commit the revision is also written to `DATA_DIR/revision.hwm`
+//! (`high_water`), outside sled's files: a database found behind it at start
+//! is refused, never served. `check` walks every record and revision.
 
 use crate::catalog::Catalog;
 use crate::config::{self, Config};
@@ -30,10 +34,15 @@ use duofleet_proto::v1::{self as pb, ChangeAction, Model, Profile, ResourceKind}
 use prost::Message;
 use sled::Transactional;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::{broadcast, watch};
+
+mod check;
+mod high_water;
+
+pub use check::{CheckReport, Damage};
 
 /// The on-disk layout version this binary writes. A newer database is
 /// refused; an older one is migrated at open. Version 2 seals API keys.
@@ -64,6 +73,21 @@ pub enum StoreError {
     SchemaTooNew { found: u32 },
     #[error(transparent)]
     Sealed(#[from] SealError),
+    #[error(
+        "the database holds revision {found}, but revision {acknowledged} was acknowledged (recorded in {}): database files are missing or an older copy was put in place. Restore the data dir from a backup (start duofleetd with --data-dir on the backup's directory), or, to accept the loss, delete {}",
+        .path.display(), .path.display()
+    )]
+    BehindAcknowledged {
+        found: u64,
+        acknowledged: u64,
+        path: PathBuf,
+    },
+    #[error("cannot record the acknowledged revision in {}", .path.display())]
+    HighWater {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A stored model or profile at one revision; neither set means deleted.
@@ -92,6 +116,8 @@ pub struct Commit {
 }
 
 pub struct Store {
+    /// `DATA_DIR/revision.hwm`: the newest acknowledged revision.
+    high_water: Option<PathBuf>,
     db: sled::Db,
     meta: sled::Tree,
     models: sled::Tree,
@@ -111,6 +137,59 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `dir` and loads the configuration.
     pub fn open(dir: &Path, catalog: &'static Catalog, sealer: Sealer) -> Result<Self, StoreError> {
+        Store::open_guarded(dir, None, catalog, sealer)
+    }
+
+    /// Opens the database and checks it against `high_water`, a file outside
+    /// sled's own that holds the newest acknowledged revision: a database
+    /// behind it (lost or replaced files) is refused before anything is
+    /// written to it.
+    pub fn open_guarded(
+        dir: &Path,
+        high_water: Option<&Path>,
+        catalog: &'static Catalog,
+        sealer: Sealer,
+    ) -> Result<Self, StoreError> {
+        let store = Store::open_sled(dir, high_water, catalog, sealer)?;
+        if let Some(path) = high_water {
+            let acknowledged = high_water::read(path)?;
+            let found = store.stored_revision()?;
+            if found < acknowledged {
+                return Err(StoreError::BehindAcknowledged {
+                    found,
+                    acknowledged,
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+        store.prepare()?;
+        let config = store.load()?;
+        store.record_high_water(config.revision)?;
+        store.current.send_replace(Arc::new(config));
+        Ok(store)
+    }
+
+    /// The newest revision the database itself records (0 when empty).
+    fn stored_revision(&self) -> Result<u64, StoreError> {
+        Ok(match self.meta.get(REVISION_KEY)? {
+            Some(raw) => u64::from_be_bytes(raw.as_ref().try_into().unwrap_or_default()),
+            None => 0,
+        })
+    }
+
+    fn record_high_water(&self, revision: u64) -> Result<(), StoreError> {
+        match &self.high_water {
+            Some(path) => high_water::write(path, revision),
+            None => Ok(()),
+        }
+    }
+
+    fn open_sled(
+        dir: &Path,
+        high_water: Option<&Path>,
+        catalog: &'static Catalog,
+        sealer: Sealer,
+    ) -> Result<Self, StoreError> {
         // The configuration is small and the fleet's instances live in the
         // registry's memory: sled's default 1 GiB page cache would only
         // hold copies of instance records (about 30 KiB per agent at 10,000).
@@ -133,22 +212,27 @@ impl Store {
             writer: Mutex::new(()),
             current: watch::Sender::new(Arc::new(Config::default())),
             revision_events: broadcast::Sender::new(256),
+            high_water: high_water.map(Path::to_path_buf),
         };
-        match store.meta.get(SCHEMA_KEY)? {
-            None => store.initialize()?,
+        Ok(store)
+    }
+
+    /// A new database gets its schema and the default profile; an older
+    /// one is migrated; a key rotation re-seals.
+    fn prepare(&self) -> Result<(), StoreError> {
+        match self.meta.get(SCHEMA_KEY)? {
+            None => self.initialize()?,
             Some(raw) => {
                 let found = u32::from_be_bytes(raw.as_ref().try_into().unwrap_or([0xff; 4]));
                 if found > SCHEMA_VERSION {
                     return Err(StoreError::SchemaTooNew { found });
                 }
-                if found < SCHEMA_VERSION || store.sealer.has_previous() {
-                    store.reseal_all()?;
+                if found < SCHEMA_VERSION || self.sealer.has_previous() {
+                    self.reseal_all()?;
                 }
             }
         }
-        let config = store.load()?;
-        store.current.send_replace(Arc::new(config));
-        Ok(store)
+        Ok(())
     }
 
     fn initialize(&self) -> Result<(), StoreError> {
@@ -229,10 +313,7 @@ impl Store {
     }
 
     fn load(&self) -> Result<Config, StoreError> {
-        let revision = match self.meta.get(REVISION_KEY)? {
-            Some(raw) => u64::from_be_bytes(raw.as_ref().try_into().unwrap_or_default()),
-            None => 0,
-        };
+        let revision = self.stored_revision()?;
         let models = load_tree::<Model>(&self.models, "model")?
             .into_iter()
             .map(|(name, model)| Ok((name, self.open_model(model)?)))
@@ -420,6 +501,12 @@ impl Store {
         // Durable before anyone hears of it: a revision number that was
         // published must never be reused after a crash.
         self.db.flush()?;
+        // Outside sled: a start on a database behind this is refused. The
+        // revision is durable already, so a failure here only weakens that
+        // guard; it is logged, and the commit stands.
+        if let Err(error) = self.record_high_water(record.revision) {
+            tracing::error!(error = %crate::error::error_chain(&error), "cannot record the acknowledged revision");
+        }
         let config = Arc::new(new);
         self.current.send_replace(config.clone());
         let _ = self.revision_events.send(record.clone());
