@@ -41,6 +41,9 @@ pub struct Applier {
     /// The last API sync could not reach GitLab (not a refusal): worth
     /// trying again by itself.
     pub gitlab_unreachable: bool,
+    /// Where a running reconfigure (or helm) records its process group, so
+    /// that the next agent can stop it if this one dies during the run.
+    pub run_record: PathBuf,
 }
 
 /// The result of looking for hand edits.
@@ -294,7 +297,7 @@ impl Applier {
 
     async fn run(&self, command: &str) -> io::Result<Outcome> {
         tracing::info!(command, "running");
-        let outcome = command::run(command, self.timeout).await?;
+        let outcome = command::run(command, self.timeout, Some(&self.run_record)).await?;
         tracing::info!(command, success = outcome.success(), code = ?outcome.code, "finished");
         Ok(outcome)
     }

@@ -103,11 +103,29 @@ async fn run(args: Args) -> Result<(), String> {
     } else {
         None
     };
+    // One agent per state dir: two would run overlapping reconfigures.
+    let lock_path = args.state_dir.join("agent.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        format!(
+            "another duofleet-agent is running with the state dir {}",
+            args.state_dir.display()
+        )
+    })?;
+    let run_record = args.state_dir.join("reconfigure.pid");
+    if let Some(group) = crate::command::reap_orphan(&run_record).await {
+        tracing::warn!(
+            process_group = group,
+            "stopped a reconfigure that a previous agent left running"
+        );
+    }
     let state_file = StateFile::new(&args.state_dir);
     let state = state_file.load().map_err(|e| e.to_string())?;
-    if let Some(pending) = &state.pending {
-        tracing::warn!(url = %pending.url, "a previous run was interrupted; it runs again on the next desired config");
-    }
     let hello = Hello {
         instance_id: instance_id.clone(),
         hostname,
@@ -151,6 +169,7 @@ async fn run(args: Args) -> Result<(), String> {
             gitlab,
             gitlab_version: gitlab_version_seen,
             gitlab_unreachable: false,
+            run_record,
         },
         check_interval: args.health_interval,
         repair_drift: args.repair_drift,
@@ -164,6 +183,18 @@ async fn run(args: Args) -> Result<(), String> {
         connection_check,
         api_retry: None,
     };
+    // A run a crash interrupted is finished now, from the last desired
+    // configuration on disk, without waiting for the control plane.
+    let mut session = session;
+    if let (Some(pending), Some(desired)) = (
+        session.applier.state.pending.clone(),
+        session.current.clone(),
+    ) {
+        tracing::warn!(url = %pending.url, revision = desired.revision, "a previous run was interrupted; finishing it from the last desired configuration");
+        let ack = session.applier.apply(&desired).await;
+        tracing::info!(revision = ack.revision, result = ?ack.result(), error = %ack.error, "interrupted run finished");
+    }
+    let _lock = lock;
     tokio::select! {
         result = session.run() => result.map_err(|refused| refused.to_string()),
         signal = shutdown_signal() => {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 /// - every call appends its arguments to `calls.log`;
 /// - a `fail` file makes it print GitLab's failure line and exit 1 (as
 ///   many times as the file says, or always when it is empty);
-/// - a `sleep` file (seconds) makes it take that long first.
+/// - a `sleep` file (seconds) makes it take that long first;
+/// - every call that runs to its end appends to `finished.log`.
 pub struct FakeCommand {
     pub dir: PathBuf,
 }
@@ -31,9 +32,11 @@ if [ -f "$dir/fail" ]; then
   if [ "$left" = "1" ]; then rm -f "$dir/fail"; elif [ -n "$left" ]; then echo $((left - 1)) > "$dir/fail"; fi
   echo "Running handlers complete"
   echo "There was an error running gitlab-ctl reconfigure"
+  echo "$*" >> "$dir/finished.log"
   exit 1
 fi
 echo "gitlab Reconfigured!"
+echo "$*" >> "$dir/finished.log"
 "#,
         )
         .unwrap();
@@ -55,6 +58,14 @@ echo "gitlab Reconfigured!"
             .lines()
             .map(str::to_string)
             .collect()
+    }
+
+    /// How many calls ran to their end (not killed half-way).
+    pub fn finished(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("finished.log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
     }
 
     /// Fail the next `times` calls (`None`: every call).

@@ -373,6 +373,55 @@ async fn kill_9_of_the_agent_during_reconfigure_converges_on_restart() {
     );
 }
 
+/// The agent dies during a reconfigure and the control plane is away too.
+/// On restart the agent stops the orphaned reconfigure (two never overlap)
+/// and finishes the interrupted apply by itself, from the desired
+/// configuration on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_apply_is_finished_at_start_without_the_control_plane() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (mut agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    wait_synced(&mut c, "gitlab-a", 0).await;
+    ctl.set_sleep(Some(3));
+    set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    let deadline = Instant::now() + WAIT;
+    while ctl.calls().is_empty() {
+        assert!(Instant::now() < deadline, "reconfigure never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.kill9();
+    daemon.kill9();
+    ctl.set_sleep(None);
+    agent.restart();
+    let deadline = Instant::now() + WAIT;
+    while ctl.calls().len() < 2 || ctl.finished() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the interrupted apply was not finished: {:?}\n{}",
+            ctl.calls(),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        std::fs::read_to_string(&rb)
+            .unwrap()
+            .contains("'AI_GATEWAY_URL' => 'https://aigw.example.com',")
+    );
+    // The orphan (3 s) would have finished by now had it not been stopped.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(ctl.finished(), 1, "two reconfigures ran to the end");
+    assert_eq!(ctl.calls(), ["reconfigure", "reconfigure"]);
+    assert!(
+        agent
+            .log()
+            .contains("stopped a reconfigure that a previous agent left running"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_edits_are_reported_as_drift_and_repaired() {
     let (dir, daemon) = fresh_daemon();
