@@ -40,4 +40,5 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod transport_errors;
 pub mod validate;

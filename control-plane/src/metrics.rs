@@ -220,8 +220,9 @@ where
         let registry = self.registry.clone();
         let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await;
-            if let Ok(r) = &response {
+            let mut response = response.await;
+            if let Ok(r) = &mut response {
+                crate::transport_errors::clarify(r.headers_mut());
                 // Errors come as "trailers-only" responses: the status is in
                 // the headers. Without one the call started fine.
                 let code = r

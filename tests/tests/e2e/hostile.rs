@@ -172,3 +172,54 @@ async fn silent_connections_are_closed_and_connections_are_capped() {
     assert_eq!(admitted.exit_code, 0, "{admitted:?}");
     drop(second);
 }
+
+/// Bytes that are not the method's message, and a message over the size
+/// limit: INVALID_ARGUMENT saying what is wrong, not INTERNAL or
+/// OUT_OF_RANGE.
+#[tokio::test]
+async fn undecodable_and_oversized_requests_are_invalid_arguments() {
+    let (_dir, daemon) = fresh_daemon();
+    let mut grpc = tonic::client::Grpc::new(daemon.channel().await);
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(prost_types::Duration {
+        seconds: 5,
+        nanos: 0,
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", daemon.token()).parse().unwrap(),
+    );
+    let path = "/duofleet.v1.ModelService/CreateModel".parse().unwrap();
+    let codec: tonic_prost::ProstCodec<prost_types::Duration, prost_types::Duration> =
+        tonic_prost::ProstCodec::default();
+    let wrong = grpc.unary(request, path, codec).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument, "{wrong:?}");
+    assert!(
+        wrong
+            .message()
+            .starts_with("request: not a valid message for this method ("),
+        "{}",
+        wrong.message()
+    );
+
+    let mut c = daemon.clients().await;
+    let huge = c
+        .models
+        .create_model(CreateModelRequest {
+            model: Some(Model {
+                name: "n".repeat(5 << 20),
+                ..mk::model("")
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::InvalidArgument, "{huge:?}");
+    assert!(
+        huge.message().starts_with("request: the message is ")
+            && huge.message().contains("over the limit of 4194304 bytes"),
+        "{}",
+        huge.message()
+    );
+    // The daemon still serves.
+    assert!(list_models(&mut c).await.is_empty());
+}
