@@ -1,12 +1,24 @@
 //! Admission on the gRPC listener, so that unauthenticated clients cannot
-//! exhaust the daemon: at most `--max-connections` open connections (more
-//! wait in the kernel's backlog), and a connection that sends nothing within
-//! the first-byte timeout (no TLS ClientHello, no HTTP/2 preface) is closed.
+//! exhaust the daemon:
+//! - at most `--max-connections` open connections (more wait in the
+//!   kernel's backlog), the last `OPERATOR_RESERVE` of them for operators
+//!   only, so that an admin call gets through while agents and anonymous
+//!   clients hold every other slot;
+//! - a connection that sends nothing within the first-byte timeout (no TLS
+//!   ClientHello, no HTTP/2 preface) is closed;
+//! - a connection whose first authenticated request has not arrived within
+//!   the authentication deadline is closed, however busy it keeps itself
+//!   (PINGs, a byte at a time): a deadline, not an idle timer.
+//!
 //! After that, HTTP/2 keepalive drops peers that stop answering.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -16,29 +28,95 @@ use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+/// Slots of `--max-connections` kept for operator tokens.
+pub const OPERATOR_RESERVE: usize = 16;
+/// How long a connection on a reserved slot may take to authenticate.
+const RESERVED_AUTH_DEADLINE: Duration = Duration::from_secs(1);
+
+/// What the interceptors know of each open connection, by peer address.
+#[derive(Default)]
+pub struct Connections {
+    open: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
+}
+
+struct Conn {
+    authenticated: AtomicBool,
+    /// Admitted into the operators' reserve: other callers are refused.
+    operators_only: bool,
+}
+
+/// A caller on a reserved slot that is not an operator.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "duofleetd is at --max-connections; its last {OPERATOR_RESERVE} connections are kept for operators"
+)]
+pub struct Reserved;
+
+impl Connections {
+    /// A request on the connection from `peer` authenticated; `operator`
+    /// says whether its token is an admin or viewer token.
+    pub fn authenticated(&self, peer: Option<SocketAddr>, operator: bool) -> Result<(), Reserved> {
+        let Some(peer) = peer else { return Ok(()) };
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conn) = open.get(&peer) {
+            if conn.operators_only && !operator {
+                return Err(Reserved);
+            }
+            conn.authenticated.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 /// An accepted connection, holding its place until it closes.
 pub struct Admitted {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
     /// Until the first byte arrives.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Until the first authenticated request.
+    auth_deadline: Option<Pin<Box<Sleep>>>,
+    conn: Arc<Conn>,
+    peer: Option<SocketAddr>,
+    connections: Arc<Connections>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(peer) = self.peer {
+            self.connections
+                .open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&peer);
+        }
+    }
+}
+
+/// The deadlines of an admitted connection.
+#[derive(Clone, Copy)]
+pub struct Deadlines {
+    pub first_byte: Duration,
+    pub authenticated: Duration,
 }
 
 /// Accepts connections from `listener` while fewer than `max` are open.
 pub fn admit(
     listener: TcpListener,
     max: usize,
-    first_byte: Duration,
+    deadlines: Deadlines,
+    connections: Arc<Connections>,
 ) -> ReceiverStream<io::Result<Admitted>> {
     let (tx, rx) = mpsc::channel(16);
     let slots = Arc::new(Semaphore::new(max));
+    let reserve = OPERATOR_RESERVE.min(max / 2);
     tokio::spawn(async move {
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
-            let io = match listener.accept().await {
-                Ok((io, _)) => io,
+            let (io, peer) = match listener.accept().await {
+                Ok((io, peer)) => (io, peer),
                 Err(error) => {
                     // e.g. EMFILE: wait instead of spinning.
                     tracing::warn!(%error, "accept failed");
@@ -47,10 +125,30 @@ pub fn admit(
                 }
             };
             let _ = io.set_nodelay(true);
+            let operators_only = slots.available_permits() < reserve;
+            let conn = Arc::new(Conn {
+                authenticated: AtomicBool::new(false),
+                operators_only,
+            });
+            // A reserved slot is given back fast unless an operator uses it.
+            let authenticate_within = if operators_only {
+                deadlines.authenticated.min(RESERVED_AUTH_DEADLINE)
+            } else {
+                deadlines.authenticated
+            };
+            connections
+                .open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(peer, conn.clone());
             let admitted = Admitted {
                 io,
                 _permit: permit,
-                deadline: Some(Box::pin(tokio::time::sleep(first_byte))),
+                deadline: Some(Box::pin(tokio::time::sleep(deadlines.first_byte))),
+                auth_deadline: Some(Box::pin(tokio::time::sleep(authenticate_within))),
+                conn,
+                peer: Some(peer),
+                connections: connections.clone(),
             };
             if tx.send(Ok(admitted)).await.is_err() {
                 break;
@@ -67,6 +165,19 @@ impl AsyncRead for Admitted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.auth_deadline.is_some() && this.conn.authenticated.load(Ordering::Relaxed) {
+            this.auth_deadline = None;
+        }
+        if this
+            .auth_deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no authenticated request in time",
+            )));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {

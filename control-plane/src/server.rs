@@ -120,6 +120,17 @@ pub struct Args {
     )]
     pub first_byte_timeout_ms: u64,
 
+    /// A connection whose first authenticated request has not arrived this
+    /// long after it opened is closed (health and reflection calls need no
+    /// token and do not count).
+    #[arg(
+        long,
+        env = "DUOFLEET_AUTH_TIMEOUT_MS",
+        default_value_t = 10_000,
+        hide = true
+    )]
+    pub auth_timeout_ms: u64,
+
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -164,6 +175,35 @@ pub enum Command {
     /// Verify every record and revision of a stopped daemon's data dir, like
     /// fsck: exits 0 when all is sound, 1 with each problem listed.
     Check,
+}
+
+/// File descriptors kept back from --max-connections: the database, the
+/// HTTP listener, backups, TLS files.
+const FDS_KEPT: usize = 256;
+
+/// `--max-connections`, clamped to what the open-file limit allows: past it
+/// new connections, /healthz and backups would all fail with EMFILE.
+fn max_connections(wanted: usize) -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok())
+        });
+    match limit {
+        Some(limit) if wanted + FDS_KEPT > limit => {
+            let allowed = limit.saturating_sub(FDS_KEPT).max(1);
+            tracing::warn!(
+                wanted,
+                allowed,
+                open_file_limit = limit,
+                "--max-connections is above what the open-file limit allows; using {allowed} (raise the limit, e.g. LimitNOFILE= in the systemd unit, to allow more)"
+            );
+            allowed
+        }
+        _ => wanted,
+    }
 }
 
 /// The newest acknowledged revision, outside sled's files.
@@ -337,7 +377,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let auth = grpc::authenticator(tokens.clone(), false);
+    let connections = Arc::new(crate::admission::Connections::default());
+    let auth = grpc::authenticator(tokens.clone(), connections.clone(), false);
     let ca = Arc::new(
         CertAuthority::load_or_create(
             &args.data_dir,
@@ -346,8 +387,15 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         )
         .map_err(|e| -> Box<dyn Error> { Box::new(e) })?,
     );
-    let agent_auth = grpc::agent_authenticator(tokens.clone(), ca.clone(), tls);
-    let enroll_auth = grpc::agent_or_admin_authenticator(tokens.clone(), ca.clone(), false, true);
+    let agent_auth =
+        grpc::agent_authenticator(tokens.clone(), connections.clone(), ca.clone(), tls);
+    let enroll_auth = grpc::agent_or_admin_authenticator(
+        tokens.clone(),
+        connections.clone(),
+        ca.clone(),
+        false,
+        true,
+    );
     let mut builder = tonic::transport::Server::builder();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read = |path: &PathBuf| {
@@ -398,7 +446,18 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             agent_auth,
         ))
         .add_service(EnrollmentServiceServer::with_interceptor(EnrollApi::new(ca.clone(), tls, tokens.clone(), store.clone()), enroll_auth))
-        .serve_with_incoming_shutdown(crate::admission::admit(grpc_listener, args.max_connections, Duration::from_millis(args.first_byte_timeout_ms)), wait_for(shutdown_rx.clone()));
+        .serve_with_incoming_shutdown(
+            crate::admission::admit(
+                grpc_listener,
+                max_connections(args.max_connections),
+                crate::admission::Deadlines {
+                    first_byte: Duration::from_millis(args.first_byte_timeout_ms),
+                    authenticated: Duration::from_millis(args.auth_timeout_ms),
+                },
+                connections,
+            ),
+            wait_for(shutdown_rx.clone()),
+        );
 
     let http_server = axum::serve(
         http_listener,

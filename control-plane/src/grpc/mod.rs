@@ -20,6 +20,7 @@ pub use models::ModelApi;
 pub use profiles::ProfileApi;
 pub use tokens::TokenApi;
 
+use crate::admission::Connections;
 use crate::auth::{AuthError, Caller, Tokens};
 use crate::ca::CertAuthority;
 use crate::catalog::Catalog;
@@ -64,6 +65,7 @@ fn auth_status(error: AuthError) -> Status {
 /// `agent` (AgentService), and hands the [`Caller`] to the handler.
 pub fn authenticator(
     tokens: Arc<Tokens>,
+    connections: Arc<Connections>,
     agent: bool,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
@@ -80,6 +82,13 @@ pub fn authenticator(
         };
         let caller = tokens.authenticate(header).map_err(refused)?;
         caller.require_audience(agent).map_err(refused)?;
+        let operator = matches!(
+            caller.role,
+            crate::auth::Role::Admin | crate::auth::Role::Viewer
+        );
+        connections
+            .authenticated(request.remote_addr(), operator)
+            .map_err(|reserved| Status::resource_exhausted(reserved.to_string()))?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }
@@ -94,22 +103,24 @@ pub struct AgentIdentity(pub String);
 /// enroll token is accepted unless `require_cert`.
 pub fn agent_authenticator(
     tokens: Arc<Tokens>,
+    connections: Arc<Connections>,
     ca: Arc<CertAuthority>,
     require_cert: bool,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    agent_or_admin_authenticator(tokens, ca, require_cert, false)
+    agent_or_admin_authenticator(tokens, connections, ca, require_cert, false)
 }
 
 /// Like [`agent_authenticator`]; with `admin`, an admin token is accepted
 /// too (EnrollmentService: an operator re-enrolls an instance explicitly).
 pub fn agent_or_admin_authenticator(
     tokens: Arc<Tokens>,
+    connections: Arc<Connections>,
     ca: Arc<CertAuthority>,
     require_cert: bool,
     admin: bool,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    let mut bearer = authenticator(tokens.clone(), true);
-    let mut operator = authenticator(tokens.clone(), false);
+    let mut bearer = authenticator(tokens.clone(), connections.clone(), true);
+    let mut operator = authenticator(tokens.clone(), connections.clone(), false);
     move |mut request: Request<()>| {
         let presented = request
             .peer_certs()
@@ -124,6 +135,9 @@ pub fn agent_or_admin_authenticator(
                     "this client certificate was revoked or was not issued by this duofleetd; enroll again",
                 )
             })?;
+            connections
+                .authenticated(request.remote_addr(), false)
+                .map_err(|reserved| Status::resource_exhausted(reserved.to_string()))?;
             request.extensions_mut().insert(Caller {
                 name: instance.clone(),
                 role: crate::auth::Role::Agent,

@@ -151,9 +151,12 @@ async fn silent_connections_are_closed_and_connections_are_capped() {
     );
     assert_eq!(check.exit_code, 0, "{check:?}");
 
-    // Two live connections fill the daemon; a third waits until one closes.
-    let first = daemon.channel().await;
-    let second = daemon.channel().await;
+    // Two live (authenticated) connections fill the daemon; a third waits
+    // until one closes.
+    let mut first = daemon.clients().await;
+    list_models(&mut first).await;
+    let mut second = daemon.clients().await;
+    list_models(&mut second).await;
     let waiting = grpcurl(
         &daemon.grpc_addr,
         &["-max-time", "2"],
@@ -222,4 +225,151 @@ async fn undecodable_and_oversized_requests_are_invalid_arguments() {
     );
     // The daemon still serves.
     assert!(list_models(&mut c).await.is_empty());
+}
+
+/// An HTTP/2 client that keeps its connection busy (PINGs) but never sends
+/// an authenticated request, and one that trickles a byte at a time, are
+/// closed at the authentication deadline.
+#[test]
+fn busy_unauthenticated_connections_are_closed_at_the_deadline() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let options = duofleet_tests::DaemonOptions {
+        args: ["--auth-timeout-ms", "1500"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let daemon = duofleet_tests::Daemon::start_with(&dir.path().join("data"), options);
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    let ping = |n: u8| [0, 0, 8, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, n];
+
+    // The pinger: answers everything, authenticates never.
+    let mut stream = std::net::TcpStream::connect(&daemon.grpc_addr).unwrap();
+    stream.write_all(PREFACE).unwrap();
+    stream.write_all(&SETTINGS).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let mut n = 0u8;
+    let closed_after = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the pinger was never closed"
+        );
+        n = n.wrapping_add(1);
+        if stream.write_all(&ping(n)).is_err() {
+            break started.elapsed();
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break started.elapsed(),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break started.elapsed(),
+        }
+    };
+    assert!(
+        closed_after >= Duration::from_millis(1000),
+        "closed too early: {closed_after:?}"
+    );
+
+    // The trickler: a byte every 300 ms of a preface that never ends.
+    let mut stream = std::net::TcpStream::connect(&daemon.grpc_addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in PREFACE.iter().cycle().take(40) {
+        if stream.write_all(&[*byte]).is_err() {
+            closed = true;
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(closed, "the trickler was kept for {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+/// Agents fill every ordinary slot; the operators' reserve still lets an
+/// admin call through, and an agent on a reserved slot is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_have_headroom_when_agents_fill_the_daemon() {
+    use duofleet_proto::v1::agent_message::Message;
+    use duofleet_proto::v1::agent_service_client::AgentServiceClient;
+    use duofleet_proto::v1::{AgentMessage, Hello};
+    let dir = tempfile::tempdir().unwrap();
+    let options = duofleet_tests::DaemonOptions {
+        args: ["--max-connections", "8"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let daemon = duofleet_tests::Daemon::start_with(&dir.path().join("data"), options);
+    let token = std::fs::read_to_string(daemon.data_dir().join("enroll.token")).unwrap();
+    // 8 slots: 4 ordinary, 4 kept for operators.
+    let mut streams = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..6 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(AgentMessage {
+            message: Some(Message::Hello(Hello {
+                instance_id: format!("agent-{i}"),
+                hostname: "h".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", token.trim()).parse().unwrap(),
+        );
+        let mut client = AgentServiceClient::new(daemon.channel().await);
+        match client.connect(request).await {
+            Ok(stream) => streams.push((tx, client, stream.into_inner())),
+            Err(status) => refused.push(status),
+        }
+    }
+    assert_eq!(streams.len(), 4, "{refused:?}");
+    assert_eq!(refused.len(), 2);
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("kept for operators"),
+            "{}",
+            status.message()
+        );
+    }
+    let started = std::time::Instant::now();
+    let mut c = daemon.clients().await;
+    assert!(list_models(&mut c).await.is_empty());
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
 }
