@@ -224,6 +224,9 @@ impl Applier {
                 helm_command.replace("{values}", &shell_quote(&values.display().to_string())),
             ),
         };
+        // A symlinked gitlab.rb (e.g. into a config repository): edit the
+        // file it points to and keep the link.
+        let path = fs::canonicalize(&path).unwrap_or(path);
         let before = match fs::read_to_string(&path) {
             Ok(text) => Some(text),
             Err(e)

@@ -422,6 +422,35 @@ async fn an_interrupted_apply_is_finished_at_start_without_the_control_plane() {
     );
 }
 
+/// gitlab.rb is a link into a configuration checkout: the agent edits the
+/// file it points to and keeps the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_gitlab_rb_keeps_its_link() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (_agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    let checkout = dir.path().join("config-repo");
+    std::fs::create_dir_all(&checkout).unwrap();
+    let target = checkout.join("gitlab.rb");
+    std::fs::rename(&rb, &target).unwrap();
+    std::os::unix::fs::symlink(&target, &rb).unwrap();
+    let revision = set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    wait_synced(&mut c, "gitlab-a", revision).await;
+    assert!(
+        std::fs::symlink_metadata(&rb)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link was replaced by a regular file"
+    );
+    assert!(
+        std::fs::read_to_string(&target)
+            .unwrap()
+            .contains("'AI_GATEWAY_URL' => 'https://aigw.example.com',")
+    );
+    assert_eq!(ctl.calls(), ["reconfigure"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_edits_are_reported_as_drift_and_repaired() {
     let (dir, daemon) = fresh_daemon();
