@@ -1,5 +1,6 @@
-//! The plain-HTTP side listener: `/healthz` for probes, `/metrics` for
-//! Prometheus (text exposition format).
+//! The plain-HTTP side listener: `/healthz` (liveness: the process
+//! answers), `/readyz` (readiness: storage takes a durable write now), and
+//! `/metrics` for Prometheus (text exposition format).
 
 use crate::metrics::gauge;
 use crate::registry::Registry;
@@ -16,12 +17,34 @@ type Shared = (Arc<Store>, Arc<Registry>);
 pub fn router(store: Arc<Store>, registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state((store, registry))
 }
 
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// 200 when a small write reaches the disk now; 503 with the reason when
+/// storage cannot write (a full disk, a failed device), so that a load
+/// balancer stops sending operators to this replica.
+async fn readyz(State((store, _)): State<Shared>) -> impl IntoResponse {
+    let probe = tokio::task::spawn_blocking(move || store.probe_write()).await;
+    match probe {
+        Ok(Ok(())) => (axum::http::StatusCode::OK, "ready\n".to_string()),
+        Ok(Err(error)) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: storage cannot write: {}\n",
+                crate::error::error_chain(&error)
+            ),
+        ),
+        Err(error) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {error}\n"),
+        ),
+    }
 }
 
 async fn metrics(State((store, registry)): State<Shared>) -> impl IntoResponse {

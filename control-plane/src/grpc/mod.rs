@@ -42,6 +42,12 @@ pub fn status(error: StoreError) -> Status {
             }
             ConfigError::Blocked(_) => Status::failed_precondition(config.to_string()),
         },
+        full if full.is_disk_full() => {
+            tracing::error!(error = %error_chain(&full), "storage is full");
+            Status::resource_exhausted(
+                "disk full: duofleetd cannot write its database; free space on the data dir's file system",
+            )
+        }
         internal => {
             tracing::error!(error = %error_chain(&internal), "storage failure");
             Status::internal("internal storage error; see the duofleetd log")

@@ -90,6 +90,13 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The file system is out of space (ENOSPC).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Storage(sled::Error::Io(io)) if io.raw_os_error() == Some(28))
+    }
+}
+
 /// A stored model or profile at one revision; neither set means deleted.
 #[derive(Clone, PartialEq, prost::Message)]
 struct HistoryEntry {
@@ -167,6 +174,18 @@ impl Store {
         store.record_high_water(config.revision)?;
         store.current.send_replace(Arc::new(config));
         Ok(store)
+    }
+
+    /// A small durable write, for readiness: fails while storage cannot
+    /// write.
+    pub fn probe_write(&self) -> Result<(), StoreError> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        self.meta.insert(b"ready_probe", &now.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// The newest revision the database itself records (0 when empty).

@@ -164,6 +164,9 @@ fn health_answers_serving_without_a_token() {
     assert_eq!(check.json()["status"], "SERVING");
     let (status, body) = http_get(&daemon.http_addr, "/healthz");
     assert_eq!((status, body.trim()), (200, "ok"));
+    // Readiness: a durable write goes through.
+    let (status, body) = http_get(&daemon.http_addr, "/readyz");
+    assert_eq!((status, body.trim()), (200, "ready"));
     let (status, metrics) = http_get(&daemon.http_addr, "/metrics");
     assert_eq!(status, 200);
     assert!(

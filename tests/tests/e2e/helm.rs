@@ -81,12 +81,9 @@ fn the_chart_lints_and_renders_a_hardened_control_plane() {
     );
     let sts = kind(&docs, "StatefulSet")[0];
     let c = container(sts);
-    for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(
-            c[probe]["httpGet"]["path"].as_str(),
-            Some("/healthz"),
-            "{probe}"
-        );
+    // Ready while storage writes; alive while the process answers.
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some(path), "{probe}");
     }
     assert_hardened(c);
     let claim = &sts["spec"]["volumeClaimTemplates"][0];
