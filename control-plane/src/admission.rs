@@ -107,9 +107,24 @@ pub fn admit(
     deadlines: Deadlines,
     connections: Arc<Connections>,
 ) -> ReceiverStream<io::Result<Admitted>> {
+    admit_with_reserve(
+        listener,
+        max,
+        OPERATOR_RESERVE.min(max / 2),
+        deadlines,
+        connections,
+    )
+}
+
+fn admit_with_reserve(
+    listener: TcpListener,
+    max: usize,
+    reserve: usize,
+    deadlines: Deadlines,
+    connections: Arc<Connections>,
+) -> ReceiverStream<io::Result<Admitted>> {
     let (tx, rx) = mpsc::channel(16);
     let slots = Arc::new(Semaphore::new(max));
-    let reserve = OPERATOR_RESERVE.min(max / 2);
     tokio::spawn(async move {
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -240,5 +255,61 @@ impl Connected for Admitted {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.io.connect_info()
+    }
+}
+
+/// The HTTP listener (/healthz, /readyz, /metrics) with its own cap: at
+/// most `max` connections, the first byte within `first_byte`, and each
+/// connection closed `lifetime` after it opened, so that a client sending
+/// partial requests holds a slot that long at most (Prometheus and probes
+/// simply reconnect).
+pub struct HttpListener {
+    incoming: ReceiverStream<io::Result<Admitted>>,
+    local: SocketAddr,
+}
+
+impl HttpListener {
+    pub fn new(
+        listener: TcpListener,
+        max: usize,
+        first_byte: Duration,
+        lifetime: Duration,
+    ) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        let incoming = admit_with_reserve(
+            listener,
+            max,
+            0,
+            Deadlines {
+                first_byte,
+                authenticated: lifetime,
+            },
+            Arc::new(Connections::default()),
+        );
+        Ok(HttpListener { incoming, local })
+    }
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = Admitted;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(admitted)) => {
+                    let peer = admitted.peer.unwrap_or(self.local);
+                    return (admitted, peer);
+                }
+                Some(Err(_)) => continue,
+                // The accept task ended: nothing more will come.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
     }
 }

@@ -131,6 +131,16 @@ pub struct Args {
     )]
     pub auth_timeout_ms: u64,
 
+    /// How long one HTTP connection may stay open: a client trickling a
+    /// request holds its slot no longer.
+    #[arg(
+        long,
+        env = "DUOFLEET_HTTP_CONNECTION_LIFETIME_MS",
+        default_value_t = 30_000,
+        hide = true
+    )]
+    pub http_connection_lifetime_ms: u64,
+
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -176,6 +186,9 @@ pub enum Command {
     /// fsck: exits 0 when all is sound, 1 with each problem listed.
     Check,
 }
+
+/// The HTTP listener's own cap, apart from gRPC's.
+const HTTP_MAX_CONNECTIONS: usize = 128;
 
 /// File descriptors kept back from --max-connections: the database, the
 /// HTTP listener, backups, TLS files.
@@ -459,6 +472,16 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             wait_for(shutdown_rx.clone()),
         );
 
+    let http_listener = crate::admission::HttpListener::new(
+        http_listener,
+        HTTP_MAX_CONNECTIONS,
+        Duration::from_millis(args.first_byte_timeout_ms),
+        Duration::from_millis(args.http_connection_lifetime_ms),
+    )
+    .map_err(|source| StartError::Listen {
+        addr: args.http_listen,
+        source,
+    })?;
     let http_server = axum::serve(
         http_listener,
         crate::http::router(store.clone(), registry.clone()),

@@ -373,3 +373,62 @@ async fn operators_have_headroom_when_agents_fill_the_daemon() {
     assert!(list_models(&mut c).await.is_empty());
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
 }
+
+/// The HTTP port does not hold a partial request forever.
+#[test]
+fn the_http_port_drops_a_request_that_never_ends() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let options = duofleet_tests::DaemonOptions {
+        args: ["--http-connection-lifetime-ms", "1000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    let daemon = duofleet_tests::Daemon::start_with(&dir.path().join("data"), options);
+    let mut stream = std::net::TcpStream::connect(&daemon.http_addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let mut closed = false;
+    for line in ["GET /metrics HTTP/1.1\r\n", "Host: x\r\n"]
+        .iter()
+        .cycle()
+        .take(40)
+    {
+        if stream.write_all(line.as_bytes()).is_err() {
+            closed = true;
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(
+        closed,
+        "a partial request was held for {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(6));
+    // The port still serves.
+    let (status, _) = duofleet_tests::http_get(&daemon.http_addr, "/healthz");
+    assert_eq!(status, 200);
+}
