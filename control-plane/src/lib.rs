@@ -42,3 +42,6 @@ pub mod store;
 pub mod telemetry;
 pub mod transport_errors;
 pub mod validate;
+
+#[cfg(test)]
+mod fuzz_tests;
