@@ -3,6 +3,7 @@
 mod agents;
 mod at_rest;
 mod bench_smoke;
+mod chaos;
 mod deploy;
 mod durability;
 mod gitlab_api;
