@@ -125,3 +125,86 @@ async fn kill_9_under_concurrent_writers_loses_no_acknowledged_write() {
         refused_or_lost
     );
 }
+
+/// Agents killed with SIGKILL at random points of an apply: gitlab.rb is
+/// valid Ruby after every kill, and the agent converges on the newest
+/// configuration once it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_agents_mid_apply_keeps_gitlab_rb_valid_and_converges() {
+    use duofleet_proto::v1::{Profile, UpdateProfileRequest};
+    use duofleet_tests::agent::{Agent, FakeCommand};
+    let (dir, daemon) = crate::fresh_daemon();
+    let mut c = daemon.clients().await;
+    let ctl = FakeCommand::new(&dir.path().join("ctl"));
+    let rb = dir.path().join("gitlab.rb");
+    std::fs::write(
+        &rb,
+        "external_url 'https://gitlab.example.com'\ngitlab_rails['env'] = {\n  'http_proxy' => 'http://proxy:3128',\n}\n",
+    )
+    .unwrap();
+    let args: Vec<String> = [
+        "--gitlab-rb",
+        &rb.display().to_string(),
+        "--reconfigure-command",
+        &ctl.command("reconfigure"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = Agent::start(&daemon, "gitlab-a", dir.path(), &args);
+    ctl.set_sleep(Some(1));
+    let syntax_ok = |text: &str| {
+        let out = std::process::Command::new("ruby")
+            .args(["-c", &rb.display().to_string()])
+            .output()
+            .expect("ruby");
+        assert!(
+            out.status.success(),
+            "gitlab.rb is not valid Ruby after a kill:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mut last = 0;
+    for round in 0..rounds() {
+        last = c
+            .profiles
+            .update_profile(UpdateProfileRequest {
+                profile: Some(Profile {
+                    name: "default".into(),
+                    ai_gateway_url: format!("https://aigw-{round}.example.com"),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["ai_gateway_url".into()],
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .revision;
+        let calls = ctl.calls().len();
+        let deadline = std::time::Instant::now() + crate::WAIT;
+        while ctl.calls().len() == calls {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no reconfigure started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis((round as u64 * 131) % 900)).await;
+        agent.kill9();
+        syntax_ok(&std::fs::read_to_string(&rb).unwrap());
+        agent.restart();
+    }
+    ctl.set_sleep(None);
+    crate::wait_synced(&mut c, "gitlab-a", last).await;
+    let text = std::fs::read_to_string(&rb).unwrap();
+    syntax_ok(&text);
+    assert!(
+        text.contains(&format!(
+            "'AI_GATEWAY_URL' => 'https://aigw-{}.example.com',",
+            rounds() - 1
+        )),
+        "{text}"
+    );
+}
