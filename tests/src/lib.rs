@@ -254,6 +254,23 @@ impl Clients {
     }
 }
 
+/// Starts `duofleetd` on `data_dir` expecting it to refuse: asserts that
+/// it exits unsuccessfully and returns what it printed on stderr.
+pub fn start_refused(data_dir: &Path) -> String {
+    let output = Command::new(bin("duofleetd"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .output()
+        .expect("run duofleetd");
+    assert!(
+        !output.status.success(),
+        "duofleetd started on {}",
+        data_dir.display()
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A process's resident memory, in KiB (0 when it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -99,14 +99,7 @@ async fn api_keys_are_sealed_on_disk_and_survive_a_key_rotation() {
     assert!(rotating.stop("TERM").success());
 
     // The old key alone no longer opens anything: duofleetd refuses to start.
-    let refused = std::process::Command::new(duofleet_tests::bin("duofleetd"))
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = duofleet_tests::start_refused(&data);
     assert!(
         stderr.contains("cannot be opened with the secret key (wrong --secret-key-file?)"),
         "{stderr}"

@@ -92,14 +92,7 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let _first = Daemon::start(&data);
-    let output = std::process::Command::new(duofleet_tests::bin("duofleetd"))
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = duofleet_tests::start_refused(&data);
     assert!(
         stderr.contains("is another duofleetd using this data dir?"),
         "{stderr}"
@@ -215,14 +208,7 @@ async fn lost_database_files_are_refused_never_started_empty() {
 
     // The database goes missing (a bad restore, a wiped volume).
     std::fs::remove_dir_all(data.join("db")).unwrap();
-    let refused = std::process::Command::new(duofleet_tests::bin("duofleetd"))
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = duofleet_tests::start_refused(&data);
     assert!(
         stderr.contains("the database holds revision 0, but revision 5 was acknowledged")
             && stderr.contains("Restore the data dir from a backup"),
