@@ -11,7 +11,12 @@
 //! - without an active assignment, a marked block is appended;
 //! - an env built in a way that cannot be edited safely (`.merge`, a
 //!   variable, `gitlab_rails['env']['AI_GATEWAY_URL'] = ...`, string
-//!   interpolation in the value) is refused with what to change.
+//!   interpolation in the value) is refused with what to change;
+//! - the scanner's finding is checked against a real Ruby parser
+//!   (lib-ruby-parser, Ruby 3.1's grammar): a file that does not parse is
+//!   left alone, and an assignment that is not a top-level statement
+//!   (inside a heredoc or another string, a conditional, a loop, a method
+//!   or a block) is refused with its line, since Ruby may never run it.
 
 pub const KEY: &str = "AI_GATEWAY_URL";
 pub const BEGIN_MARK: &str = "# BEGIN duofleet managed";
@@ -348,9 +353,68 @@ impl Scan<'_> {
 
 /// The AI_GATEWAY_URL that gitlab.rb sets (the last active assignment wins),
 /// or `None` when it sets none.
+/// The scanner's assignments, each confirmed by the Ruby parser to be a
+/// top-level statement of a file that parses.
+fn active_assignments(scan: &Scan<'_>) -> Result<Vec<Assignment>, Unsafe> {
+    let assignments = scan.assignments()?;
+    let top_level = ruby_top_level_env_assignments(scan.text)?;
+    for assignment in &assignments {
+        if !top_level.contains(&assignment.start) {
+            return Err(Unsafe {
+                line: line_of(scan.text, assignment.start),
+                problem: "this gitlab_rails['env'] is not a top-level statement (it is inside a string or heredoc, a conditional, a loop, a method or a block), so Ruby may never run it".into(),
+                fix: "move the env hash to the top level of gitlab.rb, outside any string, if/unless/case, loop, def or block",
+            });
+        }
+    }
+    Ok(assignments)
+}
+
+/// Byte offsets of the top-level `gitlab_rails['env'] = ...` statements, as
+/// Ruby's grammar sees them; refuses a file that does not parse.
+fn ruby_top_level_env_assignments(text: &str) -> Result<Vec<usize>, Unsafe> {
+    use lib_ruby_parser::{ErrorLevel, Node, Parser, ParserOptions};
+    let result = Parser::new(text.as_bytes().to_vec(), ParserOptions::default()).do_parse();
+    if let Some(error) = result
+        .diagnostics
+        .iter()
+        .find(|d| d.level == ErrorLevel::Error)
+    {
+        return Err(Unsafe {
+            line: line_of(text, error.loc.begin.min(text.len())),
+            problem: format!("gitlab.rb is not valid Ruby ({})", error.message.render()),
+            fix: "fix the file first (`ruby -c /etc/gitlab/gitlab.rb` shows the error); duofleet does not edit a file Ruby cannot read",
+        });
+    }
+    let Some(ast) = result.ast else {
+        return Ok(Vec::new());
+    };
+    let statements: Vec<&Node> = match &*ast {
+        Node::Begin(begin) => begin.statements.iter().collect(),
+        single => vec![single],
+    };
+    Ok(statements
+        .into_iter()
+        .filter_map(|statement| match statement {
+            Node::IndexAsgn(assign) => {
+                let receiver_is_gitlab_rails = matches!(
+                    &*assign.recv,
+                    Node::Send(send) if send.recv.is_none() && send.method_name == "gitlab_rails"
+                );
+                let index_is_env = matches!(
+                    assign.indexes.as_slice(),
+                    [Node::Str(key)] if key.value.raw == b"env"
+                );
+                (receiver_is_gitlab_rails && index_is_env).then_some(assign.expression_l.begin)
+            }
+            _ => None,
+        })
+        .collect())
+}
+
 pub fn read_gateway_url(text: &str) -> Result<Option<String>, Unsafe> {
     let scan = scan(text);
-    let assignments = scan.assignments()?;
+    let assignments = active_assignments(&scan)?;
     let Some(last) = assignments.last() else {
         return Ok(None);
     };
@@ -360,7 +424,7 @@ pub fn read_gateway_url(text: &str) -> Result<Option<String>, Unsafe> {
 /// Returns gitlab.rb with AI_GATEWAY_URL set to `url`, every other byte kept.
 pub fn set_gateway_url(text: &str, url: &str) -> Result<String, Unsafe> {
     let scan = scan(text);
-    let assignments = scan.assignments()?;
+    let assignments = active_assignments(&scan)?;
     let literal = ruby_string(url);
     let Some(last) = assignments.last() else {
         let mut out = text.to_string();

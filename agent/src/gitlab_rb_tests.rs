@@ -313,3 +313,54 @@ proptest! {
         prop_assert_eq!(ruby_env(&edited), serde_json::to_value(expected).unwrap());
     }
 }
+
+/// Code Ruby may never run is not the active env: the parser finds it, and
+/// the edit is refused with the line and what to change. The same files
+/// with the hash at the top level are edited, and Ruby agrees.
+#[test]
+fn assignments_ruby_may_not_run_are_refused_with_their_line() {
+    for (text, line) in [
+        (
+            "external_url 'x'\nnotes = <<~EOS\n  gitlab_rails['env'] = { 'A' => 'b' }\nEOS\n",
+            3,
+        ),
+        ("if false\n  gitlab_rails['env'] = { 'A' => 'b' }\nend\n", 2),
+        (
+            "def setup\n  gitlab_rails['env'] = { 'A' => 'b' }\nend\n",
+            2,
+        ),
+        ("while ENV['X']\n  gitlab_rails['env'] = {}\nend\n", 2),
+        ("[1].each do\n  gitlab_rails['env'] = {}\nend\n", 2),
+    ] {
+        let err = set_gateway_url(text, URL).unwrap_err();
+        assert_eq!(err.line, line, "{text}: {err}");
+        assert!(
+            err.to_string().contains("is not a top-level statement")
+                && err
+                    .to_string()
+                    .contains("move the env hash to the top level"),
+            "{text}: {err}"
+        );
+        assert!(read_gateway_url(text).is_err());
+    }
+    // A modifier `if` is refused too (as code after the hash).
+    assert!(set_gateway_url("gitlab_rails['env'] = { 'A' => 'b' } if ENV['X']\n", URL).is_err());
+    // The plain top-level form is edited, and Ruby agrees.
+    let text = "gitlab_rails['env'] = {\n  'http_proxy' => 'http://p:3128',\n}\n";
+    let edited = set_gateway_url(text, URL).unwrap();
+    assert_eq!(
+        ruby_env(&edited),
+        env(&[("http_proxy", "http://p:3128"), ("AI_GATEWAY_URL", URL)])
+    );
+}
+
+#[test]
+fn a_file_ruby_cannot_read_is_left_alone() {
+    let text = "external_url 'x'\ngitlab_rails['time_zone'] = 'UTC\n";
+    let err = set_gateway_url(text, URL).unwrap_err();
+    assert!(
+        err.to_string().contains("gitlab.rb is not valid Ruby"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ruby -c"), "{err}");
+}

@@ -695,6 +695,31 @@ async fn a_reconfigure_that_hangs_times_out_and_fails_with_events() {
     );
 }
 
+/// An env inside `if false` (or a heredoc) is never run by Ruby: it once
+/// was edited and reported SYNCED. Now the instance is FAILED with the line
+/// and what to change, and gitlab.rb is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_env_ruby_never_runs_is_reported_not_edited() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let hidden = "external_url 'https://gitlab.example.com'\nif false\n  gitlab_rails['env'] = {\n    'http_proxy' => 'http://proxy:3128',\n  }\nend\n";
+    let (_agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", hidden, &[]);
+    set_gateway(&mut c, "default", "https://aigw.example.com").await;
+    let failed = wait_instance(&mut c, "gitlab-a", "failed", |i| {
+        i.sync_state() == SyncState::Failed
+    })
+    .await;
+    assert!(
+        failed
+            .last_error
+            .contains("gitlab.rb line 3: this gitlab_rails['env'] is not a top-level statement"),
+        "{}",
+        failed.last_error
+    );
+    assert_eq!(std::fs::read_to_string(&rb).unwrap(), hidden);
+    assert!(ctl.calls().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_env_it_cannot_edit_safely_is_left_alone_and_reported() {
     let (dir, daemon) = fresh_daemon();
