@@ -131,6 +131,35 @@ async fn set_default_profile(c: &mut Clients, profile: Profile) -> u64 {
         .revision
 }
 
+/// The default profile: General Chat on `model`, `other` on the vendor.
+async fn chat_and_vendor(c: &mut Clients, model: &str, other: &str) -> u64 {
+    set_default_profile(
+        c,
+        Profile {
+            features: vec![
+                setting("duo_chat", Provider::SelfHosted, model),
+                setting(other, Provider::Vendor, ""),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// GitLab has `feature` on the self-hosted model called `model`.
+fn assert_on_model(sim: &Shared, feature: &str, model: &str) {
+    let sim = sim.lock().unwrap();
+    let id = sim.model_named(model).expect("created").id;
+    assert_eq!(sim.feature(feature), ("self_hosted".into(), Some(id)));
+}
+
+/// The instance shows `feature` as hidden by GitLab, `because`.
+fn assert_hidden(instance: &Instance, feature: &str, because: &str) {
+    let (state, detail) = item(instance, "feature", feature);
+    assert_eq!(state, SyncItemState::Hidden);
+    assert!(detail.contains(because), "{detail}");
+}
+
 /// Makes the agent sync again with nothing changed for it: it is stopped,
 /// an unrelated revision is made, and on restart it is sent its config at
 /// the new revision.
@@ -604,35 +633,15 @@ async fn hidden_beta_items_are_named_and_never_lost() {
         },
     )
     .await;
-    let revision = set_default_profile(
-        &mut c,
-        Profile {
-            features: vec![
-                setting("duo_chat", Provider::SelfHosted, "llama-70b"),
-                setting("duo_chat_troubleshoot_job", Provider::Vendor, ""),
-            ],
-            ..Default::default()
-        },
-    )
-    .await;
+    let revision = chat_and_vendor(&mut c, "llama-70b", "duo_chat_troubleshoot_job").await;
     // Hidden items are not failures: the rest is in place.
     let synced = wait_synced(&mut c, "gitlab-a", revision).await;
-    let (state, detail) = item(&synced, "feature", "duo_chat_troubleshoot_job");
-    assert_eq!(state, SyncItemState::Hidden);
-    assert!(
-        detail.contains("until an administrator accepts the testing terms"),
-        "{detail}"
+    assert_hidden(
+        &synced,
+        "duo_chat_troubleshoot_job",
+        "until an administrator accepts the testing terms",
     );
-    let llama = sim
-        .lock()
-        .unwrap()
-        .model_named("llama-70b")
-        .expect("created")
-        .id;
-    assert_eq!(
-        sim.lock().unwrap().feature("duo_chat"),
-        ("self_hosted".into(), Some(llama))
-    );
+    assert_on_model(&sim, "duo_chat", "llama-70b");
 
     // GitLab does not list the llama3 model; the agent still knows it.
     let before = sim.lock().unwrap().mutations().len();
@@ -826,31 +835,10 @@ async fn license_and_permission_limits_are_named() {
     let _a = agent_with_gitlab(&daemon, dir.path(), "premium", &premium_url, TOKEN);
     let _b = agent_with_gitlab(&daemon, dir.path(), "not-admin", &user_url, TOKEN);
     create(&mut c, mk::model("mixtral-prod")).await;
-    let revision = set_default_profile(
-        &mut c,
-        Profile {
-            features: vec![
-                setting("duo_chat", Provider::SelfHosted, "mixtral-prod"),
-                setting("resolve_vulnerability", Provider::Vendor, ""),
-            ],
-            ..Default::default()
-        },
-    )
-    .await;
+    let revision = chat_and_vendor(&mut c, "mixtral-prod", "resolve_vulnerability").await;
     let i = wait_synced(&mut c, "premium", revision).await;
-    let (state, detail) = item(&i, "feature", "resolve_vulnerability");
-    assert_eq!(state, SyncItemState::Hidden);
-    assert!(detail.contains("license tier lacks it"), "{detail}");
-    let mixtral = premium
-        .lock()
-        .unwrap()
-        .model_named("mixtral-prod")
-        .unwrap()
-        .id;
-    assert_eq!(
-        premium.lock().unwrap().feature("duo_chat"),
-        ("self_hosted".into(), Some(mixtral))
-    );
+    assert_hidden(&i, "resolve_vulnerability", "license tier lacks it");
+    assert_on_model(&premium, "duo_chat", "mixtral-prod");
 
     let failed = wait_instance(&mut c, "not-admin", "failed", |i| {
         i.sync_state() == SyncState::Failed
