@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // AgentService's RPC is named Connect (CONTRACT.md), which clashes
+        // AgentService's RPC is named Connect (a name operators and agents depend on), which clashes
         // with the generated `Client::connect` constructor: clients are made
         // with `Client::new(channel)` instead.
         .build_transport(false)

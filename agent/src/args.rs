@@ -1,4 +1,4 @@
-//! Flags (CONTRACT.md, duofleet-agent), each with its DUOFLEET_* variable.
+//! Flags (the README's duofleet-agent table), each with its DUOFLEET_* variable.
 
 use clap::{ArgAction, Parser, ValueEnum};
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! Every validation rule and error code of CONTRACT.md, against the real
+//! Every validation rule and error code of the README's error table, against the real
 //! daemon: the exact code, a message naming the field and the rule, and no
 //! revision for a refused request.
 
