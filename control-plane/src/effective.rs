@@ -103,7 +103,7 @@ pub fn same_content(a: &DesiredConfig, b: &DesiredConfig) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::default_profile;
     use duofleet_proto::v1::{FeatureSetting, Model};
@@ -129,7 +129,8 @@ mod tests {
         config
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
+    /// Labels from pairs, for tests here and in `labels`.
+    pub(crate) fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

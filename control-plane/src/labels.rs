@@ -40,13 +40,7 @@ impl LabelGrant {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::effective::tests::labels;
 
     #[test]
     fn a_grant_keeps_allowed_keys_and_fixes_the_rest() {

@@ -11,6 +11,7 @@
 use super::{AgentIdentity, status};
 use crate::agent_input;
 use crate::ca::CertAuthority;
+use crate::config::Config;
 use crate::effective::{self, Labels};
 use crate::labels::LabelGrant;
 use crate::registry::{Refused, Registry, Session};
@@ -168,12 +169,8 @@ impl SessionTask {
                             break;
                         }
                         let config = configs.borrow_and_update().clone();
-                        let desired = effective::desired_config(&config, &labels);
-                        if !effective::same_content(&desired, &last) {
-                            last = desired;
-                            if !self.send(&session, &last).await {
-                                break;
-                            }
+                        if !self.push_if_changed(&session, &config, &labels, &mut last).await {
+                            break;
                         }
                     }
                     // An operator relabelled the instance: its profile may change.
@@ -183,12 +180,8 @@ impl SessionTask {
                         }
                         labels = session.labels.borrow_and_update().clone();
                         let config = configs.borrow().clone();
-                        let desired = effective::desired_config(&config, &labels);
-                        if !effective::same_content(&desired, &last) {
-                            last = desired;
-                            if !self.send(&session, &last).await {
-                                break;
-                            }
+                        if !self.push_if_changed(&session, &config, &labels, &mut last).await {
+                            break;
                         }
                     }
                     message = inbound.message() => match message {
@@ -217,6 +210,23 @@ impl SessionTask {
         }
         self.registry.disconnect(&session);
         tracing::info!(instance = %session.instance_id, "agent disconnected");
+    }
+
+    /// Sends the instance's desired config when it differs from `last` (a
+    /// new revision or new labels); false when the stream is gone.
+    async fn push_if_changed(
+        &self,
+        session: &Session,
+        config: &Config,
+        labels: &Labels,
+        last: &mut DesiredConfig,
+    ) -> bool {
+        let desired = effective::desired_config(config, labels);
+        if effective::same_content(&desired, last) {
+            return true;
+        }
+        *last = desired;
+        self.send(session, last).await
     }
 
     async fn send(&self, session: &Session, desired: &DesiredConfig) -> bool {
