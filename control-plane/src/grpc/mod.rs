@@ -48,6 +48,7 @@ pub fn status(error: StoreError) -> Status {
                 "disk full: duofleetd cannot write its database; free space on the data dir's file system",
             )
         }
+        StoreError::Unavailable => Status::unavailable(error.to_string()),
         internal => {
             tracing::error!(error = %error_chain(&internal), "storage failure");
             Status::internal("internal storage error; see the duofleetd log")

@@ -45,9 +45,16 @@ impl Store {
 
     pub fn check(&self) -> CheckReport {
         let mut report = CheckReport::default();
+        let t = match self.trees() {
+            Ok(t) => t,
+            Err(e) => {
+                report_damage(&mut report.damage, "database".into(), error_chain(&e));
+                return report;
+            }
+        };
         let mut damaged =
             |what: String, detail: String| report_damage(&mut report.damage, what, detail);
-        match self.meta.get(SCHEMA_KEY) {
+        match t.meta.get(SCHEMA_KEY) {
             Ok(None) => damaged(
                 "meta".into(),
                 "no schema version: the database is empty or its files are missing".into(),
@@ -65,7 +72,7 @@ impl Store {
             }
             Err(e) => damaged("meta".into(), error_chain(&e)),
         }
-        let revision = match self.meta.get(REVISION_KEY) {
+        let revision = match t.meta.get(REVISION_KEY) {
             Ok(Some(raw)) => match <[u8; 8]>::try_from(raw.as_ref()) {
                 Ok(bytes) => u64::from_be_bytes(bytes),
                 Err(_) => {
@@ -93,7 +100,7 @@ impl Store {
         }
         // Revision records: each decodes, none is missing, none is newer.
         let mut seen = BTreeSet::new();
-        for item in self.revisions.iter() {
+        for item in t.revisions.iter() {
             let (key, value) = match item {
                 Ok(kv) => kv,
                 Err(e) => {
@@ -123,12 +130,12 @@ impl Store {
         // Every stored record decodes (and every API key opens).
         let mut records = 0;
         for (tree, kind) in [
-            (&self.models, "model"),
-            (&self.profiles, "profile"),
-            (&self.history, "history"),
-            (&self.instances, "instance"),
-            (&self.tokens, "token"),
-            (&self.certs, "certificate"),
+            (&t.models, "model"),
+            (&t.profiles, "profile"),
+            (&t.history, "history"),
+            (&t.instances, "instance"),
+            (&t.tokens, "token"),
+            (&t.certs, "certificate"),
         ] {
             for item in tree.iter() {
                 records += 1;

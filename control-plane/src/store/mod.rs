@@ -35,21 +35,22 @@ use prost::Message;
 use sled::Transactional;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 use tokio::sync::{broadcast, watch};
 
 mod check;
 mod high_water;
+mod trees;
 
 pub use check::{CheckReport, Damage};
+use trees::Trees;
 
 /// The on-disk layout version this binary writes. A newer database is
 /// refused; an older one is migrated at open. Version 2 seals API keys.
 pub const SCHEMA_VERSION: u32 = 2;
 
-/// sled's page cache (see `Store::open`).
-const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 const REVISION_KEY: &[u8] = b"revision";
 const MODEL_KIND: u8 = b'm';
@@ -82,6 +83,14 @@ pub enum StoreError {
         acknowledged: u64,
         path: PathBuf,
     },
+    #[error(
+        "storage is unavailable: the database is being reopened after a failed write; retry, and see the duofleetd log if this persists"
+    )]
+    Unavailable,
+    #[error(
+        "after a storage failure the database reopened at revision {found}, behind the acknowledged revision {acknowledged}: stop duofleetd and run `duofleetd check`"
+    )]
+    LostOnReopen { found: u64, acknowledged: u64 },
     #[error("cannot record the acknowledged revision in {}", .path.display())]
     HighWater {
         path: PathBuf,
@@ -91,9 +100,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The file system is out of space (ENOSPC).
+    /// The file system is out of space (ENOSPC), or a quota or file-size
+    /// limit is reached (EDQUOT, EFBIG).
+    /// sled re-creates the I/O errors it passes on, keeping only their
+    /// kind, so the kind is what is checked.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StoreError::Storage(sled::Error::Io(io)) if io.raw_os_error() == Some(28))
+        use std::io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
+        matches!(self, StoreError::Storage(sled::Error::Io(io))
+            if matches!(io.kind(), StorageFull | QuotaExceeded | FileTooLarge))
     }
 }
 
@@ -125,15 +139,12 @@ pub struct Commit {
 pub struct Store {
     /// `DATA_DIR/revision.hwm`: the newest acknowledged revision.
     high_water: Option<PathBuf>,
-    db: sled::Db,
-    meta: sled::Tree,
-    models: sled::Tree,
-    profiles: sled::Tree,
-    revisions: sled::Tree,
-    history: sled::Tree,
-    instances: sled::Tree,
-    tokens: sled::Tree,
-    certs: sled::Tree,
+    /// The database directory, for a reopen (see `trees`).
+    dir: PathBuf,
+    /// `None` only while a reopen after a failed write has not succeeded.
+    trees: RwLock<Option<Arc<Trees>>>,
+    /// A write failed: the next one reopens the database first.
+    failed: AtomicBool,
     catalog: &'static Catalog,
     sealer: Sealer,
     writer: Mutex<()>,
@@ -178,22 +189,23 @@ impl Store {
 
     /// A small durable write, for readiness: fails while storage cannot
     /// write.
+    /// After a failed write this is what reopens the database, so a probing
+    /// readiness check brings storage back once there is space again.
     pub fn probe_write(&self) -> Result<(), StoreError> {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos() as u64;
-        self.meta.insert(b"ready_probe", &now.to_be_bytes())?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|t| {
+            t.meta.insert(b"ready_probe", &now.to_be_bytes())?;
+            t.db.flush()?;
+            Ok(())
+        })
     }
 
     /// The newest revision the database itself records (0 when empty).
     fn stored_revision(&self) -> Result<u64, StoreError> {
-        Ok(match self.meta.get(REVISION_KEY)? {
-            Some(raw) => u64::from_be_bytes(raw.as_ref().try_into().unwrap_or_default()),
-            None => 0,
-        })
+        self.trees()?.revision()
     }
 
     fn record_high_water(&self, revision: u64) -> Result<(), StoreError> {
@@ -209,23 +221,10 @@ impl Store {
         catalog: &'static Catalog,
         sealer: Sealer,
     ) -> Result<Self, StoreError> {
-        // The configuration is small and the fleet's instances live in the
-        // registry's memory: sled's default 1 GiB page cache would only
-        // hold copies of instance records (about 30 KiB per agent at 10,000).
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()?;
         let store = Store {
-            meta: db.open_tree("meta")?,
-            models: db.open_tree("models")?,
-            profiles: db.open_tree("profiles")?,
-            revisions: db.open_tree("revisions")?,
-            history: db.open_tree("history")?,
-            instances: db.open_tree("instances")?,
-            tokens: db.open_tree("tokens")?,
-            certs: db.open_tree("certs")?,
-            db,
+            trees: RwLock::new(Some(Arc::new(Trees::open(dir)?))),
+            dir: dir.to_path_buf(),
+            failed: AtomicBool::new(false),
             catalog,
             sealer,
             writer: Mutex::new(()),
@@ -239,7 +238,7 @@ impl Store {
     /// A new database gets its schema and the default profile; an older
     /// one is migrated; a key rotation re-seals.
     fn prepare(&self) -> Result<(), StoreError> {
-        match self.meta.get(SCHEMA_KEY)? {
+        match self.trees()?.meta.get(SCHEMA_KEY)? {
             None => self.initialize()?,
             Some(raw) => {
                 let found = u32::from_be_bytes(raw.as_ref().try_into().unwrap_or([0xff; 4]));
@@ -266,7 +265,8 @@ impl Store {
             model: None,
             profile: Some(default.clone()),
         };
-        (&self.meta, &self.profiles, &self.history)
+        let t = self.trees()?;
+        (&t.meta, &t.profiles, &t.history)
             .transaction(|(meta, profiles, history)| {
                 meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
                 meta.insert(REVISION_KEY, &0u64.to_be_bytes())?;
@@ -275,7 +275,7 @@ impl Store {
                 Ok(())
             })
             .map_err(unabortable)?;
-        self.db.flush()?;
+        t.db.flush()?;
         Ok(())
     }
 
@@ -283,14 +283,15 @@ impl Store {
     /// current key (migration from version 1, or key rotation), in one
     /// transaction.
     fn reseal_all(&self) -> Result<(), StoreError> {
+        let t = self.trees()?;
         let mut models = Vec::new();
-        for item in self.models.iter() {
+        for item in t.models.iter() {
             let (key, value) = item?;
             let model: Model = decode(&value, || "model".to_string())?;
             models.push((key, self.seal_model(&self.open_model(model)?)));
         }
         let mut history = Vec::new();
-        for item in self.history.iter() {
+        for item in t.history.iter() {
             let (key, value) = item?;
             let mut entry: HistoryEntry = decode(&value, || "history".to_string())?;
             if let Some(model) = entry.model.take() {
@@ -298,7 +299,7 @@ impl Store {
                 history.push((key, entry));
             }
         }
-        (&self.meta, &self.models, &self.history)
+        (&t.meta, &t.models, &t.history)
             .transaction(|(meta, models_tree, history_tree)| {
                 for (key, model) in &models {
                     models_tree.insert(key, model.encode_to_vec())?;
@@ -310,7 +311,7 @@ impl Store {
                 Ok(())
             })
             .map_err(unabortable)?;
-        self.db.flush()?;
+        t.db.flush()?;
         tracing::info!(
             models = models.len(),
             history = history.len(),
@@ -332,15 +333,16 @@ impl Store {
     }
 
     fn load(&self) -> Result<Config, StoreError> {
-        let revision = self.stored_revision()?;
-        let models = load_tree::<Model>(&self.models, "model")?
+        let t = self.trees()?;
+        let revision = t.revision()?;
+        let models = load_tree::<Model>(&t.models, "model")?
             .into_iter()
             .map(|(name, model)| Ok((name, self.open_model(model)?)))
             .collect::<Result<_, StoreError>>()?;
         Ok(Config {
             revision,
             models,
-            profiles: load_tree(&self.profiles, "profile")?,
+            profiles: load_tree(&t.profiles, "profile")?,
         })
     }
 
@@ -372,6 +374,7 @@ impl Store {
         op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.recover_locked()?;
         let old = self.current();
         let mut new = (*old).clone();
         let summary = op(&mut new, self.catalog)?;
@@ -384,8 +387,9 @@ impl Store {
     /// brought back from deletion comes back without one.
     pub fn rollback(&self, actor: &str, target: u64) -> Result<Commit, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.recover_locked()?;
         let old = self.current();
-        if target == 0 || self.revisions.get(target.to_be_bytes())?.is_none() {
+        if target == 0 || self.trees()?.revisions.get(target.to_be_bytes())?.is_none() {
             return Err(ConfigError::RevisionNotFound(target).into());
         }
         let mut restored = self.config_at(target)?;
@@ -471,13 +475,8 @@ impl Store {
             profiles: Vec::new(),
         };
         let revision_key = revision.to_be_bytes();
-        (
-            &self.meta,
-            &self.models,
-            &self.profiles,
-            &self.revisions,
-            &self.history,
-        )
+        let t = self.trees()?;
+        let written = (&t.meta, &t.models, &t.profiles, &t.revisions, &t.history)
             .transaction(|(meta, models, profiles, revisions, history)| {
                 meta.insert(REVISION_KEY, &revision_key)?;
                 for (name, _) in &model_changes {
@@ -516,10 +515,12 @@ impl Store {
                 revisions.insert(&revision_key, record.encode_to_vec())?;
                 Ok(())
             })
-            .map_err(unabortable)?;
-        // Durable before anyone hears of it: a revision number that was
-        // published must never be reused after a crash.
-        self.db.flush()?;
+            .map_err(unabortable)
+            // Durable before anyone hears of it: a revision number that was
+            // published must never be reused after a crash.
+            .and_then(|()| t.db.flush().map(drop))
+            .map_err(StoreError::from);
+        self.noting_failure(written)?;
         // Outside sled: a start on a database behind this is refused. The
         // revision is durable already, so a failure here only weakens that
         // guard; it is logged, and the commit stands.
@@ -542,7 +543,8 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<pb::Revision>, StoreError> {
         let end = before.unwrap_or(u64::MAX).to_be_bytes();
-        self.revisions
+        self.trees()?
+            .revisions
             .range(..end)
             .rev()
             .take(limit)
@@ -561,6 +563,7 @@ impl Store {
     /// One revision record: time, actor, summary and changes.
     pub fn revision_record(&self, revision: u64) -> Result<pb::Revision, StoreError> {
         let raw = self
+            .trees()?
             .revisions
             .get(revision.to_be_bytes())?
             .ok_or(ConfigError::RevisionNotFound(revision))?;
@@ -573,7 +576,7 @@ impl Store {
             revision,
             ..Config::default()
         };
-        for item in self.history.iter() {
+        for item in self.trees()?.history.iter() {
             let (key, value) = item?;
             let Some((kind, name, at)) = split_history_key(&key) else {
                 continue;
@@ -605,53 +608,62 @@ impl Store {
         for instance in instances {
             batch.insert(instance.instance_id.as_bytes(), instance.encode_to_vec());
         }
-        self.instances.apply_batch(batch)?;
-        Ok(())
+        self.write(|t| Ok(t.instances.apply_batch(batch)?))
     }
 
     /// Forgets an instance, durably (an operator asked for it).
     pub fn delete_instance(&self, instance_id: &str) -> Result<(), StoreError> {
-        self.instances.remove(instance_id.as_bytes())?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|t| {
+            t.instances.remove(instance_id.as_bytes())?;
+            t.db.flush()?;
+            Ok(())
+        })
     }
 
     pub fn load_instances(&self) -> Result<Vec<pb::Instance>, StoreError> {
-        Ok(load_tree(&self.instances, "instance")?
+        Ok(load_tree(&self.trees()?.instances, "instance")?
             .into_values()
             .collect())
     }
 
     /// Stores a new token, durably; false when the name is taken.
     pub fn insert_token(&self, name: &str, token: &StoredToken) -> Result<bool, StoreError> {
-        let inserted = self
-            .tokens
-            .compare_and_swap(
-                name.as_bytes(),
-                None as Option<&[u8]>,
-                Some(token.encode_to_vec()),
-            )?
-            .is_ok();
-        self.db.flush()?;
-        Ok(inserted)
+        self.write(|t| {
+            let inserted = t
+                .tokens
+                .compare_and_swap(
+                    name.as_bytes(),
+                    None as Option<&[u8]>,
+                    Some(token.encode_to_vec()),
+                )?
+                .is_ok();
+            t.db.flush()?;
+            Ok(inserted)
+        })
     }
 
     /// Replaces a token's record, durably (a join token's uses).
     pub fn put_token(&self, name: &str, token: &StoredToken) -> Result<(), StoreError> {
-        self.tokens.insert(name.as_bytes(), token.encode_to_vec())?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|t| {
+            t.tokens.insert(name.as_bytes(), token.encode_to_vec())?;
+            t.db.flush()?;
+            Ok(())
+        })
     }
 
     /// Removes a token, durably; false when there was none.
     pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
-        let removed = self.tokens.remove(name.as_bytes())?.is_some();
-        self.db.flush()?;
-        Ok(removed)
+        self.write(|t| {
+            let removed = t.tokens.remove(name.as_bytes())?.is_some();
+            t.db.flush()?;
+            Ok(removed)
+        })
     }
 
     pub fn load_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
-        Ok(load_tree(&self.tokens, "token")?.into_values().collect())
+        Ok(load_tree(&self.trees()?.tokens, "token")?
+            .into_values()
+            .collect())
     }
 
     /// Remembers an issued agent certificate, durably.
@@ -660,21 +672,27 @@ impl Store {
         fingerprint: &str,
         cert: &crate::ca::IssuedCert,
     ) -> Result<(), StoreError> {
-        self.certs
-            .insert(fingerprint.as_bytes(), cert.encode_to_vec())?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|t| {
+            t.certs
+                .insert(fingerprint.as_bytes(), cert.encode_to_vec())?;
+            t.db.flush()?;
+            Ok(())
+        })
     }
 
     /// Forgets an agent certificate, durably.
     pub fn delete_cert(&self, fingerprint: &str) -> Result<(), StoreError> {
-        self.certs.remove(fingerprint.as_bytes())?;
-        self.db.flush()?;
-        Ok(())
+        self.write(|t| {
+            t.certs.remove(fingerprint.as_bytes())?;
+            t.db.flush()?;
+            Ok(())
+        })
     }
 
     pub fn load_certs(&self) -> Result<Vec<(String, crate::ca::IssuedCert)>, StoreError> {
-        Ok(load_tree(&self.certs, "certificate")?.into_iter().collect())
+        Ok(load_tree(&self.trees()?.certs, "certificate")?
+            .into_iter()
+            .collect())
     }
 
     /// Copies the whole database into a new sled database at `dest`, with
@@ -683,15 +701,16 @@ impl Store {
     pub fn backup(&self, dest: &Path) -> Result<u64, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let revision = self.current().revision;
+        let source = self.trees()?;
         let target = sled::Config::new().path(dest).open()?;
-        target.import(self.db.export());
+        target.import(source.db.export());
         target.flush()?;
         Ok(revision)
     }
 
     /// Flushes everything to disk (at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.trees()?.db.flush()?;
         Ok(())
     }
 }

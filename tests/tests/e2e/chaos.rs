@@ -208,3 +208,154 @@ async fn kill_9_of_agents_mid_apply_keeps_gitlab_rb_valid_and_converges() {
         "{text}"
     );
 }
+
+/// A tmpfs mounted for one test, unmounted (lazily) when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &std::path::Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a small tmpfs and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs(at.to_path_buf())
+    }
+
+    /// Writes `path` until the file system refuses with ENOSPC.
+    fn fill(&self, path: &std::path::Path) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(path).unwrap();
+        for chunk in [1 << 16, 1 << 12, 1] {
+            let bytes = vec![0xa5u8; chunk];
+            loop {
+                match file.write_all(&bytes) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(28), "filling {path:?}: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The data dir's file system fills up: writes answer RESOURCE_EXHAUSTED
+/// and change nothing, `/readyz` says so, and once space is freed the next
+/// write succeeds without a restart. Nothing acknowledged is lost, and
+/// nothing refused appears later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_and_recovers_without_a_restart() {
+    use duofleet_tests::http_get;
+    use tonic::Code;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let fs = SmallFs::mount(&data, "8m");
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    let create = |name: String| CreateModelRequest {
+        model: Some(mk::model(&name)),
+    };
+    let mut acknowledged = BTreeMap::new();
+    for n in 0..5 {
+        let name = format!("before-{n}");
+        let r = c.models.create_model(create(name.clone())).await.unwrap();
+        acknowledged.insert(name, r.into_inner().revision);
+    }
+
+    let filler = data.join("filler");
+    fs.fill(&filler);
+    let mut refused = Vec::new();
+    for n in 0..200 {
+        let name = format!("full-{n}");
+        match c.models.create_model(create(name.clone())).await {
+            // sled may still have room in space it holds already.
+            Ok(r) => {
+                acknowledged.insert(name, r.into_inner().revision);
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("disk full"), "{status:?}");
+                refused.push(name);
+                if refused.len() == 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(refused.len(), 3, "the full disk never refused a write");
+    let (code, body) = http_get(&daemon.http_addr, "/readyz");
+    assert_eq!(code, 503, "/readyz on a full disk: {body}");
+    assert_eq!(http_get(&daemon.http_addr, "/healthz").0, 200);
+
+    std::fs::remove_file(&filler).unwrap();
+    // The very next write succeeds: no restart, no waiting.
+    let r = c
+        .models
+        .create_model(create("after".into()))
+        .await
+        .expect("the first write after space was freed");
+    acknowledged.insert("after".into(), r.into_inner().revision);
+    assert_eq!(http_get(&daemon.http_addr, "/readyz").0, 200);
+    assert!(
+        daemon.log().contains("storage recovered"),
+        "{}",
+        daemon.log()
+    );
+
+    // After a hard restart: every acknowledged write under its revision,
+    // nothing refused, and revision numbers without gaps or reuse.
+    daemon.kill9();
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    let stored: BTreeMap<String, u64> = c
+        .models
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .into_iter()
+        .map(|m| (m.name, m.revision))
+        .collect();
+    assert_eq!(stored, acknowledged);
+    let newest = *acknowledged.values().max().unwrap();
+    for revision in 1..=newest {
+        let record = c
+            .history
+            .get_revision(GetRevisionRequest { revision })
+            .await
+            .unwrap()
+            .into_inner();
+        let name = record
+            .summary
+            .strip_prefix("create model ")
+            .unwrap()
+            .to_string();
+        assert_eq!(acknowledged.get(&name), Some(&revision), "{record:?}");
+    }
+    drop(daemon);
+    drop(fs);
+}
