@@ -107,6 +107,12 @@ pub struct Args {
     #[arg(long, env = "DUOFLEET_BACKOFF_INITIAL", default_value = "1s", value_parser = parse_duration, hide = true)]
     pub backoff_initial: Duration,
 
+    /// HTTP/2 keepalive ping interval to the control plane; a connection
+    /// whose ping is not answered within the same time again is dropped and
+    /// reconnected (a silent network partition is found within twice this).
+    #[arg(long, env = "DUOFLEET_KEEPALIVE", default_value = "20s", value_parser = parse_duration, hide = true)]
+    pub keepalive: Duration,
+
     /// Longest reconnect delay.
     #[arg(long, env = "DUOFLEET_BACKOFF_MAX", default_value = "120s", value_parser = parse_duration, hide = true)]
     pub backoff_max: Duration,

@@ -174,6 +174,7 @@ async fn run(args: Args) -> Result<(), String> {
         check_interval: args.health_interval,
         repair_drift: args.repair_drift,
         backoff: Backoff::new(args.backoff_initial, args.backoff_max),
+        keepalive: args.keepalive,
         failed: None,
         prober: Prober::new(args.probe_timeout, args.ca_bundle.as_deref())?,
         heartbeat: args.health_heartbeat,

@@ -29,6 +29,8 @@ pub struct Session {
     pub check_interval: Duration,
     pub repair_drift: bool,
     pub backoff: Backoff,
+    /// HTTP/2 keepalive interval and timeout (--keepalive).
+    pub keepalive: Duration,
     /// The last config that failed, and gitlab.rb as it was then: when an
     /// administrator fixes the file, the agent tries again by itself.
     pub failed: Option<(DesiredConfig, Option<String>)>,
@@ -102,8 +104,8 @@ impl Session {
         let endpoint = match Endpoint::from_shared(self.endpoint.clone()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(10))
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_timeout(Duration::from_secs(20))
+                .http2_keep_alive_interval(self.keepalive)
+                .keep_alive_timeout(self.keepalive)
                 .keep_alive_while_idle(true),
             Err(e) => {
                 return Ended::Refused(Refused {

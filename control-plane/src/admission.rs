@@ -1,9 +1,14 @@
 //! Admission on the gRPC listener, so that unauthenticated clients cannot
 //! exhaust the daemon:
-//! - at most `--max-connections` open connections (more wait in the
-//!   kernel's backlog), the last `OPERATOR_RESERVE` of them for operators
-//!   only, so that an admin call gets through while agents and anonymous
-//!   clients hold every other slot;
+//! - at most `--max-connections` open connections, the last
+//!   `OPERATOR_RESERVE` of them for operators only, so that an admin call
+//!   gets through while agents hold every other slot;
+//! - when every slot is taken, a newcomer takes the place of a connection
+//!   that has not authenticated yet: the oldest one from the client
+//!   address that holds the most. A flood of anonymous connections from
+//!   one address thus only ever evicts its own, and cannot keep an
+//!   operator (or an agent) from another address out. Only when every open
+//!   connection has authenticated does a newcomer wait for a slot;
 //! - a connection that sends nothing within the first-byte timeout (no TLS
 //!   ClientHello, no HTTP/2 preface) is closed;
 //! - a connection whose first authenticated request has not arrived within
@@ -12,15 +17,15 @@
 //!
 //! After that, HTTP/2 keepalive drops peers that stop answering.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -37,12 +42,37 @@ const RESERVED_AUTH_DEADLINE: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Connections {
     open: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
+    /// Connections that have not authenticated yet, by client address,
+    /// oldest first: the candidates for eviction.
+    pending: Mutex<HashMap<IpAddr, VecDeque<Arc<Conn>>>>,
+    evictions: Mutex<EvictionLog>,
+}
+
+#[derive(Default)]
+struct EvictionLog {
+    since_logged: u64,
+    logged: Option<Instant>,
 }
 
 struct Conn {
     authenticated: AtomicBool,
     /// Admitted into the operators' reserve: other callers are refused.
     operators_only: bool,
+    /// A newcomer took its place: the connection is closed.
+    evicted: AtomicBool,
+    /// Wakes the connection's reader, so that an eviction takes effect.
+    reader: Mutex<Option<Waker>>,
+}
+
+impl Conn {
+    fn new(operators_only: bool) -> Conn {
+        Conn {
+            authenticated: AtomicBool::new(false),
+            operators_only,
+            evicted: AtomicBool::new(false),
+            reader: Mutex::new(None),
+        }
+    }
 }
 
 /// A caller on a reserved slot that is not an operator.
@@ -57,14 +87,109 @@ impl Connections {
     /// says whether its token is an admin or viewer token.
     pub fn authenticated(&self, peer: Option<SocketAddr>, operator: bool) -> Result<(), Reserved> {
         let Some(peer) = peer else { return Ok(()) };
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(conn) = open.get(&peer) {
+        let conn = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .cloned();
+        if let Some(conn) = conn {
             if conn.operators_only && !operator {
                 return Err(Reserved);
             }
-            conn.authenticated.store(true, Ordering::Relaxed);
+            if !conn.authenticated.swap(true, Ordering::Relaxed) {
+                self.settled(peer.ip(), &conn);
+            }
         }
         Ok(())
+    }
+
+    fn arrived(&self, peer: SocketAddr, conn: &Arc<Conn>) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, conn.clone());
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer.ip())
+            .or_default()
+            .push_back(conn.clone());
+    }
+
+    /// `conn` is no longer a candidate for eviction (authenticated, or closed).
+    fn settled(&self, ip: IpAddr, conn: &Arc<Conn>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = pending.get_mut(&ip) {
+            queue.retain(|c| !Arc::ptr_eq(c, conn));
+            if queue.is_empty() {
+                pending.remove(&ip);
+            }
+        }
+    }
+
+    fn closed(&self, peer: SocketAddr, conn: &Arc<Conn>) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
+        if !conn.authenticated.load(Ordering::Relaxed) && !conn.evicted.load(Ordering::Relaxed) {
+            self.settled(peer.ip(), conn);
+        }
+    }
+
+    /// Closes the oldest unauthenticated connection of the client address
+    /// that holds the most of them, so a flood from one address evicts
+    /// only its own connections; false when every open connection has
+    /// authenticated.
+    fn evict_one(&self) -> bool {
+        let victim = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(ip) = pending
+                .iter()
+                .max_by_key(|(_, queue)| queue.len())
+                .map(|(ip, _)| *ip)
+            else {
+                return false;
+            };
+            let queue = pending.get_mut(&ip).expect("just found");
+            let victim = queue.pop_front();
+            if queue.is_empty() {
+                pending.remove(&ip);
+            }
+            match victim {
+                Some(victim) => victim,
+                None => return false,
+            }
+        };
+        victim.evicted.store(true, Ordering::Relaxed);
+        if let Some(reader) = victim
+            .reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            reader.wake();
+        }
+        self.log_eviction();
+        true
+    }
+
+    /// One warning a minute at most, with the count.
+    fn log_eviction(&self) {
+        let mut log = self.evictions.lock().unwrap_or_else(|e| e.into_inner());
+        log.since_logged += 1;
+        if log
+            .logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            tracing::warn!(
+                evicted = log.since_logged,
+                "every connection slot is taken: unauthenticated connections are closed, oldest first, to admit new ones (see --max-connections)"
+            );
+            log.since_logged = 0;
+            log.logged = Some(Instant::now());
+        }
     }
 }
 
@@ -84,11 +209,7 @@ pub struct Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         if let Some(peer) = self.peer {
-            self.connections
-                .open
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&peer);
+            self.connections.closed(peer, &self.conn);
         }
     }
 }
@@ -97,10 +218,12 @@ impl Drop for Admitted {
 #[derive(Clone, Copy)]
 pub struct Deadlines {
     pub first_byte: Duration,
-    pub authenticated: Duration,
+    /// None: the listener has no authentication (HTTP).
+    pub authenticated: Option<Duration>,
 }
 
-/// Accepts connections from `listener` while fewer than `max` are open.
+/// Accepts connections from `listener`: at most `max` open, the oldest
+/// unauthenticated one giving way to a newcomer when all are taken.
 pub fn admit(
     listener: TcpListener,
     max: usize,
@@ -113,6 +236,7 @@ pub fn admit(
         OPERATOR_RESERVE.min(max / 2),
         deadlines,
         connections,
+        true,
     )
 }
 
@@ -122,13 +246,20 @@ fn admit_with_reserve(
     reserve: usize,
     deadlines: Deadlines,
     connections: Arc<Connections>,
+    evict: bool,
 ) -> ReceiverStream<io::Result<Admitted>> {
     let (tx, rx) = mpsc::channel(16);
     let slots = Arc::new(Semaphore::new(max));
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                break;
+            // Without eviction, a full house waits in the kernel's backlog.
+            let reserved = if evict {
+                None
+            } else {
+                match slots.clone().acquire_owned().await {
+                    Ok(permit) => Some(permit),
+                    Err(_) => break,
+                }
             };
             let (io, peer) = match listener.accept().await {
                 Ok((io, peer)) => (io, peer),
@@ -139,28 +270,38 @@ fn admit_with_reserve(
                     continue;
                 }
             };
+            let permit = match reserved {
+                Some(permit) => permit,
+                None => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // The evicted connection gives its slot back as
+                        // soon as its task sees the eviction.
+                        connections.evict_one();
+                        match slots.clone().acquire_owned().await {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        }
+                    }
+                },
+            };
             let _ = io.set_nodelay(true);
             let operators_only = slots.available_permits() < reserve;
-            let conn = Arc::new(Conn {
-                authenticated: AtomicBool::new(false),
-                operators_only,
-            });
+            let conn = Arc::new(Conn::new(operators_only));
             // A reserved slot is given back fast unless an operator uses it.
             let authenticate_within = if operators_only {
-                deadlines.authenticated.min(RESERVED_AUTH_DEADLINE)
+                deadlines
+                    .authenticated
+                    .map(|d| d.min(RESERVED_AUTH_DEADLINE))
             } else {
                 deadlines.authenticated
             };
-            connections
-                .open
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(peer, conn.clone());
+            connections.arrived(peer, &conn);
             let admitted = Admitted {
                 io,
                 _permit: permit,
                 deadline: Some(Box::pin(tokio::time::sleep(deadlines.first_byte))),
-                auth_deadline: Some(Box::pin(tokio::time::sleep(authenticate_within))),
+                auth_deadline: authenticate_within.map(|d| Box::pin(tokio::time::sleep(d))),
                 conn,
                 peer: Some(peer),
                 connections: connections.clone(),
@@ -180,8 +321,21 @@ impl AsyncRead for Admitted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.auth_deadline.is_some() && this.conn.authenticated.load(Ordering::Relaxed) {
-            this.auth_deadline = None;
+        if this.conn.evicted.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed to admit a newer connection: every slot was taken",
+            )));
+        }
+        if this.auth_deadline.is_some() {
+            if this.conn.authenticated.load(Ordering::Relaxed) {
+                this.auth_deadline = None;
+            } else {
+                let mut reader = this.conn.reader.lock().unwrap_or_else(|e| e.into_inner());
+                if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *reader = Some(cx.waker().clone());
+                }
+            }
         }
         if this
             .auth_deadline
@@ -259,13 +413,13 @@ impl Connected for Admitted {
 }
 
 /// The HTTP listener (/healthz, /readyz, /metrics) with its own cap: at
-/// most `max` connections, the first byte within `first_byte`, and each
-/// connection closed `lifetime` after it opened, so that a client sending
-/// partial requests holds a slot that long at most (Prometheus and probes
-/// simply reconnect).
+/// most `max` connections (more wait in the kernel's backlog), the first
+/// byte within `first_byte`, and each request's headers within
+/// `header_read`, which also bounds how long an idle keep-alive connection
+/// is kept. A response being streamed has no deadline.
 pub struct HttpListener {
     incoming: ReceiverStream<io::Result<Admitted>>,
-    local: SocketAddr,
+    header_read: Duration,
 }
 
 impl HttpListener {
@@ -273,43 +427,58 @@ impl HttpListener {
         listener: TcpListener,
         max: usize,
         first_byte: Duration,
-        lifetime: Duration,
-    ) -> io::Result<Self> {
-        let local = listener.local_addr()?;
+        header_read: Duration,
+    ) -> HttpListener {
         let incoming = admit_with_reserve(
             listener,
             max,
             0,
             Deadlines {
                 first_byte,
-                authenticated: lifetime,
+                authenticated: None,
             },
             Arc::new(Connections::default()),
+            false,
         );
-        Ok(HttpListener { incoming, local })
-    }
-}
-
-impl axum::serve::Listener for HttpListener {
-    type Io = Admitted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use tokio_stream::StreamExt;
-        loop {
-            match self.incoming.next().await {
-                Some(Ok(admitted)) => {
-                    let peer = admitted.peer.unwrap_or(self.local);
-                    return (admitted, peer);
-                }
-                Some(Err(_)) => continue,
-                // The accept task ended: nothing more will come.
-                None => std::future::pending::<()>().await,
-            }
+        HttpListener {
+            incoming,
+            header_read,
         }
     }
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
+    /// Serves `router` on every admitted connection until `shutdown`; then
+    /// lets requests in progress finish.
+    pub async fn serve(mut self, router: axum::Router, shutdown: impl Future<Output = ()>) {
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        use tokio_stream::StreamExt;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::pin!(shutdown);
+        loop {
+            let admitted = tokio::select! {
+                next = self.incoming.next() => match next {
+                    Some(Ok(admitted)) => admitted,
+                    Some(Err(_)) => continue,
+                    None => break,
+                },
+                () = &mut shutdown => break,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            let mut stopped = stopped.clone();
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.header_read)
+                .serve_connection(TokioIo::new(admitted), service);
+            tokio::spawn(async move {
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    _ = async { stopped.wait_for(|stop| *stop).await.map(drop) } => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
+            });
+        }
+        let _ = stop.send(true);
     }
 }

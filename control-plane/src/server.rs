@@ -131,15 +131,16 @@ pub struct Args {
     )]
     pub auth_timeout_ms: u64,
 
-    /// How long one HTTP connection may stay open: a client trickling a
-    /// request holds its slot no longer.
+    /// How long an HTTP client may take to send a request's headers (and
+    /// how long an idle keep-alive connection is kept): a client trickling
+    /// a request holds its slot no longer.
     #[arg(
         long,
-        env = "DUOFLEET_HTTP_CONNECTION_LIFETIME_MS",
-        default_value_t = 30_000,
+        env = "DUOFLEET_HTTP_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000,
         hide = true
     )]
-    pub http_connection_lifetime_ms: u64,
+    pub http_header_timeout_ms: u64,
 
     /// Log format on stderr.
     #[arg(long, env = "DUOFLEET_LOG_FORMAT", value_enum, default_value = "human")]
@@ -465,28 +466,23 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
                 max_connections(args.max_connections),
                 crate::admission::Deadlines {
                     first_byte: Duration::from_millis(args.first_byte_timeout_ms),
-                    authenticated: Duration::from_millis(args.auth_timeout_ms),
+                    authenticated: Some(Duration::from_millis(args.auth_timeout_ms)),
                 },
                 connections,
             ),
             wait_for(shutdown_rx.clone()),
         );
 
-    let http_listener = crate::admission::HttpListener::new(
+    let http_server = crate::admission::HttpListener::new(
         http_listener,
         HTTP_MAX_CONNECTIONS,
         Duration::from_millis(args.first_byte_timeout_ms),
-        Duration::from_millis(args.http_connection_lifetime_ms),
+        Duration::from_millis(args.http_header_timeout_ms),
     )
-    .map_err(|source| StartError::Listen {
-        addr: args.http_listen,
-        source,
-    })?;
-    let http_server = axum::serve(
-        http_listener,
+    .serve(
         crate::http::router(store.clone(), registry.clone()),
-    )
-    .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
+        wait_for(shutdown_rx.clone()),
+    );
 
     tracing::info!(
         %grpc_addr,
@@ -527,9 +523,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         tracing::warn!(%error, "could not save the fleet's instance state");
     }
     let flushed = store.flush();
-    if let Some((grpc_result, http_result)) = results {
+    if let Some((grpc_result, ())) = results {
         grpc_result?;
-        http_result?;
     }
     flushed?;
     tracing::info!("duofleetd stopped");

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod endpoints;
 pub mod gitlab_sim;
+pub mod proxy;
 
 use duofleet_proto::v1::fleet_service_client::FleetServiceClient;
 use duofleet_proto::v1::history_service_client::HistoryServiceClient;

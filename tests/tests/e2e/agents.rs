@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const ENV_HASH_RB: &str = r#"external_url 'https://gitlab-a.example.com'
+pub(crate) const ENV_HASH_RB: &str = r#"external_url 'https://gitlab-a.example.com'
 gitlab_rails['time_zone'] = 'UTC'
 
 gitlab_rails['env'] = {
@@ -39,12 +39,12 @@ external_url 'https://gitlab-b.example.com'
 # }
 "#;
 
-fn args(pairs: &[&str]) -> Vec<String> {
+pub(crate) fn args(pairs: &[&str]) -> Vec<String> {
     pairs.iter().map(|s| s.to_string()).collect()
 }
 
 /// A Linux-package agent with its own gitlab.rb and fake gitlab-ctl.
-fn linux_agent(
+pub(crate) fn linux_agent(
     daemon: &Daemon,
     root: &Path,
     id: &str,
@@ -64,7 +64,7 @@ fn linux_agent(
     (Agent::start(daemon, id, root, &all), ctl, rb)
 }
 
-async fn set_gateway(c: &mut Clients, profile: &str, url: &str) -> u64 {
+pub(crate) async fn set_gateway(c: &mut Clients, profile: &str, url: &str) -> u64 {
     c.profiles
         .update_profile(UpdateProfileRequest {
             profile: Some(Profile {

@@ -359,3 +359,276 @@ async fn a_full_disk_refuses_writes_and_recovers_without_a_restart() {
     drop(daemon);
     drop(fs);
 }
+
+/// One anonymous connection from `from` to `to`: the HTTP/2 preface and
+/// an empty SETTINGS frame, then nothing that authenticates.
+async fn anonymous(from: &str, to: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{from}:0").parse().unwrap())?;
+    let mut stream = socket.connect(to).await?;
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await?;
+    Ok(stream)
+}
+
+/// Anonymous clients from other addresses flood the gRPC port: one opens
+/// connections as fast as it can and holds them, another keeps its own
+/// busy with PINGs, a third trickles a byte at a time. An admin call
+/// still answers within a second, each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_call_gets_through_an_anonymous_flood() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let options = duofleet_tests::DaemonOptions {
+        args: vec!["--max-connections".into(), "64".into()],
+        ..Default::default()
+    };
+    let daemon = Daemon::start_with(&dir.path().join("data"), options);
+    let target: std::net::SocketAddr = daemon.grpc_addr.parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut attackers = Vec::new();
+    for _ in 0..2 {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        attackers.push(tokio::spawn(async move {
+            let mut held = std::collections::VecDeque::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(stream) = anonymous("127.0.0.2", target).await {
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    held.push_back(stream);
+                }
+                if held.len() > 400 {
+                    held.pop_front();
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let stop_pinger = stop.clone();
+    attackers.push(tokio::spawn(async move {
+        let mut streams = Vec::new();
+        for _ in 0..32 {
+            streams.extend(anonymous("127.0.0.3", target).await.ok());
+        }
+        let mut n = 0u8;
+        while !stop_pinger.load(Ordering::Relaxed) {
+            n = n.wrapping_add(1);
+            let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, n];
+            for stream in &mut streams {
+                let _ = stream.write_all(&ping).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }));
+    let stop_trickler = stop.clone();
+    attackers.push(tokio::spawn(async move {
+        let mut streams = Vec::new();
+        for _ in 0..32 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.4:0".parse().unwrap()).unwrap();
+            streams.extend(socket.connect(target).await.ok());
+        }
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        for byte in preface.iter().cycle() {
+            if stop_trickler.load(Ordering::Relaxed) {
+                break;
+            }
+            for stream in &mut streams {
+                let _ = stream.write_all(&[*byte]).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }));
+    // The flood has taken every slot once the daemon starts evicting.
+    duofleet_tests::wait_for(crate::WAIT, || {
+        daemon
+            .log()
+            .contains("every connection slot is taken")
+            .then_some(())
+    })
+    .await;
+
+    let mut answered = Vec::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let call = async {
+            let mut c = daemon.clients().await;
+            c.models.list_models(ListModelsRequest {}).await
+        };
+        let result = tokio::time::timeout(Duration::from_secs(10), call).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(result, Ok(Ok(_))),
+            "the admin call failed under the flood after {took:?}: {result:?}"
+        );
+        answered.push(took);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.await.unwrap();
+    }
+    eprintln!(
+        "anonymous flood: {} connections opened; admin calls answered in {answered:?}",
+        opened.load(Ordering::Relaxed)
+    );
+    for took in &answered {
+        assert!(*took < Duration::from_secs(1), "{answered:?}");
+    }
+}
+
+/// A network partition between the agents and the control plane, through
+/// a TCP proxy the test controls (packets dropped, not connections reset).
+/// During it: the control plane shows the agents OFFLINE, they keep their
+/// last-known-good configuration (also across an agent restart) and run no
+/// reconfigure. After it: each converges on what changed meanwhile, with
+/// one reconfigure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_keep_their_configuration_through_a_partition_and_converge_after() {
+    use crate::agents::{ENV_HASH_RB, args, linux_agent, set_gateway};
+    use duofleet_proto::v1::SyncState;
+    use duofleet_tests::proxy::Proxy;
+    let dir = tempfile::tempdir().unwrap();
+    let options = duofleet_tests::DaemonOptions {
+        args: args(&["--keepalive-ms", "500"]),
+        ..Default::default()
+    };
+    let daemon = Daemon::start_with(&dir.path().join("data"), options);
+    let mut c = daemon.clients().await;
+    let proxy = Proxy::start(&daemon.grpc_addr).await;
+    let via_proxy = format!("http://{}", proxy.addr);
+    let ids = ["gitlab-a", "gitlab-b", "gitlab-c"];
+    let mut agents = Vec::new();
+    for id in ids {
+        let extra = ["--control-plane", &via_proxy, "--keepalive", "500ms"];
+        agents.push(linux_agent(&daemon, dir.path(), id, ENV_HASH_RB, &extra));
+    }
+    let mut last = set_gateway(&mut c, "default", "https://aigw-0.example.com").await;
+    for id in ids {
+        crate::wait_synced(&mut c, id, last).await;
+    }
+    let mut reconfigures = 1;
+    let partitions = (rounds() / 4).max(1);
+    for round in 1..=partitions {
+        let before = format!(
+            "'AI_GATEWAY_URL' => 'https://aigw-{}.example.com',",
+            round - 1
+        );
+        proxy.partition();
+        for id in ids {
+            let offline = crate::wait_instance(&mut c, id, "offline", |i| {
+                i.sync_state() == SyncState::Offline
+            })
+            .await;
+            assert_eq!(offline.applied_revision, last);
+        }
+        last = set_gateway(
+            &mut c,
+            "default",
+            &format!("https://aigw-{round}.example.com"),
+        )
+        .await;
+        // One agent restarts while it cannot reach the control plane.
+        let (agent, _, _) = &mut agents[round % ids.len()];
+        agent.kill9();
+        agent.restart();
+        // Several keepalive and backoff periods pass.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for (agent, ctl, rb) in &agents {
+            let text = std::fs::read_to_string(rb).unwrap();
+            assert!(text.contains(&before), "{}: {text}", agent.instance_id);
+            assert_eq!(ctl.calls().len(), reconfigures, "{}", agent.instance_id);
+        }
+
+        proxy.heal();
+        reconfigures += 1;
+        let after = format!("'AI_GATEWAY_URL' => 'https://aigw-{round}.example.com',");
+        for (agent, ctl, rb) in &agents {
+            crate::wait_synced(&mut c, &agent.instance_id, last).await;
+            let text = std::fs::read_to_string(rb).unwrap();
+            assert!(text.contains(&after), "{}: {text}", agent.instance_id);
+            assert_eq!(ctl.calls().len(), reconfigures, "{}", agent.instance_id);
+        }
+    }
+    eprintln!(
+        "partition: {partitions} partitions of {} agents, each kept its configuration and converged after",
+        ids.len()
+    );
+}
+
+/// One agent stops reading (SIGSTOP) while the configuration changes again
+/// and again: the others are not held up. Measured: the time from each
+/// change to all other agents SYNCED, with every agent reading and with
+/// one stalled. The figures are printed; the assertions are that every
+/// live agent applies every change while the stalled one holds its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_reading_does_not_delay_the_others() {
+    use crate::agents::{ENV_HASH_RB, linux_agent, set_gateway};
+    use duofleet_proto::v1::{ListInstancesRequest, SyncState};
+    let (dir, daemon) = crate::fresh_daemon();
+    let mut c = daemon.clients().await;
+    let live_ids: Vec<String> = (0..4).map(|i| format!("live-{i}")).collect();
+    let mut live = Vec::new();
+    for id in &live_ids {
+        live.push(linux_agent(&daemon, dir.path(), id, ENV_HASH_RB, &[]));
+    }
+    let (stalled, _, stalled_rb) = linux_agent(&daemon, dir.path(), "stalled", ENV_HASH_RB, &[]);
+    crate::wait_synced(&mut c, "stalled", 0).await;
+    let changes = 8 * rounds();
+    let measure = async |c: &mut duofleet_tests::Clients, label: &str| {
+        let mut took = Vec::new();
+        let mut revision = 0;
+        for n in 0..changes {
+            let url = format!("https://aigw-{label}-{n}.example.com");
+            let started = std::time::Instant::now();
+            revision = set_gateway(c, "default", &url).await;
+            let deadline = started + crate::WAIT;
+            loop {
+                let instances = c
+                    .fleet
+                    .list_instances(ListInstancesRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .instances;
+                let synced = instances
+                    .iter()
+                    .filter(|i| live_ids.contains(&i.instance_id))
+                    .filter(|i| {
+                        i.sync_state() == SyncState::Synced && i.applied_revision == revision
+                    })
+                    .count();
+                if synced == live_ids.len() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{label}: change {n} not applied by every live agent"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            took.push(started.elapsed());
+        }
+        took.sort();
+        (took[took.len() / 2], took[took.len() - 1], revision)
+    };
+    let baseline = measure(&mut c, "all-reading").await;
+    crate::wait_synced(&mut c, "stalled", baseline.2).await;
+    let before = std::fs::read_to_string(&stalled_rb).unwrap();
+    stalled.signal("STOP");
+    let with_stall = measure(&mut c, "one-stalled").await;
+    // The stalled agent got none of it.
+    assert_eq!(std::fs::read_to_string(&stalled_rb).unwrap(), before);
+    stalled.signal("CONT");
+    eprintln!(
+        "stalled reader: {changes} changes to {} live agents; to all SYNCED p50 / max: {:?} / {:?} with every agent reading, {:?} / {:?} with one stalled",
+        live_ids.len(),
+        baseline.0,
+        baseline.1,
+        with_stall.0,
+        with_stall.1
+    );
+}

@@ -328,7 +328,7 @@ async fn operators_have_headroom_when_agents_fill_the_daemon() {
 fn the_http_port_drops_a_request_that_never_ends() {
     use std::io::Write;
     use std::time::{Duration, Instant};
-    let (_dir, daemon) = daemon_with(&["--http-connection-lifetime-ms", "1000"]);
+    let (_dir, daemon) = daemon_with(&["--http-header-timeout-ms", "1000"]);
     let mut stream = std::net::TcpStream::connect(&daemon.http_addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_millis(200)))
