@@ -1,22 +1,24 @@
 //! Editing `AI_GATEWAY_URL` in gitlab.rb the way a careful administrator
 //! would: only that entry changes, every other byte stays.
 //!
-//! gitlab.rb is Ruby and belongs to the administrator, so this is a small
-//! scanner for the parts of Ruby that matter here (comments, `=begin` /
-//! `=end` blocks, quoted strings, braces), not a regex over lines:
+//! gitlab.rb is Ruby and belongs to the administrator, so the file is read
+//! with a real Ruby parser (lib-ruby-parser, Ruby 3.1's grammar), and the
+//! edit replaces exactly the byte ranges the parser reports:
 //!
-//! - the last active `gitlab_rails['env'] = { ... }` wins in Ruby, so that is
-//!   the one edited: its `'AI_GATEWAY_URL' => '...'` value is replaced, or the
-//!   entry is added as the hash's first entry;
-//! - without an active assignment, a marked block is appended;
+//! - the last top-level `gitlab_rails['env'] = { ... }` wins in Ruby, so that
+//!   is the one edited: its `'AI_GATEWAY_URL' => '...'` value literal is
+//!   replaced, or the entry is added as the hash's first entry;
+//! - without one, a marked block is appended;
+//! - a file that does not parse is left alone;
 //! - an env built in a way that cannot be edited safely (`.merge`, a
-//!   variable, `gitlab_rails['env']['AI_GATEWAY_URL'] = ...`, string
-//!   interpolation in the value) is refused with what to change;
-//! - the scanner's finding is checked against a real Ruby parser
-//!   (lib-ruby-parser, Ruby 3.1's grammar): a file that does not parse is
-//!   left alone, and an assignment that is not a top-level statement
-//!   (inside a heredoc or another string, a conditional, a loop, a method
-//!   or a block) is refused with its line, since Ruby may never run it.
+//!   variable, `gitlab_rails['env']['AI_GATEWAY_URL'] = ...`, `||=`,
+//!   string interpolation in the value, a symbol key) is refused with what
+//!   to change;
+//! - a small scanner that knows comments, `=begin`/`=end` and quoted
+//!   strings finds every mention of `gitlab_rails['env']`: one the parser
+//!   does not see as a top-level statement (inside a heredoc or another
+//!   string, a conditional, a loop, a method or a block) is refused with
+//!   its line, since Ruby may never run it.
 
 pub const KEY: &str = "AI_GATEWAY_URL";
 pub const BEGIN_MARK: &str = "# BEGIN duofleet managed";
@@ -44,35 +46,11 @@ struct StrLit {
     /// Byte range including the quotes.
     start: usize,
     end: usize,
-    double: bool,
-    interpolated: bool,
 }
 
 impl StrLit {
     fn raw<'a>(&self, text: &'a str) -> &'a str {
         &text[self.start + 1..self.end - 1]
-    }
-
-    fn value(&self, text: &str) -> String {
-        let raw = self.raw(text);
-        let mut out = String::with_capacity(raw.len());
-        let mut chars = raw.chars();
-        while let Some(c) = chars.next() {
-            if c == '\\' {
-                match chars.next() {
-                    Some(n @ ('\\' | '\'')) => out.push(n),
-                    Some('"') if self.double => out.push('"'),
-                    Some(n) => {
-                        out.push('\\');
-                        out.push(n);
-                    }
-                    None => out.push('\\'),
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        out
     }
 }
 
@@ -102,25 +80,16 @@ fn scan(text: &str) -> Scan<'_> {
                 i = end;
             }
             quote @ (b'\'' | b'"') => {
-                let double = quote == b'"';
                 let mut j = i + 1;
-                let mut interpolated = false;
                 while j < bytes.len() && bytes[j] != quote {
                     if bytes[j] == b'\\' {
                         j += 1;
-                    } else if double && bytes[j] == b'#' && bytes.get(j + 1) == Some(&b'{') {
-                        interpolated = true;
                     }
                     j += 1;
                 }
                 let end = (j + 1).min(bytes.len());
                 class[i..end].fill(Class::Str);
-                strings.push(StrLit {
-                    start: i,
-                    end,
-                    double,
-                    interpolated,
-                });
+                strings.push(StrLit { start: i, end });
                 i = end;
             }
             _ => i += 1,
@@ -153,19 +122,11 @@ fn line_of(text: &str, pos: usize) -> usize {
     text[..pos].matches('\n').count() + 1
 }
 
-/// One active `gitlab_rails['env'] = { ... }`.
+/// A `gitlab_rails['env'] = { ... }` the scanner found.
 #[derive(Debug)]
 struct Assignment {
     /// Where `gitlab_rails` starts.
     start: usize,
-    /// The `{` and the matching `}`.
-    open: usize,
-    close: usize,
-}
-
-/// An `'AI_GATEWAY_URL' => '...'` entry inside the hash.
-struct Entry {
-    value: StrLit,
 }
 
 impl Scan<'_> {
@@ -244,11 +205,7 @@ impl Scan<'_> {
                             "the env hash is followed by more code (e.g. .merge)".into(),
                         ));
                     }
-                    found.push(Assignment {
-                        start,
-                        open: rhs,
-                        close,
-                    });
+                    found.push(Assignment { start });
                     from = close + 1;
                 }
                 Some(b'[') => {
@@ -295,84 +252,46 @@ impl Scan<'_> {
         }
         None
     }
-
-    /// The `AI_GATEWAY_URL` entries of a hash, in order.
-    fn entries(&self, assignment: &Assignment) -> Result<Vec<Entry>, Unsafe> {
-        let text = self.text;
-        let bytes = text.as_bytes();
-        let mut entries = Vec::new();
-        for key in self
-            .strings
-            .iter()
-            .filter(|s| s.start > assignment.open && s.end <= assignment.close)
-        {
-            if key.raw(text) != KEY {
-                continue;
-            }
-            let arrow = self.skip_space(key.end, true);
-            if !text[arrow..].starts_with("=>") {
-                continue;
-            }
-            let value_pos = self.skip_space(arrow + 2, true);
-            let line = line_of(text, key.start);
-            match self.string_at(value_pos) {
-                Some(value) if !value.interpolated => entries.push(Entry {
-                    value: value.clone(),
-                }),
-                Some(_) => {
-                    return Err(Unsafe {
-                        line,
-                        problem: format!("the {KEY} value uses string interpolation"),
-                        fix: FIX,
-                    });
-                }
-                None => {
-                    return Err(Unsafe {
-                        line,
-                        problem: format!("the {KEY} value is not a quoted string"),
-                        fix: FIX,
-                    });
-                }
-            }
-        }
-        // A symbol key would be a second, competing entry.
-        let inner = &text[assignment.open..assignment.close];
-        if let Some(at) = inner.find(&format!("{KEY}:")) {
-            let pos = assignment.open + at;
-            if self.is_code(pos) && !bytes[pos - 1].is_ascii_alphanumeric() {
-                return Err(Unsafe {
-                    line: line_of(text, pos),
-                    problem: format!("{KEY} is written as a symbol key"),
-                    fix: FIX,
-                });
-            }
-        }
-        Ok(entries)
-    }
 }
 
-/// The AI_GATEWAY_URL that gitlab.rb sets (the last active assignment wins),
-/// or `None` when it sets none.
-/// The scanner's assignments, each confirmed by the Ruby parser to be a
-/// top-level statement of a file that parses.
-fn active_assignments(scan: &Scan<'_>) -> Result<Vec<Assignment>, Unsafe> {
-    let assignments = scan.assignments()?;
-    let top_level = ruby_top_level_env_assignments(scan.text)?;
-    for assignment in &assignments {
-        if !top_level.contains(&assignment.start) {
+/// One top-level `gitlab_rails['env'] = { ... }`, as Ruby's grammar sees it:
+/// every position here comes from the parser.
+#[derive(Debug)]
+struct EnvHash {
+    /// Where the statement starts (`gitlab_rails`).
+    start: usize,
+    /// The hash's `{` and `}`.
+    open: usize,
+    close: usize,
+    /// Its `AI_GATEWAY_URL` values in order: the literal's byte range
+    /// (quotes included) and the string Ruby reads from it.
+    entries: Vec<(std::ops::Range<usize>, String)>,
+}
+
+/// The env hashes Ruby runs, in order (the last one wins). The scanner
+/// refuses the forms duofleet cannot edit safely; the parser then finds
+/// the top-level assignments and everything the edit touches, and any
+/// assignment the scanner saw that is not among them (inside a string or
+/// heredoc, a conditional, a loop, a method or a block) is refused.
+fn active_env(text: &str) -> Result<(Scan<'_>, Vec<EnvHash>), Unsafe> {
+    let scan = scan(text);
+    let scanned = scan.assignments()?;
+    let parsed = parse_env(text)?;
+    for assignment in &scanned {
+        if !parsed.iter().any(|hash| hash.start == assignment.start) {
             return Err(Unsafe {
-                line: line_of(scan.text, assignment.start),
+                line: line_of(text, assignment.start),
                 problem: "this gitlab_rails['env'] is not a top-level statement (it is inside a string or heredoc, a conditional, a loop, a method or a block), so Ruby may never run it".into(),
                 fix: "move the env hash to the top level of gitlab.rb, outside any string, if/unless/case, loop, def or block",
             });
         }
     }
-    Ok(assignments)
+    Ok((scan, parsed))
 }
 
-/// Byte offsets of the top-level `gitlab_rails['env'] = ...` statements, as
-/// Ruby's grammar sees them; refuses a file that does not parse.
-fn ruby_top_level_env_assignments(text: &str) -> Result<Vec<usize>, Unsafe> {
+/// The top-level `gitlab_rails['env'] = { ... }` statements of a file that
+/// parses (Ruby 3.1's grammar), with their `AI_GATEWAY_URL` entries.
+fn parse_env(text: &str) -> Result<Vec<EnvHash>, Unsafe> {
     use lib_ruby_parser::{ErrorLevel, Node, Parser, ParserOptions};
     let result = Parser::new(text.as_bytes().to_vec(), ParserOptions::default()).do_parse();
     if let Some(error) = result
@@ -393,40 +312,98 @@ fn ruby_top_level_env_assignments(text: &str) -> Result<Vec<usize>, Unsafe> {
         Node::Begin(begin) => begin.statements.iter().collect(),
         single => vec![single],
     };
-    Ok(statements
-        .into_iter()
-        .filter_map(|statement| match statement {
-            Node::IndexAsgn(assign) => {
-                let receiver_is_gitlab_rails = matches!(
-                    &*assign.recv,
-                    Node::Send(send) if send.recv.is_none() && send.method_name == "gitlab_rails"
-                );
-                let index_is_env = matches!(
-                    assign.indexes.as_slice(),
-                    [Node::Str(key)] if key.value.raw == b"env"
-                );
-                (receiver_is_gitlab_rails && index_is_env).then_some(assign.expression_l.begin)
+    let mut hashes = Vec::new();
+    for statement in statements {
+        let Node::IndexAsgn(assign) = statement else {
+            continue;
+        };
+        let receiver_is_gitlab_rails = matches!(
+            &*assign.recv,
+            Node::Send(send) if send.recv.is_none() && send.method_name == "gitlab_rails"
+        );
+        let index_is_env = matches!(
+            assign.indexes.as_slice(),
+            [Node::Str(key)] if key.value.raw == b"env"
+        );
+        if !(receiver_is_gitlab_rails && index_is_env) {
+            continue;
+        }
+        let start = assign.expression_l.begin;
+        let refuse = |at: usize, problem: String| Unsafe {
+            line: line_of(text, at),
+            problem,
+            fix: FIX,
+        };
+        let hash = match assign.value.as_deref() {
+            Some(Node::Hash(hash)) => hash,
+            _ => {
+                return Err(refuse(
+                    start,
+                    "gitlab_rails['env'] is assigned something other than a literal hash (a variable or method call)".into(),
+                ));
             }
-            _ => None,
-        })
-        .collect())
+        };
+        let (Some(open), Some(close)) = (&hash.begin_l, &hash.end_l) else {
+            return Err(refuse(start, "the env hash has no braces".into()));
+        };
+        let mut entries = Vec::new();
+        for pair in &hash.pairs {
+            let Node::Pair(pair) = pair else { continue };
+            match &*pair.key {
+                Node::Str(key) if key.value.raw == KEY.as_bytes() => {}
+                Node::Sym(key) if key.name.raw == KEY.as_bytes() => {
+                    return Err(refuse(
+                        pair.expression_l.begin,
+                        format!("{KEY} is written as a symbol key"),
+                    ));
+                }
+                _ => continue,
+            }
+            match &*pair.value {
+                Node::Str(value) => entries.push((
+                    value.expression_l.to_range(),
+                    String::from_utf8_lossy(&value.value.raw).into_owned(),
+                )),
+                Node::Dstr(_) => {
+                    return Err(refuse(
+                        pair.expression_l.begin,
+                        format!("the {KEY} value uses string interpolation or concatenation"),
+                    ));
+                }
+                _ => {
+                    return Err(refuse(
+                        pair.expression_l.begin,
+                        format!("the {KEY} value is not a quoted string"),
+                    ));
+                }
+            }
+        }
+        hashes.push(EnvHash {
+            start,
+            open: open.begin,
+            close: close.begin,
+            entries,
+        });
+    }
+    Ok(hashes)
 }
 
+/// The AI_GATEWAY_URL that gitlab.rb sets (the last active assignment wins),
+/// or `None` when it sets none.
 pub fn read_gateway_url(text: &str) -> Result<Option<String>, Unsafe> {
-    let scan = scan(text);
-    let assignments = active_assignments(&scan)?;
-    let Some(last) = assignments.last() else {
-        return Ok(None);
-    };
-    Ok(scan.entries(last)?.last().map(|e| e.value.value(text)))
+    let (_, hashes) = active_env(text)?;
+    Ok(hashes
+        .last()
+        .and_then(|hash| hash.entries.last())
+        .map(|(_, value)| value.clone()))
 }
 
-/// Returns gitlab.rb with AI_GATEWAY_URL set to `url`, every other byte kept.
+/// Returns gitlab.rb with AI_GATEWAY_URL set to `url`, every other byte
+/// kept: the edit replaces the byte ranges the parser reported.
 pub fn set_gateway_url(text: &str, url: &str) -> Result<String, Unsafe> {
-    let scan = scan(text);
-    let assignments = active_assignments(&scan)?;
+    let (scan, hashes) = active_env(text)?;
     let literal = ruby_string(url);
-    let Some(last) = assignments.last() else {
+    let Some(last) = hashes.last() else {
         let mut out = text.to_string();
         if !out.is_empty() && !out.ends_with('\n') {
             out.push('\n');
@@ -436,9 +413,8 @@ pub fn set_gateway_url(text: &str, url: &str) -> Result<String, Unsafe> {
         ));
         return Ok(out);
     };
-    let entries = scan.entries(last)?;
     let mut out = text.to_string();
-    if entries.is_empty() {
+    if last.entries.is_empty() {
         let after_brace = last.open + 1;
         let rest_of_line = &text[after_brace..line_end(text, after_brace)];
         let inline = scan.class[after_brace..after_brace + rest_of_line.len()]
@@ -458,25 +434,25 @@ pub fn set_gateway_url(text: &str, url: &str) -> Result<String, Unsafe> {
         return Ok(out);
     }
     // Replace from the end so earlier offsets stay valid.
-    for entry in entries.iter().rev() {
-        out.replace_range(entry.value.start..entry.value.end, &literal);
+    for (range, _) in last.entries.iter().rev() {
+        out.replace_range(range.clone(), &literal);
     }
     Ok(out)
 }
 
 /// The indentation of the hash's first entry line, or the assignment's plus two.
-fn entry_indent(text: &str, assignment: &Assignment) -> String {
-    let body_start = line_end(text, assignment.open) + 1;
-    if body_start < assignment.close {
-        for line in text[body_start..assignment.close].lines() {
+fn entry_indent(text: &str, hash: &EnvHash) -> String {
+    let body_start = line_end(text, hash.open) + 1;
+    if body_start < hash.close {
+        for line in text[body_start..hash.close].lines() {
             let trimmed = line.trim_start();
             if !trimmed.is_empty() && !trimmed.starts_with('#') && !trimmed.starts_with('}') {
                 return line[..line.len() - trimmed.len()].to_string();
             }
         }
     }
-    let line_start = text[..assignment.start].rfind('\n').map_or(0, |n| n + 1);
-    let own = &text[line_start..assignment.start];
+    let line_start = text[..hash.start].rfind('\n').map_or(0, |n| n + 1);
+    let own = &text[line_start..hash.start];
     format!("{}  ", &own[..own.len() - own.trim_start().len()])
 }
 

@@ -364,3 +364,95 @@ fn a_file_ruby_cannot_read_is_left_alone() {
     );
     assert!(err.to_string().contains("ruby -c"), "{err}");
 }
+
+/// Positions come from the parser: other string forms, escapes and
+/// multi-byte text before the entry are read and replaced exactly.
+#[test]
+fn the_parser_reads_every_string_form_and_byte_ranges_hold() {
+    for (value, reads) in [
+        ("%q(http://old)", "http://old"),
+        (r#""http://o\"ld""#, "http://o\"ld"),
+        (r"'http://o\'ld'", "http://o'ld"),
+    ] {
+        let text = format!(
+            "# Zürich ✓ — gitlab.rb\ngitlab_rails['env'] = {{\n  'AI_GATEWAY_URL' => {value}, 'X' => 'ü'\n}}\n"
+        );
+        assert_eq!(
+            read_gateway_url(&text).unwrap().as_deref(),
+            Some(reads),
+            "{text}"
+        );
+        let edited = set_gateway_url(&text, URL).unwrap();
+        assert_eq!(
+            edited,
+            text.replace(value, &format!("'{URL}'")),
+            "only the value literal changes"
+        );
+        assert_eq!(
+            ruby_env(&edited),
+            env(&[("AI_GATEWAY_URL", URL), ("X", "ü")])
+        );
+    }
+    // Adjacent literals are one concatenated string: refused, not half-edited.
+    let text = "gitlab_rails['env'] = { 'AI_GATEWAY_URL' => 'http://a' 'b' }\n";
+    let err = set_gateway_url(text, URL).unwrap_err();
+    assert!(err.to_string().contains("concatenation"), "{err}");
+}
+
+fn ruby_fragments() -> impl Strategy<Value = String> {
+    let fragment = proptest::sample::select(vec![
+        "gitlab_rails",
+        "['env']",
+        "[\"env\"]",
+        " = ",
+        "=",
+        "{",
+        "}",
+        "{}",
+        "'AI_GATEWAY_URL'",
+        "\"AI_GATEWAY_URL\"",
+        "AI_GATEWAY_URL: ",
+        " => ",
+        "'x'",
+        "\"y\"",
+        "'",
+        "\"",
+        "# ",
+        "\n",
+        "=begin\n",
+        "=end\n",
+        "<<~EOS\n",
+        "EOS\n",
+        "if true\n",
+        "end\n",
+        "ü",
+        "%q(",
+        ")",
+        ",",
+        "\\",
+        "#{",
+        ".merge!(a)",
+        " ||= ",
+        "def f\n",
+        "[1].each do\n",
+        "nginx['x'] = 1\n",
+        "\t",
+    ]);
+    proptest::collection::vec(fragment, 0..40).prop_map(|parts| parts.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Whatever the file holds, the editor never panics, and an edit it
+    /// makes always reads back as the URL that was set.
+    #[test]
+    fn no_input_panics_and_every_edit_reads_back(
+        text in prop_oneof![ruby_fragments(), any::<String>()],
+    ) {
+        let _ = read_gateway_url(&text);
+        if let Ok(edited) = set_gateway_url(&text, URL) {
+            prop_assert_eq!(read_gateway_url(&edited), Ok(Some(URL.to_string())), "{:?} -> {:?}", text, edited);
+        }
+    }
+}
