@@ -274,15 +274,10 @@ fn admit_with_reserve(
                 Some(permit) => permit,
                 None => match slots.clone().try_acquire_owned() {
                     Ok(permit) => permit,
-                    Err(_) => {
-                        // The evicted connection gives its slot back as
-                        // soon as its task sees the eviction.
-                        connections.evict_one();
-                        match slots.clone().acquire_owned().await {
-                            Ok(permit) => permit,
-                            Err(_) => break,
-                        }
-                    }
+                    Err(_) => match make_room(&slots, &connections).await {
+                        Some(permit) => permit,
+                        None => break,
+                    },
                 },
             };
             let _ = io.set_nodelay(true);
@@ -312,6 +307,25 @@ fn admit_with_reserve(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Evicts until a slot comes free: an evicted connection gives its slot
+/// back as soon as its task next reads, which a connection stuck writing
+/// may not do at once, so after a short wait the next one goes. With no
+/// connection left to evict, waits for one to close.
+async fn make_room(
+    slots: &Arc<Semaphore>,
+    connections: &Connections,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        if !connections.evict_one() {
+            return slots.clone().acquire_owned().await.ok();
+        }
+        let freed = tokio::time::timeout(Duration::from_millis(100), slots.clone().acquire_owned());
+        if let Ok(permit) = freed.await {
+            return permit.ok();
+        }
+    }
 }
 
 impl AsyncRead for Admitted {
