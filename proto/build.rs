@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "duofleet/v1/agent.proto",
     "duofleet/v1/token.proto",
     "duofleet/v1/backup.proto",
+    "duofleet/v1/config.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

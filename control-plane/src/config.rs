@@ -258,7 +258,12 @@ impl Config {
     }
 
     /// A self-hosted setting needs an existing model of a compatible family.
-    fn check_setting(&self, catalog: &Catalog, field: &str, setting: &FeatureSetting) -> Result {
+    pub(crate) fn check_setting(
+        &self,
+        catalog: &Catalog,
+        field: &str,
+        setting: &FeatureSetting,
+    ) -> Result {
         let model = self.models.get(&setting.model).ok_or_else(|| {
             ConfigError::Blocked(format!(
                 "{field}.model: model {} does not exist; create it first",
@@ -348,18 +353,18 @@ fn snake_case(path: &str) -> String {
     snake
 }
 
-fn sort_features(profile: &mut Profile) {
+pub(crate) fn sort_features(profile: &mut Profile) {
     profile.features.sort_by(|a, b| a.feature.cmp(&b.feature));
 }
 
-fn clear_output_fields_model(model: &mut Model) {
+pub(crate) fn clear_output_fields_model(model: &mut Model) {
     model.has_api_key = false;
     model.revision = 0;
     model.create_time = None;
     model.update_time = None;
 }
 
-fn clear_output_fields_profile(profile: &mut Profile) {
+pub(crate) fn clear_output_fields_profile(profile: &mut Profile) {
     profile.revision = 0;
     profile.create_time = None;
     profile.update_time = None;

@@ -92,6 +92,33 @@ pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
 }
 
 /// Whether two desired configurations differ in anything but the revision.
+/// What an instance with `labels` receives, for operators: its
+/// DesiredConfig without API keys (has_api_key says whether one is sent).
+pub fn public_config(config: &Config, labels: &Labels) -> duofleet_proto::v1::EffectiveConfig {
+    let desired = desired_config(config, labels);
+    duofleet_proto::v1::EffectiveConfig {
+        revision: desired.revision,
+        profile: desired.profile,
+        ai_gateway_url: desired.ai_gateway_url,
+        ai_gateway_internal_url: desired.ai_gateway_internal_url,
+        models: desired
+            .models
+            .into_iter()
+            .map(|m| duofleet_proto::v1::Model {
+                has_api_key: !m.api_key.is_empty(),
+                name: m.name,
+                family: m.family,
+                endpoint: m.endpoint,
+                identifier: m.identifier,
+                ..Default::default()
+            })
+            .collect(),
+        features: desired.features,
+        ai_gateway_timeout_seconds: desired.ai_gateway_timeout_seconds,
+        duo_agent_platform_service_url: desired.duo_agent_platform_service_url,
+    }
+}
+
 pub fn same_content(a: &DesiredConfig, b: &DesiredConfig) -> bool {
     DesiredConfig {
         revision: 0,

@@ -18,6 +18,11 @@ pub enum ConfigError {
     /// the message names what blocks it.
     #[error("{0}")]
     Blocked(String),
+    /// An apply made from an older export: the configuration moved on.
+    #[error(
+        "expected_revision: the configuration is at revision {current}, not {expected}; it changed since the file was exported: export it again (or diff), and apply once more"
+    )]
+    Stale { expected: u64, current: u64 },
 }
 
 impl ConfigError {

@@ -22,10 +22,12 @@
 
 pub mod admission;
 pub mod agent_input;
+mod apply;
 pub mod auth;
 pub mod ca;
 pub mod catalog;
 pub mod config;
+pub mod diff;
 pub mod effective;
 pub mod error;
 pub mod fleet_health;

@@ -9,8 +9,8 @@ use crate::metrics::{self, Metrics};
 use crate::store::{Store, StoreError};
 use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
-    Ack, AckResult, DriftReport, FleetEvent, HealthReport, Hello, Instance, InstanceEvent,
-    LabelsChanged, SyncState,
+    Ack, AckResult, DriftReport, EndpointHealth, FleetEvent, HealthReport, HealthState, Hello,
+    Instance, InstanceEvent, LabelsChanged, SyncState,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -311,29 +311,50 @@ impl Registry {
     /// health-changed event.
     pub fn health(&self, session: &Session, report: HealthReport) {
         self.metrics.health_report();
-        self.with_session_then(session, |entry| {
-            let instance = &mut entry.instance;
-            let mut changed = false;
-            for result in &report.results {
-                let before = instance
-                    .health
-                    .iter()
-                    .find(|h| h.kind == result.kind && h.target == result.target);
-                if before.is_none_or(|b| b.state != result.state) {
-                    instance.health_transitions.push(result.clone());
-                    changed = true;
-                }
+        let mut entries = self.lock();
+        let Some(entry) = entries
+            .get_mut(&session.instance_id)
+            .filter(|e| e.session == session.id)
+        else {
+            return;
+        };
+        let instance = &mut entry.instance;
+        // Each target whose state changed, with its new state; a target no
+        // longer probed is a change too, as UNKNOWN.
+        let mut changed = Vec::new();
+        for result in &report.results {
+            let before = instance
+                .health
+                .iter()
+                .find(|h| h.kind == result.kind && h.target == result.target);
+            if before.is_none_or(|b| b.state != result.state) {
+                instance.health_transitions.push(result.clone());
+                changed.push(result.clone());
             }
-            // A target no longer probed is a change too.
-            changed |= instance.health.len() != report.results.len();
-            let excess = instance
-                .health_transitions
-                .len()
-                .saturating_sub(HEALTH_TRANSITIONS);
-            instance.health_transitions.drain(..excess);
-            instance.health = report.results;
-            changed.then_some(Event::HealthChanged as fn(InstanceEvent) -> Event)
-        });
+        }
+        for gone in instance.health.iter().filter(|h| {
+            !report
+                .results
+                .iter()
+                .any(|r| r.kind == h.kind && r.target == h.target)
+        }) {
+            changed.push(EndpointHealth {
+                state: HealthState::Unknown as i32,
+                error: "no longer probed".into(),
+                latency_ms: 0,
+                ..gone.clone()
+            });
+        }
+        let excess = instance
+            .health_transitions
+            .len()
+            .saturating_sub(HEALTH_TRANSITIONS);
+        instance.health_transitions.drain(..excess);
+        instance.health = report.results;
+        self.updated(entry, None);
+        if !changed.is_empty() {
+            self.emit_with(Event::HealthChanged, &entry.instance, changed);
+        }
     }
 
     /// The connection ended. Ignored when a newer connection took over.
@@ -521,6 +542,15 @@ impl Registry {
     }
 
     fn emit(&self, event: fn(InstanceEvent) -> Event, instance: &Instance) {
+        self.emit_with(event, instance, Vec::new());
+    }
+
+    fn emit_with(
+        &self,
+        event: fn(InstanceEvent) -> Event,
+        instance: &Instance,
+        targets: Vec<EndpointHealth>,
+    ) {
         let _ = self.events.send(FleetEvent {
             time: Some(SystemTime::now().into()),
             event: Some(event(InstanceEvent {
@@ -528,6 +558,7 @@ impl Registry {
                 revision: instance.applied_revision,
                 error: instance.last_error.clone(),
                 sync_state: instance.sync_state,
+                targets,
             })),
         });
     }

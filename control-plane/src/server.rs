@@ -4,7 +4,8 @@
 use crate::auth::Tokens;
 use crate::ca::CertAuthority;
 use crate::grpc::{
-    self, AgentApi, BackupApi, EnrollApi, FleetApi, HistoryApi, ModelApi, ProfileApi, TokenApi,
+    self, AgentApi, BackupApi, ConfigApi, EnrollApi, FleetApi, HistoryApi, ModelApi, ProfileApi,
+    TokenApi,
 };
 use crate::registry::Registry;
 use crate::secrets::{self, Sealer};
@@ -14,6 +15,7 @@ use crate::{catalog, fsutil};
 use clap::Parser;
 use duofleet_proto::v1::agent_service_server::AgentServiceServer;
 use duofleet_proto::v1::backup_service_server::BackupServiceServer;
+use duofleet_proto::v1::config_service_server::ConfigServiceServer;
 use duofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use duofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use duofleet_proto::v1::history_service_server::HistoryServiceServer;
@@ -32,7 +34,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 /// The services whose health grpc.health.v1 reports; "" is the server.
-const SERVICES: [&str; 9] = [
+const SERVICES: [&str; 10] = [
     "",
     <ModelServiceServer<ModelApi> as NamedService>::NAME,
     <ProfileServiceServer<ProfileApi> as NamedService>::NAME,
@@ -42,6 +44,7 @@ const SERVICES: [&str; 9] = [
     <TokenServiceServer<TokenApi> as NamedService>::NAME,
     <EnrollmentServiceServer<EnrollApi> as NamedService>::NAME,
     <BackupServiceServer<BackupApi> as NamedService>::NAME,
+    <ConfigServiceServer<ConfigApi> as NamedService>::NAME,
 ];
 
 /// How long a graceful shutdown waits for clients to let go of their
@@ -443,6 +446,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(ModelServiceServer::with_interceptor(ModelApi::new(store.clone()), auth.clone()))
         .add_service(ProfileServiceServer::with_interceptor(ProfileApi::new(store.clone()), auth.clone()))
         .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
+        .add_service(ConfigServiceServer::with_interceptor(ConfigApi::new(store.clone()), auth.clone()))
         .add_service(FleetServiceServer::with_interceptor(
             FleetApi::new(store.clone(), registry.clone(), ca.clone(), shutdown_rx.clone()),
             auth.clone(),

@@ -74,7 +74,11 @@ impl FleetService for FleetApi {
         caller(&request)?;
         let selector = request.into_inner().selector.into_iter().collect();
         validate::selector("selector", &selector).map_err(|e| status(e.into()))?;
-        let instances = self.registry.list(&selector);
+        // Slim: the transitions are GetInstance's.
+        let mut instances = self.registry.list(&selector);
+        for instance in &mut instances {
+            instance.health_transitions.clear();
+        }
         Ok(Response::new(ListInstancesResponse { instances }))
     }
 
@@ -84,10 +88,13 @@ impl FleetService for FleetApi {
     ) -> Result<Response<Instance>, Status> {
         caller(&request)?;
         let id = &request.get_ref().instance_id;
-        self.registry
-            .get(id)
-            .map(Response::new)
-            .ok_or_else(|| no_instance(id))
+        let mut instance = self.registry.get(id).ok_or_else(|| no_instance(id))?;
+        let labels = instance.labels.clone().into_iter().collect();
+        instance.effective = Some(crate::effective::public_config(
+            &self.store.current(),
+            &labels,
+        ));
+        Ok(Response::new(instance))
     }
 
     async fn update_instance(
@@ -104,6 +111,17 @@ impl FleetService for FleetApi {
             )));
         }
         validate::selector("instance.labels", &instance.labels).map_err(|e| status(e.into()))?;
+        if request.validate_only {
+            let mut preview = self
+                .registry
+                .get(&instance.instance_id)
+                .ok_or_else(|| no_instance(&instance.instance_id))?;
+            let labels = instance.labels.clone().into_iter().collect();
+            preview.profile =
+                crate::effective::desired_config(&self.store.current(), &labels).profile;
+            preview.labels = instance.labels;
+            return Ok(Response::new(preview));
+        }
         let updated = self
             .registry
             .update_labels(&instance.instance_id, instance.labels, &caller.name)
@@ -116,7 +134,18 @@ impl FleetService for FleetApi {
         request: Request<DeleteInstanceRequest>,
     ) -> Result<Response<()>, Status> {
         let caller = super::writer(&request, "delete instances")?;
-        let id = request.into_inner().instance_id;
+        let DeleteInstanceRequest {
+            instance_id: id,
+            validate_only,
+        } = request.into_inner();
+        if validate_only {
+            let known = self.registry.get(&id).is_some() || self.ca.grant_of(&id).is_some();
+            return if known {
+                Ok(Response::new(()))
+            } else {
+                Err(no_instance(&id))
+            };
+        }
         let registry = self.registry.clone();
         let target = id.clone();
         let ca = self.ca.clone();

@@ -1,8 +1,10 @@
 use super::{blocking, caller, log_commit, public_model, status, writer};
+use crate::diff::public_field_changes;
 use crate::store::Store;
 use duofleet_proto::v1::history_service_server::HistoryService;
 use duofleet_proto::v1::{
-    GetRevisionRequest, ListRevisionsRequest, ListRevisionsResponse, Revision, RollbackRequest,
+    DiffRevisionsRequest, DiffRevisionsResponse, GetRevisionRequest, ListRevisionsRequest,
+    ListRevisionsResponse, Revision, RollbackRequest,
 };
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -82,12 +84,42 @@ impl HistoryService for HistoryApi {
         request: Request<RollbackRequest>,
     ) -> Result<Response<Revision>, Status> {
         let caller = writer(&request, "roll back")?;
-        let target = request.get_ref().revision;
+        let RollbackRequest {
+            revision: target,
+            validate_only,
+        } = request.into_inner();
         let store = self.store.clone();
         let actor = caller.name.clone();
-        let result = blocking(move || store.rollback(&actor, target)).await?;
-        let commit = log_commit(&caller, result)?;
-        let record = commit.revision.expect("a rollback always makes a revision");
+        let result = blocking(move || store.rollback(&actor, target, validate_only)).await?;
+        let commit = log_commit(&caller, validate_only, result)?;
+        let mut record = commit.revision.expect("a rollback always makes a revision");
+        if validate_only {
+            // What it would restore, keys left out.
+            record.models = commit.config.models.values().map(public_model).collect();
+            record.profiles = commit.config.profiles.values().cloned().collect();
+        }
         Ok(Response::new(record))
+    }
+
+    async fn diff_revisions(
+        &self,
+        request: Request<DiffRevisionsRequest>,
+    ) -> Result<Response<DiffRevisionsResponse>, Status> {
+        caller(&request)?;
+        let DiffRevisionsRequest { from, to } = request.into_inner();
+        let store = self.store.clone();
+        let (to, changes) = blocking(move || {
+            let to = if to == 0 {
+                store.current().revision
+            } else {
+                to
+            };
+            let old = store.config_at_revision(from)?;
+            let new = store.config_at_revision(to)?;
+            Ok::<_, crate::store::StoreError>((to, public_field_changes(&old, &new)))
+        })
+        .await?
+        .map_err(status)?;
+        Ok(Response::new(DiffRevisionsResponse { from, to, changes }))
     }
 }

@@ -4,6 +4,7 @@
 
 mod agent;
 mod backup;
+mod config;
 mod enroll;
 mod fleet;
 mod history;
@@ -13,6 +14,7 @@ mod tokens;
 
 pub use agent::AgentApi;
 pub use backup::BackupApi;
+pub use config::ConfigApi;
 pub use enroll::EnrollApi;
 pub use fleet::FleetApi;
 pub use history::HistoryApi;
@@ -26,10 +28,10 @@ use crate::ca::CertAuthority;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{ConfigError, error_chain};
-use crate::store::{Commit, Store, StoreError};
+use crate::store::{Commit, Store, StoreError, Write};
 use duofleet_proto::v1::Model;
 use std::sync::Arc;
-use tonic::{Request, Status};
+use tonic::{Request, Response, Status};
 
 /// Maps every domain error to its gRPC code (the README's error table).
 pub fn status(error: StoreError) -> Status {
@@ -41,6 +43,7 @@ pub fn status(error: StoreError) -> Status {
                 Status::not_found(config.to_string())
             }
             ConfigError::Blocked(_) => Status::failed_precondition(config.to_string()),
+            ConfigError::Stale { .. } => Status::aborted(config.to_string()),
         },
         full if full.is_disk_full() => {
             tracing::error!(error = %error_chain(&full), "storage is full");
@@ -212,18 +215,34 @@ async fn blocking<T: Send + 'static>(
 async fn commit(
     store: &Arc<Store>,
     caller: Caller,
+    how: Write,
     op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError> + Send + 'static,
 ) -> Result<Commit, Status> {
     let store = store.clone();
     let actor = caller.name.clone();
-    let result = blocking(move || store.mutate(&actor, op)).await?;
-    log_commit(&caller, result)
+    let result = blocking(move || store.change(&actor, how, op)).await?;
+    log_commit(&caller, how.validate_only, result)
 }
 
-fn log_commit(caller: &Caller, result: Result<Commit, StoreError>) -> Result<Commit, Status> {
+/// With `validate_only`, ask for a dry run.
+fn dry(validate_only: bool) -> Write {
+    Write {
+        validate_only,
+        ..Write::default()
+    }
+}
+
+fn log_commit(
+    caller: &Caller,
+    validate_only: bool,
+    result: Result<Commit, StoreError>,
+) -> Result<Commit, Status> {
     match result {
         Ok(commit) => {
             match &commit.revision {
+                Some(r) if validate_only => {
+                    tracing::info!(actor = %r.actor, summary = %r.summary, "validated; nothing written (validate_only)")
+                }
                 Some(r) => {
                     tracing::info!(revision = r.revision, actor = %r.actor, summary = %r.summary, "revision committed")
                 }
@@ -237,6 +256,33 @@ fn log_commit(caller: &Caller, result: Result<Commit, StoreError>) -> Result<Com
             Err(status)
         }
     }
+}
+
+/// The answer to a change: with `validate_only`, the response header
+/// `duofleet-summary` holds the summary the revision would carry (ASCII;
+/// other characters escaped), or "no change".
+fn answer<T>(message: T, commit: &Commit, validate_only: bool) -> Response<T> {
+    let mut response = Response::new(message);
+    if validate_only {
+        let summary = commit
+            .revision
+            .as_ref()
+            .map_or("no change".to_string(), |r| r.summary.clone());
+        let ascii: String = summary
+            .chars()
+            .flat_map(|c| {
+                if c.is_ascii() && !c.is_ascii_control() {
+                    vec![c]
+                } else {
+                    c.escape_unicode().collect()
+                }
+            })
+            .collect();
+        if let Ok(value) = ascii.parse() {
+            response.metadata_mut().insert("duofleet-summary", value);
+        }
+    }
+    response
 }
 
 /// A model as operators see it: the API key never leaves.

@@ -1,4 +1,4 @@
-use super::{caller, commit, not_found, public_model, required, writer};
+use super::{answer, caller, commit, dry, not_found, public_model, required, writer};
 use crate::store::Store;
 use duofleet_proto::v1::model_service_server::ModelService;
 use duofleet_proto::v1::{
@@ -25,15 +25,16 @@ impl ModelService for ModelApi {
         request: Request<CreateModelRequest>,
     ) -> Result<Response<Model>, Status> {
         let caller = writer(&request, "create models")?;
-        let model = required(request.into_inner().model, "model")?;
+        let request = request.into_inner();
+        let model = required(request.model, "model")?;
         let name = model.name.clone();
-        let commit = commit(&self.store, caller, move |c, cat| {
+        let how = dry(request.validate_only);
+        let commit = commit(&self.store, caller, how, move |c, cat| {
             c.create_model(cat, model)
         })
         .await?;
-        Ok(Response::new(public_model(
-            commit.config.model(&name).map_err(not_found)?,
-        )))
+        let model = public_model(commit.config.model(&name).map_err(not_found)?);
+        Ok(answer(model, &commit, how.validate_only))
     }
 
     async fn get_model(
@@ -65,13 +66,13 @@ impl ModelService for ModelApi {
         let patch = required(request.model, "model")?;
         let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let name = patch.name.clone();
-        let commit = commit(&self.store, caller, move |c, cat| {
+        let how = dry(request.validate_only);
+        let commit = commit(&self.store, caller, how, move |c, cat| {
             c.update_model(cat, patch, &mask)
         })
         .await?;
-        Ok(Response::new(public_model(
-            commit.config.model(&name).map_err(not_found)?,
-        )))
+        let model = public_model(commit.config.model(&name).map_err(not_found)?);
+        Ok(answer(model, &commit, how.validate_only))
     }
 
     async fn delete_model(
@@ -79,8 +80,9 @@ impl ModelService for ModelApi {
         request: Request<DeleteModelRequest>,
     ) -> Result<Response<()>, Status> {
         let caller = writer(&request, "delete models")?;
-        let name = request.into_inner().name;
-        commit(&self.store, caller, move |c, _| c.delete_model(&name)).await?;
-        Ok(Response::new(()))
+        let request = request.into_inner();
+        let (name, how) = (request.name, dry(request.validate_only));
+        let commit = commit(&self.store, caller, how, move |c, _| c.delete_model(&name)).await?;
+        Ok(answer((), &commit, how.validate_only))
     }
 }

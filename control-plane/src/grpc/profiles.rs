@@ -1,4 +1,4 @@
-use super::{caller, commit, not_found, required, writer};
+use super::{answer, caller, commit, dry, not_found, required, writer};
 use crate::store::Store;
 use crate::validate::DEFAULT_PROFILE;
 use duofleet_proto::v1::profile_service_server::ProfileService;
@@ -27,15 +27,16 @@ impl ProfileService for ProfileApi {
         request: Request<CreateProfileRequest>,
     ) -> Result<Response<Profile>, Status> {
         let caller = writer(&request, "create profiles")?;
-        let profile = required(request.into_inner().profile, "profile")?;
+        let request = request.into_inner();
+        let profile = required(request.profile, "profile")?;
         let name = profile.name.clone();
-        let commit = commit(&self.store, caller, move |c, cat| {
+        let how = dry(request.validate_only);
+        let commit = commit(&self.store, caller, how, move |c, cat| {
             c.create_profile(cat, profile)
         })
         .await?;
-        Ok(Response::new(
-            commit.config.profile(&name).map_err(not_found)?.clone(),
-        ))
+        let profile = commit.config.profile(&name).map_err(not_found)?.clone();
+        Ok(answer(profile, &commit, how.validate_only))
     }
 
     async fn get_profile(
@@ -66,13 +67,13 @@ impl ProfileService for ProfileApi {
         let patch = required(request.profile, "profile")?;
         let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let name = patch.name.clone();
-        let commit = commit(&self.store, caller, move |c, cat| {
+        let how = dry(request.validate_only);
+        let commit = commit(&self.store, caller, how, move |c, cat| {
             c.update_profile(cat, patch, &mask)
         })
         .await?;
-        Ok(Response::new(
-            commit.config.profile(&name).map_err(not_found)?.clone(),
-        ))
+        let profile = commit.config.profile(&name).map_err(not_found)?.clone();
+        Ok(answer(profile, &commit, how.validate_only))
     }
 
     async fn delete_profile(
@@ -80,9 +81,13 @@ impl ProfileService for ProfileApi {
         request: Request<DeleteProfileRequest>,
     ) -> Result<Response<()>, Status> {
         let caller = writer(&request, "delete profiles")?;
-        let name = request.into_inner().name;
-        commit(&self.store, caller, move |c, _| c.delete_profile(&name)).await?;
-        Ok(Response::new(()))
+        let request = request.into_inner();
+        let (name, how) = (request.name, dry(request.validate_only));
+        let commit = commit(&self.store, caller, how, move |c, _| {
+            c.delete_profile(&name)
+        })
+        .await?;
+        Ok(answer((), &commit, how.validate_only))
     }
 
     async fn set_feature_setting(
@@ -98,13 +103,13 @@ impl ProfileService for ProfileApi {
             request.profile
         };
         let profile = name.clone();
-        let commit = commit(&self.store, caller, move |c, cat| {
+        let how = dry(request.validate_only);
+        let commit = commit(&self.store, caller, how, move |c, cat| {
             c.set_feature_setting(cat, &profile, setting)
         })
         .await?;
-        Ok(Response::new(
-            commit.config.profile(&name).map_err(not_found)?.clone(),
-        ))
+        let profile = commit.config.profile(&name).map_err(not_found)?.clone();
+        Ok(answer(profile, &commit, how.validate_only))
     }
 
     async fn get_catalog(

@@ -103,6 +103,27 @@ impl TokenService for TokenApi {
             labels: request.labels.clone(),
             allowed_label_keys: request.allowed_label_keys.clone(),
         };
+        if request.validate_only {
+            let store = self.store.clone();
+            let taken = blocking(move || store.load_tokens())
+                .await?
+                .map_err(status)?
+                .iter()
+                .any(|t| t.token.as_ref().is_some_and(|t| t.name == request.name));
+            if taken {
+                return Err(status(
+                    ConfigError::AlreadyExists {
+                        kind: "token",
+                        name: request.name,
+                    }
+                    .into(),
+                ));
+            }
+            return Ok(Response::new(CreateTokenResponse {
+                token: Some(token),
+                secret: String::new(),
+            }));
+        }
         let secret = Tokens::new_secret()
             .map_err(|e| Status::internal(format!("cannot make a secret: {e}")))?;
         let hash = self.tokens.hash(&secret);
@@ -151,7 +172,10 @@ impl TokenService for TokenApi {
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<()>, Status> {
         let revoker = writer(&request, "revoke tokens")?;
-        let name = request.into_inner().name;
+        let RevokeTokenRequest {
+            name,
+            validate_only,
+        } = request.into_inner();
         if Tokens::is_reserved(&name) {
             return Err(status(
                 ConfigError::Blocked(format!(
@@ -163,9 +187,18 @@ impl TokenService for TokenApi {
         }
         let store = self.store.clone();
         let target = name.clone();
-        let removed = blocking(move || store.delete_token(&target))
-            .await?
-            .map_err(status)?;
+        let removed = blocking(move || {
+            if validate_only {
+                Ok(store
+                    .load_tokens()?
+                    .iter()
+                    .any(|t| t.token.as_ref().is_some_and(|t| t.name == target)))
+            } else {
+                store.delete_token(&target)
+            }
+        })
+        .await?
+        .map_err(status)?;
         if !removed {
             return Err(status(
                 ConfigError::NotFound {
@@ -174,6 +207,9 @@ impl TokenService for TokenApi {
                 }
                 .into(),
             ));
+        }
+        if validate_only {
+            return Ok(Response::new(()));
         }
         self.tokens.revoke(&name);
         tracing::info!(token = %name, actor = %revoker.name, "token revoked");

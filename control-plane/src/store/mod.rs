@@ -131,9 +131,24 @@ pub struct StoredToken {
 
 /// What a successful mutation produced.
 pub struct Commit {
+    /// The configuration after the change (with `validate_only`: as it
+    /// would be; the current one is unchanged).
     pub config: Arc<Config>,
     /// The new revision, or `None` when the operation changed nothing.
+    /// With `validate_only`: the record it would commit.
     pub revision: Option<pb::Revision>,
+    /// The configuration the change started from.
+    pub previous: Arc<Config>,
+}
+
+/// How a change is made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Write {
+    /// Run and check everything, then write nothing.
+    pub validate_only: bool,
+    /// Refuse (`ConfigError::Stale`) unless the configuration is still at
+    /// this revision.
+    pub expected_revision: Option<u64>,
 }
 
 pub struct Store {
@@ -373,19 +388,44 @@ impl Store {
         actor: &str,
         op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
+        self.change(actor, Write::default(), op)
+    }
+
+    /// [`Store::mutate`], with a dry run or a check of the revision the
+    /// caller saw.
+    pub fn change(
+        &self,
+        actor: &str,
+        how: Write,
+        op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
+    ) -> Result<Commit, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.recover_locked()?;
         let old = self.current();
+        if let Some(expected) = how.expected_revision
+            && expected != old.revision
+        {
+            return Err(ConfigError::Stale {
+                expected,
+                current: old.revision,
+            }
+            .into());
+        }
         let mut new = (*old).clone();
         let summary = op(&mut new, self.catalog)?;
-        self.commit_locked(actor, &old, new, summary, false)
+        self.commit_locked(actor, old, new, summary, false, how.validate_only)
     }
 
     /// Makes a new revision whose models and profiles equal those at
     /// `target`. It restores configuration, never credentials: every model
     /// keeps its current API key (a rotated key stays rotated), and a model
     /// brought back from deletion comes back without one.
-    pub fn rollback(&self, actor: &str, target: u64) -> Result<Commit, StoreError> {
+    pub fn rollback(
+        &self,
+        actor: &str,
+        target: u64,
+        validate_only: bool,
+    ) -> Result<Commit, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.recover_locked()?;
         let old = self.current();
@@ -416,23 +456,25 @@ impl Store {
                 keyless.join(", ")
             ));
         }
-        self.commit_locked(actor, &old, new, summary, true)
+        self.commit_locked(actor, old, new, summary, true, validate_only)
     }
 
     fn commit_locked(
         &self,
         actor: &str,
-        old: &Config,
+        old: Arc<Config>,
         mut new: Config,
         summary: String,
         always: bool,
+        validate_only: bool,
     ) -> Result<Commit, StoreError> {
         let model_changes = diff(&old.models, &new.models, config::same_model);
         let profile_changes = diff(&old.profiles, &new.profiles, config::same_profile);
         if model_changes.is_empty() && profile_changes.is_empty() && !always {
             return Ok(Commit {
-                config: self.current(),
+                config: old.clone(),
                 revision: None,
+                previous: old,
             });
         }
         let revision = old.revision + 1;
@@ -474,6 +516,13 @@ impl Store {
             models: Vec::new(),
             profiles: Vec::new(),
         };
+        if validate_only {
+            return Ok(Commit {
+                config: Arc::new(new),
+                revision: Some(record),
+                previous: old,
+            });
+        }
         let revision_key = revision.to_be_bytes();
         let t = self.trees()?;
         let written = (&t.meta, &t.models, &t.profiles, &t.revisions, &t.history)
@@ -533,6 +582,7 @@ impl Store {
         Ok(Commit {
             config,
             revision: Some(record),
+            previous: old,
         })
     }
 
@@ -558,6 +608,21 @@ impl Store {
     /// One revision record and the configuration as it stood at it.
     pub fn get_revision(&self, revision: u64) -> Result<(pb::Revision, Config), StoreError> {
         Ok((self.revision_record(revision)?, self.config_at(revision)?))
+    }
+
+    /// The configuration as it stood at `revision` (0: the initial one,
+    /// with only `default`).
+    pub fn config_at_revision(&self, revision: u64) -> Result<Config, StoreError> {
+        if revision > 0
+            && self
+                .trees()?
+                .revisions
+                .get(revision.to_be_bytes())?
+                .is_none()
+        {
+            return Err(ConfigError::RevisionNotFound(revision).into());
+        }
+        self.config_at(revision)
     }
 
     /// One revision record: time, actor, summary and changes.
@@ -903,7 +968,7 @@ mod tests {
         store
             .mutate("test", |c, cat| c.update_model(cat, rotated, &[]))
             .unwrap(); // 4
-        let commit = store.rollback("ops", 2).unwrap();
+        let commit = store.rollback("ops", 2, false).unwrap();
         let record = commit.revision.unwrap();
         assert_eq!(record.revision, 5);
         assert_eq!(record.actor, "ops");
@@ -919,7 +984,7 @@ mod tests {
         let (_, at_three) = store.get_revision(3).unwrap();
         assert_eq!(at_three.models.keys().collect::<Vec<_>>(), ["b"]);
         assert!(matches!(
-            store.rollback("ops", 99),
+            store.rollback("ops", 99, false),
             Err(StoreError::Config(ConfigError::RevisionNotFound(99)))
         ));
     }

@@ -75,6 +75,7 @@ pub(crate) async fn set_gateway(c: &mut Clients, profile: &str, url: &str) -> u6
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["ai_gateway_url".into()],
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -173,6 +174,7 @@ async fn three_agents_get_the_gateway_with_one_reconfigure_each() {
     c.models
         .create_model(CreateModelRequest {
             model: Some(mk::model("mixtral-prod")),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -181,6 +183,7 @@ async fn three_agents_get_the_gateway_with_one_reconfigure_each() {
         .set_feature_setting(SetFeatureSettingRequest {
             profile: String::new(),
             setting: Some(mk::self_hosted("duo_chat", "mixtral-prod")),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -206,6 +209,7 @@ async fn three_agents_get_the_gateway_with_one_reconfigure_each() {
                 priority: 10,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -574,6 +578,7 @@ async fn unauthenticated_is_final_and_deleted_instances_are_forgotten() {
     c.fleet
         .delete_instance(DeleteInstanceRequest {
             instance_id: "gitlab-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -582,6 +587,7 @@ async fn unauthenticated_is_final_and_deleted_instances_are_forgotten() {
         .fleet
         .delete_instance(DeleteInstanceRequest {
             instance_id: "gitlab-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -773,6 +779,7 @@ async fn an_agent_restart_with_nothing_new_reconfigures_nothing() {
     c.models
         .create_model(CreateModelRequest {
             model: Some(mk::model("m")),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -42,6 +42,7 @@ async fn api_keys_are_sealed_on_disk_and_survive_a_key_rotation() {
                 ..Default::default()
             }),
             update_mask: None,
+            ..Default::default()
         })
         .await
         .unwrap(); // 2
@@ -55,6 +56,7 @@ async fn api_keys_are_sealed_on_disk_and_survive_a_key_rotation() {
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["api_key".into()],
             }),
+            ..Default::default()
         })
         .await
         .unwrap(); // 3
@@ -133,7 +135,10 @@ async fn api_keys_are_sealed_on_disk_and_survive_a_key_rotation() {
     // ... but a rollback never brings the first key back.
     let rollback = c
         .history
-        .rollback(RollbackRequest { revision: 2 })
+        .rollback(RollbackRequest {
+            revision: 2,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -40,6 +40,7 @@ async fn kill_9_under_concurrent_writers_loses_no_acknowledged_write() {
                         .models
                         .create_model(CreateModelRequest {
                             model: Some(mk::model(&name)),
+                            ..Default::default()
                         })
                         .await
                     {
@@ -177,6 +178,7 @@ async fn kill_9_of_agents_mid_apply_keeps_gitlab_rb_valid_and_converges() {
                 update_mask: Some(prost_types::FieldMask {
                     paths: vec!["ai_gateway_url".into()],
                 }),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -277,6 +279,7 @@ async fn a_full_disk_refuses_writes_and_recovers_without_a_restart() {
     let mut c = daemon.clients().await;
     let create = |name: String| CreateModelRequest {
         model: Some(mk::model(&name)),
+        ..Default::default()
     };
     let mut acknowledged = BTreeMap::new();
     for n in 0..5 {

@@ -22,6 +22,7 @@ async fn kill_9_after_the_last_ok_loses_nothing() {
         .set_feature_setting(SetFeatureSettingRequest {
             profile: String::new(),
             setting: Some(mk::self_hosted("duo_chat", "model-07")),
+            ..Default::default()
         })
         .await
         .expect("last write")
@@ -109,6 +110,7 @@ async fn a_backup_taken_while_running_restores_that_revision() {
         .set_feature_setting(SetFeatureSettingRequest {
             profile: String::new(),
             setting: Some(mk::self_hosted("duo_chat", "kept")),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -68,7 +68,10 @@ fn setting(feature: &str, provider: Provider, model: &str) -> FeatureSetting {
 
 async fn create(c: &mut Clients, model: Model) -> u64 {
     c.models
-        .create_model(CreateModelRequest { model: Some(model) })
+        .create_model(CreateModelRequest {
+            model: Some(model),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -109,6 +112,7 @@ async fn update_model(c: &mut Clients, patch: Model, field: &str) -> u64 {
             update_mask: Some(prost_types::FieldMask {
                 paths: vec![field.into()],
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -124,6 +128,7 @@ async fn set_default_profile(c: &mut Clients, profile: Profile) -> u64 {
                 ..profile
             }),
             update_mask: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -337,12 +342,14 @@ async fn models_and_features_reach_gitlab_idempotently() {
         .set_feature_setting(SetFeatureSettingRequest {
             profile: String::new(),
             setting: Some(mk::vendor("duo_chat")),
+            ..Default::default()
         })
         .await
         .unwrap();
     c.models
         .delete_model(DeleteModelRequest {
             name: "mixtral-prod".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -866,6 +873,7 @@ async fn a_bad_token_is_a_token_problem_and_not_retried_in_a_loop() {
         .set_feature_setting(SetFeatureSettingRequest {
             profile: String::new(),
             setting: Some(mk::self_hosted("duo_chat", "m")),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -904,6 +912,7 @@ async fn gitlab_refusals_are_surfaced_verbatim() {
         .set_feature_setting(SetFeatureSettingRequest {
             profile: String::new(),
             setting: Some(mk::self_hosted("duo_chat", "mixtral-prod")),
+            ..Default::default()
         })
         .await
         .unwrap();

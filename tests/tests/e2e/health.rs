@@ -44,7 +44,10 @@ async fn configure(c: &mut Clients, gateway: &str, models: Vec<Model>) {
     {
         features.push(mk::self_hosted(feature, &model.name));
         c.models
-            .create_model(CreateModelRequest { model: Some(model) })
+            .create_model(CreateModelRequest {
+                model: Some(model),
+                ..Default::default()
+            })
             .await
             .unwrap();
     }
@@ -57,6 +60,7 @@ async fn configure(c: &mut Clients, gateway: &str, models: Vec<Model>) {
                 ..Default::default()
             }),
             update_mask: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -470,6 +474,7 @@ async fn rollback_after_a_key_rotation_keeps_the_new_key() {
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["api_key".into()],
             }),
+            ..Default::default()
         })
         .await
         .unwrap(); // 3
@@ -481,12 +486,16 @@ async fn rollback_after_a_key_rotation_keeps_the_new_key() {
         .set_feature_setting(SetFeatureSettingRequest {
             profile: String::new(),
             setting: Some(mk::vendor("code_generations")),
+            ..Default::default()
         })
         .await
         .unwrap(); // 4: the unrelated change
     let rollback = c
         .history
-        .rollback(RollbackRequest { revision: 2 })
+        .rollback(RollbackRequest {
+            revision: 2,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

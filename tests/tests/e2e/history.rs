@@ -23,6 +23,7 @@ async fn rollback_restores_models_and_profiles_as_a_new_revision() {
     let set = |setting: FeatureSetting| SetFeatureSettingRequest {
         profile: String::new(),
         setting: Some(setting),
+        ..Default::default()
     };
 
     create_model(&mut c, mk::model("a")).await; // 1
@@ -38,6 +39,7 @@ async fn rollback_restores_models_and_profiles_as_a_new_revision() {
                 ..Default::default()
             }),
             update_mask: mask(&["endpoint"]),
+            ..Default::default()
         })
         .await
         .unwrap(); // 3
@@ -57,7 +59,10 @@ async fn rollback_restores_models_and_profiles_as_a_new_revision() {
         .await
         .unwrap(); // 5: unset
     c.models
-        .delete_model(DeleteModelRequest { name: "a".into() })
+        .delete_model(DeleteModelRequest {
+            name: "a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap(); // 6
     // 7: clear b's key with a full replace.
@@ -68,13 +73,17 @@ async fn rollback_restores_models_and_profiles_as_a_new_revision() {
                 ..mk::model("b")
             }),
             update_mask: mask(&["*"]),
+            ..Default::default()
         })
         .await
         .unwrap();
 
     let rollback = c
         .history
-        .rollback(RollbackRequest { revision: 3 })
+        .rollback(RollbackRequest {
+            revision: 3,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -17,6 +17,7 @@ async fn huge_and_binary_input_is_refused_clearly() {
                 name: "x".repeat(1 << 20),
                 ..mk::model("")
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -33,6 +34,7 @@ async fn huge_and_binary_input_is_refused_clearly() {
                 family: "f".repeat(1 << 20),
                 ..mk::model("m")
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -47,6 +49,7 @@ async fn huge_and_binary_input_is_refused_clearly() {
         .models
         .create_model(CreateModelRequest {
             model: Some(mk::model("line\nbreak\0")),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -64,6 +67,7 @@ async fn huge_and_binary_input_is_refused_clearly() {
         .profiles
         .create_profile(CreateProfileRequest {
             profile: Some(profile),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -89,7 +93,10 @@ async fn fifty_concurrent_creates_of_one_name_have_one_winner() {
             let mut model = mk::model("contended");
             model.endpoint = format!("https://vllm-{i}:8000/v1");
             c.models
-                .create_model(CreateModelRequest { model: Some(model) })
+                .create_model(CreateModelRequest {
+                    model: Some(model),
+                    ..Default::default()
+                })
                 .await
         }));
     }
@@ -205,6 +212,7 @@ async fn undecodable_and_oversized_requests_are_invalid_arguments() {
                 name: "n".repeat(5 << 20),
                 ..mk::model("")
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -30,7 +30,10 @@ use std::time::{Duration, Instant};
 pub async fn create_model(clients: &mut Clients, model: Model) -> Model {
     clients
         .models
-        .create_model(CreateModelRequest { model: Some(model) })
+        .create_model(CreateModelRequest {
+            model: Some(model),
+            ..Default::default()
+        })
         .await
         .expect("CreateModel")
         .into_inner()

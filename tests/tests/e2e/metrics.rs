@@ -47,6 +47,7 @@ async fn metrics_count_agents_states_and_acks_and_pass_promtool() {
                 ..Default::default()
             }),
             update_mask: None,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -42,6 +42,7 @@ async fn api_keys_never_leave_the_daemon() {
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["api_key".into()],
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -59,6 +60,7 @@ async fn api_keys_never_leave_the_daemon() {
                 ..Default::default()
             }),
             update_mask: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();

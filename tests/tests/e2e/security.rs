@@ -141,6 +141,7 @@ async fn set_gateway(c: &mut Clients, url: &str) -> u64 {
                 ..Default::default()
             }),
             update_mask: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,6 +211,7 @@ async fn agents_enroll_then_connect_with_their_certificate() {
     c.fleet
         .delete_instance(DeleteInstanceRequest {
             instance_id: "gitlab-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -407,6 +409,7 @@ async fn a_join_token_enrolls_as_many_agents_as_it_allows() {
             // What it grants its agents: ring is fixed, region may be set.
             labels: [("ring".to_string(), "stable".to_string())].into(),
             allowed_label_keys: vec!["region".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -65,6 +65,7 @@ async fn viewers_read_admins_write_and_revoked_tokens_stop_working() {
         .models
         .create_model(CreateModelRequest {
             model: Some(mk::model("m")),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -117,6 +118,7 @@ async fn viewers_read_admins_write_and_revoked_tokens_stop_working() {
         .tokens
         .revoke_token(RevokeTokenRequest {
             name: "dashboards".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -206,6 +208,7 @@ async fn token_rules_and_expiry() {
         .tokens
         .revoke_token(RevokeTokenRequest {
             name: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -217,6 +220,7 @@ async fn token_rules_and_expiry() {
         .tokens
         .revoke_token(RevokeTokenRequest {
             name: "admin".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -212,6 +212,7 @@ async fn two_profiles(c: &mut duofleet_tests::Clients) -> u64 {
                     api_key: key.into(),
                     ..mk::model(name)
                 }),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -220,6 +221,7 @@ async fn two_profiles(c: &mut duofleet_tests::Clients) -> u64 {
         .set_feature_setting(duofleet_proto::v1::SetFeatureSettingRequest {
             profile: String::new(),
             setting: Some(mk::self_hosted("duo_chat", "default-model")),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -231,6 +233,7 @@ async fn two_profiles(c: &mut duofleet_tests::Clients) -> u64 {
                 features: vec![mk::self_hosted("duo_chat", "canary-model")],
                 ..mk::profile("canary")
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -311,6 +314,7 @@ async fn labels_belong_to_the_control_plane() {
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["labels".into()],
         }),
+        ..Default::default()
     };
     let viewer = c
         .tokens

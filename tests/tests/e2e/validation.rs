@@ -41,7 +41,10 @@ async fn try_create(clients: &mut Clients, edit: impl FnOnce(&mut Model)) -> Res
     edit(&mut model);
     clients
         .models
-        .create_model(CreateModelRequest { model: Some(model) })
+        .create_model(CreateModelRequest {
+            model: Some(model),
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner())
 }
@@ -56,6 +59,7 @@ async fn try_create_profile(
         .profiles
         .create_profile(CreateProfileRequest {
             profile: Some(profile),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -135,7 +139,10 @@ async fn model_field_rules() {
     );
     assert_refused(
         c.models
-            .create_model(CreateModelRequest { model: None })
+            .create_model(CreateModelRequest {
+                model: None,
+                ..Default::default()
+            })
             .await,
         invalid,
         "model: required",
@@ -155,6 +162,7 @@ async fn model_field_rules() {
             .update_model(UpdateModelRequest {
                 model: Some(mk::model("ghost")),
                 update_mask: None,
+                ..Default::default()
             })
             .await,
         Code::NotFound,
@@ -234,6 +242,7 @@ async fn profile_and_feature_rules() {
     let set = |profile: &str, setting: FeatureSetting| SetFeatureSettingRequest {
         profile: profile.to_string(),
         setting: Some(setting),
+        ..Default::default()
     };
     assert_refused(
         c.profiles
@@ -265,6 +274,7 @@ async fn profile_and_feature_rules() {
                     ..Default::default()
                 }),
                 update_mask: None,
+                ..Default::default()
             })
             .await,
         invalid,
@@ -277,6 +287,7 @@ async fn profile_and_feature_rules() {
                 update_mask: Some(prost_types::FieldMask {
                     paths: vec!["revision".into()],
                 }),
+                ..Default::default()
             })
             .await,
         invalid,
@@ -338,6 +349,7 @@ async fn profile_and_feature_rules() {
                 update_mask: Some(prost_types::FieldMask {
                     paths: vec!["name".into()],
                 }),
+                ..Default::default()
             })
             .await,
         invalid,
@@ -350,6 +362,7 @@ async fn profile_and_feature_rules() {
                 update_mask: Some(prost_types::FieldMask {
                     paths: vec!["aiGatewayURL".into()],
                 }),
+                ..Default::default()
             })
             .await,
         invalid,
@@ -379,6 +392,7 @@ async fn exists_not_found_and_preconditions() {
         c.models
             .create_model(CreateModelRequest {
                 model: Some(mk::model("mixtral-prod")),
+                ..Default::default()
             })
             .await,
         Code::AlreadyExists,
@@ -406,6 +420,7 @@ async fn exists_not_found_and_preconditions() {
         c.models
             .delete_model(DeleteModelRequest {
                 name: "nope".into(),
+                ..Default::default()
             })
             .await,
         Code::NotFound,
@@ -428,7 +443,12 @@ async fn exists_not_found_and_preconditions() {
         "revision 99 not found",
     );
     assert_refused(
-        c.history.rollback(RollbackRequest { revision: 99 }).await,
+        c.history
+            .rollback(RollbackRequest {
+                revision: 99,
+                ..Default::default()
+            })
+            .await,
         Code::NotFound,
         "revision 99 not found",
     );
@@ -444,6 +464,7 @@ async fn exists_not_found_and_preconditions() {
     let set = |profile: &str, setting: FeatureSetting| SetFeatureSettingRequest {
         profile: profile.to_string(),
         setting: Some(setting),
+        ..Default::default()
     };
     assert_refused(
         c.profiles
@@ -484,6 +505,7 @@ async fn exists_not_found_and_preconditions() {
         c.models
             .delete_model(DeleteModelRequest {
                 name: "mixtral-prod".into(),
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -500,6 +522,7 @@ async fn exists_not_found_and_preconditions() {
                 update_mask: Some(prost_types::FieldMask {
                     paths: vec!["family".into()],
                 }),
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -512,6 +535,7 @@ async fn exists_not_found_and_preconditions() {
         c.profiles
             .delete_profile(DeleteProfileRequest {
                 name: "default".into(),
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,

@@ -336,6 +336,7 @@ async fn run(o: Options) {
                         ..Default::default()
                     }),
                     update_mask: None,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

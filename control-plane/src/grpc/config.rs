@@ -1,0 +1,68 @@
+use super::{commit, public_model, writer};
+use crate::diff::public_field_changes;
+use crate::store::{Store, Write};
+use duofleet_proto::v1::config_service_server::ConfigService;
+use duofleet_proto::v1::{
+    ApplyConfigRequest, ApplyConfigResponse, ExportConfigRequest, ExportConfigResponse,
+};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct ConfigApi {
+    store: Arc<Store>,
+}
+
+impl ConfigApi {
+    pub fn new(store: Arc<Store>) -> Self {
+        ConfigApi { store }
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigService for ConfigApi {
+    async fn apply_config(
+        &self,
+        request: Request<ApplyConfigRequest>,
+    ) -> Result<Response<ApplyConfigResponse>, Status> {
+        let caller = writer(&request, "apply configurations")?;
+        let ApplyConfigRequest {
+            models,
+            profiles,
+            prune,
+            validate_only,
+            expected_revision,
+        } = request.into_inner();
+        let how = Write {
+            validate_only,
+            expected_revision: (expected_revision > 0).then_some(expected_revision),
+        };
+        let commit = commit(&self.store, caller, how, move |c, cat| {
+            c.apply_set(cat, models, profiles, prune)
+        })
+        .await?;
+        let field_changes = public_field_changes(&commit.previous, &commit.config);
+        let current_revision = if validate_only {
+            commit.previous.revision
+        } else {
+            commit.config.revision
+        };
+        Ok(Response::new(ApplyConfigResponse {
+            revision: commit.revision,
+            field_changes,
+            current_revision,
+        }))
+    }
+
+    async fn export_config(
+        &self,
+        request: Request<ExportConfigRequest>,
+    ) -> Result<Response<ExportConfigResponse>, Status> {
+        super::caller(&request)?;
+        let config = self.store.current();
+        Ok(Response::new(ExportConfigResponse {
+            revision: config.revision,
+            models: config.models.values().map(public_model).collect(),
+            profiles: config.profiles.values().cloned().collect(),
+        }))
+    }
+}
