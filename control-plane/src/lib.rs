@@ -26,6 +26,7 @@ mod apply;
 pub mod auth;
 pub mod ca;
 pub mod catalog;
+pub mod client;
 pub mod config;
 pub mod diff;
 pub mod effective;

@@ -10,18 +10,10 @@ pub mod endpoints;
 pub mod gitlab_sim;
 pub mod proxy;
 
-use duofleet_proto::v1::fleet_service_client::FleetServiceClient;
-use duofleet_proto::v1::history_service_client::HistoryServiceClient;
-use duofleet_proto::v1::model_service_client::ModelServiceClient;
-use duofleet_proto::v1::profile_service_client::ProfileServiceClient;
-use duofleet_proto::v1::token_service_client::TokenServiceClient;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
 
 /// How long a daemon may take to become ready or to exit.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -216,44 +208,8 @@ fn field(line: &str, name: &str) -> String {
     rest[..rest.find(end_chars).unwrap_or(rest.len())].to_string()
 }
 
-/// Adds `authorization: Bearer <token>` when a token is set.
-#[derive(Clone)]
-pub struct Bearer(Option<String>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            let value: MetadataValue<_> = format!("Bearer {token}").parse().expect("ascii token");
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
-}
-
-type Authed = InterceptedService<Channel, Bearer>;
-
-/// One client per operator service, sharing a channel and a token.
-#[derive(Clone)]
-pub struct Clients {
-    pub models: ModelServiceClient<Authed>,
-    pub profiles: ProfileServiceClient<Authed>,
-    pub history: HistoryServiceClient<Authed>,
-    pub fleet: FleetServiceClient<Authed>,
-    pub tokens: TokenServiceClient<Authed>,
-}
-
-impl Clients {
-    pub fn new(channel: Channel, token: Option<String>) -> Clients {
-        let bearer = Bearer(token);
-        Clients {
-            models: ModelServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            profiles: ProfileServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            history: HistoryServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            fleet: FleetServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            tokens: TokenServiceClient::with_interceptor(channel, bearer),
-        }
-    }
-}
+/// The operator clients: the same library `duofleetctl` uses.
+pub use duofleet_control_plane::client::Clients;
 
 /// Starts `duofleetd` on `data_dir` expecting it to refuse: asserts that
 /// it exits unsuccessfully and returns what it printed on stderr.

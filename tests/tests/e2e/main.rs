@@ -4,6 +4,7 @@ mod agents;
 mod at_rest;
 mod bench_smoke;
 mod chaos;
+mod ctl;
 mod deploy;
 mod durability;
 mod gitlab_api;

@@ -1,0 +1,460 @@
+//! duofleetctl, the real binary, against a real duofleetd: declarative
+//! apply (one revision, dry run, prune, a stale file), diff's exit codes,
+//! the export round trip, tables and YAML against golden text, status
+//! --check, watch --until-synced with real agents, and bad files.
+
+use crate::agents::{ENV_HASH_RB, linux_agent};
+use duofleet_tests::{Daemon, bin};
+use std::path::Path;
+use std::process::Command;
+
+struct Ctl {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs duofleetctl in `dir` against `daemon`, with the admin token from
+/// DUOFLEET_TOKEN_FILE (never on the command line).
+fn ctl(daemon: &Daemon, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Ctl {
+    let token = daemon.data_dir().join("admin.token");
+    let out = Command::new(bin("duofleetctl"))
+        .args(args)
+        .current_dir(dir)
+        .env("DUOFLEET_SERVER", &daemon.grpc_addr)
+        .env("DUOFLEET_TOKEN_FILE", token)
+        .env_remove("DUOFLEET_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run duofleetctl");
+    Ctl {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Like [`ctl`], and it must succeed.
+fn ok(daemon: &Daemon, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let run = ctl(daemon, dir, args, env);
+    assert_eq!(
+        run.code, 0,
+        "duofleetctl {args:?}:\n{}\n{}",
+        run.stdout, run.stderr
+    );
+    run.stdout
+}
+
+const FLEET: &str = r#"apiVersion: duofleet/v1
+models:
+  - name: mixtral-prod
+    family: mixtral
+    endpoint: https://vllm.example.com:8000/v1
+    identifier: custom_openai/Mixtral-8x7B-Instruct-v0.1
+    apiKey: {fromEnv: MIXTRAL_KEY}
+profiles:
+  - name: default
+    aiGatewayUrl: https://aigw.example.com:5052
+    features:
+      - {feature: duo_chat, provider: self_hosted, model: mixtral-prod}
+      - {feature: code_completions, provider: vendor}
+  - name: canary
+    selector: {ring: canary}
+    priority: 10
+    aiGatewayUrl: https://aigw-canary.example.com:5052
+"#;
+
+const KEY: (&str, &str) = ("MIXTRAL_KEY", "sk-ctl-secret-0042");
+
+fn revisions(daemon: &Daemon, dir: &Path) -> usize {
+    ok(daemon, dir, &["get", "revisions", "-o", "json"], &[])
+        .matches("\"revision\":")
+        .count()
+}
+
+#[test]
+fn apply_is_one_revision_with_a_dry_run_a_diff_and_an_export_round_trip() {
+    let (dir, daemon) = crate::fresh_daemon();
+    let root = dir.path();
+    std::fs::write(root.join("fleet.yaml"), FLEET).unwrap();
+
+    // diff: 1 with differences, a unified diff; the key is write-only.
+    let diff = ctl(&daemon, root, &["diff", "-f", "fleet.yaml"], &[KEY]);
+    assert_eq!(diff.code, 1, "{}{}", diff.stdout, diff.stderr);
+    assert!(
+        diff.stdout.starts_with("--- current\n+++ fleet.yaml\n"),
+        "{}",
+        diff.stdout
+    );
+    assert!(
+        diff.stdout
+            .contains("+  apiKey: (write-only, will be set)\n"),
+        "{}",
+        diff.stdout
+    );
+    assert!(!diff.stdout.contains(KEY.1));
+
+    // The dry run says what would change, and writes nothing.
+    let dry = ok(
+        &daemon,
+        root,
+        &["apply", "-f", "fleet.yaml", "--dry-run"],
+        &[KEY],
+    );
+    assert_eq!(
+        dry,
+        "dry run: would make revision 1: apply: create model mixtral-prod; create profile canary; update profile default
++ model mixtral-prod created
+    family: mixtral
+    endpoint: https://vllm.example.com:8000/v1
+    identifier: custom_openai/Mixtral-8x7B-Instruct-v0.1
+    api_key: (set)
++ profile canary created
+    ai_gateway_url: https://aigw-canary.example.com:5052
+    selector: ring=canary
+    priority: 10
+~ profile default ai_gateway_url: (none) → https://aigw.example.com:5052
+~ profile default features.code_completions: (none) → vendor
+~ profile default features.duo_chat: (none) → self_hosted mixtral-prod
+"
+    );
+    assert_eq!(revisions(&daemon, root), 0);
+
+    // The whole file is one revision.
+    let applied = ok(&daemon, root, &["apply", "-f", "fleet.yaml"], &[KEY]);
+    assert!(
+        applied.starts_with("revision 1: apply: create model mixtral-prod;"),
+        "{applied}"
+    );
+    assert_eq!(revisions(&daemon, root), 1);
+    assert_eq!(
+        ctl(&daemon, root, &["diff", "-f", "fleet.yaml"], &[KEY]).code,
+        1,
+        "a key in the file is always set again, so it shows"
+    );
+
+    // Export, then apply the export: nothing to do, no revision.
+    let export = ok(&daemon, root, &["export"], &[]);
+    assert!(
+        export.ends_with(
+            "apiVersion: duofleet/v1
+revision: 1
+models:
+- name: mixtral-prod
+  family: mixtral
+  endpoint: https://vllm.example.com:8000/v1
+  identifier: custom_openai/Mixtral-8x7B-Instruct-v0.1
+profiles:
+- name: canary
+  selector:
+    ring: canary
+  priority: 10
+  aiGatewayUrl: https://aigw-canary.example.com:5052
+- name: default
+  aiGatewayUrl: https://aigw.example.com:5052
+  features:
+  - feature: code_completions
+    provider: vendor
+  - feature: duo_chat
+    provider: self_hosted
+    model: mixtral-prod
+"
+        ),
+        "{export}"
+    );
+    assert!(!export.contains(KEY.1));
+    std::fs::write(root.join("export.yaml"), &export).unwrap();
+    let diff = ctl(&daemon, root, &["diff", "-f", "export.yaml"], &[]);
+    assert_eq!(
+        (diff.code, diff.stdout.as_str()),
+        (0, ""),
+        "{}",
+        diff.stderr
+    );
+    assert_eq!(
+        ok(&daemon, root, &["apply", "-f", "export.yaml"], &[]),
+        "no change: the configuration already matches (revision 1)\n"
+    );
+    assert_eq!(revisions(&daemon, root), 1);
+
+    // Tables, against golden text.
+    assert_eq!(
+        ok(&daemon, root, &["get", "models"], &[]),
+        "NAME           FAMILY    ENDPOINT                           API KEY   REVISION
+mixtral-prod   mixtral   https://vllm.example.com:8000/v1   set       1
+"
+    );
+    assert_eq!(
+        ok(&daemon, root, &["get", "profiles"], &[]),
+        "NAME      PRIORITY   SELECTOR      GATEWAY                                FEATURES   REVISION
+canary    10         ring=canary   https://aigw-canary.example.com:5052   0          1
+default   0          -             https://aigw.example.com:5052          2          1
+"
+    );
+
+    // A change made meanwhile: the old export is refused, naming both
+    // revisions; --force applies it anyway, as one more revision.
+    ok(
+        &daemon,
+        root,
+        &[
+            "set",
+            "gateway",
+            "canary",
+            "https://aigw-canary2.example.com:5052",
+        ],
+        &[],
+    );
+    let stale = ctl(&daemon, root, &["apply", "-f", "export.yaml"], &[]);
+    assert_eq!(stale.code, 3);
+    assert!(
+        stale
+            .stderr
+            .contains("the configuration is at revision 2, not 1")
+            && stale.stderr.contains("(Aborted)"),
+        "{}",
+        stale.stderr
+    );
+    assert_eq!(revisions(&daemon, root), 2);
+    let forced = ok(
+        &daemon,
+        root,
+        &["apply", "-f", "export.yaml", "--force"],
+        &[],
+    );
+    assert!(
+        forced.starts_with("revision 3: apply: update profile canary"),
+        "{forced}"
+    );
+
+    // history show: field by field, old → new.
+    assert_eq!(
+        ok(&daemon, root, &["history", "show", "2"], &[])
+            .lines()
+            .skip(1)
+            .collect::<Vec<_>>(),
+        [
+            "~ profile canary ai_gateway_url: https://aigw-canary.example.com:5052 → https://aigw-canary2.example.com:5052"
+        ]
+    );
+
+    // --prune deletes what the file does not list (never default).
+    std::fs::write(
+        root.join("only-default.yaml"),
+        "apiVersion: duofleet/v1\nprofiles:\n  - name: default\n    aiGatewayUrl: https://aigw.example.com:5052\n",
+    )
+    .unwrap();
+    let pruned = ok(
+        &daemon,
+        root,
+        &["apply", "-f", "only-default.yaml", "--prune"],
+        &[],
+    );
+    assert!(
+        pruned.starts_with("revision 4: apply: update profile default; delete profile canary; delete model mixtral-prod"),
+        "{pruned}"
+    );
+    assert_eq!(
+        ok(&daemon, root, &["get", "models"], &[]),
+        "NAME   FAMILY   ENDPOINT   API KEY   REVISION\n"
+    );
+}
+
+#[test]
+fn bad_files_and_refusals_are_errors_that_say_where() {
+    let (dir, daemon) = crate::fresh_daemon();
+    let root = dir.path();
+    for (text, expected) in [
+        (
+            "apiVersion: duofleet/v1\nmodels:\n  - name: x\n    famly: mixtral\n",
+            "unknown field `famly`, expected one of `name`, `family`, `endpoint`, `identifier`, `apiKey` at line 4 column 5",
+        ),
+        (
+            "apiVersion: v2\n",
+            "apiVersion must be \"duofleet/v1\" (got \"v2\")",
+        ),
+        (
+            "apiVersion: duofleet/v1\nmodels:\n  - name: x\n    family: mixtral\n    endpoint: https://h/v1\n    apiKey: {fromEnv: NOT_SET_ANYWHERE}\n",
+            "model \"x\": apiKey: the environment variable NOT_SET_ANYWHERE is not set",
+        ),
+        (
+            "apiVersion: duofleet/v1\nmodels:\n  - name: x\n    family: mixtral\n    endpoint: ftp://h\n",
+            "models[0].endpoint:",
+        ),
+        (
+            "apiVersion: duofleet/v1\nprofiles:\n  - name: default\n    features:\n      - {feature: duo_chat, provider: self_hosted, model: nope}\n",
+            "profiles[0].features[0].model: model \"nope\" does not exist",
+        ),
+    ] {
+        std::fs::write(root.join("bad.yaml"), text).unwrap();
+        for command in ["apply", "diff"] {
+            let run = ctl(&daemon, root, &[command, "-f", "bad.yaml"], &[]);
+            assert_eq!(
+                run.code, 3,
+                "{command} {text}: {}{}",
+                run.stdout, run.stderr
+            );
+            assert!(run.stderr.contains(expected), "{command}: {}", run.stderr);
+        }
+    }
+    assert_eq!(revisions(&daemon, root), 0);
+    // The token is never an argument.
+    let run = ctl(&daemon, root, &["--token", "x", "get", "models"], &[]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    // No token anywhere: a clear error.
+    let run = Command::new(bin("duofleetctl"))
+        .args(["get", "models"])
+        .current_dir(root)
+        .env("DUOFLEET_SERVER", &daemon.grpc_addr)
+        .env_remove("DUOFLEET_TOKEN_FILE")
+        .env_remove("DUOFLEET_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("no token: pass --token-file"));
+    // The token itself from DUOFLEET_TOKEN works.
+    let run = Command::new(bin("duofleetctl"))
+        .args(["get", "models"])
+        .current_dir(root)
+        .env("DUOFLEET_SERVER", &daemon.grpc_addr)
+        .env_remove("DUOFLEET_TOKEN_FILE")
+        .env("DUOFLEET_TOKEN", daemon.token())
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_check_and_watch_until_synced_follow_real_agents() {
+    let (dir, daemon) = crate::fresh_daemon();
+    let root = dir.path();
+    let (_a, ctl_a, _) = linux_agent(&daemon, root, "gitlab-a", ENV_HASH_RB, &[]);
+    let (_b, ctl_b, _) = linux_agent(&daemon, root, "gitlab-b", ENV_HASH_RB, &[]);
+    let mut c = daemon.clients().await;
+    crate::wait_synced(&mut c, "gitlab-a", 0).await;
+    crate::wait_synced(&mut c, "gitlab-b", 0).await;
+    std::fs::write(root.join("fleet.yaml"), FLEET).unwrap();
+    ok(&daemon, root, &["apply", "-f", "fleet.yaml"], &[KEY]);
+    // Converges: exit 0.
+    let watched = ctl(
+        &daemon,
+        root,
+        &["watch", "--until-synced", "--timeout", "60s"],
+        &[],
+    );
+    assert_eq!(watched.code, 0, "{}{}", watched.stdout, watched.stderr);
+    assert!(
+        watched
+            .stderr
+            .contains("all 2 instances SYNCED at revision 1"),
+        "{}",
+        watched.stderr
+    );
+    let status = ctl(&daemon, root, &["status", "--check"], &[]);
+    assert_eq!(status.code, 0, "{}", status.stdout);
+    assert_eq!(
+        status.stdout,
+        "INSTANCE   STATE    PROFILE   DESIRED   APPLIED   FAILING TARGETS
+gitlab-a   SYNCED   default   1         1         -
+gitlab-b   SYNCED   default   1         1         -
+
+2 instances: 2 SYNCED; 0 with failing targets
+"
+    );
+    // One agent takes its time: a short watch times out (exit 2), naming
+    // it; a longer one sees it through.
+    ctl_a.set_sleep(Some(3));
+    ok(
+        &daemon,
+        root,
+        &[
+            "set",
+            "gateway",
+            "default",
+            "https://aigw2.example.com:5052",
+        ],
+        &[],
+    );
+    let watched = ctl(
+        &daemon,
+        root,
+        &["watch", "--until-synced", "--timeout", "1s"],
+        &[],
+    );
+    assert_eq!(watched.code, 2, "{}{}", watched.stdout, watched.stderr);
+    assert!(
+        watched.stderr.contains("not yet SYNCED: gitlab-a PENDING"),
+        "{}",
+        watched.stderr
+    );
+    ctl_a.set_sleep(None);
+    let watched = ctl(
+        &daemon,
+        root,
+        &["watch", "--until-synced", "--timeout", "60s"],
+        &[],
+    );
+    assert_eq!(watched.code, 0, "{}{}", watched.stdout, watched.stderr);
+    // One agent's reconfigure fails: watch exits 1, naming it; so does
+    // status --check.
+    ctl_b.fail_next(Some(1));
+    ok(
+        &daemon,
+        root,
+        &[
+            "set",
+            "gateway",
+            "default",
+            "https://aigw3.example.com:5052",
+        ],
+        &[],
+    );
+    let watched = ctl(
+        &daemon,
+        root,
+        &["watch", "--until-synced", "--timeout", "60s"],
+        &[],
+    );
+    assert_eq!(watched.code, 1, "{}{}", watched.stdout, watched.stderr);
+    assert!(
+        watched.stderr.contains("gitlab-b FAILED"),
+        "{}",
+        watched.stderr
+    );
+    let status = ctl(&daemon, root, &["status", "--check"], &[]);
+    assert_eq!(status.code, 1, "{}", status.stdout);
+    assert!(
+        status.stdout.contains("gitlab-b   FAILED"),
+        "{}",
+        status.stdout
+    );
+    // describe instance: what it receives, without the key.
+    let described = ok(&daemon, root, &["describe", "instance", "gitlab-a"], &[]);
+    assert!(
+        described.contains("Receives (revision 3, profile default):"),
+        "{described}"
+    );
+    assert!(
+        described.contains(
+            "  model             mixtral-prod (mixtral, https://vllm.example.com:8000/v1, key set)"
+        ),
+        "{described}"
+    );
+    assert!(!described.contains(KEY.1));
+}
+
+#[test]
+fn completion_and_man_page() {
+    let (dir, daemon) = crate::fresh_daemon();
+    let bash = ok(&daemon, dir.path(), &["completion", "bash"], &[]);
+    assert!(bash.contains("_duofleetctl()"), "{bash}");
+    assert!(bash.contains("apply"));
+    let man = ok(&daemon, dir.path(), &["man"], &[]);
+    assert!(man.starts_with(".ie"), "{}", &man[..man.len().min(200)]);
+    assert!(man.contains("duofleetctl"));
+}
