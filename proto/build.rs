@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "duofleet/v1/token.proto",
     "duofleet/v1/backup.proto",
     "duofleet/v1/config.proto",
+    "duofleet/v1/rollout.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

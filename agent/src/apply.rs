@@ -68,6 +68,14 @@ impl Applier {
             let host = self.host_sync(revision, None, false);
             return self.record(revision, digest, AckResult::Unchanged, None, host);
         }
+        // Outside the profile's window the host change waits (it restarts
+        // Puma); the API layer goes ahead.
+        let waiting = if gateway_changes {
+            closed_until(desired, jiff::Timestamp::now())
+        } else {
+            None
+        };
+        let gateway_changes = gateway_changes && waiting.is_none();
         let host_error = if gateway_changes {
             self.put_gateway(&want).await.err()
         } else {
@@ -116,7 +124,16 @@ impl Applier {
                 tracing::warn!(revision, %error, "GitLab API sync incomplete");
             }
         }
-        let host = self.host_sync(revision, host_error.clone(), gateway_changes);
+        let mut host = self.host_sync(revision, host_error.clone(), gateway_changes);
+        if let Some((opens, window)) = &waiting {
+            host.applied_revision = self.state.host_revision;
+            host.detail = format!(
+                "AI_GATEWAY_URL {} waits for the reconfigure window ({window}), which opens at {opens}",
+                want.url
+            );
+            host.waiting_until = Some(duofleet_proto::window::to_proto(*opens));
+            tracing::info!(revision, %opens, "the host change waits for the reconfigure window");
+        }
         if host_error.is_some() || api_error.is_some() {
             if host_error.is_none() {
                 let mut next = self.state.clone();
@@ -137,6 +154,22 @@ impl Applier {
         } else {
             AckResult::Applied
         };
+        if waiting.is_some() {
+            // The revision's API layer is in place; its host layer is not.
+            let mut next = self.state.clone();
+            next.applied_revision = revision;
+            next.applied_digest = digest;
+            if let Err(e) = self.save(next) {
+                return failed(revision, e, sync_status, Some(host));
+            }
+            return Ack {
+                revision,
+                result: result as i32,
+                error: String::new(),
+                gitlab_sync: sync_status,
+                host_sync: Some(host),
+            };
+        }
         self.record(revision, digest, result, sync_status, host)
     }
 
@@ -173,6 +206,7 @@ impl Applier {
             } else {
                 format!("{what}. {note}")
             },
+            waiting_until: None,
         }
     }
 
@@ -359,6 +393,23 @@ impl Applier {
             }
         }
     }
+}
+
+/// When `desired`'s reconfigure window is closed at `now`: when it opens
+/// next, and the window in words. `None` when host changes may run now.
+pub fn closed_until(
+    desired: &DesiredConfig,
+    now: jiff::Timestamp,
+) -> Option<(jiff::Timestamp, String)> {
+    let spec = desired.reconfigure_window.as_ref()?;
+    // The control plane validated it; one that does not parse binds nothing.
+    let window = duofleet_proto::window::Window::parse(spec).ok()?;
+    (!window.contains(now)).then(|| {
+        (
+            window.next_open(now),
+            duofleet_proto::window::describe(spec),
+        )
+    })
 }
 
 fn failed(

@@ -183,6 +183,7 @@ async fn run(args: Args) -> Result<(), String> {
         identity,
         connection_check,
         api_retry: None,
+        window_opens: None,
     };
     // A run a crash interrupted is finished now, from the last desired
     // configuration on disk, without waiting for the control plane.

@@ -48,6 +48,8 @@ pub struct Session {
     /// restarts after a reconfigure): when to try again, and the delay
     /// after that (doubling, up to 10 minutes).
     pub api_retry: Option<(DesiredConfig, Instant, Duration)>,
+    /// A host change waits for the reconfigure window: when it opens.
+    pub window_opens: Option<jiff::Timestamp>,
 }
 
 /// GitLab's own check of each model (--connection-check-interval): it calls
@@ -304,6 +306,11 @@ impl Session {
         } else {
             None
         };
+        self.window_opens = ack
+            .host_sync
+            .as_ref()
+            .and_then(|h| h.waiting_until.as_ref())
+            .map(duofleet_proto::window::timestamp);
         self.failed = failed.then(|| (desired, self.applier.watched_file()));
         send(outbound, Message::Ack(crate::limits::ack(ack))).await
     }
@@ -311,6 +318,16 @@ impl Session {
     /// Periodic: retry a failed config once its file was edited, then look
     /// for hand edits of what was applied.
     async fn check_drift(&mut self, outbound: &mpsc::Sender<AgentMessage>) -> Result<(), Ended> {
+        if let (Some(opens), Some(desired)) = (self.window_opens, &self.current)
+            && jiff::Timestamp::now() >= opens
+        {
+            let desired = desired.clone();
+            tracing::info!(
+                revision = desired.revision,
+                "the reconfigure window is open"
+            );
+            return self.apply_and_ack(desired, outbound).await;
+        }
         if let Some((desired, at, _)) = &self.api_retry
             && Instant::now() >= *at
         {
@@ -334,14 +351,28 @@ impl Session {
         let Drift::Found(detail) = self.applier.check_drift() else {
             return Ok(());
         };
-        tracing::warn!(%detail, repairing = self.repair_drift, "drift");
+        // A repair reconfigures too: only inside the window.
+        let closed = self
+            .current
+            .as_ref()
+            .and_then(|d| crate::apply::closed_until(d, jiff::Timestamp::now()));
+        let repairing = self.repair_drift && closed.is_none();
+        let detail = match &closed {
+            Some((opens, window)) if self.repair_drift => {
+                format!(
+                    "{detail}; the repair waits for the reconfigure window ({window}), which opens at {opens}"
+                )
+            }
+            _ => detail,
+        };
+        tracing::warn!(%detail, repairing, "drift");
         let report = DriftReport {
             revision: self.applier.state.applied_revision,
             detail,
-            repairing: self.repair_drift,
+            repairing,
         };
         send(outbound, Message::DriftReport(report)).await?;
-        if self.repair_drift {
+        if repairing {
             let ack = self.applier.repair().await;
             if ack.result() == AckResult::Failed {
                 tracing::warn!(error = %ack.error, "drift repair failed");

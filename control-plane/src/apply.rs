@@ -81,6 +81,8 @@ impl Config {
                     merged.features = profile.features;
                     merged.ai_gateway_timeout_seconds = profile.ai_gateway_timeout_seconds;
                     merged.duo_agent_platform_service_url = profile.duo_agent_platform_service_url;
+                    merged.parent = profile.parent;
+                    merged.reconfigure_window = profile.reconfigure_window;
                     merged
                 }
                 None => profile,
@@ -96,6 +98,7 @@ impl Config {
                 .retain(|name, _| name == DEFAULT_PROFILE || listed_profiles.contains_key(name));
         }
         // References, on the result.
+        self.check_chains()?;
         for profile in self.profiles.values() {
             for (j, setting) in profile.features.iter().enumerate() {
                 if setting.provider() != Provider::SelfHosted {

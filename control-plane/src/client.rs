@@ -9,6 +9,7 @@ use duofleet_proto::v1::fleet_service_client::FleetServiceClient;
 use duofleet_proto::v1::history_service_client::HistoryServiceClient;
 use duofleet_proto::v1::model_service_client::ModelServiceClient;
 use duofleet_proto::v1::profile_service_client::ProfileServiceClient;
+use duofleet_proto::v1::rollout_service_client::RolloutServiceClient;
 use duofleet_proto::v1::token_service_client::TokenServiceClient;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -213,6 +214,7 @@ pub struct Clients {
     pub tokens: TokenServiceClient<Authed>,
     pub config: ConfigServiceClient<Authed>,
     pub backup: BackupServiceClient<Authed>,
+    pub rollouts: RolloutServiceClient<Authed>,
 }
 
 impl Clients {
@@ -225,7 +227,8 @@ impl Clients {
             fleet: FleetServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             tokens: TokenServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             config: ConfigServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            backup: BackupServiceClient::with_interceptor(channel, bearer),
+            backup: BackupServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            rollouts: RolloutServiceClient::with_interceptor(channel, bearer),
         }
     }
 }

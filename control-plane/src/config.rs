@@ -6,6 +6,7 @@
 //! one revision.
 
 use crate::catalog::Catalog;
+use crate::effective::MAX_CHAIN;
 use crate::error::{ConfigError, quoted};
 use crate::validate::{self, DEFAULT_PROFILE};
 use duofleet_proto::v1::{FeatureSetting, Model, Profile, Provider};
@@ -32,6 +33,8 @@ pub fn default_profile() -> Profile {
 
 const MODEL_FIELDS: &[&str] = &["family", "endpoint", "api_key", "identifier"];
 const PROFILE_FIELDS: &[&str] = &[
+    "parent",
+    "reconfigure_window",
     "ai_gateway_url",
     "ai_gateway_internal_url",
     "selector",
@@ -148,6 +151,7 @@ impl Config {
         sort_features(&mut profile);
         let summary = format!("create profile {}", profile.name);
         self.profiles.insert(profile.name.clone(), profile);
+        self.check_chains()?;
         Ok(summary)
     }
 
@@ -159,6 +163,8 @@ impl Config {
     ) -> Result<String> {
         validate::profile_name("profile.name", &patch.name)?;
         let fields = mask_fields("Profile", mask, PROFILE_FIELDS, |field| match field {
+            "parent" => !patch.parent.is_empty(),
+            "reconfigure_window" => patch.reconfigure_window.is_some(),
             "ai_gateway_url" => !patch.ai_gateway_url.is_empty(),
             "ai_gateway_internal_url" => !patch.ai_gateway_internal_url.is_empty(),
             "selector" => !patch.selector.is_empty(),
@@ -171,6 +177,10 @@ impl Config {
         let mut profile = self.profile(&patch.name)?.clone();
         for field in &fields {
             match *field {
+                "parent" => profile.parent = patch.parent.clone(),
+                "reconfigure_window" => {
+                    profile.reconfigure_window = patch.reconfigure_window.clone()
+                }
                 "ai_gateway_url" => profile.ai_gateway_url = patch.ai_gateway_url.clone(),
                 "ai_gateway_internal_url" => {
                     profile.ai_gateway_internal_url = patch.ai_gateway_internal_url.clone()
@@ -193,6 +203,7 @@ impl Config {
         sort_features(&mut profile);
         let summary = format!("update profile {} ({})", profile.name, fields.join(", "));
         self.profiles.insert(profile.name.clone(), profile);
+        self.check_chains()?;
         Ok(summary)
     }
 
@@ -204,6 +215,13 @@ impl Config {
             ));
         }
         self.profile(name)?;
+        if let Some(child) = self.profiles.values().find(|p| p.parent == name) {
+            return Err(ConfigError::Blocked(format!(
+                "profile {} is the parent of profile {}; give that one another parent (or none) first",
+                quoted(name),
+                quoted(&child.name)
+            )));
+        }
         self.profiles.remove(name);
         Ok(format!("delete profile {name}"))
     }
@@ -246,6 +264,40 @@ impl Config {
         sort_features(&mut profile);
         self.profiles.insert(profile.name.clone(), profile);
         Ok(summary)
+    }
+
+    /// Every profile's parent exists, and no chain of parents loops or is
+    /// longer than [`MAX_CHAIN`] profiles.
+    pub(crate) fn check_chains(&self) -> Result {
+        for profile in self.profiles.values() {
+            let mut chain = vec![profile.name.as_str()];
+            let mut current = profile;
+            while !current.parent.is_empty() {
+                let Some(parent) = self.profiles.get(&current.parent) else {
+                    return Err(ConfigError::Blocked(format!(
+                        "profile.parent: profile {} names parent {}, which does not exist; create it first",
+                        quoted(&current.name),
+                        quoted(&current.parent)
+                    )));
+                };
+                if chain.contains(&parent.name.as_str()) {
+                    chain.push(&parent.name);
+                    return Err(ConfigError::Blocked(format!(
+                        "profile.parent: the parents form a cycle ({})",
+                        chain.join(" -> ")
+                    )));
+                }
+                chain.push(&parent.name);
+                if chain.len() > MAX_CHAIN {
+                    return Err(ConfigError::Blocked(format!(
+                        "profile.parent: the chain {} is longer than {MAX_CHAIN} profiles",
+                        chain.join(" -> ")
+                    )));
+                }
+                current = parent;
+            }
+        }
+        Ok(())
     }
 
     fn check_references(&self, catalog: &Catalog, profile: &Profile) -> Result {

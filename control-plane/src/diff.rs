@@ -106,6 +106,15 @@ fn hex_lower(bytes: &[u8]) -> String {
 
 fn profile_fields(profile: &Profile) -> Vec<(String, String)> {
     let mut fields = vec![
+        ("parent".into(), profile.parent.clone()),
+        (
+            "reconfigure_window".into(),
+            profile
+                .reconfigure_window
+                .as_ref()
+                .map(duofleet_proto::window::describe)
+                .unwrap_or_default(),
+        ),
         ("ai_gateway_url".into(), profile.ai_gateway_url.clone()),
         (
             "ai_gateway_internal_url".into(),

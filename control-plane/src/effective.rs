@@ -30,16 +30,112 @@ pub fn match_profile<'a>(config: &'a Config, labels: &Labels) -> Option<&'a Prof
         .or_else(|| config.profiles.get(DEFAULT_PROFILE))
 }
 
+/// The most profiles an inheritance chain may hold: a profile, its
+/// parent, and two more ancestors.
+pub const MAX_CHAIN: usize = 4;
+
+/// A profile with what it inherits filled in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resolved {
+    pub name: String,
+    pub ai_gateway_url: String,
+    pub ai_gateway_internal_url: String,
+    pub features: Vec<pb::FeatureSetting>,
+    pub ai_gateway_timeout_seconds: u32,
+    pub duo_agent_platform_service_url: String,
+    pub reconfigure_window: Option<pb::ReconfigureWindow>,
+    /// Field -> the profile it comes from.
+    pub sources: BTreeMap<String, String>,
+}
+
+/// The profile and its ancestors, nearest first. Stops at a missing
+/// parent, a repeat or [`MAX_CHAIN`] (validation keeps stored chains
+/// within these).
+pub fn chain<'a>(config: &'a Config, profile: &'a Profile) -> Vec<&'a Profile> {
+    let mut chain = vec![profile];
+    while chain.len() < MAX_CHAIN {
+        let last = chain[chain.len() - 1];
+        match config.profiles.get(&last.parent) {
+            Some(parent)
+                if !last.parent.is_empty() && !chain.iter().any(|p| p.name == parent.name) =>
+            {
+                chain.push(parent)
+            }
+            _ => break,
+        }
+    }
+    chain
+}
+
+/// `profile` with every value it does not set taken from its nearest
+/// ancestor that does; feature settings merge per feature.
+pub fn resolve(config: &Config, profile: &Profile) -> Resolved {
+    let chain = chain(config, profile);
+    let mut resolved = Resolved {
+        name: profile.name.clone(),
+        ..Default::default()
+    };
+    let mut sources = BTreeMap::new();
+    fn first<'a, T: Clone>(
+        chain: &[&'a Profile],
+        sources: &mut BTreeMap<String, String>,
+        field: &str,
+        get: impl Fn(&'a Profile) -> Option<T>,
+    ) -> Option<T> {
+        chain.iter().find_map(|p| {
+            let value = get(p)?;
+            sources.insert(field.to_string(), p.name.clone());
+            Some(value)
+        })
+    }
+    let non_empty = |s: &String| (!s.is_empty()).then(|| s.clone());
+    resolved.ai_gateway_url = first(&chain, &mut sources, "ai_gateway_url", |p| {
+        non_empty(&p.ai_gateway_url)
+    })
+    .unwrap_or_default();
+    resolved.ai_gateway_internal_url =
+        first(&chain, &mut sources, "ai_gateway_internal_url", |p| {
+            non_empty(&p.ai_gateway_internal_url)
+        })
+        .unwrap_or_default();
+    resolved.ai_gateway_timeout_seconds =
+        first(&chain, &mut sources, "ai_gateway_timeout_seconds", |p| {
+            (p.ai_gateway_timeout_seconds > 0).then_some(p.ai_gateway_timeout_seconds)
+        })
+        .unwrap_or_default();
+    resolved.duo_agent_platform_service_url = first(
+        &chain,
+        &mut sources,
+        "duo_agent_platform_service_url",
+        |p| non_empty(&p.duo_agent_platform_service_url),
+    )
+    .unwrap_or_default();
+    resolved.reconfigure_window = first(&chain, &mut sources, "reconfigure_window", |p| {
+        p.reconfigure_window.clone()
+    });
+    let mut features: BTreeMap<String, pb::FeatureSetting> = BTreeMap::new();
+    for p in chain.iter().rev() {
+        for setting in &p.features {
+            features.insert(setting.feature.clone(), setting.clone());
+            sources.insert(format!("features.{}", setting.feature), p.name.clone());
+        }
+    }
+    resolved.features = features.into_values().collect();
+    resolved.sources = sources;
+    resolved
+}
+
 /// The desired configuration of an instance with `labels`, at
 /// `config.revision`. Only the models its profile uses are included, with
 /// their API keys: this goes only to that instance's own stream.
 pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
-    let Some(profile) = match_profile(config, labels) else {
+    let Some(matched) = match_profile(config, labels) else {
         return DesiredConfig {
             revision: config.revision,
             ..Default::default()
         };
     };
+    let profile = resolve(config, matched);
     let used: BTreeSet<&str> = profile
         .features
         .iter()
@@ -88,10 +184,10 @@ pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
         duo_agent_platform_service_url: profile.duo_agent_platform_service_url.clone(),
         catalog_families,
         catalog_features,
+        reconfigure_window: profile.reconfigure_window.clone(),
     }
 }
 
-/// Whether two desired configurations differ in anything but the revision.
 /// What an instance with `labels` receives, for operators: its
 /// DesiredConfig without API keys (has_api_key says whether one is sent).
 pub fn public_config(config: &Config, labels: &Labels) -> duofleet_proto::v1::EffectiveConfig {
@@ -116,9 +212,14 @@ pub fn public_config(config: &Config, labels: &Labels) -> duofleet_proto::v1::Ef
         features: desired.features,
         ai_gateway_timeout_seconds: desired.ai_gateway_timeout_seconds,
         duo_agent_platform_service_url: desired.duo_agent_platform_service_url,
+        reconfigure_window: desired.reconfigure_window,
+        sources: match_profile(config, labels)
+            .map(|p| resolve(config, p).sources)
+            .unwrap_or_default(),
     }
 }
 
+/// Whether two desired configurations differ in anything but the revision.
 pub fn same_content(a: &DesiredConfig, b: &DesiredConfig) -> bool {
     DesiredConfig {
         revision: 0,

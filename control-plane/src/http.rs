@@ -4,6 +4,7 @@
 
 use crate::metrics::gauge;
 use crate::registry::Registry;
+use crate::rollout::Rollouts;
 use crate::store::Store;
 use axum::Router;
 use axum::extract::State;
@@ -12,14 +13,14 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use std::sync::Arc;
 
-type Shared = (Arc<Store>, Arc<Registry>);
+type Shared = (Arc<Store>, Arc<Registry>, Arc<Rollouts>);
 
-pub fn router(store: Arc<Store>, registry: Arc<Registry>) -> Router {
+pub fn router(store: Arc<Store>, registry: Arc<Registry>, rollouts: Arc<Rollouts>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state((store, registry))
+        .with_state((store, registry, rollouts))
 }
 
 async fn healthz() -> &'static str {
@@ -29,7 +30,7 @@ async fn healthz() -> &'static str {
 /// 200 when a small write reaches the disk now; 503 with the reason when
 /// storage cannot write (a full disk, a failed device), so that a load
 /// balancer stops sending operators to this replica.
-async fn readyz(State((store, _)): State<Shared>) -> impl IntoResponse {
+async fn readyz(State((store, _, _)): State<Shared>) -> impl IntoResponse {
     let probe = tokio::task::spawn_blocking(move || store.probe_write()).await;
     match probe {
         Ok(Ok(())) => (axum::http::StatusCode::OK, "ready\n".to_string()),
@@ -47,7 +48,7 @@ async fn readyz(State((store, _)): State<Shared>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State((store, registry)): State<Shared>) -> impl IntoResponse {
+async fn metrics(State((store, registry, rollouts)): State<Shared>) -> impl IntoResponse {
     let config = store.current();
     let mut body = String::new();
     gauge(
@@ -76,5 +77,6 @@ async fn metrics(State((store, registry)): State<Shared>) -> impl IntoResponse {
         &[(&version, 1)],
     );
     registry.render_metrics(&mut body);
+    rollouts.render_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

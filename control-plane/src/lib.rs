@@ -39,6 +39,7 @@ pub mod labels;
 pub mod metrics;
 pub mod refusals;
 pub mod registry;
+pub mod rollout;
 pub mod secrets;
 pub mod server;
 pub mod store;

@@ -293,7 +293,12 @@ impl Registry {
                     entry.failed = false;
                     entry.drifted = false;
                     entry.instance.last_error.clear();
-                    entry.instance.applied_revision = ack.revision;
+                    // A host change that waits for the window: what is in
+                    // place on the host is the older revision.
+                    entry.instance.applied_revision = match &ack.host_sync {
+                        Some(host) if host.waiting_until.is_some() => host.applied_revision,
+                        _ => ack.revision,
+                    };
                 }
             }
         });
@@ -529,6 +534,13 @@ impl Registry {
             SyncState::Drifted
         } else if entry.failed {
             SyncState::Failed
+        } else if !entry.awaiting_ack
+            && instance
+                .host_sync
+                .as_ref()
+                .is_some_and(|h| h.waiting_until.is_some())
+        {
+            SyncState::WaitingForWindow
         } else if instance.applied_revision >= instance.desired_revision && !entry.awaiting_ack {
             SyncState::Synced
         } else {
@@ -539,6 +551,11 @@ impl Registry {
         if let Some(event) = event {
             self.emit(event, instance);
         }
+    }
+
+    /// Sends an event that is not an instance's (a rollout's) to WatchFleet.
+    pub fn announce(&self, event: FleetEvent) {
+        let _ = self.events.send(event);
     }
 
     fn emit(&self, event: fn(InstanceEvent) -> Event, instance: &Instance) {

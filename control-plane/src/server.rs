@@ -5,7 +5,7 @@ use crate::auth::Tokens;
 use crate::ca::CertAuthority;
 use crate::grpc::{
     self, AgentApi, BackupApi, ConfigApi, EnrollApi, FleetApi, HistoryApi, ModelApi, ProfileApi,
-    TokenApi,
+    RolloutApi, TokenApi,
 };
 use crate::registry::Registry;
 use crate::secrets::{self, Sealer};
@@ -21,6 +21,7 @@ use duofleet_proto::v1::fleet_service_server::FleetServiceServer;
 use duofleet_proto::v1::history_service_server::HistoryServiceServer;
 use duofleet_proto::v1::model_service_server::ModelServiceServer;
 use duofleet_proto::v1::profile_service_server::ProfileServiceServer;
+use duofleet_proto::v1::rollout_service_server::RolloutServiceServer;
 use duofleet_proto::v1::token_service_server::TokenServiceServer;
 use std::error::Error;
 use std::net::SocketAddr;
@@ -34,7 +35,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 /// The services whose health grpc.health.v1 reports; "" is the server.
-const SERVICES: [&str; 10] = [
+const SERVICES: [&str; 11] = [
     "",
     <ModelServiceServer<ModelApi> as NamedService>::NAME,
     <ProfileServiceServer<ProfileApi> as NamedService>::NAME,
@@ -45,7 +46,11 @@ const SERVICES: [&str; 10] = [
     <EnrollmentServiceServer<EnrollApi> as NamedService>::NAME,
     <BackupServiceServer<BackupApi> as NamedService>::NAME,
     <ConfigServiceServer<ConfigApi> as NamedService>::NAME,
+    <RolloutServiceServer<RolloutApi> as NamedService>::NAME,
 ];
+
+/// How often rollout gates are checked.
+const ROLLOUT_GATE_PERIOD: Duration = Duration::from_millis(500);
 
 /// How long a graceful shutdown waits for clients to let go of their
 /// connections before it drops them.
@@ -355,6 +360,16 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         })?,
     );
 
+    let rollouts =
+        crate::rollout::Rollouts::open(store.clone(), registry.clone()).map_err(|source| {
+            StartError::Database {
+                path: db_path.clone(),
+                source,
+            }
+        })?;
+    store.set_guard(rollouts.guard());
+    crate::rollout::spawn_gates(rollouts.clone(), ROLLOUT_GATE_PERIOD);
+
     let grpc_listener =
         TcpListener::bind(args.listen)
             .await
@@ -444,9 +459,10 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ModelServiceServer::with_interceptor(ModelApi::new(store.clone()), auth.clone()))
-        .add_service(ProfileServiceServer::with_interceptor(ProfileApi::new(store.clone()), auth.clone()))
+        .add_service(ProfileServiceServer::with_interceptor(ProfileApi::new(store.clone(), rollouts.clone()), auth.clone()))
         .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
-        .add_service(ConfigServiceServer::with_interceptor(ConfigApi::new(store.clone()), auth.clone()))
+        .add_service(RolloutServiceServer::with_interceptor(RolloutApi::new(rollouts.clone()), auth.clone()))
+        .add_service(ConfigServiceServer::with_interceptor(ConfigApi::new(store.clone(), rollouts.clone()), auth.clone()))
         .add_service(FleetServiceServer::with_interceptor(
             FleetApi::new(store.clone(), registry.clone(), ca.clone(), shutdown_rx.clone()),
             auth.clone(),
@@ -459,7 +475,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(tonic::service::interceptor::InterceptedService::new(
             // Larger messages are refused before they are read; the limits
             // per field are in agent_input.
-            AgentServiceServer::new(AgentApi::new(store.clone(), registry.clone(), ca.clone(), shutdown_rx.clone()))
+            AgentServiceServer::new(AgentApi::new(store.clone(), registry.clone(), rollouts.clone(), ca.clone(), shutdown_rx.clone()))
                 .max_decoding_message_size(crate::agent_input::DECODE_MAX_BYTES),
             agent_auth,
         ))
@@ -484,7 +500,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         Duration::from_millis(args.http_header_timeout_ms),
     )
     .serve(
-        crate::http::router(store.clone(), registry.clone()),
+        crate::http::router(store.clone(), registry.clone(), rollouts.clone()),
         wait_for(shutdown_rx.clone()),
     );
 

@@ -210,10 +210,10 @@ pub fn profile(profile: &Profile, catalog: &Catalog) -> Result {
             "profile.ai_gateway_internal_url",
             &profile.ai_gateway_internal_url,
         )?;
-        if profile.ai_gateway_url.is_empty() {
+        if profile.ai_gateway_url.is_empty() && profile.parent.is_empty() {
             return Err(ConfigError::invalid(
                 "profile.ai_gateway_internal_url",
-                "needs ai_gateway_url to be set as well",
+                "needs ai_gateway_url to be set as well (or inherited from a parent)",
             ));
         }
     }
@@ -233,6 +233,25 @@ pub fn profile(profile: &Profile, catalog: &Catalog) -> Result {
             "profile.duo_agent_platform_service_url",
             &profile.duo_agent_platform_service_url,
         )?;
+    }
+    if !profile.parent.is_empty() {
+        profile_name("profile.parent", &profile.parent)?;
+        if profile.name == DEFAULT_PROFILE {
+            return Err(ConfigError::invalid(
+                "profile.parent",
+                "the default profile inherits from no other: it is where every chain may end",
+            ));
+        }
+        if profile.parent == profile.name {
+            return Err(ConfigError::invalid(
+                "profile.parent",
+                "a profile cannot be its own parent",
+            ));
+        }
+    }
+    if let Some(window) = &profile.reconfigure_window {
+        duofleet_proto::window::Window::parse(window)
+            .map_err(|e| ConfigError::invalid(format!("profile.{}", e.field), e.rule))?;
     }
     selector("profile.selector", &profile.selector)?;
     if profile.name == DEFAULT_PROFILE && !profile.selector.is_empty() {

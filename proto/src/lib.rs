@@ -13,6 +13,8 @@ pub mod v1 {
     tonic::include_proto!("duofleet.v1");
 }
 
+pub mod window;
+
 /// The encoded `FileDescriptorSet` of every duofleet.v1 file and its
 /// imports, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

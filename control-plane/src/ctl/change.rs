@@ -115,8 +115,10 @@ pub async fn apply(
     dry_run: bool,
     prune: bool,
     force: bool,
+    rollout: Option<&Path>,
 ) -> Result<Outcome, Failure> {
     let (file, models, profiles) = load(path)?;
+    let rollout = rollout.map(crate::rollout::load_spec).transpose()?;
     let response = c
         .config
         .apply_config(ApplyConfigRequest {
@@ -125,10 +127,25 @@ pub async fn apply(
             prune,
             validate_only: dry_run,
             expected_revision: if force { 0 } else { file.revision.unwrap_or(0) },
+            rollout,
         })
         .await
         .map_err(refused)?
         .into_inner();
+    if let Some(rollout) = &response.rollout {
+        println!(
+            "{} rollout {}: {} instances in {} waves (follow it: duofleetctl rollout status {} --watch)",
+            if dry_run { "would start" } else { "started" },
+            rollout.id,
+            rollout
+                .waves
+                .iter()
+                .map(|w| w.instances.len())
+                .sum::<usize>(),
+            rollout.waves.len(),
+            rollout.id
+        );
+    }
     match (&response.revision, dry_run) {
         (None, _) => println!(
             "no change: the configuration already matches (revision {})",
@@ -183,6 +200,7 @@ pub async fn diff(c: &mut Clients, path: &Path, prune: bool) -> Result<Outcome, 
             prune,
             validate_only: true,
             expected_revision: 0,
+            rollout: None,
         })
         .await
         .map_err(refused)?;
@@ -282,6 +300,7 @@ pub async fn set(c: &mut Clients, set: Set) -> Result<Outcome, Failure> {
                         paths: vec!["ai_gateway_url".into()],
                     }),
                     validate_only: false,
+                    rollout: None,
                 })
                 .await
                 .map_err(refused)?
@@ -315,6 +334,7 @@ pub async fn set(c: &mut Clients, set: Set) -> Result<Outcome, Failure> {
                         model,
                     }),
                     validate_only: false,
+                    rollout: None,
                 })
                 .await
                 .map_err(refused)?

@@ -4,7 +4,7 @@
 //! is an error with its line and column. API keys never appear in it,
 //! only where to read one: `apiKey: {fromEnv: VAR}` or `{fromFile: PATH}`.
 
-use duofleet_proto::v1::{FeatureSetting, Model, Profile, Provider};
+use duofleet_proto::v1::{FeatureSetting, Model, Profile, Provider, ReconfigureWindow};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -87,6 +87,9 @@ impl From<KeySource> for KeySpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProfileSpec {
     pub name: String,
+    /// Inherit what this profile does not set from another.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub selector: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -99,8 +102,23 @@ pub struct ProfileSpec {
     pub ai_gateway_timeout_seconds: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub duo_agent_platform_service_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconfigure_window: Option<WindowSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<FeatureSpec>,
+}
+
+/// `reconfigureWindow: {days: [sat, sun], start: "02:00", end: "05:00",
+/// timeZone: Europe/Berlin}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WindowSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub days: Vec<String>,
+    pub start: String,
+    pub end: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub time_zone: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -330,6 +348,13 @@ impl ProfileSpec {
     pub fn from_profile(profile: &Profile) -> ProfileSpec {
         ProfileSpec {
             name: profile.name.clone(),
+            parent: profile.parent.clone(),
+            reconfigure_window: profile.reconfigure_window.as_ref().map(|w| WindowSpec {
+                days: w.days.clone(),
+                start: w.start.clone(),
+                end: w.end.clone(),
+                time_zone: w.time_zone.clone(),
+            }),
             selector: profile.selector.clone(),
             priority: profile.priority,
             ai_gateway_url: profile.ai_gateway_url.clone(),
@@ -359,6 +384,13 @@ impl ProfileSpec {
     pub fn to_profile(&self) -> Profile {
         Profile {
             name: self.name.clone(),
+            parent: self.parent.clone(),
+            reconfigure_window: self.reconfigure_window.as_ref().map(|w| ReconfigureWindow {
+                days: w.days.clone(),
+                start: w.start.clone(),
+                end: w.end.clone(),
+                time_zone: w.time_zone.clone(),
+            }),
             selector: self.selector.clone(),
             priority: self.priority,
             ai_gateway_url: self.ai_gateway_url.clone(),

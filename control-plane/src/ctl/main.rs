@@ -8,6 +8,7 @@
 mod change;
 mod file;
 mod read;
+mod rollout;
 mod table;
 mod view;
 mod watch;
@@ -111,6 +112,10 @@ enum Command {
         /// `revision` (it was exported).
         #[arg(long)]
         force: bool,
+        /// Stage the change: waves and a gate from this file (see
+        /// `duofleetctl rollout --help`).
+        #[arg(long, value_name = "FILE")]
+        rollout: Option<PathBuf>,
     },
     /// A unified diff of the configuration against a file: exit 0 same,
     /// 1 different, 3 an error.
@@ -176,6 +181,9 @@ enum Command {
     /// Operator and join tokens.
     #[command(subcommand)]
     Token(change::TokenCommand),
+    /// Staged changes: list, follow, pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// Copy the database and key files into a new directory on the
     /// duofleetd host.
     Backup { directory: String },
@@ -310,7 +318,19 @@ async fn run(cli: Cli) -> Result<Outcome, Failure> {
             dry_run,
             prune,
             force,
-        } => change::apply(&mut c().await?, &file, dry_run, prune, force).await,
+            rollout,
+        } => {
+            change::apply(
+                &mut c().await?,
+                &file,
+                dry_run,
+                prune,
+                force,
+                rollout.as_deref(),
+            )
+            .await
+        }
+        Command::Rollout(command) => rollout::run(&mut c().await?, command, output).await,
         Command::Diff { file, prune } => change::diff(&mut c().await?, &file, prune).await,
         Command::Export => change::export(&mut c().await?).await,
         Command::Set(set) => change::set(&mut c().await?, set).await,

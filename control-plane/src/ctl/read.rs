@@ -345,6 +345,13 @@ pub async fn describe(
                 return Ok(Outcome::Done);
             }
             let _ = writeln!(out, "Name:              {}", p.name);
+            if !p.parent.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "Parent:            {} (inherits what this profile does not set)",
+                    p.parent
+                );
+            }
             let _ = writeln!(out, "Selector:          {}", or_dash(&labels(&p.selector)));
             let _ = writeln!(out, "Priority:          {}", p.priority);
             let _ = writeln!(out, "Gateway:           {}", or_dash(&p.ai_gateway_url));
@@ -361,6 +368,13 @@ pub async fn describe(
                     out,
                     "Agent platform:    {}",
                     p.duo_agent_platform_service_url
+                );
+            }
+            if let Some(w) = &p.reconfigure_window {
+                let _ = writeln!(
+                    out,
+                    "Window:            {}",
+                    duofleet_proto::window::describe(w)
                 );
             }
             let _ = writeln!(out, "Revision:          {}", p.revision);
@@ -478,14 +492,37 @@ fn describe_instance(out: &mut String, i: &Instance) {
         let _ = writeln!(out, "Conflict:    {}", i.conflict);
     }
     if let Some(e) = &i.effective {
+        // "(from default)" where a value is inherited.
+        let from = |field: &str| match e.sources.get(field) {
+            Some(source) if *source != e.profile => format!("  (from {source})"),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
             "Receives (revision {}, profile {}):",
             e.revision, e.profile
         );
-        let _ = writeln!(out, "  gateway           {}", or_dash(&e.ai_gateway_url));
+        let _ = writeln!(
+            out,
+            "  gateway           {}{}",
+            or_dash(&e.ai_gateway_url),
+            from("ai_gateway_url")
+        );
         if !e.ai_gateway_internal_url.is_empty() {
-            let _ = writeln!(out, "  internal gateway  {}", e.ai_gateway_internal_url);
+            let _ = writeln!(
+                out,
+                "  internal gateway  {}{}",
+                e.ai_gateway_internal_url,
+                from("ai_gateway_internal_url")
+            );
+        }
+        if let Some(w) = &e.reconfigure_window {
+            let _ = writeln!(
+                out,
+                "  window            {}{}",
+                duofleet_proto::window::describe(w),
+                from("reconfigure_window")
+            );
         }
         for m in &e.models {
             let _ = writeln!(
@@ -500,9 +537,10 @@ fn describe_instance(out: &mut String, i: &Instance) {
         for s in &e.features {
             let _ = writeln!(
                 out,
-                "  feature           {:<36} {}",
+                "  feature           {:<36} {}{}",
                 s.feature,
-                setting_text(s)
+                setting_text(s),
+                from(&format!("features.{}", s.feature))
             );
         }
     }
@@ -681,6 +719,8 @@ pub fn field_changes_text(changes: &[FieldChange]) -> String {
             (ChangeAction::Created, field) => {
                 format!("    {field}: {}", change.new_value)
             }
+            // Never a value: only whether it was set, changed or removed.
+            (_, "api_key") => format!("~ {kind} {} api_key: {}", change.name, change.new_value),
             (_, field) => format!(
                 "~ {kind} {} {field}: {} → {}",
                 change.name,

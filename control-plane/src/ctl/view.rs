@@ -95,9 +95,23 @@ fn setting(s: &FeatureSetting) -> Value {
     }))
 }
 
+fn window(w: &Option<duofleet_proto::v1::ReconfigureWindow>) -> Value {
+    match w {
+        None => Value::Null,
+        Some(w) => compact(json!({
+            "days": w.days,
+            "start": w.start,
+            "end": w.end,
+            "timeZone": w.time_zone,
+        })),
+    }
+}
+
 pub fn profile(p: &Profile) -> Value {
     compact(json!({
         "name": p.name,
+        "parent": p.parent,
+        "reconfigureWindow": window(&p.reconfigure_window),
         "aiGatewayUrl": p.ai_gateway_url,
         "aiGatewayInternalUrl": p.ai_gateway_internal_url,
         "selector": labels(&p.selector),
@@ -163,6 +177,8 @@ fn effective(e: &Option<EffectiveConfig>) -> Value {
             "features": e.features.iter().map(setting).collect::<Vec<_>>(),
             "aiGatewayTimeoutSeconds": e.ai_gateway_timeout_seconds,
             "duoAgentPlatformServiceUrl": e.duo_agent_platform_service_url,
+            "reconfigureWindow": window(&e.reconfigure_window),
+            "sources": labels(&e.sources),
         })),
     }
 }

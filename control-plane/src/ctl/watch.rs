@@ -54,6 +54,21 @@ pub fn line(event: &FleetEvent) -> Option<String> {
                 .collect();
             format!("{} health: {}", i.instance_id, targets.join(", "))
         }
+        Event::RolloutChanged(r) => format!(
+            "rollout {} {}{}{}",
+            r.id,
+            r.state().as_str_name().trim_start_matches("ROLLOUT_STATE_"),
+            if r.state() == duofleet_proto::v1::RolloutState::Progressing {
+                format!(" (wave {})", r.wave + 1)
+            } else {
+                String::new()
+            },
+            if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.reason)
+            }
+        ),
         Event::LabelsChanged(l) => format!(
             "{} labels by {}: {} -> {}",
             l.instance_id,
@@ -165,7 +180,7 @@ pub async fn watch(
         }
         // Re-read the one instance (or all, on a revision) for its state.
         match event.event {
-            Some(Event::RevisionCreated(_)) | None => {}
+            Some(Event::RevisionCreated(_) | Event::RolloutChanged(_)) | None => {}
             Some(Event::Deleted(i)) => {
                 instances.remove(&i.instance_id);
             }

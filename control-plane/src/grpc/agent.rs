@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::effective::{self, Labels};
 use crate::labels::LabelGrant;
 use crate::registry::{Refused, Registry, Session};
+use crate::rollout::Rollouts;
 use crate::store::Store;
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::agent_service_server::AgentService;
@@ -34,6 +35,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AgentApi {
     store: Arc<Store>,
     registry: Arc<Registry>,
+    rollouts: Arc<Rollouts>,
     ca: Arc<CertAuthority>,
     shutdown: watch::Receiver<bool>,
 }
@@ -42,12 +44,14 @@ impl AgentApi {
     pub fn new(
         store: Arc<Store>,
         registry: Arc<Registry>,
+        rollouts: Arc<Rollouts>,
         ca: Arc<CertAuthority>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         AgentApi {
             store,
             registry,
+            rollouts,
             ca,
             shutdown,
         }
@@ -117,6 +121,7 @@ impl AgentService for AgentApi {
         let run = SessionTask {
             store: self.store.clone(),
             registry: self.registry.clone(),
+            rollouts: self.rollouts.clone(),
             shutdown: self.shutdown.clone(),
             outbound,
         };
@@ -136,6 +141,7 @@ async fn until_stopped(mut shutdown: watch::Receiver<bool>) {
 struct SessionTask {
     store: Arc<Store>,
     registry: Arc<Registry>,
+    rollouts: Arc<Rollouts>,
     shutdown: watch::Receiver<bool>,
     outbound: mpsc::Sender<Result<ControlMessage, Status>>,
 }
@@ -148,13 +154,19 @@ impl SessionTask {
         mut inbound: Streaming<AgentMessage>,
     ) {
         let mut configs = self.store.subscribe();
+        let mut epoch = self.rollouts.subscribe_epoch();
         let stopped = until_stopped(self.shutdown.clone());
         tokio::pin!(stopped);
         let config = configs.borrow_and_update().clone();
         let mut labels: Labels = session.labels.borrow_and_update().clone();
-        let mut last = effective::desired_config(&config, &labels);
+        epoch.borrow_and_update();
+        let mut last = self
+            .rollouts
+            .desired_config(&session.instance_id, &config, &labels);
+        // Held back by a rollout: its desired revision is the older one.
+        let current_revision = last.revision;
         // Behind (or from another history): send. Otherwise it has it all.
-        let alive = if applied_revision == config.revision {
+        let alive = if applied_revision == current_revision {
             self.registry
                 .set_desired(&session, &last.profile, applied_revision, false);
             true
@@ -169,6 +181,16 @@ impl SessionTask {
                             break;
                         }
                         let config = configs.borrow_and_update().clone();
+                        if !self.push_if_changed(&session, &config, &labels, &mut last).await {
+                            break;
+                        }
+                    }
+                    // A rollout released (or held back) this instance.
+                    changed = epoch.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let config = configs.borrow().clone();
                         if !self.push_if_changed(&session, &config, &labels, &mut last).await {
                             break;
                         }
@@ -221,7 +243,9 @@ impl SessionTask {
         labels: &Labels,
         last: &mut DesiredConfig,
     ) -> bool {
-        let desired = effective::desired_config(config, labels);
+        let desired = self
+            .rollouts
+            .desired_config(&session.instance_id, config, labels);
         if effective::same_content(&desired, last) {
             return true;
         }

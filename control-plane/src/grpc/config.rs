@@ -1,5 +1,6 @@
-use super::{commit, public_model, writer};
+use super::{commit_staged, public_model, writer};
 use crate::diff::public_field_changes;
+use crate::rollout::Rollouts;
 use crate::store::{Store, Write};
 use duofleet_proto::v1::config_service_server::ConfigService;
 use duofleet_proto::v1::{
@@ -10,11 +11,12 @@ use tonic::{Request, Response, Status};
 
 pub struct ConfigApi {
     store: Arc<Store>,
+    rollouts: Arc<Rollouts>,
 }
 
 impl ConfigApi {
-    pub fn new(store: Arc<Store>) -> Self {
-        ConfigApi { store }
+    pub fn new(store: Arc<Store>, rollouts: Arc<Rollouts>) -> Self {
+        ConfigApi { store, rollouts }
     }
 }
 
@@ -31,14 +33,20 @@ impl ConfigService for ConfigApi {
             prune,
             validate_only,
             expected_revision,
+            rollout,
         } = request.into_inner();
         let how = Write {
             validate_only,
             expected_revision: (expected_revision > 0).then_some(expected_revision),
         };
-        let commit = commit(&self.store, caller, how, move |c, cat| {
-            c.apply_set(cat, models, profiles, prune)
-        })
+        let (commit, rollout) = commit_staged(
+            &self.store,
+            &self.rollouts,
+            caller,
+            how,
+            rollout,
+            move |c, cat| c.apply_set(cat, models, profiles, prune),
+        )
         .await?;
         let field_changes = public_field_changes(&commit.previous, &commit.config);
         let current_revision = if validate_only {
@@ -50,6 +58,7 @@ impl ConfigService for ConfigApi {
             revision: commit.revision,
             field_changes,
             current_revision,
+            rollout,
         }))
     }
 

@@ -122,10 +122,16 @@ impl FleetService for FleetApi {
             preview.labels = instance.labels;
             return Ok(Response::new(preview));
         }
-        let updated = self
+        let mut updated = self
             .registry
             .update_labels(&instance.instance_id, instance.labels, &caller.name)
             .ok_or_else(|| no_instance(&instance.instance_id))?;
+        // The profile the new labels match (its stream follows at once).
+        if let Some(profile) =
+            crate::effective::match_profile(&self.store.current(), &updated.labels)
+        {
+            updated.profile = profile.name.clone();
+        }
         Ok(Response::new(updated))
     }
 

@@ -10,6 +10,7 @@ mod fleet;
 mod history;
 mod models;
 mod profiles;
+mod rollouts;
 mod tokens;
 
 pub use agent::AgentApi;
@@ -20,6 +21,7 @@ pub use fleet::FleetApi;
 pub use history::HistoryApi;
 pub use models::ModelApi;
 pub use profiles::ProfileApi;
+pub use rollouts::RolloutApi;
 pub use tokens::TokenApi;
 
 use crate::admission::Connections;
@@ -28,8 +30,10 @@ use crate::ca::CertAuthority;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{ConfigError, error_chain};
+use crate::rollout::Rollouts;
 use crate::store::{Commit, Store, StoreError, Write};
 use duofleet_proto::v1::Model;
+use duofleet_proto::v1::{Rollout, RolloutSpec};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -224,6 +228,45 @@ async fn commit(
     log_commit(&caller, how.validate_only, result)
 }
 
+/// [`commit`], staged when `rollout` is set: the change's revision commits
+/// with its rollout, which then releases it wave by wave. Returns the
+/// rollout too (with `validate_only`: the plan).
+async fn commit_staged(
+    store: &Arc<Store>,
+    rollouts: &Arc<Rollouts>,
+    caller: Caller,
+    how: Write,
+    rollout: Option<RolloutSpec>,
+    op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError> + Send + 'static,
+) -> Result<(Commit, Option<Rollout>), Status> {
+    let Some(spec) = rollout else {
+        return Ok((commit(store, caller, how, op).await?, None));
+    };
+    let (store, rollouts) = (store.clone(), rollouts.clone());
+    let actor = caller.name.clone();
+    let (result, rollout) = blocking(move || {
+        let planned = std::sync::Mutex::new(None);
+        let result = store.change_with(
+            &actor,
+            how,
+            rollouts.stage(spec, actor.clone(), how.validate_only, &planned),
+            op,
+        );
+        let planned = planned.into_inner().unwrap_or_else(|e| e.into_inner());
+        let rollout = match &result {
+            Ok(_) if how.validate_only => planned,
+            Ok(commit) => rollouts.committed(commit.revision.as_ref(), planned),
+            Err(_) => {
+                rollouts.forget(planned);
+                None
+            }
+        };
+        (result, rollout)
+    })
+    .await?;
+    Ok((log_commit(&caller, how.validate_only, result)?, rollout))
+}
+
 /// With `validate_only`, ask for a dry run.
 fn dry(validate_only: bool) -> Write {
     Write {
@@ -262,7 +305,23 @@ fn log_commit(
 /// `duofleet-summary` holds the summary the revision would carry (ASCII;
 /// other characters escaped), or "no change".
 fn answer<T>(message: T, commit: &Commit, validate_only: bool) -> Response<T> {
+    answer_staged(message, commit, validate_only, None)
+}
+
+/// [`answer`], and the header `duofleet-rollout` with a staged change's
+/// rollout id.
+fn answer_staged<T>(
+    message: T,
+    commit: &Commit,
+    validate_only: bool,
+    rollout: Option<&Rollout>,
+) -> Response<T> {
     let mut response = Response::new(message);
+    if let Some(rollout) = rollout
+        && let Ok(value) = rollout.id.parse()
+    {
+        response.metadata_mut().insert("duofleet-rollout", value);
+    }
     if validate_only {
         let summary = commit
             .revision

@@ -1,4 +1,7 @@
-use super::{answer, caller, commit, dry, not_found, required, writer};
+use super::{
+    answer, answer_staged, caller, commit, commit_staged, dry, not_found, required, writer,
+};
+use crate::rollout::Rollouts;
 use crate::store::Store;
 use crate::validate::DEFAULT_PROFILE;
 use duofleet_proto::v1::profile_service_server::ProfileService;
@@ -12,11 +15,12 @@ use tonic::{Request, Response, Status};
 
 pub struct ProfileApi {
     store: Arc<Store>,
+    rollouts: Arc<Rollouts>,
 }
 
 impl ProfileApi {
-    pub fn new(store: Arc<Store>) -> Self {
-        ProfileApi { store }
+    pub fn new(store: Arc<Store>, rollouts: Arc<Rollouts>) -> Self {
+        ProfileApi { store, rollouts }
     }
 }
 
@@ -68,12 +72,22 @@ impl ProfileService for ProfileApi {
         let mask = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let name = patch.name.clone();
         let how = dry(request.validate_only);
-        let commit = commit(&self.store, caller, how, move |c, cat| {
-            c.update_profile(cat, patch, &mask)
-        })
+        let (commit, rollout) = commit_staged(
+            &self.store,
+            &self.rollouts,
+            caller,
+            how,
+            request.rollout,
+            move |c, cat| c.update_profile(cat, patch, &mask),
+        )
         .await?;
         let profile = commit.config.profile(&name).map_err(not_found)?.clone();
-        Ok(answer(profile, &commit, how.validate_only))
+        Ok(answer_staged(
+            profile,
+            &commit,
+            how.validate_only,
+            rollout.as_ref(),
+        ))
     }
 
     async fn delete_profile(
@@ -104,12 +118,22 @@ impl ProfileService for ProfileApi {
         };
         let profile = name.clone();
         let how = dry(request.validate_only);
-        let commit = commit(&self.store, caller, how, move |c, cat| {
-            c.set_feature_setting(cat, &profile, setting)
-        })
+        let (commit, rollout) = commit_staged(
+            &self.store,
+            &self.rollouts,
+            caller,
+            how,
+            request.rollout,
+            move |c, cat| c.set_feature_setting(cat, &profile, setting),
+        )
         .await?;
         let profile = commit.config.profile(&name).map_err(not_found)?.clone();
-        Ok(answer(profile, &commit, how.validate_only))
+        Ok(answer_staged(
+            profile,
+            &commit,
+            how.validate_only,
+            rollout.as_ref(),
+        ))
     }
 
     async fn get_catalog(

@@ -141,6 +141,41 @@ pub struct Commit {
     pub previous: Arc<Config>,
 }
 
+/// A check of every change against rules the store does not own (the
+/// profiles an active rollout holds): old and new configuration.
+pub type Guard = Arc<dyn Fn(&Config, &Config) -> Result<(), ConfigError> + Send + Sync>;
+
+/// A record committed in the same transaction as a revision: a rollout
+/// starts exactly when its revision does.
+pub struct Attached {
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+/// The staged-change check: old and new configuration, and the revision
+/// number the change will get; it may attach a record to the commit.
+pub type StageFn<'a> =
+    Box<dyn FnOnce(&Config, &Config, u64) -> Result<Option<Attached>, ConfigError> + 'a>;
+
+/// What checks a change besides its own operation.
+pub enum Stage<'a> {
+    /// The store's guard (the default for every change).
+    Guarded,
+    /// No guard: the caller owns the rules (a rollout's own abort).
+    Unguarded,
+    /// A staged change: this runs instead of the guard.
+    Staged(StageFn<'a>),
+}
+
+/// A change about to be committed: from `old` to `new`; `always` makes a
+/// revision even when nothing differs (a rollback).
+struct Pending {
+    old: Arc<Config>,
+    new: Config,
+    summary: String,
+    always: bool,
+}
+
 /// How a change is made.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Write {
@@ -162,6 +197,7 @@ pub struct Store {
     failed: AtomicBool,
     catalog: &'static Catalog,
     sealer: Sealer,
+    guard: RwLock<Option<Guard>>,
     writer: Mutex<()>,
     current: watch::Sender<Arc<Config>>,
     revision_events: broadcast::Sender<pb::Revision>,
@@ -240,6 +276,7 @@ impl Store {
             trees: RwLock::new(Some(Arc::new(Trees::open(dir)?))),
             dir: dir.to_path_buf(),
             failed: AtomicBool::new(false),
+            guard: RwLock::new(None),
             catalog,
             sealer,
             writer: Mutex::new(()),
@@ -391,12 +428,28 @@ impl Store {
         self.change(actor, Write::default(), op)
     }
 
+    /// Sets the check every later change must pass (see [`Guard`]).
+    pub fn set_guard(&self, guard: Guard) {
+        *self.guard.write().unwrap_or_else(|e| e.into_inner()) = Some(guard);
+    }
+
     /// [`Store::mutate`], with a dry run or a check of the revision the
     /// caller saw.
     pub fn change(
         &self,
         actor: &str,
         how: Write,
+        op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
+    ) -> Result<Commit, StoreError> {
+        self.change_with(actor, how, Stage::Guarded, op)
+    }
+
+    /// [`Store::change`] with another [`Stage`] than the guard.
+    pub fn change_with(
+        &self,
+        actor: &str,
+        how: Write,
+        stage: Stage<'_>,
         op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -413,7 +466,13 @@ impl Store {
         }
         let mut new = (*old).clone();
         let summary = op(&mut new, self.catalog)?;
-        self.commit_locked(actor, old, new, summary, false, how.validate_only)
+        let change = Pending {
+            old,
+            new,
+            summary,
+            always: false,
+        };
+        self.commit_locked(actor, change, how.validate_only, stage)
     }
 
     /// Makes a new revision whose models and profiles equal those at
@@ -456,18 +515,28 @@ impl Store {
                 keyless.join(", ")
             ));
         }
-        self.commit_locked(actor, old, new, summary, true, validate_only)
+        let change = Pending {
+            old,
+            new,
+            summary,
+            always: true,
+        };
+        self.commit_locked(actor, change, validate_only, Stage::Guarded)
     }
 
     fn commit_locked(
         &self,
         actor: &str,
-        old: Arc<Config>,
-        mut new: Config,
-        summary: String,
-        always: bool,
+        pending: Pending,
         validate_only: bool,
+        stage: Stage<'_>,
     ) -> Result<Commit, StoreError> {
+        let Pending {
+            old,
+            mut new,
+            summary,
+            always,
+        } = pending;
         let model_changes = diff(&old.models, &new.models, config::same_model);
         let profile_changes = diff(&old.profiles, &new.profiles, config::same_profile);
         if model_changes.is_empty() && profile_changes.is_empty() && !always {
@@ -516,6 +585,17 @@ impl Store {
             models: Vec::new(),
             profiles: Vec::new(),
         };
+        let attached = match stage {
+            Stage::Guarded => {
+                let guard = self.guard.read().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(guard) = guard {
+                    guard(&old, &new)?;
+                }
+                None
+            }
+            Stage::Unguarded => None,
+            Stage::Staged(stage) => stage(&old, &new, revision)?,
+        };
         if validate_only {
             return Ok(Commit {
                 config: Arc::new(new),
@@ -525,9 +605,19 @@ impl Store {
         }
         let revision_key = revision.to_be_bytes();
         let t = self.trees()?;
-        let written = (&t.meta, &t.models, &t.profiles, &t.revisions, &t.history)
-            .transaction(|(meta, models, profiles, revisions, history)| {
+        let written = (
+            &t.meta,
+            &t.models,
+            &t.profiles,
+            &t.revisions,
+            &t.history,
+            &t.rollouts,
+        )
+            .transaction(|(meta, models, profiles, revisions, history, rollouts)| {
                 meta.insert(REVISION_KEY, &revision_key)?;
+                if let Some(attached) = &attached {
+                    rollouts.insert(attached.key.as_bytes(), attached.value.as_slice())?;
+                }
                 for (name, _) in &model_changes {
                     let model = new.models.get(name);
                     match model {
@@ -752,6 +842,27 @@ impl Store {
             t.db.flush()?;
             Ok(())
         })
+    }
+
+    /// Replaces a rollout's record, durably.
+    pub fn put_rollout(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(|t| {
+            t.rollouts.insert(key.as_bytes(), value)?;
+            t.db.flush()?;
+            Ok(())
+        })
+    }
+
+    /// Every rollout record, by key.
+    pub fn load_rollouts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.trees()?
+            .rollouts
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                Ok((String::from_utf8_lossy(&key).into_owned(), value.to_vec()))
+            })
+            .collect()
     }
 
     pub fn load_certs(&self) -> Result<Vec<(String, crate::ca::IssuedCert)>, StoreError> {

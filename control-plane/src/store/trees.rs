@@ -45,6 +45,7 @@ pub(crate) struct Trees {
     pub instances: sled::Tree,
     pub tokens: sled::Tree,
     pub certs: sled::Tree,
+    pub rollouts: sled::Tree,
 }
 
 impl Trees {
@@ -62,6 +63,7 @@ impl Trees {
             instances: db.open_tree("instances")?,
             tokens: db.open_tree("tokens")?,
             certs: db.open_tree("certs")?,
+            rollouts: db.open_tree("rollouts")?,
             db,
         })
     }

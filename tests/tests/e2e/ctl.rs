@@ -458,3 +458,296 @@ fn completion_and_man_page() {
     assert!(man.starts_with(".ie"), "{}", &man[..man.len().min(200)]);
     assert!(man.contains("duofleetctl"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_resource_commands_labels_tokens_and_output_formats() {
+    let (dir, daemon) = crate::fresh_daemon();
+    let root = dir.path();
+    let env = [("K1", "sk-first-key-77"), ("K2", "sk-second-key-88")];
+    ok(
+        &daemon,
+        root,
+        &[
+            "create",
+            "model",
+            "m1",
+            "--family",
+            "mixtral",
+            "--endpoint",
+            "https://vllm.example.com:8000/v1",
+            "--api-key-from-env",
+            "K1",
+        ],
+        &env,
+    );
+    ok(
+        &daemon,
+        root,
+        &[
+            "create",
+            "profile",
+            "canary",
+            "--selector",
+            "ring=canary",
+            "--priority",
+            "10",
+        ],
+        &[],
+    );
+    assert_eq!(
+        ok(
+            &daemon,
+            root,
+            &[
+                "set",
+                "feature",
+                "canary",
+                "duo_chat",
+                "--self-hosted",
+                "m1"
+            ],
+            &[]
+        ),
+        "profile canary: duo_chat is self_hosted m1 (revision 3)\n"
+    );
+    assert_eq!(
+        ok(
+            &daemon,
+            root,
+            &["set", "feature", "canary", "duo_chat", "--unset"],
+            &[]
+        ),
+        "profile canary: duo_chat is GitLab's default (revision 4)\n"
+    );
+    // One of the four ways, no more.
+    let two = ctl(
+        &daemon,
+        root,
+        &[
+            "set",
+            "feature",
+            "canary",
+            "duo_chat",
+            "--vendor",
+            "--disabled",
+        ],
+        &[],
+    );
+    assert_eq!(two.code, 2, "{}", two.stderr);
+    // A refusal names the field: exit 3.
+    let refused = ctl(
+        &daemon,
+        root,
+        &["set", "feature", "canary", "no_such_feature", "--vendor"],
+        &[],
+    );
+    assert_eq!(refused.code, 3);
+    assert!(
+        refused.stderr.contains("setting.feature") && refused.stderr.contains("(InvalidArgument)"),
+        "{}",
+        refused.stderr
+    );
+
+    // rotate-key: a new key, never printed.
+    let rotated = ok(
+        &daemon,
+        root,
+        &["rotate-key", "m1", "--from-env", "K2"],
+        &env,
+    );
+    assert_eq!(rotated, "model m1: new API key set (revision 5)\n");
+    let show = ok(&daemon, root, &["history", "show", "5"], &[]);
+    assert!(show.ends_with("~ model m1 api_key: (changed)\n"), "{show}");
+    for secret in ["sk-first-key-77", "sk-second-key-88"] {
+        assert!(!show.contains(secret));
+        assert!(!daemon.log().contains(secret), "a key in the daemon log");
+    }
+
+    // delete --dry-run checks, and deletes nothing.
+    assert_eq!(
+        ok(
+            &daemon,
+            root,
+            &["delete", "profile", "canary", "--dry-run"],
+            &[]
+        ),
+        "dry run: profile canary can be deleted\n"
+    );
+    let default_delete = ctl(
+        &daemon,
+        root,
+        &["delete", "profile", "default", "--dry-run"],
+        &[],
+    );
+    assert_eq!(default_delete.code, 3);
+    assert!(default_delete.stderr.contains("(FailedPrecondition)"));
+
+    // Output formats.
+    let json = ok(&daemon, root, &["get", "models", "-o", "json"], &[]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed["models"][0]["name"], "m1");
+    assert_eq!(parsed["models"][0]["hasApiKey"], true);
+    assert_eq!(parsed["models"][0]["revision"], 5);
+    let yaml = ok(&daemon, root, &["get", "profiles", "-o", "yaml"], &[]);
+    let parsed: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+    assert_eq!(parsed["profiles"][0]["selector"]["ring"], "canary");
+    let wide = ok(&daemon, root, &["get", "models", "-o", "wide"], &[]);
+    assert!(
+        wide.lines()
+            .next()
+            .unwrap()
+            .ends_with("IDENTIFIER   UPDATED"),
+        "{wide}"
+    );
+
+    // Labels on a real instance: its profile follows.
+    let (_agent, _ctl, _) = linux_agent(&daemon, root, "gitlab-a", ENV_HASH_RB, &[]);
+    let mut c = daemon.clients().await;
+    crate::wait_synced(&mut c, "gitlab-a", 5).await;
+    assert_eq!(
+        ok(
+            &daemon,
+            root,
+            &["label", "instance", "gitlab-a", "ring=canary", "tier=gold"],
+            &[]
+        ),
+        "instance gitlab-a: labels ring=canary,tier=gold (profile canary)\n"
+    );
+    assert_eq!(
+        ok(
+            &daemon,
+            root,
+            &["label", "instance", "gitlab-a", "ring-"],
+            &[]
+        ),
+        "instance gitlab-a: labels tier=gold (profile default)\n"
+    );
+    let selected = ok(
+        &daemon,
+        root,
+        &["get", "instances", "-l", "tier=gold", "-o", "json"],
+        &[],
+    );
+    assert!(
+        selected.contains("\"instanceId\": \"gitlab-a\""),
+        "{selected}"
+    );
+    let none = ok(
+        &daemon,
+        root,
+        &["get", "instances", "-l", "tier=silver"],
+        &[],
+    );
+    assert_eq!(none.lines().count(), 1, "{none}");
+
+    // Tokens: the secret once, on stdout; then it works, and is revoked.
+    let created = ctl(
+        &daemon,
+        root,
+        &["token", "create", "ci", "--role", "viewer", "--ttl", "30d"],
+        &[],
+    );
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let secret = created.stdout.trim().to_string();
+    assert!(secret.len() >= 32, "{secret}");
+    let listed = ok(&daemon, root, &["token", "list"], &[]);
+    assert!(listed.contains("ci     viewer"), "{listed}");
+    assert!(!listed.contains(&secret));
+    let as_viewer = Command::new(bin("duofleetctl"))
+        .args(["get", "models"])
+        .env("DUOFLEET_SERVER", &daemon.grpc_addr)
+        .env_remove("DUOFLEET_TOKEN_FILE")
+        .env("DUOFLEET_TOKEN", &secret)
+        .output()
+        .unwrap();
+    assert!(as_viewer.status.success());
+    let write = Command::new(bin("duofleetctl"))
+        .args(["delete", "model", "m1"])
+        .env("DUOFLEET_SERVER", &daemon.grpc_addr)
+        .env_remove("DUOFLEET_TOKEN_FILE")
+        .env("DUOFLEET_TOKEN", &secret)
+        .output()
+        .unwrap();
+    assert_eq!(write.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&write.stderr).contains("(PermissionDenied)"));
+    ok(&daemon, root, &["token", "revoke", "ci"], &[]);
+
+    // A backup on the daemon's host.
+    let target = root.join("backup-1");
+    let backup = ok(
+        &daemon,
+        root,
+        &["backup", &target.display().to_string()],
+        &[],
+    );
+    assert!(backup.starts_with("backup of revision 5 in "), "{backup}");
+    assert!(target.join("db").exists() || std::fs::read_dir(&target).unwrap().count() > 0);
+}
+
+/// `watch`: one readable line per event, as they happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_one_line_per_event() {
+    use std::io::{BufRead, BufReader};
+    let (dir, daemon) = crate::fresh_daemon();
+    let root = dir.path().to_path_buf();
+    let mut child = Command::new(bin("duofleetctl"))
+        .arg("watch")
+        .env("DUOFLEET_SERVER", &daemon.grpc_addr)
+        .env("DUOFLEET_TOKEN_FILE", daemon.data_dir().join("admin.token"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The watch is subscribed once a change made after it shows up.
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + crate::WAIT;
+    let mut n = 0;
+    while !lines.iter().any(|l: &String| l.contains("revision ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no revision line: {lines:?}"
+        );
+        n += 1;
+        ok(
+            &daemon,
+            &root,
+            &[
+                "set",
+                "gateway",
+                "default",
+                &format!("https://aigw{n}.example.com"),
+            ],
+            &[],
+        );
+        lines.extend(rx.recv_timeout(std::time::Duration::from_millis(500)).ok());
+    }
+    let (_agent, _ctl, _) = linux_agent(&daemon, &root, "gitlab-a", ENV_HASH_RB, &[]);
+    while !lines
+        .iter()
+        .any(|l| l.contains("gitlab-a applied revision"))
+    {
+        let line = rx.recv_timeout(crate::WAIT).expect("an applied line");
+        lines.push(line);
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let revision_line = lines.iter().find(|l| l.contains("revision ")).unwrap();
+    // "23:01:02  revision 1 by admin: update profile default (ai_gateway_url)"
+    assert_eq!(revision_line.as_bytes()[2], b':', "{revision_line}");
+    assert!(
+        revision_line.ends_with("by admin: update profile default (ai_gateway_url)"),
+        "{revision_line}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("gitlab-a connected")),
+        "{lines:?}"
+    );
+}

@@ -193,12 +193,23 @@ async fn a_stopped_endpoint_turns_unhealthy_with_the_error() {
     while let Ok(Ok(Some(event))) =
         tokio::time::timeout(Duration::from_secs(5), events.message()).await
     {
-        if matches!(event.event, Some(Event::HealthChanged(ref e)) if e.instance_id == "gitlab-a") {
+        // The event names the target that changed, its new state and why.
+        if let Some(Event::HealthChanged(e)) = &event.event
+            && e.instance_id == "gitlab-a"
+            && e.targets.iter().any(|t| {
+                t.target == "mixtral-prod"
+                    && t.state() == HealthState::Unhealthy
+                    && &t.error == vllm_error
+            })
+        {
             saw = true;
             break;
         }
     }
-    assert!(saw, "WatchFleet emitted no health-changed event");
+    assert!(
+        saw,
+        "WatchFleet emitted no health-changed event naming mixtral-prod as unhealthy"
+    );
 
     // No report, response or log carries the key.
     let log = daemon.log();

@@ -16,6 +16,7 @@ mod hostile;
 mod metrics;
 mod otlp;
 mod readme;
+mod rollout;
 mod secrets;
 mod security;
 mod tokens;

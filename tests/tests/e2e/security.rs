@@ -468,3 +468,40 @@ async fn a_join_token_enrolls_as_many_agents_as_it_allows() {
         .collect();
     assert!(left.is_empty(), "a used-up join token is gone: {left:?}");
 }
+
+/// duofleetctl speaks TLS like grpcurl: --cacert for the server's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duofleetctl_over_tls() {
+    let tls = tls_daemon(&[]);
+    let run = |args: &[&str]| {
+        Command::new(duofleet_tests::bin("duofleetctl"))
+            .args(args)
+            .env("DUOFLEET_SERVER", &tls.daemon.grpc_addr)
+            .env("DUOFLEET_TOKEN", tls.daemon.token())
+            .env_remove("DUOFLEET_TOKEN_FILE")
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["--cacert", &tls.ca_file, "get", "models"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("NAME "));
+    // Plaintext (the loopback default) against a TLS listener: a clear error.
+    let plain = run(&["get", "models"]);
+    assert_eq!(plain.status.code(), Some(3));
+    // TLS with the wrong CA: refused.
+    let other = TestCa::new();
+    let other_file = tls.root.join("other-ca.pem");
+    other.write_ca(&other_file);
+    let wrong = run(&[
+        "--cacert",
+        &other_file.display().to_string(),
+        "get",
+        "models",
+    ]);
+    assert_eq!(wrong.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&wrong.stderr).starts_with("error: "));
+}

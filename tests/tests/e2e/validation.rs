@@ -300,7 +300,7 @@ async fn profile_and_feature_rules() {
         })
         .await,
         invalid,
-        "profile.ai_gateway_internal_url: needs ai_gateway_url to be set as well",
+        "profile.ai_gateway_internal_url: needs ai_gateway_url to be set as well (or inherited from a parent)",
     );
     assert_refused(
         try_create_profile(&mut c, |p| p.ai_gateway_timeout_seconds = 30).await,
@@ -366,7 +366,7 @@ async fn profile_and_feature_rules() {
             })
             .await,
         invalid,
-        "update_mask: unknown field \"aiGatewayURL\" for Profile; updatable fields: ai_gateway_url, ai_gateway_internal_url, selector, priority, features, ai_gateway_timeout_seconds, duo_agent_platform_service_url",
+        "update_mask: unknown field \"aiGatewayURL\" for Profile; updatable fields: parent, reconfigure_window, ai_gateway_url, ai_gateway_internal_url, selector, priority, features, ai_gateway_timeout_seconds, duo_agent_platform_service_url",
     );
     assert!(
         revision_numbers(&mut c).await.is_empty(),
@@ -552,4 +552,188 @@ async fn exists_not_found_and_preconditions() {
         .unwrap()
         .into_inner();
     assert_eq!(model.family, "mixtral");
+}
+
+/// `validate_only` on every mutating RPC: the full checks, the summary the
+/// revision would carry, and nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_only_checks_everything_and_writes_nothing() {
+    use duofleet_proto::v1::{
+        ApplyConfigRequest, CreateTokenRequest, DeleteInstanceRequest, ListModelsRequest,
+        ListTokensRequest, RevokeTokenRequest, Role,
+    };
+    let (_dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    create_model(&mut c, mk::model("m1")).await;
+    let summary = |metadata: &tonic::metadata::MetadataMap| {
+        metadata
+            .get("duofleet-summary")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+
+    let created = c
+        .models
+        .create_model(CreateModelRequest {
+            model: Some(mk::model("m2")),
+            validate_only: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(created.metadata()).as_deref(),
+        Some("create model m2")
+    );
+    assert_eq!(created.get_ref().name, "m2");
+    assert!(created.get_ref().has_api_key);
+    let mut bad = mk::model("m3");
+    bad.endpoint = "ftp://x".into();
+    assert_refused_containing(
+        c.models
+            .create_model(CreateModelRequest {
+                model: Some(bad),
+                validate_only: true,
+            })
+            .await,
+        Code::InvalidArgument,
+        &["model.endpoint"],
+    );
+    let updated = c
+        .profiles
+        .update_profile(UpdateProfileRequest {
+            profile: Some(mk::profile("default")),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["ai_gateway_url".into()],
+            }),
+            validate_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(updated.metadata()).as_deref(),
+        Some("update profile default (ai_gateway_url)")
+    );
+    assert_eq!(
+        updated.get_ref().ai_gateway_url,
+        "https://aigw.example.internal:5052"
+    );
+    c.profiles
+        .set_feature_setting(SetFeatureSettingRequest {
+            profile: String::new(),
+            setting: Some(mk::self_hosted("duo_chat", "m1")),
+            validate_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.models
+        .delete_model(DeleteModelRequest {
+            name: "m1".into(),
+            validate_only: true,
+        })
+        .await
+        .unwrap();
+    assert_refused_containing(
+        c.profiles
+            .delete_profile(DeleteProfileRequest {
+                name: "default".into(),
+                validate_only: true,
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["cannot be deleted"],
+    );
+    let rollback = c
+        .history
+        .rollback(RollbackRequest {
+            revision: 1,
+            validate_only: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rollback.summary, "rollback to revision 1");
+    let applied = c
+        .config
+        .apply_config(ApplyConfigRequest {
+            models: vec![mk::model("m4")],
+            validate_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.revision.unwrap().summary, "apply: create model m4");
+    assert_eq!(applied.current_revision, 1);
+    assert_refused_containing(
+        c.config
+            .apply_config(ApplyConfigRequest {
+                expected_revision: 7,
+                validate_only: true,
+                ..Default::default()
+            })
+            .await,
+        Code::Aborted,
+        &["the configuration is at revision 1, not 7"],
+    );
+    let token = c
+        .tokens
+        .create_token(CreateTokenRequest {
+            name: "ci".into(),
+            role: Role::Viewer as i32,
+            validate_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(token.secret.is_empty());
+    assert_refused_containing(
+        c.tokens
+            .revoke_token(RevokeTokenRequest {
+                name: "nope".into(),
+                validate_only: true,
+            })
+            .await,
+        Code::NotFound,
+        &["nope"],
+    );
+    assert_refused_containing(
+        c.fleet
+            .delete_instance(DeleteInstanceRequest {
+                instance_id: "nope".into(),
+                validate_only: true,
+            })
+            .await,
+        Code::NotFound,
+        &["nope"],
+    );
+
+    // Nothing was written.
+    assert_eq!(revision_numbers(&mut c).await, [1]);
+    let models = c
+        .models
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+    let tokens = c
+        .tokens
+        .list_tokens(ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert!(tokens.iter().all(|t| t.name != "ci"));
+    let default = c
+        .profiles
+        .get_profile(GetProfileRequest {
+            name: "default".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(default.ai_gateway_url.is_empty() && default.features.is_empty());
 }
