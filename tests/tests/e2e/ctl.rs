@@ -769,7 +769,12 @@ async fn apply_with_a_rollout_and_the_rollout_commands() {
     for id in ["gitlab-a", "gitlab-b", "gitlab-c"] {
         crate::wait_synced(&mut c, id, first).await;
     }
-    let mut events = c.fleet.watch_fleet(WatchFleetRequest {}).await.unwrap().into_inner();
+    let mut events = c
+        .fleet
+        .watch_fleet(WatchFleetRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     std::fs::write(
         root.join("waves.yaml"),
         "waves:\n  - count: 1\n  - percent: 100\ngate:\n  bake: 1s\n  maxFailed: 0\n",
@@ -780,30 +785,77 @@ async fn apply_with_a_rollout_and_the_rollout_commands() {
         "apiVersion: duofleet/v1\nprofiles:\n  - name: default\n    aiGatewayUrl: https://aigw-b.example.com\n",
     )
     .unwrap();
-    let dry = ok(&daemon, root, &["apply", "-f", "gateway.yaml", "--rollout", "waves.yaml", "--dry-run"], &[]);
-    assert!(dry.starts_with("would start rollout r-2: 3 instances in 2 waves"), "{dry}");
-    let started = ok(&daemon, root, &["apply", "-f", "gateway.yaml", "--rollout", "waves.yaml"], &[]);
+    let dry = ok(
+        &daemon,
+        root,
+        &[
+            "apply",
+            "-f",
+            "gateway.yaml",
+            "--rollout",
+            "waves.yaml",
+            "--dry-run",
+        ],
+        &[],
+    );
+    assert!(
+        dry.starts_with("would start rollout r-2: 3 instances in 2 waves"),
+        "{dry}"
+    );
+    let started = ok(
+        &daemon,
+        root,
+        &["apply", "-f", "gateway.yaml", "--rollout", "waves.yaml"],
+        &[],
+    );
     assert!(
         started.starts_with("started rollout r-2: 3 instances in 2 waves (follow it: duofleetctl rollout status r-2 --watch)\nrevision 2: apply: update profile default"),
         "{started}"
     );
     let list = ok(&daemon, root, &["rollout", "list"], &[]);
-    assert!(list.lines().nth(1).unwrap().starts_with("r-2   PROGRESSING   2"), "{list}");
+    assert!(
+        list.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("r-2   PROGRESSING   2"),
+        "{list}"
+    );
     assert_eq!(
-        ok(&daemon, root, &["rollout", "pause", "r-2", "--reason", "checking dashboards"], &[]),
+        ok(
+            &daemon,
+            root,
+            &["rollout", "pause", "r-2", "--reason", "checking dashboards"],
+            &[]
+        ),
         "rollout r-2 PAUSED: paused by admin: checking dashboards\n"
     );
     let status = ok(&daemon, root, &["rollout", "status", "r-2"], &[]);
     assert!(status.starts_with("rollout r-2: PAUSED (revision 2, from 1; by admin)\nchange:   apply: update profile default\nprofiles: default\nreason:   paused by admin: checking dashboards\nWAVE   STATE"), "{status}");
     // A bad waves file says where.
     std::fs::write(root.join("bad-waves.yaml"), "waves:\n  - precent: 10\n").unwrap();
-    let bad = ctl(&daemon, root, &["apply", "-f", "gateway.yaml", "--rollout", "bad-waves.yaml"], &[]);
+    let bad = ctl(
+        &daemon,
+        root,
+        &["apply", "-f", "gateway.yaml", "--rollout", "bad-waves.yaml"],
+        &[],
+    );
     assert_eq!(bad.code, 3);
-    assert!(bad.stderr.contains("unknown field `precent`"), "{}", bad.stderr);
-    assert!(ok(&daemon, root, &["rollout", "resume", "r-2"], &[]).starts_with("rollout r-2 PROGRESSING"));
+    assert!(
+        bad.stderr.contains("unknown field `precent`"),
+        "{}",
+        bad.stderr
+    );
+    assert!(
+        ok(&daemon, root, &["rollout", "resume", "r-2"], &[])
+            .starts_with("rollout r-2 PROGRESSING")
+    );
     let watched = ctl(&daemon, root, &["rollout", "status", "r-2", "--watch"], &[]);
     assert_eq!(watched.code, 0, "{}{}", watched.stdout, watched.stderr);
-    assert!(watched.stdout.starts_with("rollout r-2: SUCCEEDED"), "{}", watched.stdout);
+    assert!(
+        watched.stdout.starts_with("rollout r-2: SUCCEEDED"),
+        "{}",
+        watched.stdout
+    );
     // WatchFleet saw it start, pause, resume and succeed.
     let mut states = Vec::new();
     while !states.contains(&RolloutState::Succeeded) {

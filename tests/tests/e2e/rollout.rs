@@ -398,7 +398,10 @@ async fn a_restart_of_duofleetd_mid_rollout_resumes_it() {
     // reconnect), wave 2 still waiting.
     let resumed = rollout(&mut c, &id).await;
     assert_eq!(resumed.state(), RolloutState::Progressing);
-    assert!(matches!(resumed.waves[0].state(), WaveState::Applying | WaveState::Baking));
+    assert!(matches!(
+        resumed.waves[0].state(),
+        WaveState::Applying | WaveState::Baking
+    ));
     assert_eq!(resumed.waves[1].state(), WaveState::Waiting);
     // Until wave 2 opens, its instances keep the old gateway.
     for instance_id in &wave2 {
