@@ -1,6 +1,7 @@
 //! The plain-HTTP side listener: `/healthz` (liveness: the process
-//! answers), `/readyz` (readiness: storage takes a durable write now), and
-//! `/metrics` for Prometheus (text exposition format).
+//! answers), `/readyz` (readiness: storage takes a durable write now),
+//! `/metrics` for Prometheus (text exposition format), and the dashboard
+//! (see `dashboard`).
 
 use crate::metrics::gauge;
 use crate::registry::Registry;
@@ -15,12 +16,20 @@ use std::sync::Arc;
 
 type Shared = (Arc<Store>, Arc<Registry>, Arc<Rollouts>);
 
-pub fn router(store: Arc<Store>, registry: Arc<Registry>, rollouts: Arc<Rollouts>) -> Router {
+pub fn router(
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    rollouts: Arc<Rollouts>,
+    tokens: Arc<crate::auth::Tokens>,
+) -> Router {
+    let dashboard =
+        crate::dashboard::Dashboard::new(store.clone(), registry.clone(), rollouts.clone(), tokens);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state((store, registry, rollouts))
+        .merge(dashboard.router())
 }
 
 async fn healthz() -> &'static str {

@@ -28,6 +28,7 @@ pub mod ca;
 pub mod catalog;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod diff;
 pub mod effective;
 pub mod error;

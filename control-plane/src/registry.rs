@@ -12,7 +12,7 @@ use duofleet_proto::v1::{
     Ack, AckResult, DriftReport, EndpointHealth, FleetEvent, HealthReport, HealthState, Hello,
     Instance, InstanceEvent, LabelsChanged, SyncState,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -39,7 +39,22 @@ struct Entry {
     labels_tx: Option<watch::Sender<Labels>>,
     /// A DesiredConfig was sent and not acked yet.
     awaiting_ack: bool,
+    /// The last results per target, oldest first, for the dashboard's
+    /// latency charts (memory only).
+    latency: HashMap<(i32, String), VecDeque<LatencySample>>,
 }
+
+/// One probe result, as a chart needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatencySample {
+    /// Seconds since the epoch.
+    pub time: i64,
+    pub latency_ms: u32,
+    pub healthy: bool,
+}
+
+/// How many samples a target's chart keeps.
+const LATENCY_SAMPLES: usize = 60;
 
 /// One agent connection, as the registry knows it.
 pub struct Session {
@@ -106,6 +121,7 @@ impl Registry {
                     warned_conflict: None,
                     labels_tx: None,
                     awaiting_ack: false,
+                    latency: HashMap::new(),
                 };
                 (entry.instance.instance_id.clone(), entry)
             })
@@ -180,6 +196,7 @@ impl Registry {
                 warned_conflict: None,
                 labels_tx: None,
                 awaiting_ack: false,
+                latency: HashMap::new(),
             });
         if let Some(old) = entry.kick.take() {
             let _ = old.send(());
@@ -355,6 +372,27 @@ impl Registry {
             .len()
             .saturating_sub(HEALTH_TRANSITIONS);
         instance.health_transitions.drain(..excess);
+        for result in &report.results {
+            let samples = entry
+                .latency
+                .entry((result.kind, result.target.clone()))
+                .or_default();
+            samples.push_back(LatencySample {
+                time: result.check_time.map_or(0, |t| t.seconds),
+                latency_ms: result.latency_ms,
+                healthy: result.state() == HealthState::Healthy,
+            });
+            if samples.len() > LATENCY_SAMPLES {
+                samples.pop_front();
+            }
+        }
+        entry.latency.retain(|(kind, target), _| {
+            report
+                .results
+                .iter()
+                .any(|r| r.kind == *kind && &r.target == target)
+        });
+        let instance = &mut entry.instance;
         instance.health = report.results;
         self.updated(entry, None);
         if !changed.is_empty() {
@@ -368,6 +406,30 @@ impl Registry {
             entry.instance.connected = false;
             entry.kick = None;
         });
+    }
+
+    /// Runs `pick` over every instance under the lock, without copying
+    /// them: for pages that show a few fields of many.
+    pub fn scan<T>(&self, mut pick: impl FnMut(&Instance) -> Option<T>) -> Vec<T> {
+        self.lock()
+            .values()
+            .filter_map(|e| pick(&e.instance))
+            .collect()
+    }
+
+    /// The recent latency samples of each target of an instance.
+    pub fn latency(&self, instance_id: &str) -> Vec<((i32, String), Vec<LatencySample>)> {
+        let entries = self.lock();
+        let Some(entry) = entries.get(instance_id) else {
+            return Vec::new();
+        };
+        let mut series: Vec<_> = entry
+            .latency
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().copied().collect()))
+            .collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        series
     }
 
     pub fn list(&self, selector: &Labels) -> Vec<Instance> {

@@ -500,7 +500,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         Duration::from_millis(args.http_header_timeout_ms),
     )
     .serve(
-        crate::http::router(store.clone(), registry.clone(), rollouts.clone()),
+        crate::http::router(
+            store.clone(),
+            registry.clone(),
+            rollouts.clone(),
+            tokens.clone(),
+        ),
         wait_for(shutdown_rx.clone()),
     );
 

@@ -6,6 +6,7 @@
 //! README's test command does that.
 
 pub mod agent;
+pub mod browser;
 pub mod endpoints;
 pub mod gitlab_sim;
 pub mod proxy;

@@ -5,6 +5,7 @@ mod at_rest;
 mod bench_smoke;
 mod chaos;
 mod ctl;
+mod dashboard;
 mod deploy;
 mod durability;
 mod gitlab_api;
