@@ -462,8 +462,14 @@ impl HttpListener {
 
     /// Serves `router` on every admitted connection until `shutdown`; then
     /// lets requests in progress finish.
-    pub async fn serve(mut self, router: axum::Router, shutdown: impl Future<Output = ()>) {
-        use hyper_util::rt::{TokioIo, TokioTimer};
+    /// With `tls`, every connection is HTTPS: the handshake must finish
+    /// within the header-read time.
+    pub async fn serve(
+        mut self,
+        router: axum::Router,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         use tokio_stream::StreamExt;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::pin!(shutdown);
@@ -476,23 +482,48 @@ impl HttpListener {
                 },
                 () = &mut shutdown => break,
             };
-            let service = hyper_util::service::TowerToHyperService::new(router.clone());
-            let mut stopped = stopped.clone();
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(self.header_read)
-                .serve_connection(TokioIo::new(admitted), service);
+            let router = router.clone();
+            let stopped = stopped.clone();
+            let header_read = self.header_read;
+            let tls = tls.clone();
             tokio::spawn(async move {
-                tokio::pin!(connection);
-                tokio::select! {
-                    _ = connection.as_mut() => {}
-                    _ = async { stopped.wait_for(|stop| *stop).await.map(drop) } => {
-                        connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
+                match tls {
+                    None => serve_connection(admitted, router, header_read, stopped).await,
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout(header_read, acceptor.accept(admitted)).await;
+                        if let Ok(Ok(stream)) = handshake {
+                            serve_connection(stream, router, header_read, stopped).await;
+                        }
                     }
                 }
             });
         }
         let _ = stop.send(true);
+    }
+}
+
+/// One HTTP/1.1 connection, until it ends or the server stops.
+async fn serve_connection<I>(
+    io: I,
+    router: axum::Router,
+    header_read: Duration,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = async { stopped.wait_for(|stop| *stop).await.map(drop) } => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
     }
 }

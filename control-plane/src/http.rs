@@ -21,9 +21,15 @@ pub fn router(
     registry: Arc<Registry>,
     rollouts: Arc<Rollouts>,
     tokens: Arc<crate::auth::Tokens>,
+    https: bool,
 ) -> Router {
-    let dashboard =
-        crate::dashboard::Dashboard::new(store.clone(), registry.clone(), rollouts.clone(), tokens);
+    let dashboard = crate::dashboard::Dashboard::new(
+        store.clone(),
+        registry.clone(),
+        rollouts.clone(),
+        tokens,
+        https,
+    );
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -286,6 +286,10 @@ pub enum StartError {
         "refusing to serve plaintext gRPC on {0}, which is not a loopback address: anyone on the network could read API keys. Pass --insecure to do it anyway"
     )]
     PlaintextOnNetwork(SocketAddr),
+    #[error(
+        "refusing to serve the dashboard and /metrics over plaintext HTTP on {0}, which is not a loopback address: anyone on the network could read session cookies. Give --tls-cert and --tls-key (HTTPS on this port too), or pass --insecure to do it anyway"
+    )]
+    PlaintextHttpOnNetwork(SocketAddr),
     #[error("cannot create data dir {path}")]
     DataDir {
         path: PathBuf,
@@ -329,6 +333,9 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     let tls = args.tls_cert.is_some();
     if !tls && !args.listen.ip().is_loopback() && !args.insecure {
         return Err(StartError::PlaintextOnNetwork(args.listen).into());
+    }
+    if !tls && !args.http_listen.ip().is_loopback() && !args.insecure {
+        return Err(StartError::PlaintextHttpOnNetwork(args.http_listen).into());
     }
     fsutil::create_private_dir(&args.data_dir).map_err(|source| StartError::DataDir {
         path: args.data_dir.clone(),
@@ -429,6 +436,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         true,
     );
     let mut builder = tonic::transport::Server::builder();
+    let mut http_tls = None;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read = |path: &PathBuf| {
             std::fs::read(path).map_err(|source| StartError::Tls {
@@ -436,7 +444,9 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
                 source,
             })
         };
-        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+        http_tls = Some(https_acceptor(&cert_pem, &key_pem, cert)?);
+        let identity = Identity::from_pem(cert_pem, key_pem);
         let config = ServerTlsConfig::new()
             .identity(identity)
             .client_ca_root(Certificate::from_pem(ca.ca_pem()))
@@ -505,7 +515,9 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             registry.clone(),
             rollouts.clone(),
             tokens.clone(),
+            http_tls.is_some(),
         ),
+        http_tls,
         wait_for(shutdown_rx.clone()),
     );
 
@@ -554,6 +566,34 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     flushed?;
     tracing::info!("duofleetd stopped");
     Ok(())
+}
+
+/// The HTTP listener's TLS, with the gRPC listener's certificate.
+fn https_acceptor(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    path: &Path,
+) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: String| StartError::Tls {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+    };
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("the certificate PEM: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(format!("the key PEM: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The key that seals API keys at rest: `--secret-key-file`, or

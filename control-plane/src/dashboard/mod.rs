@@ -40,6 +40,8 @@ pub struct Dashboard {
     pub registry: Arc<Registry>,
     pub rollouts: Arc<Rollouts>,
     pub tokens: Arc<Tokens>,
+    /// The listener serves HTTPS: cookies are Secure.
+    https: bool,
     sessions: Arc<Mutex<HashMap<String, Session>>>,
 }
 
@@ -92,13 +94,25 @@ impl Dashboard {
         registry: Arc<Registry>,
         rollouts: Arc<Rollouts>,
         tokens: Arc<Tokens>,
+        https: bool,
     ) -> Dashboard {
         Dashboard {
             store,
             registry,
             rollouts,
             tokens,
+            https,
             sessions: Arc::default(),
+        }
+    }
+
+    /// `Secure` when the browser reached us over HTTPS: this listener's
+    /// own, or a proxy's in front of it.
+    fn secure(&self, headers: &HeaderMap) -> &'static str {
+        if self.https {
+            "; Secure"
+        } else {
+            secure(headers)
         }
     }
 
@@ -182,12 +196,12 @@ fn guarded(
     }
 }
 
-async fn login_form(headers: HeaderMap) -> Response {
+async fn login_form(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Response {
     let csrf = random_hex();
     let mut response = page(StatusCode::OK, pages::login(&csrf, None));
     let cookie = format!(
         "{LOGIN_CSRF_COOKIE}={csrf}; HttpOnly; SameSite=Strict; Path=/login{}",
-        secure(&headers)
+        dashboard.secure(&headers)
     );
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);
@@ -263,7 +277,7 @@ async fn login(
     let cookie = format!(
         "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
         SESSION_LIFETIME.as_secs(),
-        secure(&headers)
+        dashboard.secure(&headers)
     );
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);

@@ -84,6 +84,12 @@ fn the_chart_lints_and_renders_a_hardened_control_plane() {
     // Ready while storage writes; alive while the process answers.
     for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
         assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some(path), "{probe}");
+        // The chart serves TLS, and the HTTP port with it.
+        assert_eq!(
+            c[probe]["httpGet"]["scheme"].as_str(),
+            Some("HTTPS"),
+            "{probe}"
+        );
     }
     assert_hardened(c);
     let claim = &sts["spec"]["volumeClaimTemplates"][0];

@@ -505,3 +505,58 @@ async fn duofleetctl_over_tls() {
     assert_eq!(wrong.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&wrong.stderr).starts_with("error: "));
 }
+
+/// With TLS the HTTP port (probes, /metrics, the dashboard) is HTTPS too,
+/// and its cookies are Secure; off loopback without TLS, duofleetd refuses
+/// to start unless told --insecure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_is_https_with_tls_and_never_plaintext_off_loopback() {
+    let tls = tls_daemon(&[]);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(tls.ca.ca_pem.as_bytes()).unwrap())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let base = format!("https://{}", tls.daemon.http_addr);
+    let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.unwrap(), "ok\n");
+    let login = client.get(format!("{base}/login")).send().await.unwrap();
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    // Plain HTTP on that port gets no page.
+    let plain = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&tls.daemon.http_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        answer
+    };
+    assert!(!plain.starts_with(b"HTTP/1.1 200"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let refused = Command::new(duofleet_tests::bin("duofleetd"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(
+            "refusing to serve the dashboard and /metrics over plaintext HTTP on 0.0.0.0:0"
+        ),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
