@@ -21,8 +21,8 @@ nav form{display:inline}nav button{background:none;border:1px solid #aaa;color:#
 main{padding:1em 1.5em}h1{font-size:1.4em}table{border-collapse:collapse;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#eee}.num{text-align:right}
-.ok{background:#d9f2d9}.bad{background:#f8d0d0}.warn{background:#fcebc2}.idle{background:#eee}
 .card{display:inline-block;border:1px solid #ccc;padding:.5em 1em;margin:.25em;background:#fff}
+.ok{background:#d9f2d9}.bad{background:#f8d0d0}.warn{background:#fcebc2}.idle{background:#eee}
 .card b{display:block;font-size:1.6em}form.filter input,form.filter select{margin-right:.5em}
 .error{color:#900}.muted{color:#666}code{background:#f0f0f0;padding:0 .2em}
 .bar{display:inline-block;height:.8em;background:#6a5acd}.barbg{display:inline-block;width:10em;height:.8em;background:#ddd}
@@ -150,12 +150,16 @@ pub fn overview(d: &Dashboard, viewer: &Viewer) -> String {
         .and_then(|r| r.into_iter().next());
     // One pass: counts by state, and the instances that need attention.
     let mut counts: BTreeMap<&'static str, (usize, &'static str)> = BTreeMap::new();
+    let mut unreachable = 0usize;
     let mut attention: Vec<(String, SyncState, String)> = d.registry.scan(|i| {
         let state = i.sync_state();
         let entry = counts
             .entry(state_word(state))
             .or_insert((0, state_class(state)));
         entry.0 += 1;
+        if i.health.iter().any(|h| h.state() == HealthState::Unhealthy) {
+            unreachable += 1;
+        }
         let trouble = matches!(
             state,
             SyncState::Failed | SyncState::Drifted | SyncState::Offline
@@ -186,6 +190,11 @@ pub fn overview(d: &Dashboard, viewer: &Viewer) -> String {
             div class="card" { b { (total) } "instances" }
             @for (state, (n, class)) in &counts {
                 div class={ "card " (class) } { b { (n) } (state) }
+            }
+            a href="/health" {
+                div class={ "card " (if unreachable > 0 { "bad" } else { "ok" }) } id="unreachable" {
+                    b { (unreachable) } "with a target down"
+                }
             }
         }
         h2 { "Needs attention" }
@@ -317,39 +326,36 @@ fn select(
             ),
         ));
     }
-    let mut rows: Vec<Instance> = d.registry.scan(|i| {
+    // One pass over the fleet for the keys only; then the page's rows.
+    let mut keys: Vec<(i64, String, String)> = d.registry.scan(|i| {
         let matches = selector.iter().all(|(k, v)| i.labels.get(k) == Some(v))
             && (query.profile.is_empty() || i.profile == query.profile)
             && (state.is_empty() || state_word(i.sync_state()) == state);
-        // Only what the pages show: no transitions, no sync items.
-        matches.then(|| Instance {
-            health_transitions: Vec::new(),
-            gitlab_sync: None,
-            ..i.clone()
+        matches.then(|| {
+            let id = i.instance_id.clone();
+            match query.sort.as_str() {
+                "state" => (i.sync_state as i64, String::new(), id),
+                "profile" => (0, i.profile.clone(), id),
+                "applied" => (i.applied_revision as i64, String::new(), id),
+                "seen" => (-i.last_seen.map_or(0, |t| t.seconds), String::new(), id),
+                _ => (0, String::new(), id),
+            }
         })
     });
-    match query.sort.as_str() {
-        "state" => {
-            rows.sort_by(|a, b| (a.sync_state, &a.instance_id).cmp(&(b.sync_state, &b.instance_id)))
-        }
-        "profile" => {
-            rows.sort_by(|a, b| (&a.profile, &a.instance_id).cmp(&(&b.profile, &b.instance_id)))
-        }
-        "applied" => rows.sort_by(|a, b| {
-            (a.applied_revision, &a.instance_id).cmp(&(b.applied_revision, &b.instance_id))
-        }),
-        "seen" => rows.sort_by(|a, b| {
-            let seen = |i: &Instance| i.last_seen.map_or(0, |t| t.seconds);
-            (seen(b), &a.instance_id).cmp(&(seen(a), &b.instance_id))
-        }),
-        _ => rows.sort_by(|a, b| a.instance_id.cmp(&b.instance_id)),
-    }
-    let total = rows.len();
+    keys.sort();
+    let total = keys.len();
     let size = query.size();
-    let page: Vec<Instance> = rows
+    let page: Vec<Instance> = keys
         .into_iter()
         .skip(query.page * size)
         .take(size)
+        .filter_map(|(_, _, id)| d.registry.get(&id))
+        .map(|i| Instance {
+            // Only what the pages show.
+            health_transitions: Vec::new(),
+            gitlab_sync: None,
+            ..i
+        })
         .collect();
     Ok((page, total))
 }

@@ -54,3 +54,30 @@ fn fanout_runs_every_phase_and_reports_it() {
     assert!(of("ratio_duofleet_over_etcd")[0]["p99_from_request"].is_number());
     assert!(stdout.contains("| 5 subscribers, 3 changes | duofleet | etcd |"));
 }
+
+/// The dashboard benchmark at a small N: every page renders, under 1 MB.
+#[test]
+fn dashboard_bench_renders_every_page() {
+    let out = std::process::Command::new(duofleet_tests::bin("dashboard_bench"))
+        .args(["--instances", "300", "--rounds", "2"])
+        .output()
+        .expect("run dashboard_bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "/",
+        "/instances",
+        "/health",
+        "/instances/gitlab-00003",
+        "/history",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&format!("{page} "))),
+            "no figures for {page}:\n{stdout}"
+        );
+    }
+}

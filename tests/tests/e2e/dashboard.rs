@@ -167,6 +167,10 @@ async fn the_dashboard_in_a_real_browser() {
     visited.push(url);
     let counts = browser.text("#counts").await.unwrap();
     assert!(counts.contains("2\ninstances"), "{counts}");
+    assert_eq!(
+        browser.text("#unreachable").await.unwrap(),
+        "1\nwith a target down"
+    );
     std::fs::create_dir_all(screenshots()).unwrap();
     std::fs::write(
         screenshots().join("overview.png"),
