@@ -17,23 +17,7 @@ use duofleet_tests::{Daemon, mk};
 use std::path::{Path, PathBuf};
 
 fn agent(daemon: &Daemon, root: &Path, id: &str, ring: &str) -> Agent {
-    let rb = root.join(format!("{id}-gitlab.rb"));
-    std::fs::write(&rb, "").unwrap();
-    let label = format!("ring={ring}");
-    let args: Vec<String> = [
-        "--gitlab-rb",
-        &rb.display().to_string(),
-        "--reconfigure-command",
-        "true",
-        "--probe-timeout",
-        "2s",
-        "--label",
-        &label,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Agent::start(daemon, id, root, &args)
+    crate::health::start_agent(daemon, root, id, &["--label", &format!("ring={ring}")])
 }
 
 fn model(name: &str, endpoint: &Endpoint) -> Model {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 const KEY: &str = "sk-health-canary-5d1f";
 
-fn start_agent(daemon: &Daemon, root: &Path, id: &str, extra: &[&str]) -> Agent {
+pub(crate) fn start_agent(daemon: &Daemon, root: &Path, id: &str, extra: &[&str]) -> Agent {
     let rb = root.join(format!("{id}-gitlab.rb"));
     std::fs::write(&rb, "").unwrap();
     let mut args: Vec<String> = [
