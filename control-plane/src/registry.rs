@@ -417,6 +417,11 @@ impl Registry {
             .collect()
     }
 
+    /// Runs `look` on one instance under the lock, without copying it.
+    pub fn peek<T>(&self, instance_id: &str, look: impl FnOnce(&Instance) -> T) -> Option<T> {
+        self.lock().get(instance_id).map(|e| look(&e.instance))
+    }
+
     /// The recent latency samples of each target of an instance.
     pub fn latency(&self, instance_id: &str) -> Vec<((i32, String), Vec<LatencySample>)> {
         let entries = self.lock();

@@ -23,7 +23,7 @@ use crate::error::{ConfigError, quoted};
 use crate::registry::Registry;
 use crate::store::{Attached, Guard, Stage, Store, StoreError, Write};
 use duofleet_proto::v1::{
-    DesiredConfig, FleetEvent, HealthState, Instance, ResourceKind, Rollout, RolloutChanged,
+    DesiredConfig, EndpointHealth, FleetEvent, HealthState, ResourceKind, Rollout, RolloutChanged,
     RolloutSpec, RolloutState, SyncState, TargetKind, WaveState, WaveStatus, fleet_event,
 };
 use prost::Message;
@@ -238,9 +238,8 @@ fn logical(kind: i32, target: &str) -> TargetKey {
 }
 
 /// The health of an instance's targets, by logical target.
-fn health_of(instance: &Instance) -> HashMap<TargetKey, i32> {
-    instance
-        .health
+fn health_of(health: &[EndpointHealth]) -> HashMap<TargetKey, i32> {
+    health
         .iter()
         .map(|h| (logical(h.kind, &h.target), h.state))
         .collect()
@@ -515,8 +514,8 @@ impl Rollouts {
             .find(|w| matches!(w.state(), WaveState::Applying | WaveState::Baking))
         {
             for id in &wave.instances {
-                if let Some(instance) = self.registry.get(id) {
-                    entry.baseline.insert(id.clone(), health_of(&instance));
+                if let Some(health) = self.registry.peek(id, |i| health_of(&i.health)) {
+                    entry.baseline.insert(id.clone(), health);
                 }
             }
         }
@@ -592,21 +591,31 @@ impl Rollouts {
         let mut present = 0;
         for id in &entry.record.waves[index].instances {
             // An instance deleted meanwhile no longer counts.
-            let Some(instance) = self.registry.get(id) else {
+            // What the gate reads, without copying the whole record.
+            let Some((state, applied_revision, last_error, health)) = self.registry.peek(id, |i| {
+                (
+                    i.sync_state(),
+                    i.applied_revision,
+                    (i.sync_state() == SyncState::Failed).then(|| i.last_error.clone()),
+                    i.health.clone(),
+                )
+            }) else {
                 continue;
             };
             present += 1;
-            match instance.sync_state() {
-                SyncState::Synced if instance.applied_revision >= revision => applied += 1,
-                SyncState::Failed => failed.push(format!("{id} ({})", instance.last_error)),
+            match state {
+                SyncState::Synced if applied_revision >= revision => applied += 1,
+                SyncState::Failed => {
+                    failed.push(format!("{id} ({})", last_error.unwrap_or_default()))
+                }
                 _ => {}
             }
             // No report yet at the opening: the first one is the baseline.
             if entry.baseline.get(id).is_none_or(|b| b.is_empty()) {
-                entry.baseline.insert(id.clone(), health_of(&instance));
+                entry.baseline.insert(id.clone(), health_of(&health));
             }
             let baseline = &entry.baseline[id];
-            for h in &instance.health {
+            for h in &health {
                 if h.state() != HealthState::Unhealthy {
                     continue;
                 }
