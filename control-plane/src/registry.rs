@@ -547,7 +547,14 @@ impl Registry {
             "duofleet_instances",
             "Instances by sync state.",
             "sync_state",
-            &["synced", "pending", "failed", "drifted", "offline"],
+            &[
+                "synced",
+                "pending",
+                "failed",
+                "drifted",
+                "offline",
+                "waiting_for_window",
+            ],
             &states,
         );
         metrics::gauge_by(
