@@ -49,8 +49,10 @@ struct StrLit {
 }
 
 impl StrLit {
+    /// Between the quotes; empty for an unterminated string that ends
+    /// inside a character.
     fn raw<'a>(&self, text: &'a str) -> &'a str {
-        &text[self.start + 1..self.end - 1]
+        text.get(self.start + 1..self.end - 1).unwrap_or_default()
     }
 }
 
@@ -118,8 +120,14 @@ fn find_line_starting(text: &str, from: usize, prefix: &str) -> Option<usize> {
     None
 }
 
+/// The line of byte `pos`; the parser may point inside a character.
 fn line_of(text: &str, pos: usize) -> usize {
-    text[..pos].matches('\n').count() + 1
+    let bytes = text.as_bytes();
+    bytes[..pos.min(bytes.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// A `gitlab_rails['env'] = { ... }` the scanner found.
@@ -401,6 +409,21 @@ pub fn read_gateway_url(text: &str) -> Result<Option<String>, Unsafe> {
 /// Returns gitlab.rb with AI_GATEWAY_URL set to `url`, every other byte
 /// kept: the edit replaces the byte ranges the parser reported.
 pub fn set_gateway_url(text: &str, url: &str) -> Result<String, Unsafe> {
+    let edited = edit(text, url)?;
+    // The edit must read back as exactly this URL: Ruby's grammar can join
+    // what was appended to an unfinished last line (e.g. an endless range
+    // `x..`), and then the new hash is not a statement of its own.
+    match read_gateway_url(&edited) {
+        Ok(Some(found)) if found == url => Ok(edited),
+        _ => Err(Unsafe {
+            line: text.lines().count().max(1),
+            problem: "the edited file would not set AI_GATEWAY_URL as a statement of its own (the file's end joins what is added to it)".into(),
+            fix: "end gitlab.rb with a complete statement, or add gitlab_rails['env'] = { 'AI_GATEWAY_URL' => '...' } yourself",
+        }),
+    }
+}
+
+fn edit(text: &str, url: &str) -> Result<String, Unsafe> {
     let (scan, hashes) = active_env(text)?;
     let literal = ruby_string(url);
     let Some(last) = hashes.last() else {

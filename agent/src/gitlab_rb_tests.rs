@@ -442,7 +442,7 @@ fn ruby_fragments() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
     /// Whatever the file holds, the editor never panics, and an edit it
     /// makes always reads back as the URL that was set.
@@ -454,5 +454,18 @@ proptest! {
         if let Ok(edited) = set_gateway_url(&text, URL) {
             prop_assert_eq!(read_gateway_url(&edited), Ok(Some(URL.to_string())), "{:?} -> {:?}", text, edited);
         }
+    }
+}
+
+/// Found by the property test: a parse error the parser locates inside a
+/// multi-byte character, and an unterminated string that ends in one.
+#[test]
+fn positions_inside_characters_do_not_panic() {
+    for text in ["*𑤖#𐖻g^ଂxg]=j𐎓&`<ৗ", "gitlab_rails['envü", "x = 'ৗ"] {
+        assert!(
+            set_gateway_url(text, URL).is_err() || read_gateway_url(text).is_ok(),
+            "{text}"
+        );
+        let _ = read_gateway_url(text);
     }
 }
