@@ -263,7 +263,23 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// Ends the WebDriver session first: that is what stops chromium
+    /// (killing chromedriver alone would leave the browser running).
     fn drop(&mut self) {
+        use std::io::{Read, Write};
+        if !self.session.is_empty()
+            && let Some(addr) = self.base.strip_prefix("http://")
+            && let Ok(mut stream) = std::net::TcpStream::connect(addr)
+        {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                stream,
+                "DELETE /session/{} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+                self.session
+            );
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer);
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
