@@ -137,6 +137,7 @@ async fn run(args: Args) -> Result<(), String> {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         gitlab_version,
         applied_revision: state.applied_revision,
+        applied_digest: state.applied_digest.clone(),
         gitlab_sync: Some(gitlab_sync),
     };
     tracing::info!(instance = %instance_id, control_plane = %args.control_plane, applied_revision = state.applied_revision, "duofleet-agent starting");

@@ -135,6 +135,7 @@ impl Session {
         let (outbound, rx) = mpsc::channel(16);
         let mut hello = self.hello.clone();
         hello.applied_revision = self.applier.state.applied_revision;
+        hello.applied_digest = self.applier.state.applied_digest.clone();
         let _ = outbound
             .send(AgentMessage {
                 message: Some(Message::Hello(hello)),

@@ -5,7 +5,6 @@
 use duofleet_proto::v1::DesiredConfig;
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -181,11 +180,7 @@ pub fn load_desired(state_dir: &Path) -> Option<DesiredConfig> {
 
 /// SHA-256 of a desired configuration, the revision left out.
 pub fn digest(desired: &DesiredConfig) -> String {
-    let content = DesiredConfig {
-        revision: 0,
-        ..desired.clone()
-    };
-    hex::encode(Sha256::digest(content.encode_to_vec()))
+    duofleet_proto::wire::content_digest(desired)
 }
 
 /// Replaces `path` atomically: temp file in the same directory, fsync,

@@ -32,6 +32,7 @@ pub mod dashboard;
 pub mod diff;
 pub mod effective;
 pub mod error;
+pub mod fanout;
 pub mod fleet_health;
 pub mod fsutil;
 pub mod grpc;

@@ -13,7 +13,7 @@ use duofleet_proto::v1::{
     Instance, InstanceEvent, LabelsChanged, SyncState,
 };
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot, watch};
@@ -31,8 +31,11 @@ struct Entry {
     drifted: bool,
     /// The revision last pushed and when, for the push-to-ack histogram.
     pushed: Option<(u64, Instant)>,
-    /// Changed since it was last saved.
-    dirty: bool,
+    /// Changed since it was last saved: since when.
+    dirty: Option<Instant>,
+    /// To be saved at the next save, whatever the interval: the instance is
+    /// new, or a refused claim is shown on it.
+    urgent: bool,
     /// The host last warned about for claiming this instance id.
     warned_conflict: Option<String>,
     /// Tells the live session when an operator changes the labels.
@@ -75,6 +78,9 @@ pub struct Registry {
     saving: Mutex<()>,
     events: broadcast::Sender<FleetEvent>,
     next_session: AtomicU64,
+    /// How many instances are connected now (changed under `entries`'
+    /// lock), so that admitting an agent does not count the fleet.
+    connected: AtomicUsize,
     /// How many agents may be connected at once.
     max_agents: usize,
     pub metrics: Metrics,
@@ -94,6 +100,9 @@ pub enum Refused {
         claimant: String,
     },
 }
+
+/// How old unsaved progress (acks, health, connections) may get.
+pub const PROGRESS_SAVED_AFTER: Duration = Duration::from_secs(5);
 
 /// How long a refused claim stays shown on the instance.
 const CONFLICT_SHOWN: Duration = Duration::from_secs(600);
@@ -117,7 +126,8 @@ impl Registry {
                     failed,
                     drifted,
                     pushed: None,
-                    dirty: false,
+                    dirty: None,
+                    urgent: false,
                     warned_conflict: None,
                     labels_tx: None,
                     awaiting_ack: false,
@@ -132,6 +142,7 @@ impl Registry {
             saving: Mutex::new(()),
             events: broadcast::Sender::new(1024),
             next_session: AtomicU64::new(1),
+            connected: AtomicUsize::new(0),
             max_agents,
             metrics: Metrics::default(),
         })
@@ -149,11 +160,11 @@ impl Registry {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (kick, kicked) = oneshot::channel();
         let mut entries = self.lock();
-        let connected = entries
-            .values()
-            .filter(|e| e.instance.connected && e.instance.instance_id != hello.instance_id)
-            .count();
-        if connected >= self.max_agents {
+        let reconnecting = entries
+            .get(&hello.instance_id)
+            .is_some_and(|e| e.instance.connected);
+        let others = self.connected.load(Ordering::Relaxed) - usize::from(reconnecting);
+        if others >= self.max_agents {
             return Err(Refused::Full(self.max_agents));
         }
         // A live session from another host: two agents claim one id. The
@@ -176,7 +187,8 @@ impl Registry {
                 hello.hostname, entry.instance.hostname
             );
             entry.instance.conflict_time = Some(SystemTime::now().into());
-            entry.dirty = true;
+            entry.urgent = true;
+            entry.dirty.get_or_insert_with(Instant::now);
             return Err(refused);
         }
         let first = !entries.contains_key(&hello.instance_id);
@@ -192,7 +204,8 @@ impl Registry {
                 failed: false,
                 drifted: false,
                 pushed: None,
-                dirty: false,
+                dirty: None,
+                urgent: true,
                 warned_conflict: None,
                 labels_tx: None,
                 awaiting_ack: false,
@@ -243,6 +256,9 @@ impl Registry {
             now.applied_revision = before.applied_revision;
             now.unmanaged_models = before.unmanaged_models;
             now.detail = before.detail;
+        }
+        if !instance.connected {
+            self.connected.fetch_add(1, Ordering::Relaxed);
         }
         instance.connected = true;
         self.updated(entry, Some(Event::InstanceConnected));
@@ -403,6 +419,9 @@ impl Registry {
     /// The connection ended. Ignored when a newer connection took over.
     pub fn disconnect(&self, session: &Session) {
         self.with_session(session, Some(Event::InstanceDisconnected), |entry| {
+            if entry.instance.connected {
+                self.connected.fetch_sub(1, Ordering::Relaxed);
+            }
             entry.instance.connected = false;
             entry.kick = None;
         });
@@ -457,21 +476,30 @@ impl Registry {
     }
 
     /// Forgets an instance and ends its connection. Returns whether it existed.
-    /// An operator sets an instance's labels; its live session, if any,
-    /// follows at once. `None` when there is no such instance.
+    /// An operator sets an instance's labels, durably; its live session,
+    /// if any, follows at once. `None` when there is no such instance.
     pub fn update_labels(
         &self,
         instance_id: &str,
         labels: Labels,
         actor: &str,
-    ) -> Option<Instance> {
+    ) -> Result<Option<Instance>, StoreError> {
+        // Held until the labels are in memory: no save or delete between.
+        let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut record) = self.get(instance_id) else {
+            return Ok(None);
+        };
+        record.labels = labels.clone();
+        self.store.save_instances(std::slice::from_ref(&record))?;
+        self.store.flush()?;
         let mut entries = self.lock();
-        let entry = entries.get_mut(instance_id)?;
+        let Some(entry) = entries.get_mut(instance_id) else {
+            return Ok(None);
+        };
         let old = std::mem::replace(&mut entry.instance.labels, labels.clone());
         if let Some(tx) = &entry.labels_tx {
             let _ = tx.send(labels.clone());
         }
-        entry.dirty = true;
         tracing::info!(instance = %instance_id, %actor, old = ?old, new = ?labels, "instance labels changed");
         let _ = self.events.send(FleetEvent {
             time: Some(SystemTime::now().into()),
@@ -482,7 +510,7 @@ impl Registry {
                 new_labels: labels,
             })),
         });
-        Some(entry.instance.clone())
+        Ok(Some(entry.instance.clone()))
     }
 
     pub fn delete(&self, instance_id: &str) -> Result<bool, StoreError> {
@@ -490,6 +518,9 @@ impl Registry {
         let Some(mut entry) = self.lock().remove(instance_id) else {
             return Ok(false);
         };
+        if entry.instance.connected {
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(kick) = entry.kick.take() {
             let _ = kick.send(());
         }
@@ -498,15 +529,30 @@ impl Registry {
         Ok(true)
     }
 
-    /// Writes the instances changed since the last call, in one batch.
-    /// Runs every 500 ms and at shutdown: acks and health reports from a
-    /// whole fleet cost one write each per interval, not one each.
-    pub fn save_changed(&self) -> Result<usize, StoreError> {
+    /// Writes changed instances in one batch. Runs every 500 ms, and with
+    /// `all` at shutdown. A new instance (or a refused claim) is written at
+    /// the next run; progress (acks, health, connections) only once it is
+    /// [`PROGRESS_SAVED_AFTER`] old, so that a fleet's acks and heartbeats
+    /// cost one write per instance per interval, not one per message. A
+    /// crash loses at most that much progress, which every agent reports
+    /// again when it reconnects.
+    pub fn save_changed(&self, all: bool) -> Result<usize, StoreError> {
         let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let due = |e: &Entry| {
+            e.dirty.is_some_and(|since| {
+                all || e.urgent || now.duration_since(since) >= PROGRESS_SAVED_AFTER
+            })
+        };
         let changed: Vec<Instance> = self
             .lock()
             .values_mut()
-            .filter_map(|e| std::mem::take(&mut e.dirty).then(|| e.instance.clone()))
+            .filter(|e| due(e))
+            .map(|e| {
+                e.dirty = None;
+                e.urgent = false;
+                e.instance.clone()
+            })
             .collect();
         self.store.save_instances(&changed)?;
         Ok(changed.len())
@@ -621,7 +667,7 @@ impl Registry {
             SyncState::Pending
         };
         instance.sync_state = state as i32;
-        entry.dirty = true;
+        entry.dirty.get_or_insert_with(Instant::now);
         if let Some(event) = event {
             self.emit(event, instance);
         }
@@ -758,19 +804,47 @@ mod tests {
         let b = registry
             .connect(&hello("gitlab-b"), &LabelGrant::all())
             .unwrap();
-        // Nothing reaches the store until the saver runs.
+        // Nothing reaches the store until the saver runs; new instances
+        // are saved at its next run.
         assert!(registry.store.load_instances().unwrap().is_empty());
-        assert_eq!(registry.save_changed().unwrap(), 2);
-        assert_eq!(registry.save_changed().unwrap(), 0, "nothing changed since");
+        assert_eq!(registry.save_changed(false).unwrap(), 2);
+        assert_eq!(
+            registry.save_changed(false).unwrap(),
+            0,
+            "nothing changed since"
+        );
 
+        // Progress waits for PROGRESS_SAVED_AFTER, or for shutdown.
         registry.set_desired(&b, "default", 5, true);
+        assert_eq!(registry.save_changed(false).unwrap(), 0);
         assert!(registry.delete("gitlab-b").unwrap());
         // gitlab-b changed before its deletion: the next save must not
         // bring it back.
-        assert_eq!(registry.save_changed().unwrap(), 0);
+        assert_eq!(registry.save_changed(true).unwrap(), 0);
         let saved = registry.store.load_instances().unwrap();
         let ids: Vec<&str> = saved.iter().map(|i| i.instance_id.as_str()).collect();
         assert_eq!(ids, ["gitlab-a"]);
         assert_eq!(saved[0].applied_revision, 4);
+
+        // An operator's relabel is on disk before it is answered.
+        registry
+            .update_labels(
+                "gitlab-a",
+                Labels::from([("ring".into(), "canary".into())]),
+                "op",
+            )
+            .unwrap()
+            .unwrap();
+        let saved = registry.store.load_instances().unwrap();
+        assert_eq!(
+            saved[0].labels.get("ring").map(String::as_str),
+            Some("canary")
+        );
+        assert!(
+            registry
+                .update_labels("nobody", Labels::new(), "op")
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -23,8 +23,8 @@ use crate::error::{ConfigError, quoted};
 use crate::registry::Registry;
 use crate::store::{Attached, Guard, Stage, Store, StoreError, Write};
 use duofleet_proto::v1::{
-    DesiredConfig, EndpointHealth, FleetEvent, HealthState, ResourceKind, Rollout, RolloutChanged,
-    RolloutSpec, RolloutState, SyncState, TargetKind, WaveState, WaveStatus, fleet_event,
+    EndpointHealth, FleetEvent, HealthState, ResourceKind, Rollout, RolloutChanged, RolloutSpec,
+    RolloutState, SyncState, TargetKind, WaveState, WaveStatus, fleet_event,
 };
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -448,23 +448,14 @@ impl Rollouts {
         }
     }
 
-    /// What `instance_id` receives now: its previous configuration while a
-    /// rollout holds it back, otherwise the current one.
-    pub fn desired_config(
-        &self,
-        instance_id: &str,
-        config: &Config,
-        labels: &Labels,
-    ) -> DesiredConfig {
-        let base = self
-            .lock()
+    /// The configuration `instance_id` follows now: the previous one while
+    /// a rollout holds it back, otherwise `current`.
+    pub fn config_for(&self, instance_id: &str, current: &Arc<Config>) -> Arc<Config> {
+        self.lock()
             .values()
             .filter(|e| e.active() && e.pinned.contains(instance_id))
-            .find_map(|e| e.base.clone());
-        match base {
-            Some(base) => effective::desired_config(&base, labels),
-            None => effective::desired_config(config, labels),
-        }
+            .find_map(|e| e.base.clone())
+            .unwrap_or_else(|| current.clone())
     }
 
     pub fn subscribe_epoch(&self) -> watch::Receiver<u64> {

@@ -13,7 +13,6 @@ use crate::store::Store;
 use crate::telemetry::{self, LogFormat};
 use crate::{catalog, fsutil};
 use clap::Parser;
-use duofleet_proto::v1::agent_service_server::AgentServiceServer;
 use duofleet_proto::v1::backup_service_server::BackupServiceServer;
 use duofleet_proto::v1::config_service_server::ConfigServiceServer;
 use duofleet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
@@ -23,6 +22,7 @@ use duofleet_proto::v1::model_service_server::ModelServiceServer;
 use duofleet_proto::v1::profile_service_server::ProfileServiceServer;
 use duofleet_proto::v1::rollout_service_server::RolloutServiceServer;
 use duofleet_proto::v1::token_service_server::TokenServiceServer;
+use duofleet_proto::wire::agent_service_server::AgentServiceServer;
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -556,7 +556,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             None
         }
     };
-    if let Err(error) = registry.save_changed() {
+    if let Err(error) = registry.save_changed(true) {
         tracing::warn!(%error, "could not save the fleet's instance state");
     }
     let flushed = store.flush();
@@ -624,7 +624,7 @@ async fn save_instances(registry: Arc<Registry>) {
     loop {
         every.tick().await;
         let registry = registry.clone();
-        let saved = tokio::task::spawn_blocking(move || registry.save_changed()).await;
+        let saved = tokio::task::spawn_blocking(move || registry.save_changed(false)).await;
         if let Ok(Err(error)) = saved {
             tracing::warn!(%error, "could not save the fleet's instance state");
         }

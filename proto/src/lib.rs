@@ -14,6 +14,7 @@ pub mod v1 {
 }
 
 pub mod window;
+pub mod wire;
 
 /// The encoded `FileDescriptorSet` of every duofleet.v1 file and its
 /// imports, for `tonic-reflection`.

@@ -5,22 +5,25 @@
 //!
 //! Each session follows the store's `watch` of the current configuration,
 //! which coalesces to the newest: an agent that is slow to read holds up
-//! only its own session, which later sends just the latest state. Memory
-//! per agent is the session task, a 4-slot channel and one DesiredConfig.
+//! only its own session, which later sends just the latest state. What it
+//! sends is shared (`fanout`): built and encoded once per revision and
+//! profile, and compared by digest. Memory per agent is the session task,
+//! a 4-slot channel and a reference to the last configuration sent.
 
 use super::{AgentIdentity, status};
 use crate::agent_input;
 use crate::ca::CertAuthority;
 use crate::config::Config;
-use crate::effective::{self, Labels};
+use crate::effective::Labels;
+use crate::fanout::{Fanout, Prepared};
 use crate::labels::LabelGrant;
 use crate::registry::{Refused, Registry, Session};
 use crate::rollout::Rollouts;
 use crate::store::Store;
 use duofleet_proto::v1::agent_message::Message;
-use duofleet_proto::v1::agent_service_server::AgentService;
-use duofleet_proto::v1::control_message;
-use duofleet_proto::v1::{AckResult, AgentMessage, ControlMessage, DesiredConfig, Hello};
+use duofleet_proto::v1::{AckResult, AgentMessage, Hello};
+use duofleet_proto::wire::ControlFrame;
+use duofleet_proto::wire::agent_service_server::AgentService;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +40,7 @@ pub struct AgentApi {
     registry: Arc<Registry>,
     rollouts: Arc<Rollouts>,
     ca: Arc<CertAuthority>,
+    fanout: Arc<Fanout>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -53,12 +57,13 @@ impl AgentApi {
             registry,
             rollouts,
             ca,
+            fanout: Arc::default(),
             shutdown,
         }
     }
 }
 
-type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlFrame, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
@@ -122,10 +127,11 @@ impl AgentService for AgentApi {
             store: self.store.clone(),
             registry: self.registry.clone(),
             rollouts: self.rollouts.clone(),
+            fanout: self.fanout.clone(),
             shutdown: self.shutdown.clone(),
             outbound,
         };
-        tokio::spawn(run.run(session, hello.applied_revision, inbound));
+        tokio::spawn(run.run(session, hello, inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -142,17 +148,13 @@ struct SessionTask {
     store: Arc<Store>,
     registry: Arc<Registry>,
     rollouts: Arc<Rollouts>,
+    fanout: Arc<Fanout>,
     shutdown: watch::Receiver<bool>,
-    outbound: mpsc::Sender<Result<ControlMessage, Status>>,
+    outbound: mpsc::Sender<Result<ControlFrame, Status>>,
 }
 
 impl SessionTask {
-    async fn run(
-        self,
-        mut session: Session,
-        applied_revision: u64,
-        mut inbound: Streaming<AgentMessage>,
-    ) {
+    async fn run(self, mut session: Session, hello: Hello, mut inbound: Streaming<AgentMessage>) {
         let mut configs = self.store.subscribe();
         let mut epoch = self.rollouts.subscribe_epoch();
         let stopped = until_stopped(self.shutdown.clone());
@@ -160,15 +162,20 @@ impl SessionTask {
         let config = configs.borrow_and_update().clone();
         let mut labels: Labels = session.labels.borrow_and_update().clone();
         epoch.borrow_and_update();
-        let mut last = self
-            .rollouts
-            .desired_config(&session.instance_id, &config, &labels);
-        // Held back by a rollout: its desired revision is the older one.
-        let current_revision = last.revision;
-        // Behind (or from another history): send. Otherwise it has it all.
-        let alive = if applied_revision == current_revision {
-            self.registry
-                .set_desired(&session, &last.profile, applied_revision, false);
+        let mut last = self.prepare(&session, &config, &labels);
+        // Held back by a rollout, the desired revision is the older one.
+        // The agent has it when it applied that revision, or any revision
+        // with the same content (its digest says so): nothing is sent, as
+        // after a daemon restart that changed nothing for it.
+        let has_it = hello.applied_revision == last.desired.revision
+            || (!hello.applied_digest.is_empty() && hello.applied_digest == last.digest);
+        let alive = if has_it {
+            self.registry.set_desired(
+                &session,
+                &last.desired.profile,
+                hello.applied_revision,
+                false,
+            );
             true
         } else {
             self.send(&session, &last).await
@@ -234,34 +241,37 @@ impl SessionTask {
         tracing::info!(instance = %session.instance_id, "agent disconnected");
     }
 
-    /// Sends the instance's desired config when it differs from `last` (a
-    /// new revision or new labels); false when the stream is gone.
+    /// What the instance gets at `config` (or at the revision a rollout
+    /// holds it on).
+    fn prepare(&self, session: &Session, config: &Arc<Config>, labels: &Labels) -> Arc<Prepared> {
+        let config = self.rollouts.config_for(&session.instance_id, config);
+        self.fanout.prepare(&config, labels)
+    }
+
+    /// Sends the instance's desired config when its content differs from
+    /// `last` (a new revision or new labels); false when the stream is gone.
     async fn push_if_changed(
         &self,
         session: &Session,
-        config: &Config,
+        config: &Arc<Config>,
         labels: &Labels,
-        last: &mut DesiredConfig,
+        last: &mut Arc<Prepared>,
     ) -> bool {
-        let desired = self
-            .rollouts
-            .desired_config(&session.instance_id, config, labels);
-        if effective::same_content(&desired, last) {
+        let next = self.prepare(session, config, labels);
+        if next.digest == last.digest {
             return true;
         }
-        *last = desired;
+        *last = next;
         self.send(session, last).await
     }
 
-    async fn send(&self, session: &Session, desired: &DesiredConfig) -> bool {
+    async fn send(&self, session: &Session, prepared: &Prepared) -> bool {
+        let desired = &prepared.desired;
         self.registry
             .set_desired(session, &desired.profile, desired.revision, true);
         // Per agent and change: debug, or a fleet's rollout floods the log.
         tracing::debug!(instance = %session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
-        let message = ControlMessage {
-            message: Some(control_message::Message::DesiredConfig(desired.clone())),
-        };
-        self.outbound.send(Ok(message)).await.is_ok()
+        self.outbound.send(Ok(prepared.frame.clone())).await.is_ok()
     }
 
     fn handle(&self, session: &Session, message: AgentMessage) {

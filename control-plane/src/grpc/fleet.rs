@@ -122,10 +122,14 @@ impl FleetService for FleetApi {
             preview.labels = instance.labels;
             return Ok(Response::new(preview));
         }
-        let mut updated = self
-            .registry
-            .update_labels(&instance.instance_id, instance.labels, &caller.name)
-            .ok_or_else(|| no_instance(&instance.instance_id))?;
+        // Written and flushed before the answer: on the blocking pool.
+        let registry = self.registry.clone();
+        let id = instance.instance_id.clone();
+        let mut updated =
+            blocking(move || registry.update_labels(&id, instance.labels, &caller.name))
+                .await?
+                .map_err(status)?
+                .ok_or_else(|| no_instance(&instance.instance_id))?;
         // The profile the new labels match (its stream follows at once).
         if let Some(profile) =
             crate::effective::match_profile(&self.store.current(), &updated.labels)

@@ -1,5 +1,5 @@
 //! The fan-out benchmark at a small N, so that it keeps working: every
-//! phase runs, against the real daemon and a real etcd. Its figures are
+//! phase runs, against the real daemon, a real etcd and the TCP floor. Its figures are
 //! not asserted (timing belongs to the benchmark, not the tests); what
 //! every run must show is.
 
@@ -7,7 +7,7 @@
 fn fanout_runs_every_phase_and_reports_it() {
     let out = std::process::Command::new(duofleet_tests::bin("fanout"))
         .args(["--agents", "5", "--changes", "3", "--health-reports", "4"])
-        .arg("--etcd")
+        .args(["--etcd", "--raw"])
         .output()
         .expect("run fanout");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -52,7 +52,11 @@ fn fanout_runs_every_phase_and_reports_it() {
     assert_eq!(of("etcd_change_to_all_watchers").len(), 3);
     assert_eq!(of("etcd_summary")[0]["watchers"], 5);
     assert!(of("ratio_duofleet_over_etcd")[0]["p99_from_request"].is_number());
-    assert!(stdout.contains("| 5 subscribers, 3 changes | duofleet | etcd |"));
+    // The floor: plain TCP, the same changes to all 5 connections.
+    assert_eq!(of("raw_change_to_all_acked").len(), 3);
+    assert_eq!(of("raw_summary")[0]["connections"], 5);
+    assert!(of("ratio_duofleet_over_floor")[0]["p99_from_request"].is_number());
+    assert!(stdout.contains("| 5 subscribers, 3 changes | duofleet | etcd | floor (TCP) |"));
 }
 
 /// The dashboard benchmark at a small N: every page renders, under 1 MB.

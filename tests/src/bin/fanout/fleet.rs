@@ -7,18 +7,18 @@
 use crate::Arrivals;
 use duofleet_agent::session::Backoff;
 use duofleet_proto::v1::agent_message::Message;
-use duofleet_proto::v1::agent_service_client::AgentServiceClient;
 use duofleet_proto::v1::control_message;
 use duofleet_proto::v1::{
-    Ack, AckResult, AgentMessage, EndpointHealth, HealthReport, HealthState, Hello, TargetKind,
+    Ack, AckResult, AgentMessage, ControlMessage, EndpointHealth, HealthReport, HealthState, Hello,
+    TargetKind,
 };
+use prost::Message as _;
+use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Request;
-use tonic::transport::Endpoint;
 
 /// An order to every agent: send `reports` health reports, as fast as the
 /// stream takes them.
@@ -56,8 +56,8 @@ impl Fleet {
         let tasks = (0..agents)
             .map(|i| {
                 let agent = SimAgent {
-                    url: format!("http://{addr}"),
-                    token: token.to_string(),
+                    addr: addr.to_string(),
+                    bearer: format!("Bearer {token}"),
                     instance_id: format!("bench-{i:05}"),
                     applied: 0,
                     counters: counters.clone(),
@@ -87,8 +87,8 @@ impl Drop for Fleet {
 }
 
 struct SimAgent {
-    url: String,
-    token: String,
+    addr: String,
+    bearer: String,
     instance_id: String,
     applied: u64,
     counters: Arc<Counters>,
@@ -105,106 +105,184 @@ impl SimAgent {
         }
     }
 
-    /// One connection, until its stream ends.
-    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), tonic::Status> {
-        let channel = Endpoint::from_shared(self.url.clone())
-            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
+    /// One connection, until its stream ends: gRPC over HTTP/2 by hand
+    /// (h2 and prost, no tonic channel), so that 50,000 of them fit beside
+    /// the daemon on one machine. On the wire it is what the agent sends.
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), String> {
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.addr))
             .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(4);
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (client, connection) = h2::client::Builder::new()
+            .initial_window_size(64 * 1024)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let connection = tokio::spawn(connection);
+        let result = self.stream(client, backoff).await;
+        connection.abort();
+        result
+    }
+
+    async fn stream(
+        &mut self,
+        client: h2::client::SendRequest<Bytes>,
+        backoff: &mut Backoff,
+    ) -> Result<(), String> {
+        let mut client = client.ready().await.map_err(|e| e.to_string())?;
+        let request = http::Request::post(format!(
+            "http://{}/duofleet.v1.AgentService/Connect",
+            self.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", &self.bearer)
+        .body(())
+        .map_err(|e| e.to_string())?;
+        let (response, mut outbound) = client
+            .send_request(request, false)
+            .map_err(|e| e.to_string())?;
         let hello = Hello {
             instance_id: self.instance_id.clone(),
             hostname: "bench".into(),
             applied_revision: self.applied,
             ..Default::default()
         };
-        let _ = tx
-            .send(AgentMessage {
-                message: Some(Message::Hello(hello)),
-            })
-            .await;
-        let mut request = Request::new(ReceiverStream::new(rx));
-        let bearer = format!("Bearer {}", self.token)
-            .parse()
-            .map_err(|_| tonic::Status::invalid_argument("token"))?;
-        request.metadata_mut().insert("authorization", bearer);
-        let mut inbound = AgentServiceClient::new(channel)
-            .connect(request)
-            .await?
-            .into_inner();
+        send(&mut outbound, Message::Hello(hello))?;
+        let response = response.await.map_err(|e| e.to_string())?;
+        if response.status() != http::StatusCode::OK {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        let mut inbound = response.into_body();
         self.counters.sessions.fetch_add(1, Ordering::Relaxed);
         backoff.reset();
+        let mut buffer = BytesMut::new();
+        let (reports_tx, mut reports) = mpsc::channel::<HealthRound>(1);
+        let mut sending: Option<(HealthRound, usize)> = None;
         loop {
             tokio::select! {
-                message = inbound.message() => {
-                    let Some(message) = message? else { return Ok(()) };
-                    let Some(control_message::Message::DesiredConfig(desired)) = message.message else {
-                        continue;
-                    };
-                    self.counters.desired.fetch_add(1, Ordering::Relaxed);
-                    if desired.revision <= self.applied {
-                        self.counters.reapplied.fetch_add(1, Ordering::Relaxed);
+                chunk = inbound.data() => {
+                    let Some(chunk) = chunk else { return Ok(()) };
+                    let chunk = chunk.map_err(|e| e.to_string())?;
+                    let _ = inbound.flow_control().release_capacity(chunk.len());
+                    buffer.extend_from_slice(&chunk);
+                    while let Some(frame) = next_frame(&mut buffer) {
+                        let message = ControlMessage::decode(frame).map_err(|e| e.to_string())?;
+                        let Some(control_message::Message::DesiredConfig(desired)) = message.message else {
+                            continue;
+                        };
+                        self.counters.desired.fetch_add(1, Ordering::Relaxed);
+                        if desired.revision <= self.applied {
+                            self.counters.reapplied.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.applied = desired.revision;
+                        let ack = Ack {
+                            revision: desired.revision,
+                            result: AckResult::Applied as i32,
+                            ..Default::default()
+                        };
+                        send(&mut outbound, Message::Ack(ack))?;
+                        self.counters.arrivals.record(desired.revision);
                     }
-                    self.applied = desired.revision;
-                    let ack = Ack {
-                        revision: desired.revision,
-                        result: AckResult::Applied as i32,
-                        ..Default::default()
-                    };
-                    if tx.send(AgentMessage { message: Some(Message::Ack(ack)) }).await.is_err() {
-                        return Ok(());
-                    }
-                    self.counters.arrivals.record(desired.revision);
                 }
                 changed = self.health.changed() => {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    let round = *self.health.borrow_and_update();
-                    tokio::spawn(send_reports(tx.clone(), round));
+                    let _ = reports_tx.try_send(*self.health.borrow_and_update());
+                }
+                round = reports.recv(), if sending.is_none() => {
+                    sending = round.map(|r| (r, 0));
+                }
+                // Reports go out as fast as the stream takes them: one per
+                // turn, after what the flow-control window allows.
+                capacity = wait_capacity(&mut outbound), if sending.is_some() => {
+                    capacity?;
+                    if let Some((round, n)) = sending.as_mut() {
+                        send(&mut outbound, Message::HealthReport(report(*round, *n)))?;
+                        *n += 1;
+                        if *n >= round.reports {
+                            sending = None;
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-async fn send_reports(tx: mpsc::Sender<AgentMessage>, round: HealthRound) {
-    for n in 0..round.reports {
-        let model_state = if round.flapping && n % 2 == 1 {
-            HealthState::Unhealthy
+/// Sends one gRPC message (5-byte prefix, then the protobuf).
+fn send(stream: &mut h2::SendStream<Bytes>, message: Message) -> Result<(), String> {
+    let body = AgentMessage {
+        message: Some(message),
+    }
+    .encode_to_vec();
+    let mut frame = BytesMut::with_capacity(5 + body.len());
+    frame.put_u8(0);
+    frame.put_u32(body.len() as u32);
+    frame.extend_from_slice(&body);
+    stream
+        .send_data(frame.freeze(), false)
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until the stream may send about one more report.
+async fn wait_capacity(stream: &mut h2::SendStream<Bytes>) -> Result<(), String> {
+    const REPORT_BYTES: usize = 512;
+    if stream.capacity() >= REPORT_BYTES {
+        return Ok(());
+    }
+    stream.reserve_capacity(REPORT_BYTES);
+    std::future::poll_fn(|cx| stream.poll_capacity(cx))
+        .await
+        .ok_or("stream closed")?
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The next whole gRPC message in `buffer`, if there is one.
+fn next_frame(buffer: &mut BytesMut) -> Option<Bytes> {
+    if buffer.len() < 5 {
+        return None;
+    }
+    let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    if buffer.len() < 5 + len {
+        return None;
+    }
+    buffer.advance(5);
+    Some(buffer.split_to(len).freeze())
+}
+
+/// The `n`th health report of a round: three targets, the model flapping
+/// on every other report when the round says so.
+fn report(round: HealthRound, n: usize) -> HealthReport {
+    let model_state = if round.flapping && n % 2 == 1 {
+        HealthState::Unhealthy
+    } else {
+        HealthState::Healthy
+    };
+    let target = |kind: TargetKind, target: &str, state: HealthState| EndpointHealth {
+        kind: kind as i32,
+        target: target.into(),
+        state: state as i32,
+        error: if state == HealthState::Unhealthy {
+            "GET http://vllm.bench:8000/v1/models answered HTTP 503".into()
         } else {
-            HealthState::Healthy
-        };
-        let target = |kind: TargetKind, target: &str, state: HealthState| EndpointHealth {
-            kind: kind as i32,
-            target: target.into(),
-            state: state as i32,
-            error: if state == HealthState::Unhealthy {
-                "GET http://vllm.bench:8000/v1/models answered HTTP 503".into()
-            } else {
-                String::new()
-            },
-            latency_ms: 3,
-            check_time: Some(std::time::SystemTime::now().into()),
-        };
-        let report = HealthReport {
-            results: vec![
-                target(
-                    TargetKind::AiGateway,
-                    "https://aigw.bench.example.com",
-                    HealthState::Healthy,
-                ),
-                target(TargetKind::Model, "mixtral-prod", model_state),
-                target(TargetKind::Model, "codestral-prod", HealthState::Healthy),
-            ],
-        };
-        let message = AgentMessage {
-            message: Some(Message::HealthReport(report)),
-        };
-        if tx.send(message).await.is_err() {
-            return;
-        }
+            String::new()
+        },
+        latency_ms: 3,
+        check_time: Some(std::time::SystemTime::now().into()),
+    };
+    HealthReport {
+        results: vec![
+            target(
+                TargetKind::AiGateway,
+                "https://aigw.bench.example.com",
+                HealthState::Healthy,
+            ),
+            target(TargetKind::Model, "mixtral-prod", model_state),
+            target(TargetKind::Model, "codestral-prod", HealthState::Healthy),
+        ],
     }
 }

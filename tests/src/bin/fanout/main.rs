@@ -12,14 +12,17 @@
 //! 5. With `--etcd`: the same N subscribers as etcd watches on one key
 //!    (Debian's etcd-server, started here), M puts, the time from each put's
 //!    OK to the last watcher's event, and the ratio duofleet/etcd.
+//! 6. With `--raw`: the floor, the same N subscribers and M changes over
+//!    plain TCP with tokio and nothing else (`raw.rs`).
 //!
-//!   cargo run --release -p duofleet-tests --bin fanout -- --agents 10000 --changes 20 --etcd
+//!   cargo run --release -p duofleet-tests --bin fanout -- --agents 10000 --changes 20 --etcd --raw
 //!
 //! Prints one JSON object per line, then a table. Not part of the timed
 //! test suite: a small-N smoke run of it is (it must not rot).
 
 mod etcd;
 mod fleet;
+mod raw;
 
 use duofleet_proto::v1::{DesiredConfig, Profile, UpdateProfileRequest};
 use duofleet_tests::{Daemon, DaemonOptions, rss_kib};
@@ -40,6 +43,7 @@ struct Options {
     changes: usize,
     health_reports: usize,
     etcd: bool,
+    raw: bool,
 }
 
 fn options() -> Options {
@@ -48,12 +52,17 @@ fn options() -> Options {
         changes: 10,
         health_reports: 10,
         etcd: false,
+        raw: false,
     };
-    let usage = "use --agents N --changes M [--health-reports K] [--etcd]";
+    let usage = "use --agents N --changes M [--health-reports K] [--etcd] [--raw]";
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--etcd" {
             o.etcd = true;
+            continue;
+        }
+        if arg == "--raw" {
+            o.raw = true;
             continue;
         }
         let value = args.next().and_then(|v| v.parse::<usize>().ok());
@@ -258,10 +267,24 @@ async fn wait_metrics(http_addr: &str, wanted: &[(&str, f64)], what: &str) {
     }
 }
 
-/// A row of the closing table: figure, duofleet, etcd.
-type Row = (String, String, String);
+/// `a / b` for a JSON line; JSON has no infinity, so a ratio over zero is
+/// null.
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.3}", a / b)
+    } else {
+        "null".to_string()
+    }
+}
+
+/// A row of the closing table: figure, duofleet, etcd, the floor.
+type Row = (String, String, String, String);
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--raw-serve") {
+        raw::serve();
+        return;
+    }
     raise_nofile();
     let o = options();
     tokio::runtime::Builder::new_multi_thread()
@@ -315,6 +338,7 @@ async fn run(o: Options) {
     rows.push((
         format!("{n} subscribers connect"),
         format!("{connect_secs:.2} s (all at once)"),
+        String::new(),
         String::new(),
     ));
 
@@ -394,6 +418,7 @@ async fn run(o: Options) {
             format!("health reports taken in, {mode} ({total} reports)"),
             format!("{per_second:.0} /s"),
             String::new(),
+            String::new(),
         ));
     }
     let rss_health = rss_kib(daemon.pid());
@@ -407,6 +432,7 @@ async fn run(o: Options) {
             2 * o.health_reports
         ),
         format!("{per_agent_health_kib:.1} KiB"),
+        String::new(),
         String::new(),
     ));
 
@@ -441,6 +467,7 @@ async fn run(o: Options) {
     rows.push((
         format!("reconnect storm: restart to all {n} SYNCED"),
         format!("{storm_secs:.2} s ({resent} configs resent)"),
+        String::new(),
         String::new(),
     ));
     drop(operator);
@@ -492,14 +519,6 @@ async fn run(o: Options) {
             theirs.from_request.p99,
             theirs.cpu_ms_per_change
         );
-        // JSON has no infinity: a ratio over zero is null.
-        let ratio = |a: f64, b: f64| {
-            if b > 0.0 {
-                format!("{:.3}", a / b)
-            } else {
-                "null".to_string()
-            }
-        };
         println!(
             r#"{{"metric":"ratio_duofleet_over_etcd","agents":{n},"p50_from_ok":{},"p99_from_ok":{},"p50_from_request":{},"p99_from_request":{}}}"#,
             ratio(ours.from_ok.p50, theirs.from_ok.p50),
@@ -513,13 +532,65 @@ async fn run(o: Options) {
         drop(watchers);
     }
 
+    // 6. The floor: plain TCP, the same N subscribers and changes.
+    let mut raw_run = None;
+    let mut raw_rss = String::new();
+    if o.raw {
+        let mut server = tokio::task::block_in_place(raw::RawServer::start);
+        let arrivals = Arc::new(Arrivals::default());
+        let rss_before = rss_kib(server.pid());
+        let clients = raw::clients(&server.addr, n, arrivals.clone()).await;
+        let deadline = Instant::now() + PHASE_LIMIT;
+        while tokio::task::block_in_place(|| server.connected()) < n {
+            assert!(Instant::now() < deadline, "raw: too few connections");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let per_connection_kib = rss_kib(server.pid()).saturating_sub(rss_before) as f64 / n as f64;
+        let pid = server.pid();
+        let floor = deliver(
+            "raw_change_to_all_acked",
+            "connections",
+            &arrivals,
+            n,
+            o.changes,
+            pid,
+            async |change| {
+                let revision = change as u64;
+                tokio::task::block_in_place(|| server.push(revision));
+                revision
+            },
+        )
+        .await;
+        println!(
+            r#"{{"metric":"raw_summary","connections":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"server_cpu_ms_per_change":{:.1},"rss_per_connection_kib":{per_connection_kib:.1}}}"#,
+            o.changes,
+            floor.from_ok.p50,
+            floor.from_ok.p99,
+            floor.from_request.p50,
+            floor.from_request.p99,
+            floor.cpu_ms_per_change
+        );
+        println!(
+            r#"{{"metric":"ratio_duofleet_over_floor","agents":{n},"p50_from_request":{},"p99_from_request":{},"cpu":{}}}"#,
+            ratio(ours.from_request.p50, floor.from_request.p50),
+            ratio(ours.from_request.p99, floor.from_request.p99),
+            ratio(ours.cpu_ms_per_change, floor.cpu_ms_per_change),
+        );
+        raw_rss = format!("{per_connection_kib:.1} KiB");
+        raw_run = Some(floor);
+        drop(clients);
+        drop(server);
+    }
+
     // The table.
     let ms = |s: Spread| format!("{:.1} / {:.1} / {:.1} ms", s.p50, s.p99, s.max);
+    let cpu = |d: &Deliveries| format!("{:.0} ms", d.cpu_ms_per_change);
     let mut table = vec![
         (
             format!("change to all {n} acked, from the OK (p50 / p99 / max)"),
             ms(ours.from_ok),
             etcd_run.as_ref().map(|t| ms(t.from_ok)).unwrap_or_default(),
+            raw_run.as_ref().map(|t| ms(t.from_ok)).unwrap_or_default(),
         ),
         (
             "the same, from the request".to_string(),
@@ -528,25 +599,32 @@ async fn run(o: Options) {
                 .as_ref()
                 .map(|t| ms(t.from_request))
                 .unwrap_or_default(),
+            raw_run
+                .as_ref()
+                .map(|t| ms(t.from_request))
+                .unwrap_or_default(),
         ),
         (
             "server CPU per change (user + system)".to_string(),
-            format!("{:.0} ms", ours.cpu_ms_per_change),
-            etcd_run
-                .as_ref()
-                .map(|t| format!("{:.0} ms", t.cpu_ms_per_change))
-                .unwrap_or_default(),
+            cpu(&ours),
+            etcd_run.as_ref().map(cpu).unwrap_or_default(),
+            raw_run.as_ref().map(cpu).unwrap_or_default(),
         ),
-        ("server RSS per subscriber".to_string(), rss_row, etcd_rss),
+        (
+            "server RSS per subscriber".to_string(),
+            rss_row,
+            etcd_rss,
+            raw_rss,
+        ),
     ];
     table.extend(rows);
     println!();
     println!(
-        "| {n} subscribers, {} changes | duofleet | etcd |",
+        "| {n} subscribers, {} changes | duofleet | etcd | floor (TCP) |",
         o.changes
     );
-    println!("|---|---|---|");
-    for (figure, ours, theirs) in table {
-        println!("| {figure} | {ours} | {theirs} |");
+    println!("|---|---|---|---|");
+    for (figure, ours, theirs, floor) in table {
+        println!("| {figure} | {ours} | {theirs} | {floor} |");
     }
 }
