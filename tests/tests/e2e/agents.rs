@@ -786,9 +786,18 @@ async fn an_agent_restart_with_nothing_new_reconfigures_nothing() {
     agent.kill9();
     wait_instance(&mut c, "gitlab-a", "offline", |i| !i.connected).await;
     agent.restart();
-    let back = wait_synced(&mut c, "gitlab-a", revision + 1).await;
-    assert!(back.connected);
+    // Its Hello's digest shows it has this content: nothing is sent (it
+    // would ack the newer revision), and it is SYNCED where it stood.
+    let back = wait_synced(&mut c, "gitlab-a", revision).await;
+    assert_eq!(back.desired_revision, revision);
     assert_eq!(ctl.calls().len(), 1, "a restart must not reconfigure again");
+
+    // A change for it while it was down: sent when it is back.
+    agent.kill9();
+    let next = set_gateway(&mut c, "default", "https://aigw-2.example.com").await;
+    agent.restart();
+    wait_synced(&mut c, "gitlab-a", next).await;
+    assert_eq!(ctl.calls().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -478,8 +478,12 @@ async fn an_admin_call_gets_through_an_anonymous_flood() {
         "anonymous flood: {} connections opened; admin calls answered in {answered:?}",
         opened.load(Ordering::Relaxed)
     );
+    // Starved, a call waits out its 10 s timeout. Answered, it takes
+    // milliseconds, or a second when its SYN meets a full accept queue and
+    // is sent again (the kernel waits 1 s, then 3 s more): a bound well
+    // between the two, so a loaded machine does not fail the test.
     for took in &answered {
-        assert!(*took < Duration::from_secs(1), "{answered:?}");
+        assert!(*took < Duration::from_secs(5), "{answered:?}");
     }
 }
 

@@ -167,10 +167,18 @@ fn assert_hidden(instance: &Instance, feature: &str, because: &str) {
 
 /// Makes the agent sync again with nothing changed for it: it is stopped,
 /// an unrelated revision is made, and on restart it is sent its config at
-/// the new revision.
+/// the new revision. An agent that says what it applied is sent nothing
+/// when the content is the same (`an_agent_restart_with_nothing_new_reconfigures_nothing`):
+/// these agents' state forgets the digest, as an agent's from before
+/// digests were kept would, so the control plane sends the config again.
 async fn resync_unchanged(c: &mut Clients, agents: &mut [(&str, &mut Agent)], n: &str) -> u64 {
     for (_, agent) in agents.iter_mut() {
         agent.kill9();
+        let path = agent.state_dir.join("state.json");
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        state["applied_digest"] = "".into();
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
     }
     let unrelated = create(
         c,
