@@ -76,6 +76,8 @@ pub struct Refused {
 enum Ended {
     /// The stream ended or failed: reconnect.
     Retry(String),
+    /// The control plane is shutting down and said when to come back.
+    Restarting(String, Duration),
     /// The control plane refused a message of this agent as malformed, or
     /// another host holds this instance id: no quick retry will change
     /// that. Reconnect after the longest backoff.
@@ -91,6 +93,11 @@ impl Session {
                 Ended::Retry(reason) => {
                     let delay = self.backoff.next_delay();
                     tracing::warn!(%reason, retry_in = ?delay, "control plane unavailable; keeping the last applied configuration");
+                    tokio::time::sleep(delay).await;
+                }
+                Ended::Restarting(reason, after) => {
+                    let delay = self.backoff.hinted(after);
+                    tracing::info!(%reason, retry_in = ?delay, "the control plane is restarting");
                     tokio::time::sleep(delay).await;
                 }
                 Ended::Invalid(reason) => {
@@ -404,8 +411,27 @@ fn classify(status: Status) -> Ended {
         Code::InvalidArgument | Code::AlreadyExists => {
             Ended::Invalid(format!("{:?}: {}", status.code(), status.message()))
         }
-        _ => Ended::Retry(format!("{:?}: {}", status.code(), status.message())),
+        _ => {
+            let reason = format!("{:?}: {}", status.code(), status.message());
+            match reconnect_after(&status) {
+                Some(after) => Ended::Restarting(reason, after),
+                None => Ended::Retry(reason),
+            }
+        }
     }
+}
+
+/// When a control plane that is shutting down asks to be reconnected to
+/// (at most 5 minutes, whatever it says).
+pub fn reconnect_after(status: &Status) -> Option<Duration> {
+    let ms: u64 = status
+        .metadata()
+        .get(duofleet_proto::RECONNECT_AFTER_MS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.min(300_000)))
 }
 
 /// A random number in [0, 1].
@@ -441,6 +467,14 @@ impl Backoff {
         self.max
     }
 
+    /// The control plane said when to come back: then, and if it is not
+    /// back yet, soon after (a quarter of the initial delay, growing as
+    /// usual).
+    pub fn hinted(&mut self, after: Duration) -> Duration {
+        self.current = self.initial / 4;
+        after
+    }
+
     pub fn next_delay(&mut self) -> Duration {
         let jitter = 0.8 + 0.4 * jitter_fraction();
         let delay = self.current.mul_f64(jitter);
@@ -452,6 +486,28 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restarting_control_plane_says_when_to_come_back() {
+        let mut status = Status::unavailable("duofleetd is shutting down");
+        assert!(matches!(classify(status.clone()), Ended::Retry(_)));
+        status
+            .metadata_mut()
+            .insert(duofleet_proto::RECONNECT_AFTER_MS, "1250".parse().unwrap());
+        let Ended::Restarting(_, after) = classify(status) else {
+            panic!("the hint was not read");
+        };
+        assert_eq!(after, Duration::from_millis(1250));
+
+        // The hint, then a quick retry: a quarter of the initial delay.
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(120));
+        for _ in 0..5 {
+            backoff.next_delay();
+        }
+        assert_eq!(backoff.hinted(after), after);
+        let next = backoff.next_delay().as_secs_f64();
+        assert!((0.2..=0.3).contains(&next), "{next}");
+    }
 
     #[test]
     fn backoff_follows_grpc_schedule_within_jitter() {

@@ -148,6 +148,11 @@ impl Registry {
         })
     }
 
+    /// How many agents are connected now.
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
         self.events.subscribe()
     }

@@ -377,13 +377,10 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     store.set_guard(rollouts.guard());
     crate::rollout::spawn_gates(rollouts.clone(), ROLLOUT_GATE_PERIOD);
 
-    let grpc_listener =
-        TcpListener::bind(args.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: args.listen,
-                source,
-            })?;
+    let grpc_listener = listen(args.listen).map_err(|source| StartError::Listen {
+        addr: args.listen,
+        source,
+    })?;
     let http_listener = TcpListener::bind(args.http_listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -629,6 +626,24 @@ async fn save_instances(registry: Arc<Registry>) {
             tracing::warn!(%error, "could not save the fleet's instance state");
         }
     }
+}
+
+/// How many connections may wait to be accepted. A restarted daemon is
+/// met by its whole fleet within seconds: with the usual 1,024 the kernel
+/// drops the rest's SYNs, and each dropped agent loses a second or more to
+/// the retransmit. The kernel caps it at net.core.somaxconn.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restart binds the port again at once, past the old one's TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn wait_for(mut shutdown: watch::Receiver<bool>) {

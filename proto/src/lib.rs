@@ -16,6 +16,13 @@ pub mod v1 {
 pub mod window;
 pub mod wire;
 
+/// Trailer metadata on the status that ends an agent's stream when
+/// duofleetd shuts down: how many milliseconds the agent should wait
+/// before it reconnects. Each agent is given its own point in a window
+/// that grows with the fleet, so that a restart is not met by the whole
+/// fleet at once, and nobody waits out a long backoff.
+pub const RECONNECT_AFTER_MS: &str = "duofleet-reconnect-after-ms";
+
 /// The encoded `FileDescriptorSet` of every duofleet.v1 file and its
 /// imports, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

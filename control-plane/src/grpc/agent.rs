@@ -7,8 +7,9 @@
 //! which coalesces to the newest: an agent that is slow to read holds up
 //! only its own session, which later sends just the latest state. What it
 //! sends is shared (`fanout`): built and encoded once per revision and
-//! profile, and compared by digest. Memory per agent is the session task,
-//! a 4-slot channel and a reference to the last configuration sent.
+//! profile, and compared by digest. The session is the response stream
+//! itself, with no task or channel of its own: memory per agent is its
+//! state and a reference to the last configuration sent.
 
 use super::{AgentIdentity, status};
 use crate::agent_input;
@@ -24,12 +25,12 @@ use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::{AckResult, AgentMessage, Hello};
 use duofleet_proto::wire::ControlFrame;
 use duofleet_proto::wire::agent_service_server::AgentService;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// How long a new stream may take to say Hello.
@@ -122,17 +123,25 @@ impl AgentService for AgentApi {
                 Refused::Conflict { .. } => Status::already_exists(refused.to_string()),
             })?;
         tracing::info!(instance = %hello.instance_id, hostname = %hello.hostname, applied_revision = hello.applied_revision, "agent connected");
-        let (outbound, rx) = mpsc::channel(4);
-        let run = SessionTask {
-            store: self.store.clone(),
-            registry: self.registry.clone(),
-            rollouts: self.rollouts.clone(),
-            fanout: self.fanout.clone(),
-            shutdown: self.shutdown.clone(),
-            outbound,
-        };
-        tokio::spawn(run.run(session, hello, inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let live = Live::start(
+            self.store.subscribe(),
+            Shared {
+                registry: self.registry.clone(),
+                rollouts: self.rollouts.clone(),
+                fanout: self.fanout.clone(),
+            },
+            session,
+            &hello,
+            inbound,
+            self.shutdown.clone(),
+        );
+        // The session is the response stream itself, polled by the task
+        // that sends it: no task of its own, no channel between.
+        let stream = futures_util::stream::unfold(live, |mut live| async move {
+            let item = live.next().await?;
+            Some((item, live))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -140,141 +149,194 @@ fn check_hello(hello: &Hello) -> Result<(), Status> {
     agent_input::hello(hello).map_err(|e| status(e.into()))
 }
 
+/// How many reconnecting agents a restarted daemon takes in per second,
+/// about: the window the fleet's reconnects are spread over grows with it.
+const RECONNECTS_PER_SECOND: u64 = 4_000;
+
+/// The status that ends a stream at shutdown, with the agent's point in
+/// the reconnect window: fixed per instance (a hash of its id), so the
+/// fleet spreads evenly over it.
+fn restarting(instance_id: &str, connected: usize) -> Status {
+    use std::hash::{Hash, Hasher};
+    let window_ms = (connected as u64 * 1000 / RECONNECTS_PER_SECOND).clamp(500, 30_000);
+    let mut hasher = std::hash::DefaultHasher::new();
+    instance_id.hash(&mut hasher);
+    let after_ms = hasher.finish() % window_ms;
+    let mut status = Status::unavailable(format!(
+        "duofleetd is shutting down; reconnect in {after_ms} ms"
+    ));
+    if let Ok(value) = after_ms.to_string().parse() {
+        status
+            .metadata_mut()
+            .insert(duofleet_proto::RECONNECT_AFTER_MS, value);
+    }
+    status
+}
+
 async fn until_stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-struct SessionTask {
-    store: Arc<Store>,
+/// What every session shares.
+struct Shared {
     registry: Arc<Registry>,
     rollouts: Arc<Rollouts>,
     fanout: Arc<Fanout>,
-    shutdown: watch::Receiver<bool>,
-    outbound: mpsc::Sender<Result<ControlFrame, Status>>,
 }
 
-impl SessionTask {
-    async fn run(self, mut session: Session, hello: Hello, mut inbound: Streaming<AgentMessage>) {
-        let mut configs = self.store.subscribe();
-        let mut epoch = self.rollouts.subscribe_epoch();
-        let stopped = until_stopped(self.shutdown.clone());
-        tokio::pin!(stopped);
-        let config = configs.borrow_and_update().clone();
-        let mut labels: Labels = session.labels.borrow_and_update().clone();
+/// One agent's session: follows the configuration, the rollouts and the
+/// instance's labels, and takes in the agent's messages. Dropped when the
+/// stream ends, however it ends.
+struct Live {
+    shared: Shared,
+    session: Session,
+    inbound: Streaming<AgentMessage>,
+    configs: watch::Receiver<Arc<Config>>,
+    epoch: watch::Receiver<u64>,
+    labels: Labels,
+    /// The configuration last sent (or that the agent said it has).
+    last: Arc<Prepared>,
+    /// To send first: the agent is behind.
+    first: Option<Arc<Prepared>>,
+    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ended: bool,
+}
+
+impl Live {
+    fn start(
+        mut configs: watch::Receiver<Arc<Config>>,
+        shared: Shared,
+        mut session: Session,
+        hello: &Hello,
+        inbound: Streaming<AgentMessage>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Live {
+        let mut epoch = shared.rollouts.subscribe_epoch();
         epoch.borrow_and_update();
-        let mut last = self.prepare(&session, &config, &labels);
+        let config = configs.borrow_and_update().clone();
+        let labels: Labels = session.labels.borrow_and_update().clone();
+        let last = prepare(&shared, &session, &config, &labels);
         // Held back by a rollout, the desired revision is the older one.
         // The agent has it when it applied that revision, or any revision
         // with the same content (its digest says so): nothing is sent, as
         // after a daemon restart that changed nothing for it.
         let has_it = hello.applied_revision == last.desired.revision
             || (!hello.applied_digest.is_empty() && hello.applied_digest == last.digest);
-        let alive = if has_it {
-            self.registry.set_desired(
+        if has_it {
+            shared.registry.set_desired(
                 &session,
                 &last.desired.profile,
                 hello.applied_revision,
                 false,
             );
-            true
-        } else {
-            self.send(&session, &last).await
-        };
-        if alive {
-            loop {
-                tokio::select! {
-                    changed = configs.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        let config = configs.borrow_and_update().clone();
-                        if !self.push_if_changed(&session, &config, &labels, &mut last).await {
-                            break;
-                        }
+        }
+        Live {
+            first: (!has_it).then(|| last.clone()),
+            shared,
+            session,
+            inbound,
+            configs,
+            epoch,
+            labels,
+            last,
+            stopped: Box::pin(until_stopped(shutdown)),
+            ended: false,
+        }
+    }
+
+    /// The next item of the agent's stream: a configuration to send, the
+    /// status that ends the stream, or None when it ends quietly.
+    async fn next(&mut self) -> Option<Result<ControlFrame, Status>> {
+        if self.ended {
+            return None;
+        }
+        if let Some(first) = self.first.take() {
+            return Some(Ok(self.sending(&first)));
+        }
+        loop {
+            let changed = tokio::select! {
+                changed = self.configs.changed() => {
+                    if changed.is_err() {
+                        return self.end(None);
                     }
-                    // A rollout released (or held back) this instance.
-                    changed = epoch.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        let config = configs.borrow().clone();
-                        if !self.push_if_changed(&session, &config, &labels, &mut last).await {
-                            break;
-                        }
-                    }
-                    // An operator relabelled the instance: its profile may change.
-                    changed = session.labels.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        labels = session.labels.borrow_and_update().clone();
-                        let config = configs.borrow().clone();
-                        if !self.push_if_changed(&session, &config, &labels, &mut last).await {
-                            break;
-                        }
-                    }
-                    message = inbound.message() => match message {
-                        Ok(Some(message)) => {
-                            if let Err(error) = agent_input::message(&message) {
-                                tracing::warn!(instance = %session.instance_id, %error, "agent message refused");
-                                let _ = self.outbound.send(Err(status(error.into()))).await;
-                                break;
-                            }
-                            self.handle(&session, message);
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            tracing::info!(instance = %session.instance_id, %error, "agent stream failed");
-                            break;
-                        }
-                    },
-                    _ = &mut session.kicked => {
-                        tracing::info!(instance = %session.instance_id, "session replaced or instance deleted");
-                        let _ = self.outbound.send(Err(Status::aborted("this instance connected again or was deleted"))).await;
-                        return;
-                    }
-                    _ = &mut stopped => break,
+                    self.configs.borrow_and_update();
+                    self.changed()
                 }
+                // A rollout released (or held back) this instance.
+                changed = self.epoch.changed() => {
+                    if changed.is_err() {
+                        return self.end(None);
+                    }
+                    self.changed()
+                }
+                // An operator relabelled the instance: its profile may change.
+                changed = self.session.labels.changed() => {
+                    if changed.is_err() {
+                        return self.end(None);
+                    }
+                    self.labels = self.session.labels.borrow_and_update().clone();
+                    self.changed()
+                }
+                message = self.inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Err(error) = agent_input::message(&message) {
+                            tracing::warn!(instance = %self.session.instance_id, %error, "agent message refused");
+                            return self.end(Some(status(error.into())));
+                        }
+                        self.handle(message);
+                        None
+                    }
+                    Ok(None) => return self.end(None),
+                    Err(error) => {
+                        tracing::info!(instance = %self.session.instance_id, %error, "agent stream failed");
+                        return self.end(None);
+                    }
+                },
+                _ = &mut self.session.kicked => {
+                    tracing::info!(instance = %self.session.instance_id, "session replaced or instance deleted");
+                    return self.end(Some(Status::aborted("this instance connected again or was deleted")));
+                }
+                _ = &mut self.stopped => {
+                    let connected = self.shared.registry.connected();
+                    return self.end(Some(restarting(&self.session.instance_id, connected)));
+                }
+            };
+            if let Some(next) = changed {
+                return Some(Ok(self.sending(&next)));
             }
         }
-        self.registry.disconnect(&session);
-        tracing::info!(instance = %session.instance_id, "agent disconnected");
     }
 
-    /// What the instance gets at `config` (or at the revision a rollout
-    /// holds it on).
-    fn prepare(&self, session: &Session, config: &Arc<Config>, labels: &Labels) -> Arc<Prepared> {
-        let config = self.rollouts.config_for(&session.instance_id, config);
-        self.fanout.prepare(&config, labels)
-    }
-
-    /// Sends the instance's desired config when its content differs from
-    /// `last` (a new revision or new labels); false when the stream is gone.
-    async fn push_if_changed(
-        &self,
-        session: &Session,
-        config: &Arc<Config>,
-        labels: &Labels,
-        last: &mut Arc<Prepared>,
-    ) -> bool {
-        let next = self.prepare(session, config, labels);
-        if next.digest == last.digest {
-            return true;
+    /// The instance's configuration when its content differs from what
+    /// it has (a new revision, a rollout's step or new labels).
+    fn changed(&mut self) -> Option<Arc<Prepared>> {
+        let config = self.configs.borrow().clone();
+        let next = prepare(&self.shared, &self.session, &config, &self.labels);
+        if next.digest == self.last.digest {
+            return None;
         }
-        *last = next;
-        self.send(session, last).await
+        self.last = next.clone();
+        Some(next)
     }
 
-    async fn send(&self, session: &Session, prepared: &Prepared) -> bool {
+    fn sending(&self, prepared: &Prepared) -> ControlFrame {
         let desired = &prepared.desired;
-        self.registry
-            .set_desired(session, &desired.profile, desired.revision, true);
+        self.shared
+            .registry
+            .set_desired(&self.session, &desired.profile, desired.revision, true);
         // Per agent and change: debug, or a fleet's rollout floods the log.
-        tracing::debug!(instance = %session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
-        self.outbound.send(Ok(prepared.frame.clone())).await.is_ok()
+        tracing::debug!(instance = %self.session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
+        prepared.frame.clone()
     }
 
-    fn handle(&self, session: &Session, message: AgentMessage) {
+    fn end(&mut self, status: Option<Status>) -> Option<Result<ControlFrame, Status>> {
+        self.ended = true;
+        status.map(Err)
+    }
+
+    fn handle(&self, message: AgentMessage) {
+        let session = &self.session;
+        let registry = &self.shared.registry;
         match message.message {
             Some(Message::Ack(ack)) => {
                 if ack.result() == AckResult::Failed {
@@ -282,16 +344,35 @@ impl SessionTask {
                 } else {
                     tracing::debug!(instance = %session.instance_id, revision = ack.revision, result = ?ack.result(), "agent acked");
                 }
-                self.registry.ack(session, &ack);
+                registry.ack(session, &ack);
             }
-            Some(Message::HealthReport(report)) => self.registry.health(session, report),
+            Some(Message::HealthReport(report)) => registry.health(session, report),
             Some(Message::DriftReport(report)) => {
                 tracing::warn!(instance = %session.instance_id, detail = %report.detail, repairing = report.repairing, "agent reports drift");
-                self.registry.drift(session, &report);
+                registry.drift(session, &report);
             }
             Some(Message::Hello(_)) | None => {
                 tracing::debug!(instance = %session.instance_id, "ignoring a repeated Hello or empty message");
             }
         }
     }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.shared.registry.disconnect(&self.session);
+        tracing::info!(instance = %self.session.instance_id, "agent disconnected");
+    }
+}
+
+/// What the instance gets at `config` (or at the revision a rollout holds
+/// it on).
+fn prepare(
+    shared: &Shared,
+    session: &Session,
+    config: &Arc<Config>,
+    labels: &Labels,
+) -> Arc<Prepared> {
+    let config = shared.rollouts.config_for(&session.instance_id, config);
+    shared.fanout.prepare(&config, labels)
 }

@@ -99,16 +99,20 @@ impl SimAgent {
     async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(120));
         loop {
-            // Ended, refused or unreachable: the same wait in every case.
-            let _ = self.session(&mut backoff).await;
-            tokio::time::sleep(backoff.next_delay()).await;
+            // Ended, refused or unreachable: the agent's backoff, unless
+            // the daemon said when to come back.
+            let delay = match self.session(&mut backoff).await {
+                Ok(Some(after)) => backoff.hinted(after),
+                _ => backoff.next_delay(),
+            };
+            tokio::time::sleep(delay).await;
         }
     }
 
     /// One connection, until its stream ends: gRPC over HTTP/2 by hand
     /// (h2 and prost, no tonic channel), so that 50,000 of them fit beside
     /// the daemon on one machine. On the wire it is what the agent sends.
-    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), String> {
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<Option<Duration>, String> {
         let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.addr))
             .await
             .map_err(|_| "connect timed out".to_string())?
@@ -129,7 +133,7 @@ impl SimAgent {
         &mut self,
         client: h2::client::SendRequest<Bytes>,
         backoff: &mut Backoff,
-    ) -> Result<(), String> {
+    ) -> Result<Option<Duration>, String> {
         let mut client = client.ready().await.map_err(|e| e.to_string())?;
         let request = http::Request::post(format!(
             "http://{}/duofleet.v1.AgentService/Connect",
@@ -163,7 +167,11 @@ impl SimAgent {
         loop {
             tokio::select! {
                 chunk = inbound.data() => {
-                    let Some(chunk) = chunk else { return Ok(()) };
+                    let Some(chunk) = chunk else {
+                        // The status, and when to come back if it says so.
+                        let trailers = inbound.trailers().await.ok().flatten();
+                        return Ok(trailers.as_ref().and_then(reconnect_after));
+                    };
                     let chunk = chunk.map_err(|e| e.to_string())?;
                     let _ = inbound.flow_control().release_capacity(chunk.len());
                     buffer.extend_from_slice(&chunk);
@@ -188,7 +196,7 @@ impl SimAgent {
                 }
                 changed = self.health.changed() => {
                     if changed.is_err() {
-                        return Ok(());
+                        return Ok(None);
                     }
                     let _ = reports_tx.try_send(*self.health.borrow_and_update());
                 }
@@ -210,6 +218,17 @@ impl SimAgent {
             }
         }
     }
+}
+
+/// The daemon's reconnect hint in a stream's trailers, as the agent reads it.
+fn reconnect_after(trailers: &http::HeaderMap) -> Option<Duration> {
+    let ms = trailers
+        .get(duofleet_proto::RECONNECT_AFTER_MS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 /// Sends one gRPC message (5-byte prefix, then the protobuf).
