@@ -47,6 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_transport(false)
         .out_dir(&wire_out)
+        .codec_path("crate::wire::AgentCodec")
         .extern_path(".duofleet.v1.ControlMessage", "crate::wire::ControlFrame")
         .extern_path(".duofleet.v1", "crate::v1")
         .compile_fds(server_fds)?;

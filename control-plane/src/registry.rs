@@ -12,6 +12,7 @@ use duofleet_proto::v1::{
     Ack, AckResult, DriftReport, EndpointHealth, FleetEvent, HealthReport, HealthState, Hello,
     Instance, InstanceEvent, LabelsChanged, SyncState,
 };
+use prost::Message;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -549,18 +550,20 @@ impl Registry {
                 all || e.urgent || now.duration_since(since) >= PROGRESS_SAVED_AFTER
             })
         };
-        let changed: Vec<Instance> = self
+        // Encoded under the lock: no copy of each instance on the way.
+        let changed: Vec<(String, Vec<u8>)> = self
             .lock()
             .values_mut()
             .filter(|e| due(e))
             .map(|e| {
                 e.dirty = None;
                 e.urgent = false;
-                e.instance.clone()
+                (e.instance.instance_id.clone(), e.instance.encode_to_vec())
             })
             .collect();
-        self.store.save_instances(&changed)?;
-        Ok(changed.len())
+        let count = changed.len();
+        self.store.save_encoded_instances(changed)?;
+        Ok(count)
     }
 
     /// The fleet gauges for /metrics, then the counters.

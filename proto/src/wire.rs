@@ -74,6 +74,44 @@ impl Message for ControlFrame {
     }
 }
 
+/// The AgentService server's codec: protobuf, with small starting
+/// buffers. tonic's default is 8 KiB each way per stream; an agent's
+/// messages are a few hundred bytes, and the buffers grow when a message
+/// needs more. With tens of thousands of streams that is most of the
+/// daemon's memory per agent.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentCodec {
+    settings: tonic::codec::BufferSettings,
+}
+
+impl Default for AgentCodec {
+    fn default() -> Self {
+        AgentCodec {
+            settings: tonic::codec::BufferSettings::new(AGENT_BUFFER_BYTES, YIELD_THRESHOLD_BYTES),
+        }
+    }
+}
+
+/// Where an agent stream's encode and decode buffers start.
+const AGENT_BUFFER_BYTES: usize = 1024;
+/// tonic's default: how much an encoder may buffer before it yields.
+const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
+
+impl tonic::codec::Codec for AgentCodec {
+    type Encode = ControlFrame;
+    type Decode = crate::v1::AgentMessage;
+    type Encoder = tonic_prost::ProstEncoder<ControlFrame>;
+    type Decoder = tonic_prost::ProstDecoder<crate::v1::AgentMessage>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(self.settings)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(self.settings)
+    }
+}
+
 /// A digest of what a DesiredConfig asks for, its revision left out: two
 /// revisions that give an instance the same configuration have the same
 /// digest. Hex SHA-256 of the message's protobuf encoding, so it is stable

@@ -759,9 +759,21 @@ impl Store {
     /// fleet's live state reaches disk with sled's periodic flush (and at
     /// shutdown); agents resend it on reconnect.
     pub fn save_instances(&self, instances: &[pb::Instance]) -> Result<(), StoreError> {
+        self.save_encoded_instances(
+            instances
+                .iter()
+                .map(|i| (i.instance_id.clone(), i.encode_to_vec())),
+        )
+    }
+
+    /// Like `save_instances`, with each record already encoded, by id.
+    pub fn save_encoded_instances(
+        &self,
+        records: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        for instance in instances {
-            batch.insert(instance.instance_id.as_bytes(), instance.encode_to_vec());
+        for (id, record) in records {
+            batch.insert(id.as_bytes(), record);
         }
         self.write(|t| Ok(t.instances.apply_batch(batch)?))
     }
