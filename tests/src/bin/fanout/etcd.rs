@@ -89,7 +89,12 @@ impl Drop for Etcd {
 
 /// `count` watchers on KEY, each with its own client connection; returns
 /// once every watch is created. Each put's revision lands in `arrivals`.
-pub async fn watchers(url: &str, count: usize, arrivals: Arc<Arrivals>) -> JoinSet<()> {
+pub async fn watchers(
+    url: &str,
+    count: usize,
+    per_connection: usize,
+    arrivals: Arc<Arrivals>,
+) -> JoinSet<()> {
     let mut running = JoinSet::new();
     let mut starting = JoinSet::new();
     let follow = |(client, mut stream): (Client, WatchStream)| {
@@ -105,14 +110,23 @@ pub async fn watchers(url: &str, count: usize, arrivals: Arc<Arrivals>) -> JoinS
             }
         }
     };
-    for _ in 0..count {
+    let mut shared: Option<Client> = None;
+    for i in 0..count {
         // A hundred handshakes at a time.
         if starting.len() >= 100 {
             running.spawn(follow(starting.join_next().await.unwrap().unwrap()));
         }
+        // Watchers of a group share one client connection (a stream each).
+        if per_connection > 1 && i % per_connection == 0 {
+            shared = Some(Client::connect([url], None).await.expect("etcd client"));
+        }
         let url = url.to_string();
+        let shared = shared.clone();
         starting.spawn(async move {
-            let mut client = Client::connect([url], None).await.expect("etcd client");
+            let mut client = match shared {
+                Some(client) => client,
+                None => Client::connect([url], None).await.expect("etcd client"),
+            };
             let mut stream = client.watch(KEY, None).await.expect("etcd watch");
             let created = stream.message().await.expect("watch created");
             assert!(created.is_some_and(|r| r.created()), "watch not created");

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 /// An order to every agent: send `reports` health reports, as fast as the
 /// stream takes them.
@@ -49,13 +50,19 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `agents` agents against `addr`, all at once.
-    pub fn start(addr: &str, token: &str, agents: usize) -> Fleet {
+    /// Starts `agents` agents against `addr`, all at once, each group of
+    /// `per_connection` sharing one TCP connection (1: each its own).
+    pub fn start(addr: &str, token: &str, agents: usize, per_connection: usize) -> Fleet {
         let counters = Arc::new(Counters::default());
         let (health, _) = watch::channel(HealthRound::default());
+        let mut link = Arc::new(Link::new(addr));
         let tasks = (0..agents)
             .map(|i| {
+                if i % per_connection.max(1) == 0 {
+                    link = Arc::new(Link::new(addr));
+                }
                 let agent = SimAgent {
+                    link: link.clone(),
                     addr: addr.to_string(),
                     bearer: format!("Bearer {token}"),
                     instance_id: format!("bench-{i:05}"),
@@ -86,7 +93,56 @@ impl Drop for Fleet {
     }
 }
 
+/// One TCP connection, shared by the agents of a group. Made on first use
+/// and again after it ends.
+struct Link {
+    addr: String,
+    connection: tokio::sync::Mutex<Option<(h2::client::SendRequest<Bytes>, JoinHandle<()>)>>,
+}
+
+impl Link {
+    fn new(addr: &str) -> Link {
+        Link {
+            addr: addr.to_string(),
+            connection: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn get(&self) -> Result<h2::client::SendRequest<Bytes>, String> {
+        let mut connection = self.connection.lock().await;
+        if let Some((client, task)) = connection.as_ref()
+            && !task.is_finished()
+        {
+            return Ok(client.clone());
+        }
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (client, driver) = h2::client::Builder::new()
+            .initial_window_size(64 * 1024)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let task = tokio::spawn(async move {
+            let _ = driver.await;
+        });
+        *connection = Some((client.clone(), task));
+        Ok(client)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.connection.get_mut() {
+            task.abort();
+        }
+    }
+}
+
 struct SimAgent {
+    link: Arc<Link>,
     addr: String,
     bearer: String,
     instance_id: String,
@@ -113,20 +169,8 @@ impl SimAgent {
     /// (h2 and prost, no tonic channel), so that 50,000 of them fit beside
     /// the daemon on one machine. On the wire it is what the agent sends.
     async fn session(&mut self, backoff: &mut Backoff) -> Result<Option<Duration>, String> {
-        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.addr))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let (client, connection) = h2::client::Builder::new()
-            .initial_window_size(64 * 1024)
-            .handshake::<_, Bytes>(tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        let connection = tokio::spawn(connection);
-        let result = self.stream(client, backoff).await;
-        connection.abort();
-        result
+        let client = self.link.get().await?;
+        self.stream(client, backoff).await
     }
 
     async fn stream(

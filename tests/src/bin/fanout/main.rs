@@ -44,6 +44,8 @@ struct Options {
     health_reports: usize,
     etcd: bool,
     raw: bool,
+    /// Agents (and etcd watchers) per TCP connection.
+    per_connection: usize,
 }
 
 fn options() -> Options {
@@ -53,8 +55,9 @@ fn options() -> Options {
         health_reports: 10,
         etcd: false,
         raw: false,
+        per_connection: 1,
     };
-    let usage = "use --agents N --changes M [--health-reports K] [--etcd] [--raw]";
+    let usage = "use --agents N --changes M [--health-reports K] [--streams-per-connection S] [--etcd] [--raw]";
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--etcd" {
@@ -70,6 +73,7 @@ fn options() -> Options {
             ("--agents", Some(n)) if n > 0 => o.agents = n,
             ("--changes", Some(n)) if n > 0 => o.changes = n,
             ("--health-reports", Some(n)) => o.health_reports = n,
+            ("--streams-per-connection", Some(n)) if n > 0 => o.per_connection = n,
             (other, _) => {
                 eprintln!("fanout: unknown, incomplete or zero argument {other:?}; {usage}");
                 std::process::exit(2);
@@ -318,7 +322,7 @@ async fn run(o: Options) {
     // 1. Connect.
     let rss_before = rss_kib(daemon.pid());
     let started = Instant::now();
-    let fleet = Fleet::start(&daemon.grpc_addr, &token, n);
+    let fleet = Fleet::start(&daemon.grpc_addr, &token, n, o.per_connection);
     wait_metrics(
         &daemon.http_addr,
         &[
@@ -486,7 +490,7 @@ async fn run(o: Options) {
         let arrivals = Arc::new(Arrivals::default());
         let rss_before = rss_kib(etcd.pid());
         let started = Instant::now();
-        let watchers = etcd::watchers(&etcd.url, n, arrivals.clone()).await;
+        let watchers = etcd::watchers(&etcd.url, n, o.per_connection, arrivals.clone()).await;
         let connect_secs = started.elapsed().as_secs_f64();
         let per_watcher_kib = rss_kib(etcd.pid()).saturating_sub(rss_before) as f64 / n as f64;
         println!(
@@ -535,7 +539,12 @@ async fn run(o: Options) {
     // 6. The floor: plain TCP, the same N subscribers and changes.
     let mut raw_run = None;
     let mut raw_rss = String::new();
-    if o.raw {
+    if o.raw && o.per_connection > 1 {
+        eprintln!(
+            "fanout: the floor needs one connection per subscriber; --raw is skipped with --streams-per-connection"
+        );
+    }
+    if o.raw && o.per_connection == 1 {
         let mut server = tokio::task::block_in_place(raw::RawServer::start);
         let arrivals = Arc::new(Arrivals::default());
         let rss_before = rss_kib(server.pid());
@@ -619,8 +628,13 @@ async fn run(o: Options) {
     ];
     table.extend(rows);
     println!();
+    let sharing = if o.per_connection > 1 {
+        format!(" ({} per connection)", o.per_connection)
+    } else {
+        String::new()
+    };
     println!(
-        "| {n} subscribers, {} changes | duofleet | etcd | floor (TCP) |",
+        "| {n} subscribers{sharing}, {} changes | duofleet | etcd | floor (TCP) |",
         o.changes
     );
     println!("|---|---|---|---|");
