@@ -423,14 +423,24 @@ impl Registry {
     }
 
     /// The connection ended. Ignored when a newer connection took over.
+    /// A disconnect alone is not saved: every instance is loaded offline,
+    /// so at shutdown the fleet's disconnects cost no write.
     pub fn disconnect(&self, session: &Session) {
-        self.with_session(session, Some(Event::InstanceDisconnected), |entry| {
-            if entry.instance.connected {
-                self.connected.fetch_sub(1, Ordering::Relaxed);
-            }
-            entry.instance.connected = false;
-            entry.kick = None;
-        });
+        let mut entries = self.lock();
+        let Some(entry) = entries
+            .get_mut(&session.instance_id)
+            .filter(|e| e.session == session.id)
+        else {
+            return;
+        };
+        if entry.instance.connected {
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        entry.instance.connected = false;
+        entry.kick = None;
+        let unsaved = entry.dirty;
+        self.updated(entry, Some(Event::InstanceDisconnected));
+        entry.dirty = unsaved;
     }
 
     /// Runs `pick` over every instance under the lock, without copying
@@ -696,6 +706,10 @@ impl Registry {
         instance: &Instance,
         targets: Vec<EndpointHealth>,
     ) {
+        // Nobody watches the fleet: nothing to build.
+        if self.events.receiver_count() == 0 {
+            return;
+        }
         let _ = self.events.send(FleetEvent {
             time: Some(SystemTime::now().into()),
             event: Some(event(InstanceEvent {
@@ -806,7 +820,7 @@ mod tests {
     fn changed_instances_are_saved_in_one_batch_and_deleted_ones_stay_gone() {
         let dir = tempfile::tempdir().unwrap();
         let registry = registry(dir.path());
-        let _a = registry
+        let a = registry
             .connect(&hello("gitlab-a"), &LabelGrant::all())
             .unwrap();
         let b = registry
@@ -854,5 +868,11 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+
+        // A disconnect alone costs no write, even at shutdown: instances
+        // are loaded offline anyway.
+        registry.disconnect(&a);
+        assert!(!registry.get("gitlab-a").unwrap().connected);
+        assert_eq!(registry.save_changed(true).unwrap(), 0);
     }
 }

@@ -553,14 +553,20 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             None
         }
     };
-    if let Err(error) = registry.save_changed(true) {
-        tracing::warn!(%error, "could not save the fleet's instance state");
+    tracing::info!("every stream is closed; saving the fleet's instance state");
+    match registry.save_changed(true) {
+        Ok(saved) => tracing::info!(saved, "instance state saved"),
+        Err(error) => tracing::warn!(%error, "could not save the fleet's instance state"),
     }
     let flushed = store.flush();
     if let Some((grpc_result, ())) = results {
         grpc_result?;
     }
     flushed?;
+    // Everything is saved. Freeing the fleet's records one by one would
+    // take seconds at tens of thousands of instances and delay the
+    // restart that agents are waiting for: they go with the process.
+    std::mem::forget(Arc::clone(&registry));
     tracing::info!("duofleetd stopped");
     Ok(())
 }
