@@ -347,6 +347,65 @@ async fn agents_reconverge_after_kill_9_of_the_daemon_without_reconfiguring() {
     );
 }
 
+/// A graceful restart: the daemon tells the agent when to come back, and
+/// the agent, behind by a revision that did not change it (another
+/// profile's), is sent nothing: its Hello's digest matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_says_when_to_come_back_and_resends_nothing() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (agent, ctl, _rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    let first = set_gateway(&mut c, "default", "https://aigw-1.example.com").await;
+    wait_synced(&mut c, "gitlab-a", first).await;
+    // Another profile, for instances this one is not: a new revision
+    // that leaves gitlab-a's configuration as it was.
+    let other = c
+        .profiles
+        .create_profile(CreateProfileRequest {
+            profile: Some(Profile {
+                selector: BTreeMap::from([("ring".to_string(), "canary".to_string())]),
+                ..mk::profile("canary")
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(other.revision > first);
+
+    let listen = daemon.grpc_addr.clone();
+    let data = daemon.data_dir().to_path_buf();
+    assert!(daemon.stop("TERM").success());
+    let hint = duofleet_tests::wait_for(WAIT, || {
+        agent
+            .log()
+            .lines()
+            .find(|l| l.contains("the control plane is restarting"))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(
+        hint.contains("duofleetd is shutting down; reconnect in"),
+        "{hint}"
+    );
+
+    let daemon = Daemon::start_with(
+        &data,
+        DaemonOptions {
+            listen: Some(listen),
+            ..Default::default()
+        },
+    );
+    let mut c = daemon.clients().await;
+    let back = wait_synced(&mut c, "gitlab-a", first).await;
+    assert_eq!(back.desired_revision, first, "nothing was sent");
+    assert_eq!(ctl.calls().len(), 1, "nothing was reconfigured");
+    // The next change for it arrives as usual.
+    let next = set_gateway(&mut c, "default", "https://aigw-2.example.com").await;
+    wait_synced(&mut c, "gitlab-a", next).await;
+    assert_eq!(ctl.calls().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_agent_during_reconfigure_converges_on_restart() {
     let (dir, daemon) = fresh_daemon();
