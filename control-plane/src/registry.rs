@@ -356,10 +356,7 @@ impl Registry {
     pub fn health(&self, session: &Session, report: HealthReport) {
         self.metrics.health_report();
         let mut entries = self.lock();
-        let Some(entry) = entries
-            .get_mut(&session.instance_id)
-            .filter(|e| e.session == session.id)
-        else {
+        let Some(entry) = entry_of(&mut entries, session) else {
             return;
         };
         let instance = &mut entry.instance;
@@ -427,10 +424,7 @@ impl Registry {
     /// so at shutdown the fleet's disconnects cost no write.
     pub fn disconnect(&self, session: &Session) {
         let mut entries = self.lock();
-        let Some(entry) = entries
-            .get_mut(&session.instance_id)
-            .filter(|e| e.session == session.id)
-        else {
+        let Some(entry) = entry_of(&mut entries, session) else {
             return;
         };
         if entry.instance.connected {
@@ -651,12 +645,9 @@ impl Registry {
         edit: impl FnOnce(&mut Entry) -> Option<fn(InstanceEvent) -> Event>,
     ) {
         let mut entries = self.lock();
-        let Some(entry) = entries.get_mut(&session.instance_id) else {
+        let Some(entry) = entry_of(&mut entries, session) else {
             return;
         };
-        if entry.session != session.id {
-            return;
-        }
         let event = edit(entry);
         self.updated(entry, event);
     }
@@ -725,6 +716,16 @@ impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The entry `session` speaks for, unless a newer connection took it over.
+fn entry_of<'a>(
+    entries: &'a mut HashMap<String, Entry>,
+    session: &Session,
+) -> Option<&'a mut Entry> {
+    entries
+        .get_mut(&session.instance_id)
+        .filter(|e| e.session == session.id)
 }
 
 #[cfg(test)]

@@ -321,13 +321,7 @@ async fn agents_reconverge_after_kill_9_of_the_daemon_without_reconfiguring() {
             .contains("https://aigw-1.example.com")
     );
 
-    let daemon = Daemon::start_with(
-        &data,
-        DaemonOptions {
-            listen: Some(listen),
-            ..Default::default()
-        },
-    );
+    let daemon = crate::restart_daemon(&data, listen);
     let mut c = daemon.clients().await;
     let back = wait_synced(&mut c, "gitlab-a", first).await;
     assert!(back.connected);
@@ -389,13 +383,7 @@ async fn a_graceful_restart_says_when_to_come_back_and_resends_nothing() {
         "{hint}"
     );
 
-    let daemon = Daemon::start_with(
-        &data,
-        DaemonOptions {
-            listen: Some(listen),
-            ..Default::default()
-        },
-    );
+    let daemon = crate::restart_daemon(&data, listen);
     let mut c = daemon.clients().await;
     let back = wait_synced(&mut c, "gitlab-a", first).await;
     assert_eq!(back.desired_revision, first, "nothing was sent");

@@ -89,6 +89,17 @@ pub fn fresh_daemon() -> (tempfile::TempDir, duofleet_tests::Daemon) {
     (dir, daemon)
 }
 
+/// Starts the daemon again on `data`, on the gRPC address its agents know.
+pub fn restart_daemon(data: &std::path::Path, listen: String) -> duofleet_tests::Daemon {
+    duofleet_tests::Daemon::start_with(
+        data,
+        duofleet_tests::DaemonOptions {
+            listen: Some(listen),
+            ..Default::default()
+        },
+    )
+}
+
 pub async fn instance(c: &mut Clients, id: &str) -> Option<Instance> {
     c.fleet
         .get_instance(GetInstanceRequest {

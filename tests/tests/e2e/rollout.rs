@@ -10,7 +10,7 @@ use duofleet_proto::v1::{
 };
 use duofleet_tests::agent::{Agent, FakeCommand};
 use duofleet_tests::endpoints::Endpoint;
-use duofleet_tests::{Clients, Daemon, DaemonOptions, http_get, mk};
+use duofleet_tests::{Clients, Daemon, http_get, mk};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -386,13 +386,7 @@ async fn a_restart_of_duofleetd_mid_rollout_resumes_it() {
     let wave2 = r.waves[1].instances.clone();
     daemon.kill9();
 
-    let daemon = Daemon::start_with(
-        &data,
-        DaemonOptions {
-            listen: Some(listen),
-            ..Default::default()
-        },
-    );
+    let daemon = crate::restart_daemon(&data, listen);
     assert!(
         daemon
             .log()
