@@ -69,6 +69,14 @@ pub fn hello(hello: &Hello) -> Result {
     validate::selector("hello.labels", &hello.labels)?;
     text("hello.agent_version", &hello.agent_version, VERSION_MAX)?;
     text("hello.gitlab_version", &hello.gitlab_version, VERSION_MAX)?;
+    let digest = &hello.applied_digest;
+    if !digest.is_empty() && (digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(ConfigError::invalid(
+            "hello.applied_digest",
+            "must be empty or a SHA-256 in hex (64 characters 0-9a-f)",
+        ));
+    }
     if let Some(sync) = &hello.gitlab_sync {
         gitlab_sync("hello.gitlab_sync", sync)?;
     }
@@ -178,6 +186,17 @@ mod tests {
                 .to_string()
                 .starts_with("hello: the message must be at most 8192 bytes")
         );
+        let digest = |d: &str| Hello {
+            instance_id: "gitlab-a".into(),
+            applied_digest: d.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            hello(&digest("zz")).unwrap_err().to_string(),
+            "hello.applied_digest: must be empty or a SHA-256 in hex (64 characters 0-9a-f)"
+        );
+        hello(&digest(&"ab".repeat(32))).unwrap();
+        hello(&digest("")).unwrap();
         let report = AgentMessage {
             message: Some(Message::HealthReport(HealthReport {
                 results: vec![EndpointHealth::default(); 300],

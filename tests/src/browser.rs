@@ -145,6 +145,20 @@ impl Browser {
 
     /// Every URL the browser was sent to so far is in its history; this
     /// is the page's own source, as served.
+    /// The page's URL once it is `wanted` (a click that submits a form
+    /// may return before the navigation ends), or the last one seen after
+    /// `timeout`.
+    pub async fn wait_url(&self, wanted: &str, timeout: std::time::Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let url = self.current_url().await?;
+            if url == wanted || std::time::Instant::now() >= deadline {
+                return Ok(url);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn source(&self) -> Result<String> {
         let v = self
             .call("GET", &self.session_path("/source"), None)

@@ -193,10 +193,12 @@ struct Live {
     shared: Shared,
     session: Session,
     inbound: Streaming<AgentMessage>,
-    /// The newest configuration, and its changes. The watches are
-    /// streams so that their wake-ups stay registered between messages:
-    /// each ack does not sign up for three notifications again.
-    config: Arc<Config>,
+    /// The store's current configuration, read whenever anything changes:
+    /// a rollout step may be seen before the revision that goes with it.
+    current: watch::Receiver<Arc<Config>>,
+    /// Changes to watch. Streams, so that their wake-ups stay registered
+    /// between messages: each ack does not sign up for three
+    /// notifications again.
     configs: WatchStream<Arc<Config>>,
     epoch: WatchStream<u64>,
     labels: Labels,
@@ -225,11 +227,16 @@ impl Live {
         let relabels = WatchStream::from_changes(session.labels.clone());
         let last = prepare(&shared, &session, &config, &labels);
         // Held back by a rollout, the desired revision is the older one.
-        // The agent has it when it applied that revision, or any revision
-        // with the same content (its digest says so): nothing is sent, as
-        // after a daemon restart that changed nothing for it.
-        let has_it = hello.applied_revision == last.desired.revision
-            || (!hello.applied_digest.is_empty() && hello.applied_digest == last.digest);
+        // The agent has it when the digest of what it applied is this
+        // content's, whatever the revision numbers: nothing is sent, as
+        // after a daemon restart that changed nothing for it. Equal
+        // numbers are not enough (a data dir started afresh counts from 1
+        // again); only an agent that sends no digest is taken at its word.
+        let has_it = if hello.applied_digest.is_empty() {
+            hello.applied_revision == last.desired.revision
+        } else {
+            hello.applied_digest == last.digest
+        };
         if has_it {
             shared.registry.set_desired(
                 &session,
@@ -243,7 +250,7 @@ impl Live {
             shared,
             session,
             inbound,
-            config,
+            current: configs.clone(),
             configs: WatchStream::from_changes(configs),
             epoch: WatchStream::from_changes(epoch),
             relabels,
@@ -266,10 +273,9 @@ impl Live {
         loop {
             let changed = tokio::select! {
                 config = self.configs.next() => {
-                    let Some(config) = config else {
+                    if config.is_none() {
                         return self.end(None);
-                    };
-                    self.config = config;
+                    }
                     self.changed()
                 }
                 // A rollout released (or held back) this instance.
@@ -320,7 +326,8 @@ impl Live {
     /// The instance's configuration when its content differs from what
     /// it has (a new revision, a rollout's step or new labels).
     fn changed(&mut self) -> Option<Arc<Prepared>> {
-        let next = prepare(&self.shared, &self.session, &self.config, &self.labels);
+        let config = self.current.borrow().clone();
+        let next = prepare(&self.shared, &self.session, &config, &self.labels);
         if next.digest == self.last.digest {
             return None;
         }

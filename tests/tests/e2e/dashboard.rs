@@ -146,7 +146,10 @@ async fn the_dashboard_in_a_real_browser() {
     browser.goto(&format!("{base}/login")).await.unwrap();
     browser.fill("#token", &viewer_token).await.unwrap();
     browser.click("#signin").await.unwrap();
-    let url = browser.current_url().await.unwrap();
+    let url = browser
+        .wait_url(&format!("{base}/"), crate::WAIT)
+        .await
+        .unwrap();
     assert_eq!(url, format!("{base}/"));
     visited.push(url);
     let counts = browser.text("#counts").await.unwrap();
@@ -266,6 +269,11 @@ async fn the_dashboard_in_a_real_browser() {
 
     // Logging out ends the session.
     browser.click("nav button").await.unwrap();
+    let out = browser
+        .wait_url(&format!("{base}/login"), crate::WAIT)
+        .await
+        .unwrap();
+    assert_eq!(out, format!("{base}/login"));
     browser.goto(&format!("{base}/health")).await.unwrap();
     assert!(browser.current_url().await.unwrap().ends_with("/login"));
 }
