@@ -58,7 +58,7 @@ impl Applier {
     /// Helm) and GitLab's API; the ack says how each went.
     pub async fn apply(&mut self, desired: &DesiredConfig) -> Ack {
         let revision = desired.revision;
-        let digest = state::digest(desired);
+        let digest = duofleet_proto::wire::content_digest(desired);
         let want = Gateway::of(desired);
         // An empty URL means "not set yet": leave AI_GATEWAY_URL as found.
         let gateway_changes =

@@ -178,11 +178,6 @@ pub fn load_desired(state_dir: &Path) -> Option<DesiredConfig> {
     DesiredConfig::decode(bytes.as_slice()).ok()
 }
 
-/// SHA-256 of a desired configuration, the revision left out.
-pub fn digest(desired: &DesiredConfig) -> String {
-    duofleet_proto::wire::content_digest(desired)
-}
-
 /// Replaces `path` atomically: temp file in the same directory, fsync,
 /// rename, fsync the directory. The new file takes the old one's mode and
 /// owner (`like`), or 0600 for a new file.
@@ -284,24 +279,5 @@ mod tests {
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o640
         );
-    }
-
-    #[test]
-    fn digest_ignores_the_revision_only() {
-        let a = DesiredConfig {
-            revision: 1,
-            ai_gateway_url: "https://gw".into(),
-            ..Default::default()
-        };
-        let b = DesiredConfig {
-            revision: 2,
-            ..a.clone()
-        };
-        let c = DesiredConfig {
-            ai_gateway_url: "https://other".into(),
-            ..a.clone()
-        };
-        assert_eq!(digest(&a), digest(&b));
-        assert_ne!(digest(&a), digest(&c));
     }
 }

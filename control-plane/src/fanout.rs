@@ -42,8 +42,8 @@ impl Fanout {
     /// The desired configuration of an instance with `labels` at `config`.
     pub fn prepare(&self, config: &Config, labels: &Labels) -> Arc<Prepared> {
         let profile = effective::match_profile(config, labels).map_or("", |p| p.name.as_str());
-        if let Some(hit) = self.lookup(config.revision, profile) {
-            return hit;
+        if let Some(hit) = self.lock().profiles_at(config.revision).get(profile) {
+            return hit.clone();
         }
         // Built outside the lock: sessions that race here build the same
         // thing, and the first one stored wins.
@@ -54,14 +54,8 @@ impl Fanout {
             desired,
         });
         let mut cache = self.lock();
-        cache.uses += 1;
-        let uses = cache.uses;
-        let (used, profiles) = cache
-            .revisions
-            .entry(config.revision)
-            .or_insert_with(|| (uses, HashMap::new()));
-        *used = uses;
-        let prepared = profiles
+        let prepared = cache
+            .profiles_at(config.revision)
             .entry(profile.to_string())
             .or_insert(prepared)
             .clone();
@@ -78,17 +72,22 @@ impl Fanout {
         prepared
     }
 
-    fn lookup(&self, revision: u64, profile: &str) -> Option<Arc<Prepared>> {
-        let mut cache = self.lock();
-        cache.uses += 1;
-        let uses = cache.uses;
-        let (used, profiles) = cache.revisions.get_mut(&revision)?;
-        *used = uses;
-        profiles.get(profile).cloned()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Cache {
+    /// The prepared configurations of `revision`, marked as just used.
+    fn profiles_at(&mut self, revision: u64) -> &mut HashMap<String, Arc<Prepared>> {
+        self.uses += 1;
+        let uses = self.uses;
+        let (used, profiles) = self
+            .revisions
+            .entry(revision)
+            .or_insert_with(|| (uses, HashMap::new()));
+        *used = uses;
+        profiles
     }
 }
 

@@ -572,8 +572,8 @@ impl Registry {
 
     /// The fleet gauges for /metrics, then the counters.
     pub fn render_metrics(&self, out: &mut String) {
+        let connected = self.connected() as u64;
         let entries = self.lock();
-        let connected = entries.values().filter(|e| e.instance.connected).count() as u64;
         metrics::gauge(
             out,
             "duofleet_agents_connected",

@@ -5,7 +5,7 @@
 //! `Backoff`) when the stream ends.
 
 use crate::Arrivals;
-use duofleet_agent::session::Backoff;
+use duofleet_agent::session::{Backoff, reconnect_after};
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::control_message;
 use duofleet_proto::v1::{
@@ -214,7 +214,8 @@ impl SimAgent {
                     let Some(chunk) = chunk else {
                         // The status, and when to come back if it says so.
                         let trailers = inbound.trailers().await.ok().flatten();
-                        return Ok(trailers.as_ref().and_then(reconnect_after));
+                        let status = trailers.as_ref().and_then(tonic::Status::from_header_map);
+                        return Ok(status.as_ref().and_then(reconnect_after));
                     };
                     let chunk = chunk.map_err(|e| e.to_string())?;
                     let _ = inbound.flow_control().release_capacity(chunk.len());
@@ -262,17 +263,6 @@ impl SimAgent {
             }
         }
     }
-}
-
-/// The daemon's reconnect hint in a stream's trailers, as the agent reads it.
-fn reconnect_after(trailers: &http::HeaderMap) -> Option<Duration> {
-    let ms = trailers
-        .get(duofleet_proto::RECONNECT_AFTER_MS)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms))
 }
 
 /// Sends one gRPC message (5-byte prefix, then the protobuf).
