@@ -173,6 +173,48 @@ pub struct Args {
         hide = true
     )]
     pub keepalive_ms: u64,
+
+    /// Where configuration and fleet state live: `sled`, embedded in
+    /// DATA_DIR/db (one duofleetd), or `etcd`, shared by several replicas.
+    #[arg(long, env = "DUOFLEET_STORE", value_enum, default_value = "sled")]
+    pub store: StoreKind,
+
+    /// With --store etcd: the cluster's client URLs, comma-separated
+    /// (http://host:2379, or https:// with --etcd-ca).
+    #[arg(long, env = "DUOFLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// With --store etcd: every key starts with this, so that several
+    /// fleets can share one cluster.
+    #[arg(long, env = "DUOFLEET_ETCD_PREFIX", default_value = "/duofleet/")]
+    pub etcd_prefix: String,
+
+    /// With --store etcd: the CA certificate (PEM) of the etcd servers.
+    #[arg(long, env = "DUOFLEET_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// With --store etcd: a client certificate (PEM) for etcd's mutual TLS.
+    #[arg(long, env = "DUOFLEET_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// With --store etcd: the client certificate's key (PEM).
+    #[arg(long, env = "DUOFLEET_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// With --store etcd: the etcd user, when etcd authentication is on.
+    #[arg(long, env = "DUOFLEET_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+
+    /// With --store etcd: a file holding the etcd user's password.
+    #[arg(long, env = "DUOFLEET_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+/// Which backend keeps the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Sled,
+    Etcd,
 }
 
 impl Args {
@@ -302,6 +344,20 @@ pub enum StartError {
         #[source]
         source: crate::store::StoreError,
     },
+    #[error("{flag}: {rule}")]
+    Flag { flag: &'static str, rule: String },
+    #[error("cannot open the store in {what}")]
+    Etcd {
+        what: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    #[error("cannot read {path}")]
+    EtcdFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read {path} for TLS")]
     Tls {
         path: PathBuf,
@@ -351,14 +407,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     let sealer = sealer(&args)?;
     let db_path = args.data_dir.join("db");
     let high_water = args.data_dir.join(HIGH_WATER_FILE);
-    let store = Arc::new(
-        Store::open_guarded(&db_path, Some(&high_water), catalog::get(), sealer).map_err(
-            |source| StartError::Database {
-                path: db_path.clone(),
-                source,
-            },
-        )?,
-    );
+    let store = Arc::new(open_store(&args, &db_path, &high_water, sealer)?);
+    store.follow();
 
     let registry = Arc::new(
         Registry::load(store.clone(), args.max_agents).map_err(|source| StartError::Database {
@@ -522,6 +572,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         %grpc_addr,
         %http_addr,
         data_dir = %args.data_dir.display(),
+        store = %store.describe(),
         revision = store.current().revision,
         admin_token = %tokens.admin_token_path().display(),
         "duofleetd ready"
@@ -601,6 +652,133 @@ fn https_acceptor(
 
 /// The key that seals API keys at rest: `--secret-key-file`, or
 /// `DATA_DIR/secret.key` made on first start.
+/// Opens the store on the backend the flags choose.
+fn open_store(
+    args: &Args,
+    db_path: &Path,
+    high_water: &Path,
+    sealer: Sealer,
+) -> Result<Store, StartError> {
+    match args.store {
+        StoreKind::Sled => {
+            let etcd_flag = [
+                (!args.etcd_endpoints.is_empty(), "--etcd-endpoints"),
+                (args.etcd_ca.is_some(), "--etcd-ca"),
+                (args.etcd_cert.is_some(), "--etcd-cert"),
+                (args.etcd_user.is_some(), "--etcd-user"),
+            ]
+            .into_iter()
+            .find_map(|(given, flag)| given.then_some(flag));
+            if let Some(flag) = etcd_flag {
+                return Err(StartError::Flag {
+                    flag,
+                    rule: "applies only with --store etcd".into(),
+                });
+            }
+            Store::open_guarded(db_path, Some(high_water), catalog::get(), sealer).map_err(
+                |source| StartError::Database {
+                    path: db_path.to_path_buf(),
+                    source,
+                },
+            )
+        }
+        StoreKind::Etcd => {
+            let options = etcd_options(args)?;
+            let what = format!(
+                "etcd at {} (prefix {})",
+                options.endpoints.join(","),
+                options.prefix
+            );
+            let backend = crate::store::etcd::EtcdBackend::connect(options).map_err(|source| {
+                StartError::Etcd {
+                    what: what.clone(),
+                    source,
+                }
+            })?;
+            Store::open_backend(Arc::new(backend), Some(high_water), catalog::get(), sealer)
+                .map_err(|source| StartError::Etcd { what, source })
+        }
+    }
+}
+
+/// The etcd flags, checked: each refusal names the flag and the rule.
+fn etcd_options(args: &Args) -> Result<crate::store::etcd::EtcdOptions, StartError> {
+    let flag = |flag, rule: &str| StartError::Flag {
+        flag,
+        rule: rule.to_string(),
+    };
+    if args.etcd_endpoints.is_empty() {
+        return Err(flag(
+            "--etcd-endpoints",
+            "required with --store etcd: the cluster's client URLs, comma-separated",
+        ));
+    }
+    let mut secure = None;
+    for endpoint in &args.etcd_endpoints {
+        let https = match url::Url::parse(endpoint) {
+            Ok(url) if url.scheme() == "https" && url.host().is_some() => true,
+            Ok(url) if url.scheme() == "http" && url.host().is_some() => false,
+            _ => {
+                return Err(flag(
+                    "--etcd-endpoints",
+                    &format!(
+                        "{} is not an http:// or https:// URL with a host",
+                        crate::error::quoted(endpoint)
+                    ),
+                ));
+            }
+        };
+        if secure.replace(https).is_some_and(|before| before != https) {
+            return Err(flag(
+                "--etcd-endpoints",
+                "mixes http:// and https:// endpoints: use one scheme for the whole cluster",
+            ));
+        }
+    }
+    let https = secure == Some(true);
+    if https && args.etcd_ca.is_none() {
+        return Err(flag(
+            "--etcd-ca",
+            "required with https:// endpoints: the CA certificate (PEM) of the etcd servers",
+        ));
+    }
+    if !https && (args.etcd_ca.is_some() || args.etcd_cert.is_some()) {
+        return Err(flag(
+            "--etcd-endpoints",
+            "TLS flags are given, but the endpoints are http://: use https:// URLs",
+        ));
+    }
+    if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
+        return Err(flag(
+            "--etcd-prefix",
+            "must start and end with '/', e.g. /duofleet/",
+        ));
+    }
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| StartError::EtcdFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let user = match (&args.etcd_user, &args.etcd_password_file) {
+        (Some(user), Some(file)) => {
+            let password = String::from_utf8_lossy(&read(file)?).trim_end().to_string();
+            Some((user.clone(), password))
+        }
+        _ => None,
+    };
+    Ok(crate::store::etcd::EtcdOptions {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.clone(),
+        user,
+        ca_pem: args.etcd_ca.as_ref().map(read).transpose()?,
+        identity_pem: match (&args.etcd_cert, &args.etcd_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        },
+    })
+}
+
 fn sealer(args: &Args) -> Result<Sealer, StartError> {
     let key_error = |path: &Path| {
         let path = path.to_path_buf();

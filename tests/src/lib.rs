@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod browser;
 pub mod endpoints;
+pub mod etcd;
 pub mod gitlab_sim;
 pub mod proxy;
 

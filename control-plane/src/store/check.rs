@@ -2,9 +2,10 @@
 //! way fsck walks a file system, and says precisely what is damaged. It
 //! opens the database without writing to it (no schema, no migration).
 
+use super::backend::HistoryEntry;
+use super::sled_backend::{REVISION_KEY, SCHEMA_KEY, split_history_key};
 use super::{
-    Config, HistoryEntry, REVISION_KEY, SCHEMA_KEY, SCHEMA_VERSION, Store, StoreError, StoredToken,
-    decode, high_water, split_history_key,
+    Config, SCHEMA_VERSION, SledBackend, Store, StoreError, StoredToken, decode, high_water,
 };
 use crate::catalog::Catalog;
 use crate::error::error_chain;
@@ -40,12 +41,19 @@ impl Store {
         catalog: &'static Catalog,
         sealer: Sealer,
     ) -> Result<Store, StoreError> {
-        Store::open_sled(dir, high_water, catalog, sealer)
+        let backend = std::sync::Arc::new(SledBackend::open(dir)?);
+        Ok(Store::unprepared(backend, high_water, catalog, sealer))
     }
 
     pub fn check(&self) -> CheckReport {
         let mut report = CheckReport::default();
-        let t = match self.trees() {
+        let trees = match self.backend.as_sled() {
+            Some(sled) => sled.trees(),
+            None => Err(StoreError::Unsupported(
+                "check reads a sled database; an etcd cluster is checked with etcdctl",
+            )),
+        };
+        let t = match trees {
             Ok(t) => t,
             Err(e) => {
                 report_damage(&mut report.damage, "database".into(), error_chain(&e));

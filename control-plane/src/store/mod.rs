@@ -1,30 +1,23 @@
-//! The only module that knows sled.
+//! The configuration store: revisions, history, rollback, and the records
+//! kept beside them (instances, tokens, certificates, rollouts).
 //!
-//! Layout (one sled database under `DATA_DIR/db`):
+//! Every rule lives here: what a change is, its revision number and record,
+//! guards, rollback, sealing API keys. Where the bytes go is a
+//! [`Backend`](backend::Backend): embedded sled by default
+//! (`sled_backend`), or an etcd cluster shared by several replicas (`etcd`).
 //!
-//! ```text
-//! meta       schema_version -> u32, revision -> u64 (big endian)
-//! models     name -> Model (prost, API key inside)
-//! profiles   name -> Profile (prost)
-//! revisions  revision (u64 BE) -> Revision record (time, actor, summary, changes)
-//! history    kind | name | 0x00 | revision (u64 BE) -> HistoryEntry (value, or empty = deleted)
-//! instances  instance id -> Instance (what agents reported; not versioned)
-//! tokens     name -> StoredToken (operator tokens: metadata and keyed hash)
-//! certs      SHA-256 fingerprint -> IssuedCert (agent certificates in force)
-//! ```
-//!
-//! `history` is a multi-version log of every model and profile, so the full
-//! configuration at any revision can be rebuilt (GetRevision, Rollback).
-//! Every mutation is one sled transaction over all five trees, flushed to
-//! disk before the caller hears OK, and only then published to readers
-//! through a `tokio::sync::watch` of the current [`Config`] and a broadcast
-//! of revision records. Writers are serialised by one mutex: configuration
-//! changes are rare and small, and serialising them keeps "exactly one of 50
-//! concurrent creates wins" trivially true.
+//! Every mutation is one atomic backend write, durable before the caller
+//! hears OK, and only then published to readers through a
+//! `tokio::sync::watch` of the current [`Config`] and a broadcast of
+//! revision records. Writers in one process are serialised by one mutex:
+//! configuration changes are rare and small, and serialising them keeps
+//! "exactly one of 50 concurrent creates wins" trivially true. Across
+//! replicas the backend's compare-and-swap on the revision does the same:
+//! two replicas can never both commit revision N.
 //!
 //! After each commit the revision is also written to `DATA_DIR/revision.hwm`
-//! (`high_water`), outside sled's files: a database found behind it at start
-//! is refused, never served. `check` walks every record and revision.
+//! (`high_water`), outside the database: a database found behind it at
+//! start is refused, never served. `check` walks every record and revision.
 
 use crate::catalog::Catalog;
 use crate::config::{self, Config};
@@ -32,29 +25,25 @@ use crate::error::ConfigError;
 use crate::secrets::{SealError, Sealer};
 use duofleet_proto::v1::{self as pb, ChangeAction, Model, Profile, ResourceKind};
 use prost::Message;
-use sled::Transactional;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::SystemTime;
 use tokio::sync::{broadcast, watch};
 
+pub mod backend;
 mod check;
+pub mod etcd;
 mod high_water;
-mod trees;
+pub mod sled_backend;
 
+use backend::{Backend, Changeset, Stored, Table};
 pub use check::{CheckReport, Damage};
-use trees::Trees;
+pub use sled_backend::SledBackend;
 
 /// The on-disk layout version this binary writes. A newer database is
 /// refused; an older one is migrated at open. Version 2 seals API keys.
 pub const SCHEMA_VERSION: u32 = 2;
-
-const SCHEMA_KEY: &[u8] = b"schema_version";
-const REVISION_KEY: &[u8] = b"revision";
-const MODEL_KIND: u8 = b'm';
-const PROFILE_KIND: u8 = b'p';
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -67,6 +56,11 @@ pub enum StoreError {
         what: String,
         #[source]
         source: prost::DecodeError,
+    },
+    #[error("stored {what} is corrupt: {detail}")]
+    Damaged {
+        what: &'static str,
+        detail: &'static str,
     },
     #[error(
         "the database has schema version {found}, newer than this duofleetd supports ({SCHEMA_VERSION}); run a newer duofleetd"
@@ -97,6 +91,23 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Another writer (a duofleetd replica) committed first.
+    #[error(
+        "revision {revision} was committed by another duofleetd replica first (the configuration is now at revision {current}); nothing was written: retry"
+    )]
+    Conflict { revision: u64, current: u64 },
+    /// The etcd cluster did not answer, or refused.
+    #[error("etcd {action} failed")]
+    Etcd {
+        action: &'static str,
+        #[source]
+        source: etcd::EtcdError,
+    },
+    #[error("cannot start the etcd client's threads")]
+    Runtime(#[source] std::io::Error),
+    /// What this backend cannot do; the message says what to do instead.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 impl StoreError {
@@ -109,15 +120,6 @@ impl StoreError {
         matches!(self, StoreError::Storage(sled::Error::Io(io))
             if matches!(io.kind(), StorageFull | QuotaExceeded | FileTooLarge))
     }
-}
-
-/// A stored model or profile at one revision; neither set means deleted.
-#[derive(Clone, PartialEq, prost::Message)]
-struct HistoryEntry {
-    #[prost(message, optional, tag = "1")]
-    model: Option<Model>,
-    #[prost(message, optional, tag = "2")]
-    profile: Option<Profile>,
 }
 
 /// An operator token as stored: never its secret, only a keyed hash.
@@ -187,14 +189,9 @@ pub struct Write {
 }
 
 pub struct Store {
+    backend: Arc<dyn Backend>,
     /// `DATA_DIR/revision.hwm`: the newest acknowledged revision.
     high_water: Option<PathBuf>,
-    /// The database directory, for a reopen (see `trees`).
-    dir: PathBuf,
-    /// `None` only while a reopen after a failed write has not succeeded.
-    trees: RwLock<Option<Arc<Trees>>>,
-    /// A write failed: the next one reopens the database first.
-    failed: AtomicBool,
     catalog: &'static Catalog,
     sealer: Sealer,
     guard: RwLock<Option<Guard>>,
@@ -204,25 +201,40 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir` and loads the configuration.
+    /// Opens (or creates) a sled database in `dir` and loads the
+    /// configuration.
     pub fn open(dir: &Path, catalog: &'static Catalog, sealer: Sealer) -> Result<Self, StoreError> {
         Store::open_guarded(dir, None, catalog, sealer)
     }
 
-    /// Opens the database and checks it against `high_water`, a file outside
-    /// sled's own that holds the newest acknowledged revision: a database
-    /// behind it (lost or replaced files) is refused before anything is
-    /// written to it.
+    /// Opens a sled database and checks it against `high_water` (see
+    /// [`Store::open_backend`]).
     pub fn open_guarded(
         dir: &Path,
         high_water: Option<&Path>,
         catalog: &'static Catalog,
         sealer: Sealer,
     ) -> Result<Self, StoreError> {
-        let store = Store::open_sled(dir, high_water, catalog, sealer)?;
+        let backend = Arc::new(SledBackend::open(dir)?);
+        Store::open_backend(backend, high_water, catalog, sealer)
+    }
+
+    /// Opens the store on `backend` and checks it against `high_water`, a
+    /// file outside the database that holds the newest acknowledged
+    /// revision: a database behind it (lost or replaced files, an etcd
+    /// restored from an old snapshot) is refused before anything is
+    /// written to it. A new database gets its schema and the default
+    /// profile; an older one is migrated; a key rotation re-seals.
+    pub fn open_backend(
+        backend: Arc<dyn Backend>,
+        high_water: Option<&Path>,
+        catalog: &'static Catalog,
+        sealer: Sealer,
+    ) -> Result<Self, StoreError> {
+        let store = Store::unprepared(backend, high_water, catalog, sealer);
         if let Some(path) = high_water {
             let acknowledged = high_water::read(path)?;
-            let found = store.stored_revision()?;
+            let found = store.backend.revision()?;
             if found < acknowledged {
                 return Err(StoreError::BehindAcknowledged {
                     found,
@@ -238,25 +250,57 @@ impl Store {
         Ok(store)
     }
 
-    /// A small durable write, for readiness: fails while storage cannot
-    /// write.
-    /// After a failed write this is what reopens the database, so a probing
-    /// readiness check brings storage back once there is space again.
-    pub fn probe_write(&self) -> Result<(), StoreError> {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        self.write(|t| {
-            t.meta.insert(b"ready_probe", &now.to_be_bytes())?;
-            t.db.flush()?;
-            Ok(())
-        })
+    fn unprepared(
+        backend: Arc<dyn Backend>,
+        high_water: Option<&Path>,
+        catalog: &'static Catalog,
+        sealer: Sealer,
+    ) -> Store {
+        Store {
+            backend,
+            high_water: high_water.map(Path::to_path_buf),
+            guard: RwLock::new(None),
+            catalog,
+            sealer,
+            writer: Mutex::new(()),
+            current: watch::Sender::new(Arc::new(Config::default())),
+            revision_events: broadcast::Sender::new(256),
+        }
     }
 
-    /// The newest revision the database itself records (0 when empty).
-    fn stored_revision(&self) -> Result<u64, StoreError> {
-        self.trees()?.revision()
+    /// Follows revisions other writers commit (other replicas on a shared
+    /// backend), publishing each as if it were committed here. Nothing to
+    /// do on sled. Stops when the store is dropped.
+    pub fn follow(self: &Arc<Self>) {
+        let Some(wakes) = self.backend.follow() else {
+            return;
+        };
+        let store: Weak<Store> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("store-follow".into())
+            .spawn(move || {
+                while wakes.recv().is_ok() {
+                    let Some(store) = store.upgrade() else { break };
+                    let _writer = store.writer.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(error) = store.catch_up_locked() {
+                        tracing::warn!(error = %crate::error::error_chain(&error), "cannot read revisions committed by another replica; retrying on the next change");
+                    }
+                }
+            })
+            .expect("a thread to follow the store");
+    }
+
+    /// What the store runs on, for logs.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// A small durable write, for readiness: fails while storage cannot
+    /// write. After a failed sled write this is what reopens the database,
+    /// so a probing readiness check brings storage back once there is
+    /// space again.
+    pub fn probe_write(&self) -> Result<(), StoreError> {
+        self.backend.probe_write()
     }
 
     fn record_high_water(&self, revision: u64) -> Result<(), StoreError> {
@@ -266,109 +310,32 @@ impl Store {
         }
     }
 
-    fn open_sled(
-        dir: &Path,
-        high_water: Option<&Path>,
-        catalog: &'static Catalog,
-        sealer: Sealer,
-    ) -> Result<Self, StoreError> {
-        let store = Store {
-            trees: RwLock::new(Some(Arc::new(Trees::open(dir)?))),
-            dir: dir.to_path_buf(),
-            failed: AtomicBool::new(false),
-            guard: RwLock::new(None),
-            catalog,
-            sealer,
-            writer: Mutex::new(()),
-            current: watch::Sender::new(Arc::new(Config::default())),
-            revision_events: broadcast::Sender::new(256),
-            high_water: high_water.map(Path::to_path_buf),
-        };
-        Ok(store)
-    }
-
-    /// A new database gets its schema and the default profile; an older
-    /// one is migrated; a key rotation re-seals.
     fn prepare(&self) -> Result<(), StoreError> {
-        match self.trees()?.meta.get(SCHEMA_KEY)? {
-            None => self.initialize()?,
-            Some(raw) => {
-                let found = u32::from_be_bytes(raw.as_ref().try_into().unwrap_or([0xff; 4]));
-                if found > SCHEMA_VERSION {
-                    return Err(StoreError::SchemaTooNew { found });
-                }
-                if found < SCHEMA_VERSION || self.sealer.has_previous() {
-                    self.reseal_all()?;
-                }
+        match self.backend.schema_version()? {
+            None => {
+                let now = prost_types::Timestamp::from(SystemTime::now());
+                let default = Profile {
+                    create_time: Some(now),
+                    update_time: Some(now),
+                    ..config::default_profile()
+                };
+                self.backend.initialize(SCHEMA_VERSION, &default)?;
             }
-        }
-        Ok(())
-    }
-
-    fn initialize(&self) -> Result<(), StoreError> {
-        let now = prost_types::Timestamp::from(SystemTime::now());
-        let default = Profile {
-            create_time: Some(now),
-            update_time: Some(now),
-            ..config::default_profile()
-        };
-        let name = default.name.clone();
-        let entry = HistoryEntry {
-            model: None,
-            profile: Some(default.clone()),
-        };
-        let t = self.trees()?;
-        (&t.meta, &t.profiles, &t.history)
-            .transaction(|(meta, profiles, history)| {
-                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-                meta.insert(REVISION_KEY, &0u64.to_be_bytes())?;
-                profiles.insert(name.as_bytes(), default.encode_to_vec())?;
-                history.insert(history_key(PROFILE_KIND, &name, 0), entry.encode_to_vec())?;
-                Ok(())
-            })
-            .map_err(unabortable)?;
-        t.db.flush()?;
-        Ok(())
-    }
-
-    /// Seals every stored API key, current and historical, under the
-    /// current key (migration from version 1, or key rotation), in one
-    /// transaction.
-    fn reseal_all(&self) -> Result<(), StoreError> {
-        let t = self.trees()?;
-        let mut models = Vec::new();
-        for item in t.models.iter() {
-            let (key, value) = item?;
-            let model: Model = decode(&value, || "model".to_string())?;
-            models.push((key, self.seal_model(&self.open_model(model)?)));
-        }
-        let mut history = Vec::new();
-        for item in t.history.iter() {
-            let (key, value) = item?;
-            let mut entry: HistoryEntry = decode(&value, || "history".to_string())?;
-            if let Some(model) = entry.model.take() {
-                entry.model = Some(self.seal_model(&self.open_model(model)?));
-                history.push((key, entry));
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(StoreError::SchemaTooNew { found });
             }
+            Some(found) if found < SCHEMA_VERSION || self.sealer.has_previous() => {
+                let (models, history) = self.backend.reseal(SCHEMA_VERSION, &|model| {
+                    Ok(self.seal_model(&self.open_model(model)?))
+                })?;
+                tracing::info!(
+                    models,
+                    history,
+                    "API keys sealed under the current secret key"
+                );
+            }
+            Some(_) => {}
         }
-        (&t.meta, &t.models, &t.history)
-            .transaction(|(meta, models_tree, history_tree)| {
-                for (key, model) in &models {
-                    models_tree.insert(key, model.encode_to_vec())?;
-                }
-                for (key, entry) in &history {
-                    history_tree.insert(key, entry.encode_to_vec())?;
-                }
-                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-                Ok(())
-            })
-            .map_err(unabortable)?;
-        t.db.flush()?;
-        tracing::info!(
-            models = models.len(),
-            history = history.len(),
-            "API keys sealed under the current secret key"
-        );
         Ok(())
     }
 
@@ -384,18 +351,52 @@ impl Store {
         Ok(model)
     }
 
-    fn load(&self) -> Result<Config, StoreError> {
-        let t = self.trees()?;
-        let revision = t.revision()?;
-        let models = load_tree::<Model>(&t.models, "model")?
+    /// A stored configuration with its API keys opened.
+    fn opened(&self, stored: Stored) -> Result<Config, StoreError> {
+        let models = stored
+            .models
             .into_iter()
             .map(|(name, model)| Ok((name, self.open_model(model)?)))
             .collect::<Result<_, StoreError>>()?;
         Ok(Config {
-            revision,
+            revision: stored.revision,
             models,
-            profiles: load_tree(&t.profiles, "profile")?,
+            profiles: stored.profiles,
         })
+    }
+
+    fn load(&self) -> Result<Config, StoreError> {
+        self.opened(self.backend.load()?)
+    }
+
+    /// Publishes what other writers committed since the current revision.
+    /// The caller holds the writer lock.
+    fn catch_up_locked(&self) -> Result<(), StoreError> {
+        let known = self.current().revision;
+        if self.backend.revision()? <= known {
+            return Ok(());
+        }
+        let config = self.load()?;
+        if config.revision <= known {
+            return Ok(());
+        }
+        let mut records = Vec::new();
+        for revision in known + 1..=config.revision {
+            records.extend(self.backend.record(revision)?);
+        }
+        if let Err(error) = self.record_high_water(config.revision) {
+            tracing::error!(error = %crate::error::error_chain(&error), "cannot record the acknowledged revision");
+        }
+        tracing::info!(
+            from = known,
+            to = config.revision,
+            "revisions committed by another replica"
+        );
+        self.current.send_replace(Arc::new(config));
+        for record in records {
+            let _ = self.revision_events.send(record);
+        }
+        Ok(())
     }
 
     /// The configuration as of the newest committed revision.
@@ -403,7 +404,7 @@ impl Store {
         self.current.borrow().clone()
     }
 
-    /// Follows the current configuration; it changes only after a flushed commit.
+    /// Follows the current configuration; it changes only after a durable commit.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
         self.current.subscribe()
     }
@@ -444,6 +445,16 @@ impl Store {
         self.change_with(actor, how, Stage::Guarded, op)
     }
 
+    /// The writer lock, with the current configuration brought up to date
+    /// on a shared backend (another replica may have committed since).
+    fn writing(&self) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if self.backend.is_shared() {
+            self.catch_up_locked()?;
+        }
+        Ok(writer)
+    }
+
     /// [`Store::change`] with another [`Stage`] than the guard.
     pub fn change_with(
         &self,
@@ -452,8 +463,7 @@ impl Store {
         stage: Stage<'_>,
         op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.recover_locked()?;
+        let _writer = self.writing()?;
         let old = self.current();
         if let Some(expected) = how.expected_revision
             && expected != old.revision
@@ -485,10 +495,9 @@ impl Store {
         target: u64,
         validate_only: bool,
     ) -> Result<Commit, StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.recover_locked()?;
+        let _writer = self.writing()?;
         let old = self.current();
-        if target == 0 || self.trees()?.revisions.get(target.to_be_bytes())?.is_none() {
+        if target == 0 || self.backend.record(target)?.is_none() {
             return Err(ConfigError::RevisionNotFound(target).into());
         }
         let mut restored = self.config_at(target)?;
@@ -603,66 +612,38 @@ impl Store {
                 previous: old,
             });
         }
-        let revision_key = revision.to_be_bytes();
-        let t = self.trees()?;
-        let written = (
-            &t.meta,
-            &t.models,
-            &t.profiles,
-            &t.revisions,
-            &t.history,
-            &t.rollouts,
-        )
-            .transaction(|(meta, models, profiles, revisions, history, rollouts)| {
-                meta.insert(REVISION_KEY, &revision_key)?;
-                if let Some(attached) = &attached {
-                    rollouts.insert(attached.key.as_bytes(), attached.value.as_slice())?;
+        let changeset = Changeset {
+            record: &record,
+            models: model_changes
+                .iter()
+                .map(|(name, _)| {
+                    (
+                        name.clone(),
+                        new.models.get(name).map(|m| self.seal_model(m)),
+                    )
+                })
+                .collect(),
+            profiles: profile_changes
+                .iter()
+                .map(|(name, _)| (name.clone(), new.profiles.get(name).cloned()))
+                .collect(),
+            attached: attached.as_ref(),
+        };
+        match self.backend.commit(changeset) {
+            Ok(()) => {}
+            Err(conflict @ StoreError::Conflict { .. }) => {
+                // Another replica got there first: take in what it
+                // committed, so that a retry starts from it.
+                if let Err(error) = self.catch_up_locked() {
+                    tracing::warn!(error = %crate::error::error_chain(&error), "cannot read the revision another replica committed");
                 }
-                for (name, _) in &model_changes {
-                    let model = new.models.get(name);
-                    match model {
-                        Some(model) => models
-                            .insert(name.as_bytes(), self.seal_model(model).encode_to_vec())?,
-                        None => models.remove(name.as_bytes())?,
-                    };
-                    let entry = HistoryEntry {
-                        model: model.map(|m| self.seal_model(m)),
-                        profile: None,
-                    };
-                    history.insert(
-                        history_key(MODEL_KIND, name, revision),
-                        entry.encode_to_vec(),
-                    )?;
-                }
-                for (name, _) in &profile_changes {
-                    let profile = new.profiles.get(name);
-                    match profile {
-                        Some(profile) => {
-                            profiles.insert(name.as_bytes(), profile.encode_to_vec())?
-                        }
-                        None => profiles.remove(name.as_bytes())?,
-                    };
-                    let entry = HistoryEntry {
-                        model: None,
-                        profile: profile.cloned(),
-                    };
-                    history.insert(
-                        history_key(PROFILE_KIND, name, revision),
-                        entry.encode_to_vec(),
-                    )?;
-                }
-                revisions.insert(&revision_key, record.encode_to_vec())?;
-                Ok(())
-            })
-            .map_err(unabortable)
-            // Durable before anyone hears of it: a revision number that was
-            // published must never be reused after a crash.
-            .and_then(|()| t.db.flush().map(drop))
-            .map_err(StoreError::from);
-        self.noting_failure(written)?;
-        // Outside sled: a start on a database behind this is refused. The
-        // revision is durable already, so a failure here only weakens that
-        // guard; it is logged, and the commit stands.
+                return Err(conflict);
+            }
+            Err(error) => return Err(error),
+        }
+        // Outside the database: a start on a database behind this is
+        // refused. The revision is durable already, so a failure here only
+        // weakens that guard; it is logged, and the commit stands.
         if let Err(error) = self.record_high_water(record.revision) {
             tracing::error!(error = %crate::error::error_chain(&error), "cannot record the acknowledged revision");
         }
@@ -682,17 +663,7 @@ impl Store {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<pb::Revision>, StoreError> {
-        let end = before.unwrap_or(u64::MAX).to_be_bytes();
-        self.trees()?
-            .revisions
-            .range(..end)
-            .rev()
-            .take(limit)
-            .map(|item| {
-                let (key, value) = item?;
-                decode(&value, || format!("revision {:?}", key.as_ref()))
-            })
-            .collect()
+        self.backend.records(before, limit)
     }
 
     /// One revision record and the configuration as it stood at it.
@@ -703,13 +674,7 @@ impl Store {
     /// The configuration as it stood at `revision` (0: the initial one,
     /// with only `default`).
     pub fn config_at_revision(&self, revision: u64) -> Result<Config, StoreError> {
-        if revision > 0
-            && self
-                .trees()?
-                .revisions
-                .get(revision.to_be_bytes())?
-                .is_none()
-        {
+        if revision > 0 && self.backend.record(revision)?.is_none() {
             return Err(ConfigError::RevisionNotFound(revision).into());
         }
         self.config_at(revision)
@@ -717,47 +682,20 @@ impl Store {
 
     /// One revision record: time, actor, summary and changes.
     pub fn revision_record(&self, revision: u64) -> Result<pb::Revision, StoreError> {
-        let raw = self
-            .trees()?
-            .revisions
-            .get(revision.to_be_bytes())?
-            .ok_or(ConfigError::RevisionNotFound(revision))?;
-        decode(&raw, || format!("revision {revision}"))
+        Ok(self
+            .backend
+            .record(revision)?
+            .ok_or(ConfigError::RevisionNotFound(revision))?)
     }
 
-    /// Rebuilds the configuration at `revision` from the history log.
+    /// Rebuilds the configuration at `revision` from the history.
     fn config_at(&self, revision: u64) -> Result<Config, StoreError> {
-        let mut config = Config {
-            revision,
-            ..Config::default()
-        };
-        for item in self.trees()?.history.iter() {
-            let (key, value) = item?;
-            let Some((kind, name, at)) = split_history_key(&key) else {
-                continue;
-            };
-            if at > revision {
-                continue;
-            }
-            // Keys sort by (kind, name, revision): the last one seen wins.
-            let entry: HistoryEntry = decode(&value, || format!("history of {name}"))?;
-            match kind {
-                MODEL_KIND => {
-                    let model = entry.model.map(|m| self.open_model(m)).transpose()?;
-                    set_or_remove(&mut config.models, name, model)
-                }
-                _ => set_or_remove(&mut config.profiles, name, entry.profile),
-            }
-        }
-        Ok(config)
+        self.opened(self.backend.config_at(revision)?)
     }
 
-    /// Records what an agent reported. Instance state is rebuilt by agents
-    /// on reconnect, so it rides sled's periodic flush instead of a flush
-    /// per report.
     /// Saves instance records in one atomic batch. Not flushed: the
-    /// fleet's live state reaches disk with sled's periodic flush (and at
-    /// shutdown); agents resend it on reconnect.
+    /// fleet's live state reaches disk with the backend's periodic flush
+    /// (and at shutdown); agents resend it on reconnect.
     pub fn save_instances(&self, instances: &[pb::Instance]) -> Result<(), StoreError> {
         self.save_encoded_instances(
             instances
@@ -771,66 +709,38 @@ impl Store {
         &self,
         records: impl IntoIterator<Item = (String, Vec<u8>)>,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (id, record) in records {
-            batch.insert(id.as_bytes(), record);
-        }
-        self.write(|t| Ok(t.instances.apply_batch(batch)?))
+        self.backend
+            .put_batch(Table::Instances, records.into_iter().collect())
     }
 
     /// Forgets an instance, durably (an operator asked for it).
     pub fn delete_instance(&self, instance_id: &str) -> Result<(), StoreError> {
-        self.write(|t| {
-            t.instances.remove(instance_id.as_bytes())?;
-            t.db.flush()?;
-            Ok(())
-        })
+        self.backend.delete(Table::Instances, instance_id).map(drop)
     }
 
     pub fn load_instances(&self) -> Result<Vec<pb::Instance>, StoreError> {
-        Ok(load_tree(&self.trees()?.instances, "instance")?
-            .into_values()
-            .collect())
+        self.load_table(Table::Instances, "instance")
     }
 
     /// Stores a new token, durably; false when the name is taken.
     pub fn insert_token(&self, name: &str, token: &StoredToken) -> Result<bool, StoreError> {
-        self.write(|t| {
-            let inserted = t
-                .tokens
-                .compare_and_swap(
-                    name.as_bytes(),
-                    None as Option<&[u8]>,
-                    Some(token.encode_to_vec()),
-                )?
-                .is_ok();
-            t.db.flush()?;
-            Ok(inserted)
-        })
+        self.backend
+            .insert_new(Table::Tokens, name, &token.encode_to_vec())
     }
 
     /// Replaces a token's record, durably (a join token's uses).
     pub fn put_token(&self, name: &str, token: &StoredToken) -> Result<(), StoreError> {
-        self.write(|t| {
-            t.tokens.insert(name.as_bytes(), token.encode_to_vec())?;
-            t.db.flush()?;
-            Ok(())
-        })
+        self.backend
+            .put(Table::Tokens, name, &token.encode_to_vec())
     }
 
     /// Removes a token, durably; false when there was none.
     pub fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
-        self.write(|t| {
-            let removed = t.tokens.remove(name.as_bytes())?.is_some();
-            t.db.flush()?;
-            Ok(removed)
-        })
+        self.backend.delete(Table::Tokens, name)
     }
 
     pub fn load_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
-        Ok(load_tree(&self.trees()?.tokens, "token")?
-            .into_values()
-            .collect())
+        self.load_table(Table::Tokens, "token")
     }
 
     /// Remembers an issued agent certificate, durably.
@@ -839,48 +749,46 @@ impl Store {
         fingerprint: &str,
         cert: &crate::ca::IssuedCert,
     ) -> Result<(), StoreError> {
-        self.write(|t| {
-            t.certs
-                .insert(fingerprint.as_bytes(), cert.encode_to_vec())?;
-            t.db.flush()?;
-            Ok(())
-        })
+        self.backend
+            .put(Table::Certs, fingerprint, &cert.encode_to_vec())
     }
 
     /// Forgets an agent certificate, durably.
     pub fn delete_cert(&self, fingerprint: &str) -> Result<(), StoreError> {
-        self.write(|t| {
-            t.certs.remove(fingerprint.as_bytes())?;
-            t.db.flush()?;
-            Ok(())
-        })
+        self.backend.delete(Table::Certs, fingerprint).map(drop)
     }
 
-    /// Replaces a rollout's record, durably.
-    pub fn put_rollout(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.write(|t| {
-            t.rollouts.insert(key.as_bytes(), value)?;
-            t.db.flush()?;
-            Ok(())
-        })
-    }
-
-    /// Every rollout record, by key.
-    pub fn load_rollouts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.trees()?
-            .rollouts
-            .iter()
-            .map(|item| {
-                let (key, value) = item?;
-                Ok((String::from_utf8_lossy(&key).into_owned(), value.to_vec()))
+    pub fn load_certs(&self) -> Result<Vec<(String, crate::ca::IssuedCert)>, StoreError> {
+        self.backend
+            .scan(Table::Certs)?
+            .into_iter()
+            .map(|(key, value)| {
+                let cert = decode(&value, || format!("certificate {key}"))?;
+                Ok((key, cert))
             })
             .collect()
     }
 
-    pub fn load_certs(&self) -> Result<Vec<(String, crate::ca::IssuedCert)>, StoreError> {
-        Ok(load_tree(&self.trees()?.certs, "certificate")?
+    /// Replaces a rollout's record, durably.
+    pub fn put_rollout(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.backend.put(Table::Rollouts, key, value)
+    }
+
+    /// Every rollout record, by key.
+    pub fn load_rollouts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.backend.scan(Table::Rollouts)
+    }
+
+    fn load_table<T: Message + Default>(
+        &self,
+        table: Table,
+        what: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        self.backend
+            .scan(table)?
             .into_iter()
-            .collect())
+            .map(|(key, value)| decode(&value, || format!("{what} {key}")))
+            .collect()
     }
 
     /// Copies the whole database into a new sled database at `dest`, with
@@ -889,17 +797,18 @@ impl Store {
     pub fn backup(&self, dest: &Path) -> Result<u64, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let revision = self.current().revision;
-        let source = self.trees()?;
-        let target = sled::Config::new().path(dest).open()?;
-        target.import(source.db.export());
-        target.flush()?;
+        let Some(sled) = self.backend.as_sled() else {
+            return Err(StoreError::Unsupported(
+                "Backup copies a sled database; with --store etcd, back up the etcd cluster instead (etcdctl snapshot save), together with the secret key file",
+            ));
+        };
+        sled.backup(dest)?;
         Ok(revision)
     }
 
-    /// Flushes everything to disk (at shutdown).
+    /// Makes every write durable (at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.trees()?.db.flush()?;
-        Ok(())
+        self.backend.flush()
     }
 }
 
@@ -932,51 +841,7 @@ fn diff<T>(
     changes
 }
 
-fn set_or_remove<T>(map: &mut BTreeMap<String, T>, name: String, value: Option<T>) {
-    match value {
-        Some(value) => map.insert(name, value),
-        None => map.remove(&name),
-    };
-}
-
-fn history_key(kind: u8, name: &str, revision: u64) -> Vec<u8> {
-    // Names never hold control characters, so 0x00 separates unambiguously.
-    let mut key = Vec::with_capacity(name.len() + 10);
-    key.push(kind);
-    key.extend_from_slice(name.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&revision.to_be_bytes());
-    key
-}
-
-fn split_history_key(key: &[u8]) -> Option<(u8, String, u64)> {
-    let (&kind, rest) = key.split_first()?;
-    let (name, tail) = rest.split_at(rest.len().checked_sub(9)?);
-    let (&0, revision) = tail.split_first()? else {
-        return None;
-    };
-    Some((
-        kind,
-        String::from_utf8(name.to_vec()).ok()?,
-        u64::from_be_bytes(revision.try_into().ok()?),
-    ))
-}
-
-fn load_tree<T: Message + Default>(
-    tree: &sled::Tree,
-    what: &str,
-) -> Result<BTreeMap<String, T>, StoreError> {
-    tree.iter()
-        .map(|item| {
-            let (key, value) = item?;
-            let name = String::from_utf8_lossy(&key).into_owned();
-            let decoded = decode(&value, || format!("{what} {name}"))?;
-            Ok((name, decoded))
-        })
-        .collect()
-}
-
-fn decode<T: Message + Default>(
+pub(crate) fn decode<T: Message + Default>(
     raw: &[u8],
     what: impl FnOnce() -> String,
 ) -> Result<T, StoreError> {
@@ -984,15 +849,6 @@ fn decode<T: Message + Default>(
         what: what(),
         source,
     })
-}
-
-fn unabortable(error: sled::transaction::TransactionError<()>) -> sled::Error {
-    match error {
-        sled::transaction::TransactionError::Storage(e) => e,
-        sled::transaction::TransactionError::Abort(()) => {
-            unreachable!("no transaction here aborts")
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1119,7 +975,7 @@ mod tests {
             let db = sled::open(dir.path()).unwrap();
             db.open_tree("meta")
                 .unwrap()
-                .insert(SCHEMA_KEY, &99u32.to_be_bytes())
+                .insert(sled_backend::SCHEMA_KEY, &99u32.to_be_bytes())
                 .unwrap();
             db.flush().unwrap();
         }
@@ -1127,15 +983,6 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "the database has schema version 99, newer than this duofleetd supports (2); run a newer duofleetd"
-        );
-    }
-
-    #[test]
-    fn history_keys_round_trip() {
-        let key = history_key(MODEL_KIND, "a/b c", 42);
-        assert_eq!(
-            split_history_key(&key),
-            Some((MODEL_KIND, "a/b c".into(), 42))
         );
     }
 }

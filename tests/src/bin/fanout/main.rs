@@ -490,13 +490,13 @@ async fn run(o: Options) {
         let arrivals = Arc::new(Arrivals::default());
         let rss_before = rss_kib(etcd.pid());
         let started = Instant::now();
-        let watchers = etcd::watchers(&etcd.url, n, o.per_connection, arrivals.clone()).await;
+        let watchers = etcd::watchers(etcd.url(), n, o.per_connection, arrivals.clone()).await;
         let connect_secs = started.elapsed().as_secs_f64();
         let per_watcher_kib = rss_kib(etcd.pid()).saturating_sub(rss_before) as f64 / n as f64;
         println!(
             r#"{{"metric":"etcd_connect_all","watchers":{n},"seconds":{connect_secs:.3},"rss_per_watcher_kib":{per_watcher_kib:.1}}}"#
         );
-        let mut writer = etcd_client::Client::connect([&etcd.url], None)
+        let mut writer = etcd_client::Client::connect([etcd.url()], None)
             .await
             .expect("etcd writer");
         let theirs = deliver(
