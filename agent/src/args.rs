@@ -21,7 +21,9 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "duofleet-agent", version)]
 pub struct Args {
-    /// The duofleetd gRPC address.
+    /// The duofleetd gRPC address; with several replicas, their addresses
+    /// comma-separated (the agent fails over from one to the next), or one
+    /// DNS name with several addresses.
     #[arg(
         long,
         env = "DUOFLEET_CONTROL_PLANE",

@@ -6,7 +6,7 @@ use crate::args::{Args, DeploymentKind, LogFormat};
 use crate::gitlab::GitLab;
 use crate::health::Prober;
 use crate::identity::AgentIdentity;
-use crate::session::{Backoff, ConnectionCheck, Session};
+use crate::session::{Backoff, ConnectionCheck, Endpoints, Session};
 use crate::state::{self, StateFile};
 use clap::Parser;
 use duofleet_proto::v1::{Deployment, GitLabSync, Hello};
@@ -87,7 +87,8 @@ async fn run(args: Args) -> Result<(), String> {
         },
     };
     let (gitlab, gitlab_sync, gitlab_version) = gitlab_sync(&args).await?;
-    let identity = if args.control_plane.starts_with("https://") {
+    let endpoints = Endpoints::parse(&args.control_plane, &instance_id)?;
+    let identity = if endpoints.https() {
         let path = args
             .control_plane_ca
             .as_ref()
@@ -140,7 +141,7 @@ async fn run(args: Args) -> Result<(), String> {
         applied_digest: state.applied_digest.clone(),
         gitlab_sync: Some(gitlab_sync),
     };
-    tracing::info!(instance = %instance_id, control_plane = %args.control_plane, applied_revision = state.applied_revision, "duofleet-agent starting");
+    tracing::info!(instance = %instance_id, control_plane = %endpoints.list(), applied_revision = state.applied_revision, "duofleet-agent starting");
     let connection_check = match (args.connection_check_interval, &gitlab) {
         (None, _) => None,
         (Some(_), None) => {
@@ -159,7 +160,7 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let gitlab_version_seen = duofleet_proto::GitLabVersion::parse(&hello.gitlab_version);
     let session = Session {
-        endpoint: args.control_plane.clone(),
+        endpoints,
         token,
         hello,
         applier: Applier {

@@ -22,7 +22,9 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Request, Status, Streaming};
 
 pub struct Session {
-    pub endpoint: String,
+    /// The control plane's replicas (--control-plane): one is used at a
+    /// time; when it fails the agent moves on to the next.
+    pub endpoints: Endpoints,
     pub token: Option<String>,
     pub hello: Hello,
     pub applier: Applier,
@@ -61,6 +63,76 @@ pub struct ConnectionCheck {
     pub running: bool,
     /// The latest results, sent with every health report.
     pub results: Vec<EndpointHealth>,
+}
+
+/// The control plane's replicas, in the order given, and the one in use.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    urls: Vec<String>,
+    current: usize,
+}
+
+impl Endpoints {
+    /// Parses --control-plane: one URL or several, comma-separated, all
+    /// http:// or all https://. Agents start on different replicas (by
+    /// instance id), so that a fleet spreads over them.
+    pub fn parse(list: &str, instance_id: &str) -> Result<Endpoints, String> {
+        let urls: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect();
+        if urls.is_empty() {
+            return Err("--control-plane: give at least one duofleetd URL".into());
+        }
+        for url in &urls {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(format!(
+                    "--control-plane: {url:?} is not an http:// or https:// URL"
+                ));
+            }
+        }
+        let https = urls[0].starts_with("https://");
+        if urls.iter().any(|u| u.starts_with("https://") != https) {
+            return Err(
+                "--control-plane: mixes http:// and https:// URLs; every replica serves the same scheme"
+                    .into(),
+            );
+        }
+        let spread = instance_id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        Ok(Endpoints {
+            current: spread % urls.len(),
+            urls,
+        })
+    }
+
+    pub fn https(&self) -> bool {
+        self.urls[0].starts_with("https://")
+    }
+
+    pub fn len(&self) -> usize {
+        self.urls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+
+    pub fn current(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    pub fn advance(&mut self) {
+        self.current = (self.current + 1) % self.urls.len();
+    }
+
+    /// For logs: every URL, comma-separated.
+    pub fn list(&self) -> String {
+        self.urls.join(",")
+    }
 }
 
 /// Why the agent stops for good.
@@ -109,18 +181,39 @@ impl Session {
         }
     }
 
-    async fn connect_once(&mut self) -> Ended {
-        let endpoint = match Endpoint::from_shared(self.endpoint.clone()) {
+    /// A connection to the first replica that answers, starting with the
+    /// current one; an error when none does.
+    async fn channel(&mut self) -> Result<(tonic::transport::Channel, String), Ended> {
+        let mut failures = Vec::new();
+        for _ in 0..self.endpoints.len() {
+            let url = self.endpoints.current().to_string();
+            match self.connect_to(&url).await {
+                Ok(channel) => return Ok((channel, url)),
+                Err(Ended::Retry(reason)) => {
+                    if self.endpoints.len() > 1 {
+                        tracing::warn!(endpoint = %url, %reason, "control plane replica unavailable; trying the next");
+                    }
+                    failures.push(reason);
+                    self.endpoints.advance();
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(Ended::Retry(failures.join("; ")))
+    }
+
+    async fn connect_to(&mut self, url: &str) -> Result<tonic::transport::Channel, Ended> {
+        let endpoint = match Endpoint::from_shared(url.to_string()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(10))
                 .http2_keep_alive_interval(self.keepalive)
                 .keep_alive_timeout(self.keepalive)
                 .keep_alive_while_idle(true),
             Err(e) => {
-                return Ended::Refused(Refused {
+                return Err(Ended::Refused(Refused {
                     code: Code::InvalidArgument,
-                    message: format!("bad --control-plane: {e}"),
-                });
+                    message: format!("bad --control-plane {url}: {e}"),
+                }));
             }
         };
         let endpoint = match &self.identity {
@@ -128,16 +221,33 @@ impl Session {
             Some(identity) => match identity.client_tls(&endpoint).await {
                 Ok(tls) => match endpoint.tls_config(tls) {
                     Ok(endpoint) => endpoint,
-                    Err(e) => return Ended::Retry(format!("TLS settings: {e}")),
+                    Err(e) => return Err(Ended::Retry(format!("TLS settings: {e}"))),
                 },
-                Err(IdentityError::Refused(status)) => return classify(status),
-                Err(IdentityError::Retry(reason)) => return Ended::Retry(reason),
+                Err(IdentityError::Refused(status)) => return Err(classify(status)),
+                Err(IdentityError::Retry(reason)) => return Err(Ended::Retry(reason)),
             },
         };
-        let channel = match endpoint.connect().await {
-            Ok(channel) => channel,
-            Err(e) => return Ended::Retry(format!("cannot connect to {}: {e}", self.endpoint)),
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| Ended::Retry(format!("cannot connect to {url}: {e}")))
+    }
+
+    async fn connect_once(&mut self) -> Ended {
+        let (channel, url) = match self.channel().await {
+            Ok(connected) => connected,
+            Err(ended) => return ended,
         };
+        let ended = self.stream(channel, &url).await;
+        // A replica that ended the stream (it is stopping, or died) is
+        // tried last next time.
+        if matches!(ended, Ended::Retry(_) | Ended::Restarting(..)) {
+            self.endpoints.advance();
+        }
+        ended
+    }
+
+    async fn stream(&mut self, channel: tonic::transport::Channel, url: &str) -> Ended {
         let mut client = AgentServiceClient::new(channel.clone());
         let (outbound, rx) = mpsc::channel(16);
         let mut hello = self.hello.clone();
@@ -167,7 +277,7 @@ impl Session {
             Ok(response) => response.into_inner(),
             Err(status) => return classify(status),
         };
-        tracing::info!(endpoint = %self.endpoint, applied_revision = self.applier.state.applied_revision, "connected to the control plane");
+        tracing::info!(endpoint = %url, applied_revision = self.applier.state.applied_revision, "connected to the control plane");
         self.backoff.reset();
         let mut ticker = tokio::time::interval(self.check_interval);
         ticker.tick().await;
@@ -486,6 +596,49 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_plane_lists_spread_agents_and_fail_over_in_turn() {
+        let one = Endpoints::parse("http://cp:7700", "gitlab-1").unwrap();
+        assert_eq!((one.len(), one.current()), (1, "http://cp:7700"));
+        let list = "https://a:7700, https://b:7700,https://c:7700";
+        let starts: std::collections::BTreeSet<String> = (0..30)
+            .map(|i| {
+                Endpoints::parse(list, &format!("gitlab-{i}"))
+                    .unwrap()
+                    .current()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(starts.len(), 3, "agents start on every replica");
+        let mut endpoints = Endpoints::parse(list, "gitlab-1").unwrap();
+        assert!(endpoints.https());
+        let first = endpoints.current().to_string();
+        let mut seen = vec![first.clone()];
+        for _ in 0..3 {
+            endpoints.advance();
+            seen.push(endpoints.current().to_string());
+        }
+        assert_eq!(seen[3], first, "after every replica, the first again");
+        assert_eq!(
+            seen[..3]
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            3
+        );
+        for (bad, says) in [
+            ("", "at least one"),
+            ("cp:7700", "not an http:// or https:// URL"),
+            ("http://a:7700,https://b:7700", "mixes http:// and https://"),
+        ] {
+            let error = Endpoints::parse(bad, "x").unwrap_err();
+            assert!(
+                error.starts_with("--control-plane") && error.contains(says),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn a_restarting_control_plane_says_when_to_come_back() {

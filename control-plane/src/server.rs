@@ -416,6 +416,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             source,
         })?,
     );
+    registry.follow();
 
     let rollouts =
         crate::rollout::Rollouts::open(store.clone(), registry.clone()).map_err(|source| {
@@ -609,6 +610,9 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         Ok(saved) => tracing::info!(saved, "instance state saved"),
         Err(error) => tracing::warn!(%error, "could not save the fleet's instance state"),
     }
+    // With replicas: the others show this one's agents offline at once,
+    // not once its lease runs out.
+    store.leave();
     let flushed = store.flush();
     if let Some((grpc_result, ())) = results {
         grpc_result?;

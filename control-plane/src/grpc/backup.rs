@@ -61,6 +61,7 @@ impl BackupService for BackupApi {
                 .into(),
             ));
         }
+        self.store.check_backup().map_err(status)?;
         let store = self.store.clone();
         let data_dir = self.data_dir.clone();
         let dest = directory.clone();

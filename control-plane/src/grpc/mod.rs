@@ -56,6 +56,14 @@ pub fn status(error: StoreError) -> Status {
             )
         }
         StoreError::Unavailable => Status::unavailable(error.to_string()),
+        StoreError::Conflict { .. } => Status::aborted(error.to_string()),
+        StoreError::Unsupported(_) => Status::failed_precondition(error.to_string()),
+        StoreError::Etcd { .. } => {
+            tracing::error!(error = %error_chain(&error), "etcd request failed");
+            Status::unavailable(
+                "the etcd cluster did not answer; nothing was acknowledged: retry, and see the duofleetd log if this persists",
+            )
+        }
         internal => {
             tracing::error!(error = %error_chain(&internal), "storage failure");
             Status::internal("internal storage error; see the duofleetd log")

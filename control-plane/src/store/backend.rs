@@ -16,7 +16,7 @@
 
 use super::{Attached, StoreError};
 use duofleet_proto::v1::{self as pb, Model, Profile};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 
 /// Models by name, their API keys sealed.
@@ -138,8 +138,57 @@ pub trait Records: Send + Sync {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
+/// A change to the fleet's shared state, as another replica made it (or
+/// this one: a replica sees its own writes too).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FleetChange {
+    /// All of it, read at one moment: when following starts, and again
+    /// whenever following was interrupted.
+    Snapshot {
+        records: Vec<(String, Vec<u8>)>,
+        /// Instance id -> the replica it is connected to.
+        present: HashMap<String, String>,
+        labels: Vec<(String, Vec<u8>)>,
+    },
+    /// An instance's record was saved.
+    Saved(String, Vec<u8>),
+    /// An instance's record was deleted.
+    Deleted(String),
+    /// An instance is connected to a replica now (`Some`), or to none.
+    Present(String, Option<String>),
+    /// An operator set an instance's labels.
+    Labels(String, Vec<u8>),
+}
+
+/// The fleet's live state, shared between replicas. On a backend with a
+/// single writer (sled) there is nothing to share: the defaults do
+/// nothing.
+pub trait Fleet: Send + Sync {
+    /// This replica's name, unique among the replicas; `None` without
+    /// replicas.
+    fn replica(&self) -> Option<&str> {
+        None
+    }
+    /// Records that instances connected to this replica, or left it. Held
+    /// by this replica's lease: should it die, the cluster drops them.
+    fn present(&self, _arrived: Vec<String>, _left: Vec<String>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Records an operator's labels for an instance, durably.
+    fn put_labels(&self, _instance_id: &str, _value: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Follows every replica's changes to the fleet, starting with a
+    /// snapshot.
+    fn follow_fleet(&self) -> Option<mpsc::Receiver<FleetChange>> {
+        None
+    }
+    /// At shutdown: this replica's instances are no longer connected.
+    fn leave(&self) {}
+}
+
 /// A database the store can run on.
-pub trait Backend: Revisions + Records {
+pub trait Backend: Revisions + Records + Fleet {
     /// A small durable write: fails while the database cannot write.
     fn probe_write(&self) -> Result<(), StoreError>;
     /// Makes every write so far durable (at shutdown).

@@ -41,6 +41,8 @@ use backend::{Backend, Changeset, Stored, Table};
 pub use check::{CheckReport, Damage};
 pub use sled_backend::SledBackend;
 
+const NO_BACKUP_ON_ETCD: &str = "Backup copies duofleetd's embedded sled database; with --store etcd the configuration lives in etcd: back up the etcd cluster (etcdctl snapshot save) and the data dir's key files instead";
+
 /// The on-disk layout version this binary writes. A newer database is
 /// refused; an older one is migrated at open. Version 2 seals API keys.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -288,6 +290,33 @@ impl Store {
                 }
             })
             .expect("a thread to follow the store");
+    }
+
+    /// This replica's name when several share the backend (etcd).
+    pub fn replica(&self) -> Option<&str> {
+        self.backend.replica()
+    }
+
+    /// Records that instances connected to this replica, or left it (on
+    /// a shared backend; nothing on sled).
+    pub fn present(&self, arrived: Vec<String>, left: Vec<String>) -> Result<(), StoreError> {
+        self.backend.present(arrived, left)
+    }
+
+    /// Records an operator's labels where every replica sees them (on a
+    /// shared backend; on sled the instance record is enough).
+    pub fn put_labels(&self, instance_id: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.backend.put_labels(instance_id, value)
+    }
+
+    /// Every replica's changes to the fleet; `None` on sled.
+    pub fn follow_fleet(&self) -> Option<std::sync::mpsc::Receiver<backend::FleetChange>> {
+        self.backend.follow_fleet()
+    }
+
+    /// At shutdown: this replica's instances are no longer connected.
+    pub fn leave(&self) {
+        self.backend.leave()
     }
 
     /// What the store runs on, for logs.
@@ -798,12 +827,18 @@ impl Store {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let revision = self.current().revision;
         let Some(sled) = self.backend.as_sled() else {
-            return Err(StoreError::Unsupported(
-                "Backup copies a sled database; with --store etcd, back up the etcd cluster instead (etcdctl snapshot save), together with the secret key file",
-            ));
+            return Err(StoreError::Unsupported(NO_BACKUP_ON_ETCD));
         };
         sled.backup(dest)?;
         Ok(revision)
+    }
+
+    /// Whether [`Store::backup`] can copy this store (a sled one).
+    pub fn check_backup(&self) -> Result<(), StoreError> {
+        match self.backend.as_sled() {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Unsupported(NO_BACKUP_ON_ETCD)),
+        }
     }
 
     /// Makes every write durable (at shutdown).

@@ -28,7 +28,7 @@
 //! acknowledged, so recovery takes them out again: an error keeps meaning
 //! "nothing changed".
 
-use super::backend::{Backend, Changeset, HistoryEntry, Records, Revisions, Stored, Table};
+use super::backend::{Backend, Changeset, Fleet, HistoryEntry, Records, Revisions, Stored, Table};
 use super::{StoreError, decode};
 use duofleet_proto::v1::{self as pb, Model, Profile};
 use prost::Message;
@@ -590,6 +590,9 @@ impl Records for SledBackend {
             .collect()
     }
 }
+
+/// One duofleetd: nothing to share.
+impl Fleet for SledBackend {}
 
 impl Backend for SledBackend {
     fn probe_write(&self) -> Result<(), StoreError> {

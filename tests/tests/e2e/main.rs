@@ -10,6 +10,7 @@ mod deploy;
 mod durability;
 mod gitlab_api;
 mod grpcurl;
+mod ha;
 mod health;
 mod helm;
 mod history;

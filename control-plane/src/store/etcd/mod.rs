@@ -28,6 +28,8 @@
 //! each one runs on this backend's own small runtime and waits for it.
 
 use super::backend::{Backend, Changeset, Records, Revisions, Stored, Table};
+
+mod fleet;
 use super::{StoreError, decode};
 use duofleet_proto::v1::{self as pb, Model, Profile};
 use etcd_client::{
@@ -36,18 +38,42 @@ use etcd_client::{
 };
 use prost::Message;
 use std::future::Future;
-use std::sync::{Mutex, mpsc};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime};
 
 pub use etcd_client::Error as EtcdError;
 
 /// How long one etcd request may take before it fails.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request that may safely run twice is tried again while the
+/// cluster does not answer (a member died, and the client moves on to
+/// another).
+const RETRY_FOR: Duration = Duration::from_secs(8);
+
+/// A failure that the next attempt, maybe through another member, may not
+/// meet.
+fn transient(error: &EtcdError) -> bool {
+    match error {
+        EtcdError::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+        ),
+        EtcdError::TransportError(_) | EtcdError::IoError(_) => true,
+        _ => false,
+    }
+}
 /// etcd refuses a transaction of more than 128 operations by default
 /// (`--max-txn-ops`); batches of instance records stay below it.
 const BATCH_OPS: usize = 100;
-/// Keys read per range request when walking a prefix.
-const PAGE: i64 = 500;
+/// A batch of writes stays below etcd's request limit (1.5 MiB by
+/// default, `--max-request-bytes`).
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Keys read per range request when walking a prefix: instance records
+/// can be tens of KiB, and a response must stay below gRPC's 4 MiB.
+const PAGE: i64 = 100;
 
 /// How to reach the cluster.
 #[derive(Debug, Clone, Default)]
@@ -136,6 +162,8 @@ pub struct EtcdBackend {
     client: Client,
     prefix: String,
     endpoints: String,
+    /// This replica's presence in the cluster (see `fleet`).
+    presence: Arc<fleet::Presence>,
     /// The configuration as this replica last read or wrote it: a commit
     /// applies its changes to it instead of reading the whole value again.
     cache: Mutex<Option<Stored>>,
@@ -207,6 +235,7 @@ impl EtcdBackend {
             prefix: options.prefix,
             endpoints: options.endpoints.join(","),
             cache: Mutex::new(None),
+            presence: Arc::new(fleet::Presence::new()),
         })
     }
 
@@ -239,40 +268,86 @@ impl EtcdBackend {
             .map_err(|source| StoreError::Etcd { action, source })
     }
 
+    /// [`EtcdBackend::run`], again while it fails in a way a retry may
+    /// fix, for up to [`RETRY_FOR`]. Only for requests that may run twice.
+    fn retrying<T, F>(
+        &self,
+        action: &'static str,
+        work: impl Fn(Client) -> F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, EtcdError>> + Send + 'static,
+    {
+        let deadline = Instant::now() + RETRY_FOR;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.run(action, &work) {
+                Err(StoreError::Etcd { source, .. })
+                    if transient(&source) && Instant::now() + delay < deadline =>
+                {
+                    tracing::debug!(action, error = %source, "etcd request failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn get(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
-        let response = self.run("get", |mut c| async move { c.get(key, None).await })?;
+        let response = self.retrying("get", |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })?;
         Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
+    /// A transaction that may safely run twice.
     fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.retrying("transaction", |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+    }
+
+    /// A transaction run once: the caller finds out what a failure did.
+    fn txn_once(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
         self.run("transaction", |mut c| async move { c.txn(txn).await })
     }
 
     /// Every key-value from `start` (inclusive) to `end` (exclusive), in
     /// key order, read a page at a time.
     fn range(&self, start: Vec<u8>, end: Vec<u8>) -> Result<Vec<KeyValue>, StoreError> {
-        let mut all = Vec::new();
-        let mut from = start;
+        let deadline = Instant::now() + RETRY_FOR;
         loop {
-            let options = GetOptions::new()
-                .with_range(end.clone())
-                .with_sort(SortTarget::Key, SortOrder::Ascend)
-                .with_limit(PAGE);
-            let key = from.clone();
-            let mut page = self.run("range read", |mut c| async move {
-                c.get(key, Some(options)).await
-            })?;
-            let more = page.more();
-            let kvs = page.take_kvs();
-            let Some(last) = kvs.last() else { break };
-            from = last.key().to_vec();
-            from.push(0);
-            all.extend(kvs);
-            if !more {
-                break;
+            match read_range(
+                &self.client,
+                &self.run_handle()?,
+                start.clone(),
+                end.clone(),
+            ) {
+                Ok((kvs, _)) => return Ok(kvs),
+                Err(source) if transient(&source) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(source) => {
+                    return Err(StoreError::Etcd {
+                        action: "range read",
+                        source,
+                    });
+                }
             }
         }
-        Ok(all)
+    }
+
+    fn run_handle(&self) -> Result<tokio::runtime::Handle, StoreError> {
+        Ok(self
+            .runtime
+            .as_ref()
+            .ok_or(StoreError::Unavailable)?
+            .handle()
+            .clone())
     }
 
     /// Every key-value under `prefix`.
@@ -289,7 +364,11 @@ impl EtcdBackend {
     }
 
     fn table_prefix(table: Table) -> String {
-        format!("{}/", table.name())
+        match table {
+            // Under fleet/, which replicas follow together.
+            Table::Instances => fleet::RECORDS.to_string(),
+            _ => format!("{}/", table.name()),
+        }
     }
 
     /// After a failed commit request: whether it was committed anyway (the
@@ -298,6 +377,58 @@ impl EtcdBackend {
         let key = self.numbered("revisions", record.revision);
         matches!(self.get(key), Ok(Some(raw)) if raw == record.encode_to_vec())
     }
+}
+
+/// Every key-value from `start` (inclusive) to `end` (exclusive), in key
+/// order, read a page at a time at one etcd revision (consistent across
+/// pages); and that revision. Blocks the calling thread, never the
+/// runtime's.
+fn read_range(
+    client: &Client,
+    runtime: &tokio::runtime::Handle,
+    start: Vec<u8>,
+    end: Vec<u8>,
+) -> Result<(Vec<KeyValue>, i64), EtcdError> {
+    let mut client = client.clone();
+    let (tx, rx) = mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(read_range_async(&mut client, start, end).await);
+    });
+    rx.recv()
+        .unwrap_or_else(|_| Err(EtcdError::InvalidArgs("the etcd runtime stopped".into())))
+}
+
+async fn read_range_async(
+    client: &mut Client,
+    start: Vec<u8>,
+    end: Vec<u8>,
+) -> Result<(Vec<KeyValue>, i64), EtcdError> {
+    let mut all = Vec::new();
+    let mut from = start;
+    let mut at = 0;
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_sort(SortTarget::Key, SortOrder::Ascend)
+            .with_limit(PAGE);
+        if at > 0 {
+            options = options.with_revision(at);
+        }
+        let mut page = client.get(from.clone(), Some(options)).await?;
+        if at == 0 {
+            at = page.header().map_or(0, |h| h.revision());
+        }
+        let more = page.more();
+        let kvs = page.take_kvs();
+        let Some(last) = kvs.last() else { break };
+        from = last.key().to_vec();
+        from.push(0);
+        all.extend(kvs);
+        if !more {
+            break;
+        }
+    }
+    Ok((all, at))
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -489,34 +620,47 @@ impl Revisions for EtcdBackend {
             )])
             .and_then(writes)
             .or_else([TxnOp::get(self.key("revision"), None)]);
-        let response = match self.txn(txn) {
-            Ok(response) => response,
-            Err(error) => {
-                // The answer may be what was lost: then it is committed.
-                if self.committed_anyway(change.record) {
-                    *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
-                    return Ok(());
+        let deadline = Instant::now() + RETRY_FOR;
+        let mut attempt = 0;
+        let committed = loop {
+            attempt += 1;
+            match self.txn_once(txn.clone()) {
+                Ok(response) if response.succeeded() => break Ok(()),
+                Ok(refused) => {
+                    // On a retry the revision may be taken by the first
+                    // attempt itself, whose answer was lost.
+                    if attempt > 1 && self.committed_anyway(change.record) {
+                        break Ok(());
+                    }
+                    let current = refused
+                        .op_responses()
+                        .into_iter()
+                        .find_map(|op| match op {
+                            TxnOpResponse::Get(get) => {
+                                get.kvs().first().map(|kv| kv.value().to_vec())
+                            }
+                            _ => None,
+                        })
+                        .map(|raw| parse_revision(&raw))
+                        .transpose()?
+                        .unwrap_or(0);
+                    break Err(StoreError::Conflict { revision, current });
                 }
-                *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                return Err(error);
+                Err(StoreError::Etcd { source, action }) => {
+                    // The answer may be what was lost: then it is committed.
+                    if self.committed_anyway(change.record) {
+                        break Ok(());
+                    }
+                    if !transient(&source) || Instant::now() >= deadline {
+                        break Err(StoreError::Etcd { source, action });
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(other) => break Err(other),
             }
         };
-        if !response.succeeded() {
-            let current = response
-                .op_responses()
-                .into_iter()
-                .find_map(|op| match op {
-                    TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-                    _ => None,
-                })
-                .map(|raw| parse_revision(&raw))
-                .transpose()?
-                .unwrap_or(0);
-            *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            return Err(StoreError::Conflict { revision, current });
-        }
-        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
-        Ok(())
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = committed.is_ok().then_some(next);
+        committed
     }
 
     fn record(&self, revision: u64) -> Result<Option<pb::Revision>, StoreError> {
@@ -535,8 +679,9 @@ impl Revisions for EtcdBackend {
             .with_range(end)
             .with_sort(SortTarget::Key, SortOrder::Descend)
             .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
-        let mut response = self.run("range read", |mut c| async move {
-            c.get(start, Some(options)).await
+        let mut response = self.retrying("range read", |mut c| {
+            let (start, options) = (start.clone(), options.clone());
+            async move { c.get(start, Some(options)).await }
         })?;
         response
             .take_kvs()
@@ -610,7 +755,10 @@ impl Records for EtcdBackend {
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let key = self.key(&format!("{}{key}", Self::table_prefix(table)));
         let value = value.to_vec();
-        self.run("put", |mut c| async move { c.put(key, value, None).await })?;
+        self.retrying("put", |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, None).await }
+        })?;
         Ok(())
     }
 
@@ -618,25 +766,50 @@ impl Records for EtcdBackend {
         let key = self.key(&format!("{}{key}", Self::table_prefix(table)));
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value.to_vec(), None)]);
-        Ok(self.txn(txn)?.succeeded())
+            .and_then([TxnOp::put(key.clone(), value.to_vec(), None)]);
+        let deadline = Instant::now() + RETRY_FOR;
+        loop {
+            match self.txn_once(txn.clone()) {
+                Ok(response) => return Ok(response.succeeded()),
+                Err(StoreError::Etcd { source, action }) => {
+                    // Whether the lost answer was a yes: the key holds
+                    // exactly this record.
+                    match self.get(key.clone()) {
+                        Ok(Some(stored)) => return Ok(stored == value),
+                        Ok(None) if transient(&source) && Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        _ => return Err(StoreError::Etcd { source, action }),
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
     }
 
     fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
         let key = self.key(&format!("{}{key}", Self::table_prefix(table)));
-        let response = self.run("delete", |mut c| async move { c.delete(key, None).await })?;
+        let response = self.retrying("delete", |mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await }
+        })?;
         Ok(response.deleted() > 0)
     }
 
     fn put_batch(&self, table: Table, records: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
         let prefix = Self::table_prefix(table);
-        let mut records = records.into_iter().peekable();
-        while records.peek().is_some() {
-            let ops: Vec<TxnOp> = records
-                .by_ref()
-                .take(BATCH_OPS)
-                .map(|(key, value)| TxnOp::put(self.key(&format!("{prefix}{key}")), value, None))
-                .collect();
+        let mut ops = Vec::new();
+        let mut bytes = 0;
+        for (key, value) in records {
+            // etcd refuses a request over 1.5 MiB by default.
+            if ops.len() == BATCH_OPS || (bytes + value.len() > BATCH_BYTES && !ops.is_empty()) {
+                self.txn(Txn::new().and_then(std::mem::take(&mut ops)))?;
+                bytes = 0;
+            }
+            bytes += value.len() + key.len();
+            ops.push(TxnOp::put(self.key(&format!("{prefix}{key}")), value, None));
+        }
+        if !ops.is_empty() {
             self.txn(Txn::new().and_then(ops))?;
         }
         Ok(())
@@ -663,8 +836,9 @@ impl Backend for EtcdBackend {
             .unwrap_or_default()
             .as_nanos() as u64;
         let key = self.key("probe");
-        self.run("put", |mut c| async move {
-            c.put(key, now.to_be_bytes().to_vec(), None).await
+        self.retrying("put", |mut c| {
+            let key = key.clone();
+            async move { c.put(key, now.to_be_bytes().to_vec(), None).await }
         })?;
         Ok(())
     }

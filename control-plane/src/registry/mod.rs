@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot, watch};
 
+mod shared;
+
 /// How many health state changes an instance keeps.
 const HEALTH_TRANSITIONS: usize = 100;
 
@@ -46,6 +48,35 @@ struct Entry {
     /// The last results per target, oldest first, for the dashboard's
     /// latency charts (memory only).
     latency: HashMap<(i32, String), VecDeque<LatencySample>>,
+    /// Its agent is connected to this replica.
+    here: bool,
+    /// Its agent is connected to another replica (shared backends): which.
+    elsewhere: Option<String>,
+    /// The sync state in that replica's last saved record.
+    reported: i32,
+}
+
+impl Entry {
+    /// An instance known from a record, its agent not connected here.
+    fn blank() -> Entry {
+        Entry {
+            instance: Instance::default(),
+            session: 0,
+            kick: None,
+            failed: false,
+            drifted: false,
+            pushed: None,
+            dirty: None,
+            urgent: false,
+            warned_conflict: None,
+            labels_tx: None,
+            awaiting_ack: false,
+            latency: HashMap::new(),
+            here: false,
+            elsewhere: None,
+            reported: SyncState::Offline as i32,
+        }
+    }
 }
 
 /// One probe result, as a chart needs it.
@@ -85,6 +116,14 @@ pub struct Registry {
     /// How many agents may be connected at once.
     max_agents: usize,
     pub metrics: Metrics,
+    /// Other replicas share the fleet (an etcd store): transitions are
+    /// saved at once, so that they see them.
+    shared: bool,
+    /// How old unsaved progress may get.
+    progress_after: Duration,
+    /// Instances that connected here, and that left, since the last save
+    /// (shared backends only).
+    presence: Mutex<(Vec<String>, Vec<String>)>,
 }
 
 /// Why a new agent connection is refused.
@@ -105,6 +144,11 @@ pub enum Refused {
 /// How old unsaved progress (acks, health, connections) may get.
 pub const PROGRESS_SAVED_AFTER: Duration = Duration::from_secs(5);
 
+/// The same with replicas, where every save is a network write that every
+/// replica reads: state changes are saved at once, and what is left
+/// (heartbeats, latencies) this often.
+pub const SHARED_PROGRESS_SAVED_AFTER: Duration = Duration::from_secs(30);
+
 /// How long a refused claim stays shown on the instance.
 const CONFLICT_SHOWN: Duration = Duration::from_secs(600);
 
@@ -122,23 +166,23 @@ impl Registry {
                 instance.sync_state = SyncState::Offline as i32;
                 let entry = Entry {
                     instance,
-                    session: 0,
-                    kick: None,
                     failed,
                     drifted,
-                    pushed: None,
-                    dirty: None,
-                    urgent: false,
-                    warned_conflict: None,
-                    labels_tx: None,
-                    awaiting_ack: false,
-                    latency: HashMap::new(),
+                    ..Entry::blank()
                 };
                 (entry.instance.instance_id.clone(), entry)
             })
             .collect();
+        let shared = store.replica().is_some();
         Ok(Registry {
             store,
+            shared,
+            progress_after: if shared {
+                SHARED_PROGRESS_SAVED_AFTER
+            } else {
+                PROGRESS_SAVED_AFTER
+            },
+            presence: Mutex::new((Vec::new(), Vec::new())),
             entries: Mutex::new(entries),
             saving: Mutex::new(()),
             events: broadcast::Sender::new(1024),
@@ -166,9 +210,7 @@ impl Registry {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (kick, kicked) = oneshot::channel();
         let mut entries = self.lock();
-        let reconnecting = entries
-            .get(&hello.instance_id)
-            .is_some_and(|e| e.instance.connected);
+        let reconnecting = entries.get(&hello.instance_id).is_some_and(|e| e.here);
         let others = self.connected.load(Ordering::Relaxed) - usize::from(reconnecting);
         if others >= self.max_agents {
             return Err(Refused::Full(self.max_agents));
@@ -205,17 +247,8 @@ impl Registry {
                     instance_id: hello.instance_id.clone(),
                     ..Default::default()
                 },
-                session: 0,
-                kick: None,
-                failed: false,
-                drifted: false,
-                pushed: None,
-                dirty: None,
                 urgent: true,
-                warned_conflict: None,
-                labels_tx: None,
-                awaiting_ack: false,
-                latency: HashMap::new(),
+                ..Entry::blank()
             });
         if let Some(old) = entry.kick.take() {
             let _ = old.send(());
@@ -263,10 +296,14 @@ impl Registry {
             now.unmanaged_models = before.unmanaged_models;
             now.detail = before.detail;
         }
-        if !instance.connected {
+        if !entry.here {
             self.connected.fetch_add(1, Ordering::Relaxed);
+            entry.here = true;
+            if self.shared {
+                self.lock_presence().0.push(hello.instance_id.clone());
+            }
         }
-        instance.connected = true;
+        entry.instance.connected = true;
         self.updated(entry, Some(Event::InstanceConnected));
         let (labels_tx, labels) = watch::channel(entry.instance.labels.clone());
         entry.labels_tx = Some(labels_tx);
@@ -415,6 +452,8 @@ impl Registry {
         instance.health = report.results;
         self.updated(entry, None);
         if !changed.is_empty() {
+            // Replicas see a health transition at the next save.
+            entry.urgent |= self.shared;
             self.emit_with(Event::HealthChanged, &entry.instance, changed);
         }
     }
@@ -427,10 +466,15 @@ impl Registry {
         let Some(entry) = entry_of(&mut entries, session) else {
             return;
         };
-        if entry.instance.connected {
+        if entry.here {
             self.connected.fetch_sub(1, Ordering::Relaxed);
+            entry.here = false;
+            if self.shared {
+                self.lock_presence().1.push(session.instance_id.clone());
+            }
         }
-        entry.instance.connected = false;
+        // Still connected when its agent moved to another replica already.
+        entry.instance.connected = entry.elsewhere.is_some();
         entry.kick = None;
         let unsaved = entry.dirty;
         self.updated(entry, Some(Event::InstanceDisconnected));
@@ -502,6 +546,13 @@ impl Registry {
         record.labels = labels.clone();
         self.store.save_instances(std::slice::from_ref(&record))?;
         self.store.flush()?;
+        if self.shared {
+            let value = shared::LabelsValue {
+                labels: labels.clone(),
+                actor: actor.to_string(),
+            };
+            self.store.put_labels(instance_id, &value.encode_to_vec())?;
+        }
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(instance_id) else {
             return Ok(None);
@@ -528,7 +579,7 @@ impl Registry {
         let Some(mut entry) = self.lock().remove(instance_id) else {
             return Ok(false);
         };
-        if entry.instance.connected {
+        if entry.here {
             self.connected.fetch_sub(1, Ordering::Relaxed);
         }
         if let Some(kick) = entry.kick.take() {
@@ -551,7 +602,7 @@ impl Registry {
         let now = Instant::now();
         let due = |e: &Entry| {
             e.dirty.is_some_and(|since| {
-                all || e.urgent || now.duration_since(since) >= PROGRESS_SAVED_AFTER
+                all || e.urgent || now.duration_since(since) >= self.progress_after
             })
         };
         // Encoded under the lock: no copy of each instance on the way.
@@ -567,7 +618,21 @@ impl Registry {
             .collect();
         let count = changed.len();
         self.store.save_encoded_instances(changed)?;
+        if self.shared {
+            let (arrived, left) = std::mem::take(&mut *self.lock_presence());
+            if let Err(error) = self.store.present(arrived.clone(), left.clone()) {
+                // Tried again at the next save.
+                let mut pending = self.lock_presence();
+                pending.0.extend(arrived);
+                pending.1.extend(left);
+                return Err(error);
+            }
+        }
         Ok(count)
+    }
+
+    fn lock_presence(&self) -> std::sync::MutexGuard<'_, (Vec<String>, Vec<String>)> {
+        self.presence.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The fleet gauges for /metrics, then the counters.
@@ -655,6 +720,7 @@ impl Registry {
     /// Recomputes the derived fields, marks the entry for saving and
     /// announces a change.
     fn updated(&self, entry: &mut Entry, event: Option<fn(InstanceEvent) -> Event>) {
+        let before = entry.instance.sync_state;
         let instance = &mut entry.instance;
         instance.last_seen = Some(SystemTime::now().into());
         let state = if !instance.connected {
@@ -677,6 +743,8 @@ impl Registry {
         };
         instance.sync_state = state as i32;
         entry.dirty.get_or_insert_with(Instant::now);
+        // Replicas see a state change at the next save.
+        entry.urgent |= self.shared && before != instance.sync_state;
         if let Some(event) = event {
             self.emit(event, instance);
         }

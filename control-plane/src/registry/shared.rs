@@ -1,0 +1,239 @@
+//! The whole fleet on every replica (an etcd store): each replica saves the
+//! instances whose agents are connected to it, and takes in what the other
+//! replicas saved, so that ListInstances, GetFleetHealth, WatchFleet and
+//! the dashboard show every instance, whichever replica its agent is on.
+//!
+//! Who says what:
+//! - an instance's record: the replica its agent is connected to (what this
+//!   replica holds of its own agents is never replaced from outside);
+//! - whether it is connected: the `live` keys, held by each replica's lease;
+//! - its labels: the operator, through any replica (a key of their own, so
+//!   that a replica's save of the record cannot undo them).
+
+use super::{Entry, Registry};
+use crate::effective::Labels;
+use crate::store::backend::FleetChange;
+use duofleet_proto::v1::fleet_event::Event;
+use duofleet_proto::v1::{
+    FleetEvent, HealthState, Instance, InstanceEvent, LabelsChanged, SyncState,
+};
+use prost::Message;
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::SystemTime;
+
+/// An operator's labels for an instance, as replicas share them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LabelsValue {
+    #[prost(btree_map = "string, string", tag = "1")]
+    pub labels: Labels,
+    #[prost(string, tag = "2")]
+    pub actor: String,
+}
+
+impl Registry {
+    /// Takes in the other replicas' changes to the fleet until the
+    /// registry is dropped. Nothing to do on sled.
+    pub fn follow(self: &Arc<Self>) {
+        let Some(changes) = self.store.follow_fleet() else {
+            return;
+        };
+        let registry: Weak<Registry> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("fleet-follow".into())
+            .spawn(move || {
+                while let Ok(change) = changes.recv() {
+                    let Some(registry) = registry.upgrade() else {
+                        break;
+                    };
+                    registry.merge(change);
+                }
+            })
+            .expect("a thread to follow the fleet");
+    }
+
+    /// Applies one change another replica made (or this one: its own
+    /// writes come back too, and change nothing).
+    pub fn merge(&self, change: FleetChange) {
+        let me = self.store.replica().map(str::to_string);
+        match change {
+            FleetChange::Snapshot {
+                records,
+                present,
+                labels,
+            } => {
+                let known: HashSet<String> = records.iter().map(|(id, _)| id.clone()).collect();
+                for (id, raw) in records {
+                    self.merge_record(&id, &raw);
+                }
+                let mut entries = self.lock();
+                // Deleted while this replica was not following.
+                let gone: Vec<String> = entries
+                    .iter()
+                    .filter(|(id, e)| !e.here && !e.urgent && !known.contains(*id))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in gone {
+                    if let Some(entry) = entries.remove(&id) {
+                        self.emit(Event::Deleted, &entry.instance);
+                    }
+                }
+                for (id, entry) in entries.iter_mut() {
+                    let holder = present.get(id).filter(|r| Some(*r) != me.as_ref());
+                    self.set_elsewhere(entry, holder.cloned());
+                }
+                drop(entries);
+                for (id, raw) in labels {
+                    self.merge_labels(&id, &raw);
+                }
+            }
+            FleetChange::Saved(id, raw) => self.merge_record(&id, &raw),
+            FleetChange::Deleted(id) => {
+                let Some(mut entry) = self.lock().remove(&id) else {
+                    return;
+                };
+                if entry.here {
+                    self.connected
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Some(kick) = entry.kick.take() {
+                    let _ = kick.send(());
+                }
+                self.emit(Event::Deleted, &entry.instance);
+            }
+            FleetChange::Present(id, holder) => {
+                let holder = holder.filter(|r| Some(r) != me.as_ref());
+                let mut entries = self.lock();
+                if let Some(entry) = entries.get_mut(&id) {
+                    self.set_elsewhere(entry, holder);
+                }
+            }
+            FleetChange::Labels(id, raw) => self.merge_labels(&id, &raw),
+        }
+    }
+
+    /// Another replica's record of an instance: taken in unless its agent
+    /// is connected here.
+    fn merge_record(&self, id: &str, raw: &[u8]) {
+        let Ok(mut record) = Instance::decode(raw) else {
+            tracing::warn!(instance = %id, "an instance record in the shared store does not decode; ignored");
+            return;
+        };
+        let mut entries = self.lock();
+        let entry = entries.entry(id.to_string()).or_insert_with(|| Entry {
+            instance: Instance {
+                instance_id: id.to_string(),
+                labels: record.labels.clone(),
+                sync_state: SyncState::Offline as i32,
+                ..Default::default()
+            },
+            ..Entry::blank()
+        });
+        if entry.here {
+            return;
+        }
+        // Connection and labels are not the record's to say.
+        record.instance_id = id.to_string();
+        record.labels = std::mem::take(&mut entry.instance.labels);
+        record.connected = entry.elsewhere.is_some();
+        entry.reported = record.sync_state;
+        if !record.connected {
+            record.sync_state = SyncState::Offline as i32;
+        }
+        let old = std::mem::replace(&mut entry.instance, record);
+        let now = &entry.instance;
+        let health_changed: Vec<_> = now
+            .health
+            .iter()
+            .filter(|h| {
+                !old.health
+                    .iter()
+                    .any(|o| o.kind == h.kind && o.target == h.target && o.state == h.state)
+            })
+            .cloned()
+            .collect();
+        let event =
+            if now.sync_state != old.sync_state || now.applied_revision != old.applied_revision {
+                Some(match now.sync_state() {
+                    SyncState::Failed => Event::Failed as fn(InstanceEvent) -> Event,
+                    SyncState::Drifted => Event::Drifted,
+                    SyncState::Offline => Event::InstanceDisconnected,
+                    _ => Event::Applied,
+                })
+            } else {
+                None
+            };
+        if let Some(event) = event {
+            self.emit(event, now);
+        }
+        if !health_changed.is_empty() {
+            self.emit_with(Event::HealthChanged, now, health_changed);
+        }
+    }
+
+    /// Which other replica the instance's agent is connected to, if any.
+    fn set_elsewhere(&self, entry: &mut Entry, holder: Option<String>) {
+        if entry.elsewhere == holder {
+            return;
+        }
+        entry.elsewhere = holder;
+        if entry.here {
+            return;
+        }
+        let connected = entry.elsewhere.is_some();
+        if entry.instance.connected == connected {
+            return;
+        }
+        entry.instance.connected = connected;
+        if connected {
+            // Its state is the holder's to report: what its record said
+            // last (a record can arrive before the presence that goes
+            // with it).
+            entry.instance.sync_state = match SyncState::try_from(entry.reported) {
+                Ok(SyncState::Offline) | Err(_) => SyncState::Pending as i32,
+                Ok(_) => entry.reported,
+            };
+            self.emit(Event::InstanceConnected, &entry.instance);
+        } else {
+            entry.instance.sync_state = SyncState::Offline as i32;
+            for health in &mut entry.instance.health {
+                health.state = HealthState::Unknown as i32;
+            }
+            self.emit(Event::InstanceDisconnected, &entry.instance);
+        }
+    }
+
+    /// An operator set an instance's labels through some replica.
+    fn merge_labels(&self, id: &str, raw: &[u8]) {
+        let Ok(value) = LabelsValue::decode(raw) else {
+            tracing::warn!(instance = %id, "shared labels do not decode; ignored");
+            return;
+        };
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(id) else {
+            return;
+        };
+        if entry.instance.labels == value.labels {
+            return;
+        }
+        let old = std::mem::replace(&mut entry.instance.labels, value.labels.clone());
+        if let Some(tx) = &entry.labels_tx {
+            let _ = tx.send(value.labels.clone());
+        }
+        if entry.here {
+            // This replica's record of it carries them from now on.
+            entry.dirty.get_or_insert_with(std::time::Instant::now);
+            entry.urgent = true;
+        }
+        tracing::info!(instance = %id, actor = %value.actor, old = ?old, new = ?value.labels, "instance labels changed through another replica");
+        let _ = self.events.send(FleetEvent {
+            time: Some(SystemTime::now().into()),
+            event: Some(Event::LabelsChanged(LabelsChanged {
+                instance_id: id.to_string(),
+                actor: value.actor,
+                old_labels: old,
+                new_labels: value.labels,
+            })),
+        });
+    }
+}

@@ -1,0 +1,359 @@
+//! The fleet's live state, shared between replicas through etcd.
+//!
+//! ```text
+//! fleet/instances/<id>   what the instance's agent reported (saved in batches)
+//! fleet/live/<id>        the replica it is connected to, held by that
+//!                        replica's lease
+//! fleet/labels/<id>      the labels an operator set
+//! ```
+//!
+//! Each replica holds one lease (10 s), kept alive by one request every few
+//! seconds whatever the fleet's size: agents' heartbeats cost etcd nothing.
+//! A replica that dies stops renewing it, and within the lease's time etcd
+//! drops every `live` key it held: the other replicas show its agents
+//! OFFLINE until they reconnect to one of them. Every replica follows the
+//! whole `fleet/` prefix with one watch.
+
+use super::{EtcdBackend, EtcdError, prefix_end, read_range_async};
+use crate::store::StoreError;
+use crate::store::backend::{Fleet, FleetChange};
+use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+pub(super) const RECORDS: &str = "fleet/instances/";
+const LIVE: &str = "fleet/live/";
+const LABELS: &str = "fleet/labels/";
+const FLEET: &str = "fleet/";
+
+/// The lease's time to live, in seconds: how long the cluster waits for a
+/// silent replica before its agents show OFFLINE.
+const LEASE_TTL: i64 = 10;
+/// Presence writes per transaction.
+const PRESENCE_OPS: usize = 50;
+
+/// This replica's name, lease, and the instances connected to it.
+pub struct Presence {
+    replica: String,
+    lease: Mutex<Option<i64>>,
+    here: Mutex<HashSet<String>>,
+    left: AtomicBool,
+}
+
+impl Presence {
+    pub fn new() -> Presence {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "duofleetd".into());
+        let mut random = [0u8; 4];
+        let _ = getrandom::fill(&mut random);
+        Presence {
+            replica: format!("{host}-{}", hex(&random)),
+            lease: Mutex::new(None),
+            here: Mutex::new(HashSet::new()),
+            left: AtomicBool::new(false),
+        }
+    }
+
+    fn lease(&self) -> Option<i64> {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_lease(&self, lease: Option<i64>) {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = lease;
+    }
+
+    fn here(&self) -> Vec<String> {
+        self.here
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Puts `live/<id>` for each instance under `lease`, in batches.
+async fn put_live(
+    client: &mut Client,
+    prefix: &str,
+    replica: &str,
+    lease: i64,
+    ids: &[String],
+) -> Result<(), EtcdError> {
+    for chunk in ids.chunks(PRESENCE_OPS) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|id| {
+                TxnOp::put(
+                    format!("{prefix}{LIVE}{id}"),
+                    replica,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        client.txn(Txn::new().and_then(ops)).await?;
+    }
+    Ok(())
+}
+
+/// Keeps the lease alive. Should it be lost (the replica was cut off
+/// longer than its time to live), takes a new one and puts this replica's
+/// instances back under it.
+async fn keep_alive(mut client: Client, presence: Arc<Presence>, prefix: String, mut lease: i64) {
+    while !presence.left.load(Ordering::Acquire) {
+        if let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await {
+            loop {
+                if presence.left.load(Ordering::Acquire) || keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match stream.message().await {
+                    Ok(Some(answer)) if answer.ttl() > 0 => {}
+                    _ => break,
+                }
+                tokio::time::sleep(Duration::from_secs((LEASE_TTL / 3) as u64)).await;
+            }
+        }
+        if presence.left.load(Ordering::Acquire) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let alive = client
+            .lease_time_to_live(lease, None)
+            .await
+            .is_ok_and(|r| r.ttl() > 0);
+        if alive {
+            continue;
+        }
+        let Ok(granted) = client.lease_grant(LEASE_TTL, None).await else {
+            continue;
+        };
+        lease = granted.id();
+        presence.set_lease(Some(lease));
+        let here = presence.here();
+        match put_live(&mut client, &prefix, &presence.replica, lease, &here).await {
+            Ok(()) => tracing::warn!(
+                instances = here.len(),
+                "this replica's etcd lease had expired; its instances are present again under a new one"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "cannot put this replica's instances under its new etcd lease")
+            }
+        }
+    }
+}
+
+impl EtcdBackend {
+    /// This replica's lease, granted (and kept alive) on first use.
+    fn ensure_lease(&self) -> Result<i64, StoreError> {
+        let mut slot = self
+            .presence
+            .lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(lease) = *slot {
+            return Ok(lease);
+        }
+        let granted = self.run("lease grant", |mut c| async move {
+            c.lease_grant(LEASE_TTL, None).await
+        })?;
+        let lease = granted.id();
+        *slot = Some(lease);
+        drop(slot);
+        let runtime = self.runtime.as_ref().ok_or(StoreError::Unavailable)?;
+        runtime.spawn(keep_alive(
+            self.client.clone(),
+            self.presence.clone(),
+            self.prefix.clone(),
+            lease,
+        ));
+        Ok(lease)
+    }
+}
+
+/// Follows `fleet/`: a snapshot, then every change from the snapshot's
+/// revision on; a snapshot again whenever the watch breaks.
+async fn follow(mut client: Client, prefix: String, changes: mpsc::Sender<FleetChange>) {
+    let start = format!("{prefix}{FLEET}").into_bytes();
+    let end = prefix_end(&start);
+    loop {
+        let (kvs, revision) = match read_range_async(&mut client, start.clone(), end.clone()).await
+        {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the fleet from etcd; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut records = Vec::new();
+        let mut present = HashMap::new();
+        let mut labels = Vec::new();
+        for kv in &kvs {
+            let key = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+            let value = kv.value().to_vec();
+            if let Some(id) = key.strip_prefix(RECORDS) {
+                records.push((id.to_string(), value));
+            } else if let Some(id) = key.strip_prefix(LIVE) {
+                present.insert(id.to_string(), String::from_utf8_lossy(&value).into_owned());
+            } else if let Some(id) = key.strip_prefix(LABELS) {
+                labels.push((id.to_string(), value));
+            }
+        }
+        let snapshot = FleetChange::Snapshot {
+            records,
+            present,
+            labels,
+        };
+        if changes.send(snapshot).is_err() {
+            return;
+        }
+        let options = WatchOptions::new()
+            .with_range(end.clone())
+            .with_start_revision(revision + 1);
+        let mut stream = match client.watch(start.clone(), Some(options)).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch the fleet in etcd; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(answer)) => {
+                    if answer.canceled() {
+                        tracing::warn!(
+                            reason = answer.cancel_reason(),
+                            "the etcd fleet watch was cancelled; reading the fleet again"
+                        );
+                        break;
+                    }
+                    for event in answer.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let key = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+                        let put = event.event_type() == EventType::Put;
+                        let value = kv.value().to_vec();
+                        let change = if let Some(id) = key.strip_prefix(RECORDS) {
+                            match put {
+                                true => FleetChange::Saved(id.to_string(), value),
+                                false => FleetChange::Deleted(id.to_string()),
+                            }
+                        } else if let Some(id) = key.strip_prefix(LIVE) {
+                            FleetChange::Present(
+                                id.to_string(),
+                                put.then(|| String::from_utf8_lossy(&value).into_owned()),
+                            )
+                        } else if let Some(id) = key.strip_prefix(LABELS) {
+                            if !put {
+                                continue;
+                            }
+                            FleetChange::Labels(id.to_string(), value)
+                        } else {
+                            continue;
+                        };
+                        if changes.send(change).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "the etcd fleet watch ended; reading the fleet again");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Fleet for EtcdBackend {
+    fn replica(&self) -> Option<&str> {
+        Some(&self.presence.replica)
+    }
+
+    fn present(&self, arrived: Vec<String>, left: Vec<String>) -> Result<(), StoreError> {
+        if arrived.is_empty() && left.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut here = self.presence.here.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &left {
+                here.remove(id);
+            }
+            here.extend(arrived.iter().cloned());
+        }
+        let lease = self.ensure_lease()?;
+        let prefix = self.prefix.clone();
+        let replica = self.presence.replica.clone();
+        self.retrying("presence write", |mut c| {
+            let (prefix, replica) = (prefix.clone(), replica.clone());
+            let (arrived, left) = (arrived.clone(), left.clone());
+            async move {
+                put_live(&mut c, &prefix, &replica, lease, &arrived).await?;
+                // Only this replica's key: the agent may be on another by now.
+                for chunk in left.chunks(PRESENCE_OPS) {
+                    let ops: Vec<TxnOp> = chunk
+                        .iter()
+                        .map(|id| {
+                            let key = format!("{prefix}{LIVE}{id}");
+                            TxnOp::txn(
+                                Txn::new()
+                                    .when([Compare::value(
+                                        key.clone(),
+                                        CompareOp::Equal,
+                                        replica.clone(),
+                                    )])
+                                    .and_then([TxnOp::delete(key, None)]),
+                            )
+                        })
+                        .collect();
+                    c.txn(Txn::new().and_then(ops)).await?;
+                }
+                Ok(())
+            }
+        })
+    }
+
+    fn put_labels(&self, instance_id: &str, value: &[u8]) -> Result<(), StoreError> {
+        let key = self.key(&format!("{LABELS}{instance_id}"));
+        let value = value.to_vec();
+        self.retrying("put", |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, None).await }
+        })?;
+        Ok(())
+    }
+
+    fn follow_fleet(&self) -> Option<mpsc::Receiver<FleetChange>> {
+        let runtime = self.runtime.as_ref()?;
+        let (tx, rx) = mpsc::channel();
+        runtime.spawn(follow(self.client.clone(), self.prefix.clone(), tx));
+        Some(rx)
+    }
+
+    fn leave(&self) {
+        self.presence.left.store(true, Ordering::Release);
+        let Some(lease) = self.presence.lease() else {
+            return;
+        };
+        // Revoking drops every live key this replica held at once.
+        match self.run("lease revoke", |mut c| async move {
+            c.lease_revoke(lease).await
+        }) {
+            Ok(_) => self.presence.set_lease(None),
+            Err(error) => {
+                tracing::warn!(error = %crate::error::error_chain(&error), "cannot revoke this replica's etcd lease; its instances show connected until it expires")
+            }
+        }
+    }
+}

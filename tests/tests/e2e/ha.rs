@@ -1,0 +1,411 @@
+//! Replicated duofleetd on etcd: a real 3-member etcd cluster (Debian's
+//! etcd-server) and two real duofleetd replicas on loopback, with real
+//! agents given both replicas' addresses.
+
+use crate::agents::{ENV_HASH_RB as RB, linux_agent, set_gateway};
+use crate::{WAIT, instance, list_models, revision_numbers};
+use duofleet_proto::v1::fleet_event::Event;
+use duofleet_proto::v1::{
+    CreateModelRequest, GetFleetHealthRequest, ListInstancesRequest, Model, SyncState,
+};
+use duofleet_tests::etcd::Etcd;
+use duofleet_tests::{Clients, Daemon, DaemonOptions, mk};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The key files every replica shares (the operator copies them, or the
+/// chart mounts one Secret).
+const SHARED_FILES: [&str; 4] = [
+    "admin.token",
+    "enroll.token",
+    "secret.key",
+    "token-hash.key",
+];
+
+struct Replicas {
+    etcd: Etcd,
+    root: tempfile::TempDir,
+}
+
+impl Replicas {
+    async fn start() -> Replicas {
+        let etcd = Etcd::cluster(3).await.unwrap_or_else(|e| panic!("{e}"));
+        Replicas {
+            etcd,
+            root: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.root.path().join(format!("replica-{i}"))
+    }
+
+    /// Starts replica `i` (on `listen`, when it must keep its address);
+    /// replicas after the first get the first one's key files.
+    fn replica(&self, i: usize, listen: Option<String>) -> Daemon {
+        let data = self.data(i);
+        if i > 0 && !data.exists() {
+            std::fs::create_dir_all(&data).unwrap();
+            for file in SHARED_FILES {
+                let from = self.data(0).join(file);
+                if from.exists() {
+                    std::fs::copy(&from, data.join(file)).unwrap();
+                }
+            }
+        }
+        Daemon::start_with(
+            &data,
+            DaemonOptions {
+                args: vec![
+                    "--store".into(),
+                    "etcd".into(),
+                    "--etcd-endpoints".into(),
+                    self.etcd.endpoints(),
+                ],
+                listen,
+                ..Default::default()
+            },
+        )
+    }
+}
+
+fn model(name: &str) -> Model {
+    Model {
+        api_key: format!("sk-ha-{name}"),
+        ..mk::model(name)
+    }
+}
+
+async fn create(c: &mut Clients, name: &str) -> Result<u64, tonic::Status> {
+    c.models
+        .create_model(CreateModelRequest {
+            model: Some(model(name)),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().revision)
+}
+
+/// Waits until `check` holds, polling.
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until replica `c` shows `id` connected and synced at `revision`.
+async fn synced_on(c: &mut Clients, id: &str, revision: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen = instance(c, id).await;
+        if seen.as_ref().is_some_and(|i| {
+            i.connected && i.sync_state() == SyncState::Synced && i.applied_revision == revision
+        }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never synced at {revision}; last seen {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn reconfigures(ctl: &duofleet_tests::agent::FakeCommand) -> usize {
+    ctl.calls()
+        .iter()
+        .filter(|c| c.contains("reconfigure"))
+        .count()
+}
+
+/// Both replicas answer every operator RPC and show the whole fleet,
+/// whichever replica each agent is connected to. One replica dies while
+/// operators write through both: every acknowledged write is kept, and the
+/// agents converge through the other; one that comes back to the same
+/// content re-applies nothing.
+#[tokio::test]
+async fn replicas_share_the_fleet_and_agents_fail_over() {
+    let cluster = Replicas::start().await;
+    let a = cluster.replica(0, None);
+    let b = cluster.replica(1, None);
+    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let mut fleet_b = crate::watch_fleet(&mut cb).await;
+
+    // A write through either replica is seen by both.
+    create(&mut ca, "first").await.unwrap();
+    let gateway_revision = set_gateway(&mut cb, "default", "https://aigw.example.com").await;
+    assert_eq!(gateway_revision, 2);
+    for c in [&mut ca, &mut cb] {
+        eventually("both replicas at revision 2", async || {
+            (revision_numbers(c).await.first() == Some(&2)).then_some(())
+        })
+        .await;
+    }
+
+    // Two agents, each told both addresses; they spread over the replicas.
+    let both = format!("http://{},http://{}", a.grpc_addr, b.grpc_addr);
+    let root = cluster.root.path();
+    let mut agents = Vec::new();
+    for id in ["gitlab-ha-1", "gitlab-ha-2", "gitlab-ha-3", "gitlab-ha-4"] {
+        agents.push(linux_agent(&a, root, id, RB, &["--control-plane", &both]));
+    }
+    for c in [&mut ca, &mut cb] {
+        for (agent, _, _) in &agents {
+            synced_on(c, &agent.instance_id, 2).await;
+        }
+    }
+    let on_a = agents
+        .iter()
+        .filter(|(agent, _, _)| {
+            agent
+                .log()
+                .contains(&format!("endpoint={}", with_scheme(&a)))
+        })
+        .count();
+    assert!(
+        (1..4).contains(&on_a),
+        "the agents spread over both replicas ({on_a} of 4 on the first)"
+    );
+    // The whole fleet's health from either replica.
+    for c in [&mut ca, &mut cb] {
+        let listed = c
+            .fleet
+            .list_instances(ListInstancesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .instances;
+        assert_eq!(listed.len(), 4, "{listed:?}");
+        // The gateway, probed by every agent, counted across the fleet.
+        eventually("the gateway's health from all four agents", async || {
+            let health = c
+                .fleet
+                .get_fleet_health(GetFleetHealthRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            health
+                .targets
+                .iter()
+                .find(|t| t.target.contains("aigw.example.com"))
+                .filter(|t| t.healthy + t.unhealthy == 4)
+                .cloned()
+        })
+        .await;
+    }
+    // WatchFleet on one replica saw every agent connect, wherever it did.
+    let mut connected = BTreeSet::new();
+    while connected.len() < 4 {
+        let event = tokio::time::timeout(WAIT, fleet_b.message())
+            .await
+            .expect("fleet events")
+            .unwrap()
+            .unwrap();
+        if let Some(Event::InstanceConnected(e)) = event.event {
+            connected.insert(e.instance_id);
+        }
+    }
+
+    // Writes from both sides; the first replica dies in the middle.
+    let writer = |mut c: Clients, side: &'static str| {
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..30 {
+                let name = format!("w-{side}-{i}");
+                // Lost a race with the other replica: nothing was written;
+                // the operator retries.
+                let mut result = create(&mut c, &name).await;
+                while matches!(&result, Err(s) if s.code() == tonic::Code::Aborted) {
+                    result = create(&mut c, &name).await;
+                }
+                match result {
+                    Ok(revision) => acknowledged.push((revision, name)),
+                    Err(status) => {
+                        eprintln!("writer {side} stopped: {status:?}");
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acknowledged
+        })
+    };
+    let writes_a = writer(a.clients().await, "a");
+    let writes_b = writer(b.clients().await, "b");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a_addr = a.grpc_addr.clone();
+    a.kill9();
+    let mut acknowledged = writes_a.await.unwrap();
+    acknowledged.extend(writes_b.await.unwrap());
+    assert!(acknowledged.iter().any(|(_, n)| n.starts_with("w-a")));
+    assert_eq!(
+        acknowledged
+            .iter()
+            .filter(|(_, n)| n.starts_with("w-b"))
+            .count(),
+        30,
+        "the surviving replica took every write"
+    );
+    let models: BTreeSet<String> = list_models(&mut cb)
+        .await
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    for (revision, name) in &acknowledged {
+        assert!(
+            models.contains(name),
+            "{name} (revision {revision}) was acknowledged and lost"
+        );
+    }
+    let numbers = revision_numbers(&mut cb).await;
+    let unique: BTreeSet<u64> = numbers.iter().copied().collect();
+    assert_eq!(unique.len(), numbers.len(), "a revision number used twice");
+    assert_eq!(numbers.len() as u64, numbers[0], "revisions without a gap");
+
+    // New models are in no agent's configuration: nothing was sent. A new
+    // gateway is, and every agent converges on it through the survivor.
+    let last = set_gateway(&mut cb, "default", "https://aigw-2.example.com").await;
+    for (agent, _, _) in &agents {
+        synced_on(&mut cb, &agent.instance_id, last).await;
+    }
+    let before: Vec<usize> = agents.iter().map(|(_, ctl, _)| reconfigures(ctl)).collect();
+
+    // The dead replica comes back; the survivor stops gracefully: agents
+    // move back, and the same content is not applied again.
+    let a = cluster.replica(0, Some(a_addr));
+    let mut ca = a.clients().await;
+    b.stop("TERM");
+    for (agent, _, _) in &agents {
+        synced_on(&mut ca, &agent.instance_id, last).await;
+    }
+    let back: Vec<usize> = agents.iter().map(|(_, ctl, _)| reconfigures(ctl)).collect();
+    assert_eq!(back, before, "the same content was applied again");
+}
+
+fn with_scheme(daemon: &Daemon) -> String {
+    format!("http://{}", daemon.grpc_addr)
+}
+
+/// An agent's replica disappears for good: the other replica shows it
+/// OFFLINE once the dead replica's etcd lease runs out, and ONLINE again
+/// when the agent reconnects.
+#[tokio::test]
+async fn a_dead_replicas_agents_show_offline_until_they_come_back() {
+    let cluster = Replicas::start().await;
+    let a = cluster.replica(0, None);
+    let b = cluster.replica(1, None);
+    let mut cb = b.clients().await;
+    let root = cluster.root.path();
+    // Only the first replica's address: the agent cannot fail over.
+    let (mut agent, _, _) = linux_agent(&a, root, "gitlab-lonely", RB, &[]);
+    eventually("seen connected through the other replica", async || {
+        instance(&mut cb, "gitlab-lonely")
+            .await
+            .filter(|i| i.connected)
+    })
+    .await;
+    let a_addr = a.grpc_addr.clone();
+    a.kill9();
+    let killed = Instant::now();
+    let offline = eventually("offline after the lease", async || {
+        instance(&mut cb, "gitlab-lonely")
+            .await
+            .filter(|i| !i.connected && i.sync_state() == SyncState::Offline)
+    })
+    .await;
+    assert!(!offline.connected);
+    assert!(
+        killed.elapsed() >= Duration::from_secs(3),
+        "offline before the lease could expire: the replica was not holding it"
+    );
+    let a = cluster.replica(0, Some(a_addr));
+    eventually("connected again", async || {
+        instance(&mut cb, "gitlab-lonely")
+            .await
+            .filter(|i| i.connected)
+    })
+    .await;
+    agent.kill9();
+    drop(a);
+}
+
+/// One etcd member dies: writes go on through both replicas. Then
+/// everything stops and starts again: the state is intact.
+#[tokio::test]
+async fn an_etcd_member_dies_and_everything_restarts_intact() {
+    let mut cluster = Replicas::start().await;
+    let a = cluster.replica(0, None);
+    let b = cluster.replica(1, None);
+    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    for i in 0..3 {
+        create(&mut ca, &format!("before-{i}")).await.unwrap();
+    }
+    cluster.etcd.members[0].kill();
+    // A request in flight to the dead member may fail once; writes go on.
+    for (c, side) in [(&mut ca, "a"), (&mut cb, "b")] {
+        for i in 0..5 {
+            let name = format!("during-{side}-{i}");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match create(c, &name).await {
+                    Ok(_) => break,
+                    Err(status) => assert!(
+                        Instant::now() < deadline,
+                        "writes stopped with one member of three down: {status:?}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let expected: BTreeSet<String> = list_models(&mut cb)
+        .await
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(expected.len(), 13);
+    let revisions = revision_numbers(&mut cb).await;
+
+    // Stop everything; start it all again.
+    a.stop("TERM");
+    b.stop("TERM");
+    for member in &mut cluster.etcd.members {
+        member.kill();
+    }
+    for member in &mut cluster.etcd.members {
+        member.restart().unwrap();
+    }
+    cluster
+        .etcd
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let a = cluster.replica(0, None);
+    let b = cluster.replica(1, None);
+    for daemon in [&a, &b] {
+        let mut c = daemon.clients().await;
+        let models: BTreeSet<String> = list_models(&mut c)
+            .await
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(models, expected);
+        assert_eq!(revision_numbers(&mut c).await, revisions);
+        let key = c
+            .models
+            .get_model(duofleet_proto::v1::GetModelRequest {
+                name: "before-0".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(key.has_api_key);
+    }
+    assert!(Path::new(&cluster.data(0)).join("revision.hwm").exists());
+}
