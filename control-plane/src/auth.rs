@@ -178,6 +178,12 @@ impl Tokens {
             .insert(hash, token);
     }
 
+    /// Accepts exactly these issued tokens from now on (a snapshot of
+    /// what every replica issued); the data dir's tokens stay.
+    pub fn replace_issued(&self, all: Vec<(String, pb::Token)>) {
+        *self.issued.write().unwrap_or_else(|e| e.into_inner()) = all.into_iter().collect();
+    }
+
     /// Counts one enrollment against a join token; returns the token as it
     /// must now be stored, or `None` when it is used up (and so removed).
     pub fn consume(&self, name: &str) -> Option<Option<pb::Token>> {

@@ -10,7 +10,8 @@
 //! first start; an operator may put their own there instead.
 
 use crate::fsutil;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Table, TableChange};
+use prost::Message;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
@@ -63,7 +64,7 @@ impl CertAuthority {
         data_dir: &Path,
         store: Arc<Store>,
         lifetime: Duration,
-    ) -> Result<Self, CaError> {
+    ) -> Result<Arc<Self>, CaError> {
         let cert_path = data_dir.join("ca.pem");
         let key_path = data_dir.join("ca.key");
         let files = |source| CaError::Files {
@@ -103,13 +104,46 @@ impl CertAuthority {
         };
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| invalid(e.to_string()))?;
         let issued = store.load_certs()?.into_iter().collect();
-        Ok(CertAuthority {
+        let ca = Arc::new(CertAuthority {
             ca_pem,
             issuer,
             lifetime,
-            store,
+            store: store.clone(),
             issued: RwLock::new(issued),
-        })
+        });
+        let followed = Arc::downgrade(&ca);
+        store.follow_table(Table::Certs, move |change| {
+            if let Some(ca) = followed.upgrade() {
+                ca.follow(change);
+            }
+        });
+        Ok(ca)
+    }
+
+    /// Another replica issued or revoked a certificate: this one knows it.
+    fn follow(&self, change: TableChange) {
+        let decoded = |fingerprint: &str, raw: &[u8]| {
+            IssuedCert::decode(raw)
+                .inspect_err(|_| tracing::warn!(%fingerprint, "a stored certificate record does not decode; ignored"))
+                .ok()
+        };
+        let mut issued = self.issued.write().unwrap_or_else(|e| e.into_inner());
+        match change {
+            TableChange::Snapshot(all) => {
+                *issued = all
+                    .iter()
+                    .filter_map(|(f, raw)| Some((f.clone(), decoded(f, raw)?)))
+                    .collect();
+            }
+            TableChange::Put(fingerprint, raw) => {
+                if let Some(cert) = decoded(&fingerprint, &raw) {
+                    issued.insert(fingerprint, cert);
+                }
+            }
+            TableChange::Deleted(fingerprint) => {
+                issued.remove(&fingerprint);
+            }
+        }
     }
 
     pub fn ca_pem(&self) -> &str {

@@ -426,6 +426,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             }
         })?;
     store.set_guard(rollouts.guard());
+    rollouts.follow();
     crate::rollout::spawn_gates(rollouts.clone(), ROLLOUT_GATE_PERIOD);
 
     let grpc_listener = listen(args.listen).map_err(|source| StartError::Listen {
@@ -466,14 +467,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
 
     let connections = Arc::new(crate::admission::Connections::default());
     let auth = grpc::authenticator(tokens.clone(), connections.clone(), false);
-    let ca = Arc::new(
-        CertAuthority::load_or_create(
-            &args.data_dir,
-            store.clone(),
-            Duration::from_secs(args.agent_cert_lifetime_secs),
-        )
-        .map_err(|e| -> Box<dyn Error> { Box::new(e) })?,
-    );
+    let ca = CertAuthority::load_or_create(
+        &args.data_dir,
+        store.clone(),
+        Duration::from_secs(args.agent_cert_lifetime_secs),
+    )
+    .map_err(|e| -> Box<dyn Error> { Box::new(e) })?;
     let agent_auth =
         grpc::agent_authenticator(tokens.clone(), connections.clone(), ca.clone(), tls);
     let enroll_auth = grpc::agent_or_admin_authenticator(

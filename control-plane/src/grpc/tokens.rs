@@ -3,13 +3,14 @@
 use super::{blocking, caller, status, writer};
 use crate::auth::Tokens;
 use crate::error::{ConfigError, quoted};
-use crate::store::{Store, StoredToken};
+use crate::store::{Store, StoredToken, Table, TableChange};
 use crate::validate;
 use duofleet_proto::v1::token_service_server::TokenService;
 use duofleet_proto::v1::{
     CreateTokenRequest, CreateTokenResponse, ListTokensRequest, ListTokensResponse,
     RevokeTokenRequest, Role, Token,
 };
+use prost::Message;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
@@ -30,7 +31,40 @@ impl TokenApi {
                 tokens.issue(stored.hash, token);
             }
         }
+        let followed = tokens.clone();
+        store.follow_table(Table::Tokens, move |change| follow(&followed, change));
         Ok(TokenApi { store, tokens })
+    }
+}
+
+/// Another replica made, used or revoked a token: this one accepts what
+/// it accepts.
+fn follow(tokens: &Tokens, change: TableChange) {
+    let decoded = |name: &str, raw: &[u8]| match StoredToken::decode(raw) {
+        Ok(StoredToken {
+            token: Some(token),
+            hash,
+        }) => Some((hash, token)),
+        _ => {
+            tracing::warn!(token = %name, "a stored token does not decode; ignored");
+            None
+        }
+    };
+    match change {
+        TableChange::Snapshot(all) => {
+            let all: Vec<_> = all
+                .iter()
+                .filter_map(|(name, raw)| decoded(name, raw))
+                .collect();
+            tokens.replace_issued(all);
+        }
+        TableChange::Put(name, raw) => {
+            if let Some((hash, token)) = decoded(&name, &raw) {
+                tokens.revoke(&name);
+                tokens.issue(hash, token);
+            }
+        }
+        TableChange::Deleted(name) => tokens.revoke(&name),
     }
 }
 

@@ -122,6 +122,16 @@ impl Table {
     }
 }
 
+/// A change to a table, as any writer made it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableChange {
+    /// Every record, read at one moment: when following starts, and again
+    /// whenever following was interrupted.
+    Snapshot(Vec<(String, Vec<u8>)>),
+    Put(String, Vec<u8>),
+    Deleted(String),
+}
+
 /// Instances, tokens, certificates and rollouts.
 pub trait Records: Send + Sync {
     /// Writes one record, durable before it returns.
@@ -134,8 +144,15 @@ pub trait Records: Send + Sync {
     /// before it returns (agents resend their state on reconnect), but
     /// must not be half-applied record by record.
     fn put_batch(&self, table: Table, records: Vec<(String, Vec<u8>)>) -> Result<(), StoreError>;
+    /// One record.
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every record of a table, by key.
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Follows what every writer changes in a table, starting with a
+    /// snapshot; `None` when this process is the only writer.
+    fn follow_table(&self, _table: Table) -> Option<mpsc::Receiver<TableChange>> {
+        None
+    }
 }
 
 /// A change to the fleet's shared state, as another replica made it (or
@@ -185,6 +202,11 @@ pub trait Fleet: Send + Sync {
     }
     /// At shutdown: this replica's instances are no longer connected.
     fn leave(&self) {}
+    /// Whether this replica does the work that must happen once (rollout
+    /// gates). Always, without replicas.
+    fn leads(&self) -> bool {
+        true
+    }
 }
 
 /// A database the store can run on.

@@ -37,7 +37,8 @@ pub mod etcd;
 mod high_water;
 pub mod sled_backend;
 
-use backend::{Backend, Changeset, Stored, Table};
+use backend::{Backend, Changeset, Stored};
+pub use backend::{Table, TableChange};
 pub use check::{CheckReport, Damage};
 pub use sled_backend::SledBackend;
 
@@ -149,6 +150,9 @@ pub struct Commit {
 /// profiles an active rollout holds): old and new configuration.
 pub type Guard = Arc<dyn Fn(&Config, &Config) -> Result<(), ConfigError> + Send + Sync>;
 
+/// Learns of a revision another replica committed, before it is published.
+pub type PublishHook = Box<dyn Fn(&pb::Revision) + Send + Sync>;
+
 /// A record committed in the same transaction as a revision: a rollout
 /// starts exactly when its revision does.
 pub struct Attached {
@@ -197,6 +201,9 @@ pub struct Store {
     catalog: &'static Catalog,
     sealer: Sealer,
     guard: RwLock<Option<Guard>>,
+    /// Runs on each revision another replica committed, before it is
+    /// published here.
+    before_publish: RwLock<Option<PublishHook>>,
     writer: Mutex<()>,
     current: watch::Sender<Arc<Config>>,
     revision_events: broadcast::Sender<pb::Revision>,
@@ -262,6 +269,7 @@ impl Store {
             backend,
             high_water: high_water.map(Path::to_path_buf),
             guard: RwLock::new(None),
+            before_publish: RwLock::new(None),
             catalog,
             sealer,
             writer: Mutex::new(()),
@@ -312,6 +320,23 @@ impl Store {
     /// Every replica's changes to the fleet; `None` on sled.
     pub fn follow_fleet(&self) -> Option<std::sync::mpsc::Receiver<backend::FleetChange>> {
         self.backend.follow_fleet()
+    }
+
+    /// Runs `apply` on every change any replica makes to `table`, starting
+    /// with a snapshot, on a thread of its own (shared backends; nothing
+    /// on sled, where this process makes every change itself).
+    pub fn follow_table(&self, table: Table, apply: impl Fn(TableChange) + Send + 'static) {
+        let Some(changes) = self.backend.follow_table(table) else {
+            return;
+        };
+        std::thread::Builder::new()
+            .name(format!("follow-{}", table.name()))
+            .spawn(move || {
+                while let Ok(change) = changes.recv() {
+                    apply(change);
+                }
+            })
+            .expect("a thread to follow a table");
     }
 
     /// At shutdown: this replica's instances are no longer connected.
@@ -413,6 +438,15 @@ impl Store {
         for revision in known + 1..=config.revision {
             records.extend(self.backend.record(revision)?);
         }
+        if let Some(hook) = &*self
+            .before_publish
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            for record in &records {
+                hook(record);
+            }
+        }
         if let Err(error) = self.record_high_water(config.revision) {
             tracing::error!(error = %crate::error::error_chain(&error), "cannot record the acknowledged revision");
         }
@@ -456,6 +490,25 @@ impl Store {
         op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
         self.change(actor, Write::default(), op)
+    }
+
+    /// Sets what learns of other replicas' revisions before they are
+    /// published (see [`PublishHook`]).
+    pub fn before_publish(&self, hook: PublishHook) {
+        *self
+            .before_publish
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Whether this replica does the work that must happen once.
+    pub fn leads(&self) -> bool {
+        self.backend.leads()
+    }
+
+    /// One rollout record, by id.
+    pub fn load_rollout(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.backend.get(Table::Rollouts, key)
     }
 
     /// Sets the check every later change must pass (see [`Guard`]).

@@ -579,6 +579,14 @@ impl Records for SledBackend {
         self.write(|t| Ok(t.table(table).apply_batch(batch)?))
     }
 
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .trees()?
+            .table(table)
+            .get(key.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.trees()?
             .table(table)

@@ -434,7 +434,9 @@ async fn an_interrupted_apply_is_finished_at_start_without_the_control_plane() {
     let mut c = daemon.clients().await;
     let (mut agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
     wait_synced(&mut c, "gitlab-a", 0).await;
-    ctl.set_sleep(Some(3));
+    // Long enough that the orphan cannot end by itself before the agent is
+    // back, on a loaded machine.
+    ctl.set_sleep(Some(8));
     set_gateway(&mut c, "default", "https://aigw.example.com").await;
     let deadline = Instant::now() + WAIT;
     while ctl.calls().is_empty() {
@@ -460,8 +462,8 @@ async fn an_interrupted_apply_is_finished_at_start_without_the_control_plane() {
             .unwrap()
             .contains("'AI_GATEWAY_URL' => 'https://aigw.example.com',")
     );
-    // The orphan (3 s) would have finished by now had it not been stopped.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The orphan (8 s) would have finished by now had it not been stopped.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(ctl.finished(), 1, "two reconfigures ran to the end");
     assert_eq!(ctl.calls(), ["reconfigure", "reconfigure"]);
     assert!(

@@ -409,3 +409,107 @@ async fn an_etcd_member_dies_and_everything_restarts_intact() {
     }
     assert!(Path::new(&cluster.data(0)).join("revision.hwm").exists());
 }
+
+/// A staged change made through one replica holds back the same instances
+/// on both, whichever replica each agent is on; the gates run once (on the
+/// leader), and both replicas show the rollout as it moves.
+#[tokio::test]
+async fn a_rollout_holds_instances_back_on_every_replica() {
+    use crate::rollout::{count, gateway_in, percent, spec, staged_gateway, wait_rollout};
+    use duofleet_proto::v1::{RolloutState, WaveState};
+    let cluster = Replicas::start().await;
+    let a = cluster.replica(0, None);
+    let b = cluster.replica(1, None);
+    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let old = set_gateway(&mut ca, "default", "https://aigw-old.example.com").await;
+    let both = format!("http://{},http://{}", a.grpc_addr, b.grpc_addr);
+    let root = cluster.root.path();
+    let agents: Vec<_> = (1..=4)
+        .map(|i| {
+            linux_agent(
+                &a,
+                root,
+                &format!("gitlab-ro-{i}"),
+                RB,
+                &["--control-plane", &both],
+            )
+        })
+        .collect();
+    for (agent, _, _) in &agents {
+        synced_on(&mut ca, &agent.instance_id, old).await;
+        synced_on(&mut cb, &agent.instance_id, old).await;
+    }
+    let on_a = agents
+        .iter()
+        .filter(|(agent, _, _)| {
+            agent
+                .log()
+                .contains(&format!("endpoint={}", with_scheme(&a)))
+        })
+        .count();
+    assert!(
+        (1..4).contains(&on_a),
+        "agents on both replicas ({on_a} of 4 on the first)"
+    );
+    let before: Vec<usize> = agents.iter().map(|(_, ctl, _)| reconfigures(ctl)).collect();
+
+    // Staged through the second replica: one canary, then the rest after
+    // a bake of 4 s.
+    let new = "https://aigw-new.example.com";
+    let (_, id) = staged_gateway(&mut cb, new, spec(vec![count(1), percent(100)], 4)).await;
+    // The other replica learns of it within moments.
+    eventually("the rollout known to both replicas", async || {
+        ca.rollouts
+            .get_rollout(duofleet_proto::v1::GetRolloutRequest { id: id.clone() })
+            .await
+            .ok()
+    })
+    .await;
+    for c in [&mut ca, &mut cb] {
+        wait_rollout(c, &id, "baking wave 1", |r| {
+            r.waves
+                .first()
+                .is_some_and(|w| w.state() == WaveState::Baking)
+        })
+        .await;
+    }
+    // During the bake: exactly the canary has the new gateway, on
+    // whichever replica; the others stay held on both.
+    for _ in 0..10 {
+        let moved = agents
+            .iter()
+            .filter(|(_, _, rb)| gateway_in(rb) == new)
+            .count();
+        assert_eq!(moved, 1, "only the canary moves during wave 1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Then every wave opens, once, and both replicas say so.
+    for c in [&mut ca, &mut cb] {
+        let done = wait_rollout(c, &id, "succeeded", |r| {
+            r.state() == RolloutState::Succeeded
+        })
+        .await;
+        assert!(done.waves.iter().all(|w| w.state() == WaveState::Passed));
+    }
+    for (agent, ctl, rb) in &agents {
+        eventually("the new gateway everywhere", async || {
+            (gateway_in(rb) == new).then_some(())
+        })
+        .await;
+        let i = agents
+            .iter()
+            .position(|(a, _, _)| a.instance_id == agent.instance_id)
+            .unwrap();
+        eventually("one reconfigure for the change", async || {
+            (reconfigures(ctl) == before[i] + 1).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after: Vec<usize> = agents.iter().map(|(_, ctl, _)| reconfigures(ctl)).collect();
+    let expected: Vec<usize> = before.iter().map(|n| n + 1).collect();
+    assert_eq!(
+        after, expected,
+        "each agent applied the change exactly once"
+    );
+}

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-fn spec(waves: Vec<Wave>, bake_secs: i64) -> RolloutSpec {
+pub(crate) fn spec(waves: Vec<Wave>, bake_secs: i64) -> RolloutSpec {
     RolloutSpec {
         waves,
         gate: Some(Gate {
@@ -35,14 +35,14 @@ fn selector(key: &str, value: &str) -> Wave {
     }
 }
 
-fn percent(p: u32) -> Wave {
+pub(crate) fn percent(p: u32) -> Wave {
     Wave {
         percent: p,
         ..Default::default()
     }
 }
 
-fn count(n: u32) -> Wave {
+pub(crate) fn count(n: u32) -> Wave {
     Wave {
         count: n,
         ..Default::default()
@@ -50,7 +50,11 @@ fn count(n: u32) -> Wave {
 }
 
 /// Sets the default profile's gateway as a staged change: (revision, rollout id).
-async fn staged_gateway(c: &mut Clients, url: &str, rollout: RolloutSpec) -> (u64, String) {
+pub(crate) async fn staged_gateway(
+    c: &mut Clients,
+    url: &str,
+    rollout: RolloutSpec,
+) -> (u64, String) {
     let response = c
         .profiles
         .update_profile(UpdateProfileRequest {
@@ -85,7 +89,7 @@ async fn rollout(c: &mut Clients, id: &str) -> Rollout {
         .into_inner()
 }
 
-async fn wait_rollout(
+pub(crate) async fn wait_rollout(
     c: &mut Clients,
     id: &str,
     what: &str,
@@ -105,7 +109,7 @@ async fn wait_rollout(
     }
 }
 
-fn gateway_in(rb: &Path) -> String {
+pub(crate) fn gateway_in(rb: &Path) -> String {
     let text = std::fs::read_to_string(rb).unwrap();
     duofleet_agent::gitlab_rb::read_gateway_url(&text)
         .unwrap()

@@ -16,8 +16,10 @@
 
 use super::{EtcdBackend, EtcdError, prefix_end, read_range_async};
 use crate::store::StoreError;
-use crate::store::backend::{Fleet, FleetChange};
-use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use crate::store::backend::{Fleet, FleetChange, TableChange};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -40,6 +42,10 @@ pub struct Presence {
     lease: Mutex<Option<i64>>,
     here: Mutex<HashSet<String>>,
     left: AtomicBool,
+    /// This replica holds the `leader` key.
+    leading: AtomicBool,
+    /// The election runs.
+    campaigning: AtomicBool,
 }
 
 impl Presence {
@@ -56,6 +62,8 @@ impl Presence {
             lease: Mutex::new(None),
             here: Mutex::new(HashSet::new()),
             left: AtomicBool::new(false),
+            leading: AtomicBool::new(false),
+            campaigning: AtomicBool::new(false),
         }
     }
 
@@ -151,6 +159,45 @@ async fn keep_alive(mut client: Client, presence: Arc<Presence>, prefix: String,
     }
 }
 
+/// How often a replica checks who leads, and tries to when nobody does.
+const CAMPAIGN_EVERY: Duration = Duration::from_secs(2);
+
+/// The election: the `leader` key names the replica that leads, held by
+/// its lease. Whoever finds it missing takes it; a leader that dies loses
+/// it with its lease.
+async fn campaign(mut client: Client, presence: Arc<Presence>, prefix: String) {
+    let key = format!("{prefix}leader");
+    while !presence.left.load(Ordering::Acquire) {
+        let leading = match presence.lease() {
+            None => false,
+            Some(lease) => {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        presence.replica.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )])
+                    .or_else([TxnOp::get(key.clone(), None)]);
+                match client.txn(txn).await {
+                    Ok(answer) if answer.succeeded() => true,
+                    Ok(answer) => answer.op_responses().into_iter().any(|op| {
+                        matches!(op, TxnOpResponse::Get(get)
+                            if get.kvs().first().is_some_and(|kv| kv.value() == presence.replica.as_bytes()))
+                    }),
+                    // Cut off from the cluster: another replica may lead.
+                    Err(_) => false,
+                }
+            }
+        };
+        if presence.leading.swap(leading, Ordering::AcqRel) != leading {
+            tracing::info!(replica = %presence.replica, leading, "leadership changed");
+        }
+        tokio::time::sleep(CAMPAIGN_EVERY).await;
+    }
+    presence.leading.store(false, Ordering::Release);
+}
+
 impl EtcdBackend {
     /// This replica's lease, granted (and kept alive) on first use.
     fn ensure_lease(&self) -> Result<i64, StoreError> {
@@ -179,41 +226,37 @@ impl EtcdBackend {
     }
 }
 
-/// Follows `fleet/`: a snapshot, then every change from the snapshot's
-/// revision on; a snapshot again whenever the watch breaks.
-async fn follow(mut client: Client, prefix: String, changes: mpsc::Sender<FleetChange>) {
-    let start = format!("{prefix}{FLEET}").into_bytes();
+/// Follows every key under `prefix` + `under`: a snapshot, then every
+/// change from the snapshot's revision on; a snapshot again whenever the
+/// watch breaks. Keys are given without `prefix`; `map` turns each change
+/// into what the receiver wants (or nothing).
+pub(super) async fn follow_prefix<T: Send + 'static>(
+    mut client: Client,
+    prefix: String,
+    under: String,
+    map: impl Fn(TableChange) -> Option<T> + Send + 'static,
+    changes: mpsc::Sender<T>,
+) {
+    let start = format!("{prefix}{under}").into_bytes();
     let end = prefix_end(&start);
+    let key_of = |raw: &[u8]| String::from_utf8_lossy(&raw[prefix.len()..]).into_owned();
     loop {
         let (kvs, revision) = match read_range_async(&mut client, start.clone(), end.clone()).await
         {
             Ok(read) => read,
             Err(error) => {
-                tracing::warn!(%error, "cannot read the fleet from etcd; retrying");
+                tracing::warn!(%error, under, "cannot read from etcd; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        let mut records = Vec::new();
-        let mut present = HashMap::new();
-        let mut labels = Vec::new();
-        for kv in &kvs {
-            let key = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
-            let value = kv.value().to_vec();
-            if let Some(id) = key.strip_prefix(RECORDS) {
-                records.push((id.to_string(), value));
-            } else if let Some(id) = key.strip_prefix(LIVE) {
-                present.insert(id.to_string(), String::from_utf8_lossy(&value).into_owned());
-            } else if let Some(id) = key.strip_prefix(LABELS) {
-                labels.push((id.to_string(), value));
-            }
-        }
-        let snapshot = FleetChange::Snapshot {
-            records,
-            present,
-            labels,
-        };
-        if changes.send(snapshot).is_err() {
+        let snapshot = kvs
+            .iter()
+            .map(|kv| (key_of(kv.key()), kv.value().to_vec()))
+            .collect();
+        if let Some(change) = map(TableChange::Snapshot(snapshot))
+            && changes.send(change).is_err()
+        {
             return;
         }
         let options = WatchOptions::new()
@@ -222,7 +265,7 @@ async fn follow(mut client: Client, prefix: String, changes: mpsc::Sender<FleetC
         let mut stream = match client.watch(start.clone(), Some(options)).await {
             Ok(stream) => stream,
             Err(error) => {
-                tracing::warn!(%error, "cannot watch the fleet in etcd; retrying");
+                tracing::warn!(%error, under, "cannot watch etcd; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -233,47 +276,78 @@ async fn follow(mut client: Client, prefix: String, changes: mpsc::Sender<FleetC
                     if answer.canceled() {
                         tracing::warn!(
                             reason = answer.cancel_reason(),
-                            "the etcd fleet watch was cancelled; reading the fleet again"
+                            under,
+                            "an etcd watch was cancelled; reading again"
                         );
                         break;
                     }
                     for event in answer.events() {
                         let Some(kv) = event.kv() else { continue };
-                        let key = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
-                        let put = event.event_type() == EventType::Put;
-                        let value = kv.value().to_vec();
-                        let change = if let Some(id) = key.strip_prefix(RECORDS) {
-                            match put {
-                                true => FleetChange::Saved(id.to_string(), value),
-                                false => FleetChange::Deleted(id.to_string()),
-                            }
-                        } else if let Some(id) = key.strip_prefix(LIVE) {
-                            FleetChange::Present(
-                                id.to_string(),
-                                put.then(|| String::from_utf8_lossy(&value).into_owned()),
-                            )
-                        } else if let Some(id) = key.strip_prefix(LABELS) {
-                            if !put {
-                                continue;
-                            }
-                            FleetChange::Labels(id.to_string(), value)
-                        } else {
-                            continue;
+                        let key = key_of(kv.key());
+                        let change = match event.event_type() {
+                            EventType::Put => TableChange::Put(key, kv.value().to_vec()),
+                            EventType::Delete => TableChange::Deleted(key),
                         };
-                        if changes.send(change).is_err() {
+                        if let Some(change) = map(change)
+                            && changes.send(change).is_err()
+                        {
                             return;
                         }
                     }
                 }
                 Ok(None) => break,
                 Err(error) => {
-                    tracing::warn!(%error, "the etcd fleet watch ended; reading the fleet again");
+                    tracing::warn!(%error, under, "an etcd watch ended; reading again");
                     break;
                 }
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A change under `fleet/`, as the registry takes it.
+fn fleet_change(change: TableChange) -> Option<FleetChange> {
+    Some(match change {
+        TableChange::Snapshot(all) => {
+            let mut records = Vec::new();
+            let mut present = HashMap::new();
+            let mut labels = Vec::new();
+            for (key, value) in all {
+                if let Some(id) = key.strip_prefix(RECORDS) {
+                    records.push((id.to_string(), value));
+                } else if let Some(id) = key.strip_prefix(LIVE) {
+                    present.insert(id.to_string(), String::from_utf8_lossy(&value).into_owned());
+                } else if let Some(id) = key.strip_prefix(LABELS) {
+                    labels.push((id.to_string(), value));
+                }
+            }
+            FleetChange::Snapshot {
+                records,
+                present,
+                labels,
+            }
+        }
+        TableChange::Put(key, value) => {
+            if let Some(id) = key.strip_prefix(RECORDS) {
+                FleetChange::Saved(id.to_string(), value)
+            } else if let Some(id) = key.strip_prefix(LIVE) {
+                FleetChange::Present(
+                    id.to_string(),
+                    Some(String::from_utf8_lossy(&value).into_owned()),
+                )
+            } else {
+                FleetChange::Labels(key.strip_prefix(LABELS)?.to_string(), value)
+            }
+        }
+        TableChange::Deleted(key) => {
+            if let Some(id) = key.strip_prefix(RECORDS) {
+                FleetChange::Deleted(id.to_string())
+            } else {
+                FleetChange::Present(key.strip_prefix(LIVE)?.to_string(), None)
+            }
+        }
+    })
 }
 
 impl Fleet for EtcdBackend {
@@ -337,12 +411,37 @@ impl Fleet for EtcdBackend {
     fn follow_fleet(&self) -> Option<mpsc::Receiver<FleetChange>> {
         let runtime = self.runtime.as_ref()?;
         let (tx, rx) = mpsc::channel();
-        runtime.spawn(follow(self.client.clone(), self.prefix.clone(), tx));
+        runtime.spawn(follow_prefix(
+            self.client.clone(),
+            self.prefix.clone(),
+            FLEET.to_string(),
+            fleet_change,
+            tx,
+        ));
         Some(rx)
+    }
+
+    fn leads(&self) -> bool {
+        if !self.presence.campaigning.swap(true, Ordering::AcqRel) {
+            if let Err(error) = self.ensure_lease() {
+                self.presence.campaigning.store(false, Ordering::Release);
+                tracing::warn!(error = %crate::error::error_chain(&error), "cannot take an etcd lease to stand for leader; trying again");
+                return false;
+            }
+            if let Some(runtime) = self.runtime.as_ref() {
+                runtime.spawn(campaign(
+                    self.client.clone(),
+                    self.presence.clone(),
+                    self.prefix.clone(),
+                ));
+            }
+        }
+        self.presence.leading.load(Ordering::Acquire)
     }
 
     fn leave(&self) {
         self.presence.left.store(true, Ordering::Release);
+        self.presence.leading.store(false, Ordering::Release);
         let Some(lease) = self.presence.lease() else {
             return;
         };

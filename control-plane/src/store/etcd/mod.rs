@@ -27,7 +27,7 @@
 //! The store's calls are synchronous (they run on tokio's blocking pool);
 //! each one runs on this backend's own small runtime and waits for it.
 
-use super::backend::{Backend, Changeset, Records, Revisions, Stored, Table};
+use super::backend::{Backend, Changeset, Records, Revisions, Stored, Table, TableChange};
 
 mod fleet;
 use super::{StoreError, decode};
@@ -813,6 +813,40 @@ impl Records for EtcdBackend {
             self.txn(Txn::new().and_then(ops))?;
         }
         Ok(())
+    }
+
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        EtcdBackend::get(
+            self,
+            self.key(&format!("{}{key}", Self::table_prefix(table))),
+        )
+    }
+
+    fn follow_table(&self, table: Table) -> Option<mpsc::Receiver<TableChange>> {
+        let runtime = self.runtime.as_ref()?;
+        let (tx, rx) = mpsc::channel();
+        let under = Self::table_prefix(table);
+        let strip = under.clone();
+        let map = move |change: TableChange| {
+            let key = |k: String| k.strip_prefix(&strip).map(str::to_string);
+            Some(match change {
+                TableChange::Snapshot(all) => TableChange::Snapshot(
+                    all.into_iter()
+                        .filter_map(|(k, v)| Some((key(k)?, v)))
+                        .collect(),
+                ),
+                TableChange::Put(k, v) => TableChange::Put(key(k)?, v),
+                TableChange::Deleted(k) => TableChange::Deleted(key(k)?),
+            })
+        };
+        runtime.spawn(fleet::follow_prefix(
+            self.client.clone(),
+            self.prefix.clone(),
+            under,
+            map,
+            tx,
+        ));
+        Some(rx)
     }
 
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

@@ -32,6 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{broadcast, watch};
 
+mod shared;
+
 /// The bake time when the gate does not say.
 pub const DEFAULT_BAKE: Duration = Duration::from_secs(300);
 /// The longest bake time accepted.
@@ -530,7 +532,11 @@ impl Rollouts {
     }
 
     /// Runs the gates once: counts, pauses, bake times, waves opening.
+    /// With replicas, only the leader does.
     pub fn tick(&self) {
+        if !self.store.leads() {
+            return;
+        }
         let mut changed = Vec::new();
         let mut released = false;
         {
