@@ -176,37 +176,63 @@ pub struct Args {
 
     /// Where configuration and fleet state live: `sled`, embedded in
     /// DATA_DIR/db (one duofleetd), or `etcd`, shared by several replicas.
-    #[arg(long, env = "DUOFLEET_STORE", value_enum, default_value = "sled")]
+    #[arg(
+        long,
+        env = "DUOFLEET_STORE",
+        value_enum,
+        default_value = "sled",
+        global = true
+    )]
     pub store: StoreKind,
 
     /// With --store etcd: the cluster's client URLs, comma-separated
     /// (http://host:2379, or https:// with --etcd-ca).
-    #[arg(long, env = "DUOFLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "DUOFLEET_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub etcd_endpoints: Vec<String>,
 
     /// With --store etcd: every key starts with this, so that several
     /// fleets can share one cluster.
-    #[arg(long, env = "DUOFLEET_ETCD_PREFIX", default_value = "/duofleet/")]
+    #[arg(
+        long,
+        env = "DUOFLEET_ETCD_PREFIX",
+        default_value = "/duofleet/",
+        global = true
+    )]
     pub etcd_prefix: String,
 
     /// With --store etcd: the CA certificate (PEM) of the etcd servers.
-    #[arg(long, env = "DUOFLEET_ETCD_CA")]
+    #[arg(long, env = "DUOFLEET_ETCD_CA", global = true)]
     pub etcd_ca: Option<PathBuf>,
 
     /// With --store etcd: a client certificate (PEM) for etcd's mutual TLS.
-    #[arg(long, env = "DUOFLEET_ETCD_CERT", requires = "etcd_key")]
+    #[arg(long, env = "DUOFLEET_ETCD_CERT", requires = "etcd_key", global = true)]
     pub etcd_cert: Option<PathBuf>,
 
     /// With --store etcd: the client certificate's key (PEM).
-    #[arg(long, env = "DUOFLEET_ETCD_KEY", requires = "etcd_cert")]
+    #[arg(long, env = "DUOFLEET_ETCD_KEY", requires = "etcd_cert", global = true)]
     pub etcd_key: Option<PathBuf>,
 
     /// With --store etcd: the etcd user, when etcd authentication is on.
-    #[arg(long, env = "DUOFLEET_ETCD_USER", requires = "etcd_password_file")]
+    #[arg(
+        long,
+        env = "DUOFLEET_ETCD_USER",
+        requires = "etcd_password_file",
+        global = true
+    )]
     pub etcd_user: Option<String>,
 
     /// With --store etcd: a file holding the etcd user's password.
-    #[arg(long, env = "DUOFLEET_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    #[arg(
+        long,
+        env = "DUOFLEET_ETCD_PASSWORD_FILE",
+        requires = "etcd_user",
+        global = true
+    )]
     pub etcd_password_file: Option<PathBuf>,
 }
 
@@ -234,7 +260,8 @@ impl Args {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Verify every record and revision of a stopped daemon's data dir, like
-    /// fsck: exits 0 when all is sound, 1 with each problem listed.
+    /// fsck (or, with --store etcd, of the etcd store, which may be in
+    /// use): exits 0 when all is sound, 1 with each problem listed.
     Check,
 }
 
@@ -276,7 +303,7 @@ pub const HIGH_WATER_FILE: &str = "revision.hwm";
 /// `duofleetd check`: prints what it read and every problem; fails on any.
 fn check(args: &Args) -> Result<(), Box<dyn Error>> {
     let db_path = args.data_dir.join("db");
-    if !db_path.exists() {
+    if args.store == StoreKind::Sled && !db_path.exists() {
         return Err(format!("{} does not exist: no database to check", db_path.display()).into());
     }
     let key_path = args
@@ -288,23 +315,46 @@ fn check(args: &Args) -> Result<(), Box<dyn Error>> {
         source,
     })?;
     let high_water = args.data_dir.join(HIGH_WATER_FILE);
-    let store = Store::open_for_check(
-        &db_path,
-        Some(&high_water),
-        catalog::get(),
-        Sealer::new(&key, None),
-    )
-    .map_err(|source| StartError::Database {
-        path: db_path.clone(),
-        source,
-    })?;
+    let sealer = Sealer::new(&key, None);
+    let (store, what) = match args.store {
+        StoreKind::Sled => (
+            Store::open_for_check(&db_path, Some(&high_water), catalog::get(), sealer).map_err(
+                |source| StartError::Database {
+                    path: db_path.clone(),
+                    source,
+                },
+            )?,
+            args.data_dir.display().to_string(),
+        ),
+        // A running cluster is checked as it is: the check only reads.
+        StoreKind::Etcd => {
+            let options = etcd_options(args)?;
+            let what = format!(
+                "etcd at {} (prefix {})",
+                options.endpoints.join(","),
+                options.prefix
+            );
+            let backend = crate::store::etcd::EtcdBackend::connect(options).map_err(|source| {
+                StartError::Etcd {
+                    what: what.clone(),
+                    source,
+                }
+            })?;
+            let store = Store::open_backend_for_check(
+                Arc::new(backend),
+                Some(&high_water),
+                catalog::get(),
+                sealer,
+            );
+            (store, what)
+        }
+    };
     let report = store.check();
     for damage in &report.damage {
         println!("DAMAGED {}: {}", damage.what, damage.detail);
     }
     println!(
-        "checked {}: current revision {}, {} revision records, {} records; {} problem(s)",
-        args.data_dir.display(),
+        "checked {what}: current revision {}, {} revision records, {} records; {} problem(s)",
         report.revision,
         report.revisions,
         report.records,
@@ -314,9 +364,8 @@ fn check(args: &Args) -> Result<(), Box<dyn Error>> {
         Ok(())
     } else {
         Err(format!(
-            "{} problem(s) in {}; restore the data dir from a backup (see the README, \"Failure modes\")",
+            "{} problem(s) in {what}; restore it from a backup (see the README, \"Failure modes\")",
             report.damage.len(),
-            args.data_dir.display()
         )
         .into())
     }

@@ -45,15 +45,22 @@ impl Store {
         Ok(Store::unprepared(backend, high_water, catalog, sealer))
     }
 
+    /// Opens a store on any backend to check it: nothing is written.
+    pub fn open_backend_for_check(
+        backend: std::sync::Arc<dyn super::backend::Backend>,
+        high_water: Option<&Path>,
+        catalog: &'static Catalog,
+        sealer: Sealer,
+    ) -> Store {
+        Store::unprepared(backend, high_water, catalog, sealer)
+    }
+
     pub fn check(&self) -> CheckReport {
-        let mut report = CheckReport::default();
-        let trees = match self.backend.as_sled() {
-            Some(sled) => sled.trees(),
-            None => Err(StoreError::Unsupported(
-                "check reads a sled database; an etcd cluster is checked with etcdctl",
-            )),
+        let Some(sled) = self.backend.as_sled() else {
+            return self.check_through_backend();
         };
-        let t = match trees {
+        let mut report = CheckReport::default();
+        let t = match sled.trees() {
             Ok(t) => t,
             Err(e) => {
                 report_damage(&mut report.damage, "database".into(), error_chain(&e));
@@ -200,6 +207,96 @@ impl Store {
         }
         report.revision = revision;
         report.revisions = seen.len();
+        report.records = records;
+        report
+    }
+}
+
+impl Store {
+    /// The same checks through the backend's own reads (etcd): the schema,
+    /// every revision record from 1 to the current one, every revision
+    /// rebuilt from history, the current configuration against the newest
+    /// of them, every API key opened, every record of every table decoded,
+    /// and the high-water mark.
+    fn check_through_backend(&self) -> CheckReport {
+        let mut report = CheckReport::default();
+        let mut damaged =
+            |what: String, detail: String| report_damage(&mut report.damage, what, detail);
+        match self.backend.schema_version() {
+            Ok(None) => damaged(
+                "meta".into(),
+                "no schema version: nothing was ever stored under this prefix".into(),
+            ),
+            Ok(Some(found)) if found != SCHEMA_VERSION => damaged(
+                "meta".into(),
+                format!("schema version {found}; this duofleetd reads {SCHEMA_VERSION}"),
+            ),
+            Ok(Some(_)) => {}
+            Err(e) => damaged("meta".into(), error_chain(&e)),
+        }
+        let revision = self.backend.revision().unwrap_or_else(|e| {
+            damaged("meta".into(), error_chain(&e));
+            0
+        });
+        if let Some(path) = &self.high_water {
+            match high_water::read(path) {
+                Ok(acknowledged) if acknowledged > revision => damaged(
+                    "revision.hwm".into(),
+                    format!(
+                        "revision {acknowledged} was acknowledged, but the store holds only {revision}: it was restored from an older snapshot, or another prefix is in use"
+                    ),
+                ),
+                Ok(_) => {}
+                Err(e) => damaged("revision.hwm".into(), error_chain(&e)),
+            }
+        }
+        let mut seen = 0;
+        for number in 1..=revision {
+            match self.backend.record(number) {
+                Ok(Some(_)) => seen += 1,
+                Ok(None) => damaged(format!("revision {number}"), "its record is missing".into()),
+                Err(e) => damaged(format!("revision {number}"), error_chain(&e)),
+            }
+            if let Err(e) = self.config_at(number) {
+                damaged(
+                    format!("revision {number}"),
+                    format!("cannot be rebuilt: {}", error_chain(&e)),
+                );
+            }
+        }
+        match (self.load(), self.config_at(revision)) {
+            (Ok(current), Ok(rebuilt)) if !same_content(&current, &rebuilt) => damaged(
+                format!("revision {revision}"),
+                "the current models and profiles differ from what its history says".into(),
+            ),
+            (Err(e), _) => damaged("current configuration".into(), error_chain(&e)),
+            _ => {}
+        }
+        let mut records = 0;
+        for table in super::Table::ALL {
+            let rows = match self.backend.scan(table) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    damaged(table.name().into(), error_chain(&e));
+                    continue;
+                }
+            };
+            for (key, value) in rows {
+                records += 1;
+                let what = || format!("{} {key}", table.name());
+                let decoded = match table {
+                    super::Table::Instances => decode::<pb::Instance>(&value, what).map(drop),
+                    super::Table::Tokens => decode::<StoredToken>(&value, what).map(drop),
+                    super::Table::Certs => decode::<crate::ca::IssuedCert>(&value, what).map(drop),
+                    super::Table::Rollouts => decode::<pb::Rollout>(&value, what).map(drop),
+                };
+                if let Err(e) = decoded {
+                    damaged(what(), error_chain(&e));
+                }
+            }
+        }
+        report.revision = revision;
+        report.revisions = seen;
         report.records = records;
         report
     }

@@ -17,17 +17,7 @@ fn chart() -> PathBuf {
 }
 
 fn render(set: &[&str]) -> Vec<Value> {
-    let mut command = Command::new(helm());
-    command
-        .args(["template", "fleet"])
-        .arg(chart())
-        .args(["--namespace", "duofleet"]);
-    for s in set {
-        command.args(["--set", s]);
-    }
-    let out = command
-        .output()
-        .expect("helm is required (.ci/install-helm)");
+    let out = template(set);
     assert!(
         out.status.success(),
         "{}",
@@ -38,6 +28,20 @@ fn render(set: &[&str]) -> Vec<Value> {
         .map(|doc| Value::deserialize(doc).unwrap())
         .filter(|v| !v.is_null())
         .collect()
+}
+
+fn template(set: &[&str]) -> std::process::Output {
+    let mut command = Command::new(helm());
+    command
+        .args(["template", "fleet"])
+        .arg(chart())
+        .args(["--namespace", "duofleet"]);
+    for s in set {
+        command.args(["--set", s]);
+    }
+    command
+        .output()
+        .expect("helm is required (.ci/install-helm)")
 }
 
 use serde::Deserialize;
@@ -160,4 +164,128 @@ fn the_agent_gets_rbac_only_in_the_gitlab_namespace() {
         Some("https://fleet-duofleet:7700")
     );
     assert!(env("DUOFLEET_HELM_COMMAND").unwrap().contains("{values}"));
+}
+
+/// Three replicas against an etcd: the store flags, the shared key files
+/// copied into each data dir, replicas spread over nodes and disrupted one
+/// at a time; and the settings that cannot work are refused by name.
+#[test]
+fn three_replicas_run_against_an_etcd() {
+    let etcd = [
+        "controlPlane.replicas=3",
+        "controlPlane.store.kind=etcd",
+        "controlPlane.store.etcd.endpoints=https://etcd-0.etcd:2379\\,https://etcd-1.etcd:2379",
+        "controlPlane.store.etcd.tlsSecretName=etcd-client",
+        "controlPlane.store.etcd.mutualTls=true",
+        "controlPlane.store.etcd.authSecretName=etcd-auth",
+        "controlPlane.sharedKeysSecretName=duofleet-keys",
+    ];
+    let docs = render(&etcd);
+    let sts = kind(&docs, "StatefulSet")[0];
+    assert_eq!(sts["spec"]["replicas"].as_i64(), Some(3));
+    let c = container(sts);
+    let env = |name: &str| {
+        c["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"].as_str() == Some(name))
+            .map(|e| e["value"].as_str().map(str::to_string))
+    };
+    assert_eq!(env("DUOFLEET_STORE"), Some(Some("etcd".into())));
+    assert_eq!(
+        env("DUOFLEET_ETCD_ENDPOINTS"),
+        Some(Some(
+            "https://etcd-0.etcd:2379,https://etcd-1.etcd:2379".into()
+        ))
+    );
+    for (name, path) in [
+        ("DUOFLEET_ETCD_CA", "/etc/duofleet/etcd/ca.crt"),
+        ("DUOFLEET_ETCD_CERT", "/etc/duofleet/etcd/tls.crt"),
+        (
+            "DUOFLEET_ETCD_PASSWORD_FILE",
+            "/etc/duofleet/etcd-auth/password",
+        ),
+    ] {
+        assert_eq!(env(name), Some(Some(path.into())), "{name}");
+    }
+    // The user comes from the Secret, not from the values.
+    assert_eq!(env("DUOFLEET_ETCD_USER"), Some(None));
+    let init = &sts["spec"]["template"]["spec"]["initContainers"][0];
+    assert_hardened(init);
+    assert!(
+        init["command"][2]
+            .as_str()
+            .unwrap()
+            .contains("/var/lib/duofleet/")
+    );
+    let volumes: Vec<&str> = sts["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(
+        volumes,
+        ["duofleet-tls", "duofleet-keys", "etcd-client", "etcd-auth"]
+    );
+    assert!(
+        sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"].is_mapping(),
+        "replicas spread over nodes"
+    );
+    let pdb = kind(&docs, "PodDisruptionBudget");
+    assert_eq!(pdb.len(), 1);
+    assert_eq!(pdb[0]["spec"]["maxUnavailable"].as_i64(), Some(1));
+    // The default is one replica on sled, without any of it.
+    let single = render(&[]);
+    assert!(kind(&single, "PodDisruptionBudget").is_empty());
+    assert_eq!(
+        container(kind(&single, "StatefulSet")[0])["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"].as_str() == Some("DUOFLEET_STORE"))
+            .and_then(|e| e["value"].as_str()),
+        Some("sled")
+    );
+
+    for (set, says) in [
+        (
+            vec!["controlPlane.replicas=3"],
+            "controlPlane.replicas: more than one replica needs",
+        ),
+        (
+            vec![
+                "controlPlane.store.kind=etcd",
+                "controlPlane.sharedKeysSecretName=k",
+            ],
+            "controlPlane.store.etcd.endpoints: required",
+        ),
+        (
+            vec![
+                "controlPlane.store.kind=etcd",
+                "controlPlane.store.etcd.endpoints=http://etcd:2379",
+            ],
+            "controlPlane.sharedKeysSecretName: required",
+        ),
+        (
+            vec![
+                "controlPlane.store.kind=etcd",
+                "controlPlane.store.etcd.endpoints=https://etcd:2379",
+                "controlPlane.sharedKeysSecretName=k",
+            ],
+            "controlPlane.store.etcd.tlsSecretName: required",
+        ),
+        (
+            vec!["controlPlane.store.kind=consul"],
+            "controlPlane.store.kind: must be sled or etcd",
+        ),
+    ] {
+        let out = template(&set);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{set:?}: {stderr}"
+        );
+    }
 }

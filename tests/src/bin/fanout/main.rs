@@ -44,6 +44,8 @@ struct Options {
     health_reports: usize,
     etcd: bool,
     raw: bool,
+    /// The daemon keeps its store in etcd (`--store etcd`), not sled.
+    store_etcd: bool,
     /// Agents (and etcd watchers) per TCP connection.
     per_connection: usize,
 }
@@ -55,9 +57,10 @@ fn options() -> Options {
         health_reports: 10,
         etcd: false,
         raw: false,
+        store_etcd: false,
         per_connection: 1,
     };
-    let usage = "use --agents N --changes M [--health-reports K] [--streams-per-connection S] [--etcd] [--raw]";
+    let usage = "use --agents N --changes M [--health-reports K] [--streams-per-connection S] [--etcd] [--raw] [--store-etcd]";
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--etcd" {
@@ -66,6 +69,10 @@ fn options() -> Options {
         }
         if arg == "--raw" {
             o.raw = true;
+            continue;
+        }
+        if arg == "--store-etcd" {
+            o.store_etcd = true;
             continue;
         }
         let value = args.next().and_then(|v| v.parse::<usize>().ok());
@@ -242,6 +249,15 @@ async fn scrape(http_addr: &str) -> String {
         .unwrap()
 }
 
+/// Writes the etcd behind an etcd-backed daemon has committed so far
+/// (raft proposals: one per transaction or put).
+async fn etcd_writes(store: &Option<etcd::Etcd>) -> f64 {
+    let Some(etcd) = store else { return 0.0 };
+    let addr = etcd.url().trim_start_matches("http://").to_string();
+    let page = scrape(&addr).await;
+    sample(&page, "etcd_server_proposals_committed_total")
+}
+
 /// One series of a /metrics page (0 when absent).
 fn sample(page: &str, series: &str) -> f64 {
     duofleet_tests::metric(page, series).unwrap_or(0.0)
@@ -312,6 +328,23 @@ async fn run(o: Options) {
         ],
         ..Default::default()
     };
+    // The daemon's own store in etcd, apart from the etcd it is compared with.
+    let store_etcd = match o.store_etcd {
+        false => None,
+        true => Some(etcd::Etcd::start().await.unwrap_or_else(|e| {
+            eprintln!("fanout: {e}");
+            std::process::exit(1);
+        })),
+    };
+    if let Some(etcd) = &store_etcd {
+        options.args.extend([
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            etcd.url().to_string(),
+        ]);
+    }
+    let mut etcd_writes_at = vec![("start", etcd_writes(&store_etcd).await)];
     let daemon = tokio::task::block_in_place(|| Daemon::start_with(&data, options.clone()));
     let token = std::fs::read_to_string(data.join("enroll.token"))
         .unwrap()
@@ -333,6 +366,7 @@ async fn run(o: Options) {
     )
     .await;
     let connect_secs = started.elapsed().as_secs_f64();
+    etcd_writes_at.push(("connect", etcd_writes(&store_etcd).await));
     let rss_after = rss_kib(daemon.pid());
     let per_agent_kib = rss_after.saturating_sub(rss_before) as f64 / n as f64;
     println!(r#"{{"metric":"connect_all","agents":{n},"seconds":{connect_secs:.3}}}"#);
@@ -393,6 +427,9 @@ async fn run(o: Options) {
         "every ack taken in",
     )
     .await;
+    // Acks are saved as state changes: at the next 500 ms save.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    etcd_writes_at.push(("changes", etcd_writes(&store_etcd).await));
 
     // 3. Health-report fan-in.
     for flapping in [false, true] {
@@ -424,6 +461,32 @@ async fn run(o: Options) {
             String::new(),
             String::new(),
         ));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    etcd_writes_at.push(("health", etcd_writes(&store_etcd).await));
+    if store_etcd.is_some() {
+        // A quiet fleet: what keeps writing is the lease, and heartbeats
+        // due after 30 s (none here: the simulated agents report when told).
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        etcd_writes_at.push(("idle 10 s", etcd_writes(&store_etcd).await));
+        let steps: Vec<String> = etcd_writes_at
+            .windows(2)
+            .map(|w| format!(r#""{}":{}"#, w[1].0, w[1].1 - w[0].1))
+            .collect();
+        println!(
+            r#"{{"metric":"etcd_store_writes","agents":{n},"changes":{},"health_reports":{},{}}}"#,
+            o.changes,
+            2 * n * o.health_reports,
+            steps.join(",")
+        );
+        for w in etcd_writes_at.windows(2) {
+            rows.push((
+                format!("etcd writes by the store: {}", w[1].0),
+                format!("{}", w[1].1 - w[0].1),
+                String::new(),
+                String::new(),
+            ));
+        }
     }
     let rss_health = rss_kib(daemon.pid());
     let per_agent_health_kib = rss_health.saturating_sub(rss_before) as f64 / n as f64;
