@@ -184,25 +184,6 @@ impl Tokens {
         *self.issued.write().unwrap_or_else(|e| e.into_inner()) = all.into_iter().collect();
     }
 
-    /// Counts one enrollment against a join token; returns the token as it
-    /// must now be stored, or `None` when it is used up (and so removed).
-    pub fn consume(&self, name: &str) -> Option<Option<pb::Token>> {
-        let mut issued = self.issued.write().unwrap_or_else(|e| e.into_inner());
-        let (hash, token) = issued.iter_mut().find(|(_, t)| t.name == name)?;
-        match token.uses_left {
-            0 => Some(Some(token.clone())),
-            1 => {
-                let hash = hash.clone();
-                issued.remove(&hash);
-                Some(None)
-            }
-            n => {
-                token.uses_left = n - 1;
-                Some(Some(token.clone()))
-            }
-        }
-    }
-
     /// The issued token called `name`.
     pub fn token_named(&self, name: &str) -> Option<pb::Token> {
         let issued = self.issued.read().unwrap_or_else(|e| e.into_inner());

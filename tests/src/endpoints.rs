@@ -124,6 +124,7 @@ pub struct TestCa {
     pub server_key_pem: String,
     server_cert: rustls::pki_types::CertificateDer<'static>,
     server_key: Vec<u8>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
 impl TestCa {
@@ -147,7 +148,19 @@ impl TestCa {
             server_key_pem: key.serialize_pem(),
             server_cert: cert.der().clone(),
             server_key: key.serialize_der(),
+            issuer,
         }
+    }
+
+    /// A client certificate for `name` (its CN), and its key (PEM).
+    pub fn client_cert(&self, name: &str) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
     }
 
     pub fn write_ca(&self, path: &Path) {

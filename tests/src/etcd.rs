@@ -2,7 +2,7 @@
 //! `etcd` on PATH), one or several members on loopback ports, each on its
 //! own temp data dir. Members are killed on drop.
 
-use etcd_client::Client;
+use etcd_client::{Client, ConnectOptions};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,6 +21,16 @@ pub struct Member {
 pub struct Etcd {
     pub members: Vec<Member>,
     dir: tempfile::TempDir,
+    /// How a client reaches it (TLS, credentials).
+    connect: Option<ConnectOptions>,
+}
+
+/// TLS for a single-member etcd: its server certificate, and the CA its
+/// clients' certificates must come from (mutual TLS).
+pub struct Tls<'a> {
+    pub ca: &'a crate::endpoints::TestCa,
+    /// The certificate the tests' own client presents.
+    pub client: (String, String),
 }
 
 fn free_port() -> u16 {
@@ -90,6 +100,76 @@ impl Etcd {
         Etcd::cluster(1).await
     }
 
+    /// One member serving clients over mutual TLS only.
+    pub async fn start_tls(tls: Tls<'_>) -> Result<Etcd, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).map(|()| path.display().to_string())
+        };
+        let cert = file("server.pem", &tls.ca.server_cert_pem).map_err(|e| e.to_string())?;
+        let key = file("server.key", &tls.ca.server_key_pem).map_err(|e| e.to_string())?;
+        let ca = file("ca.pem", &tls.ca.ca_pem).map_err(|e| e.to_string())?;
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("https://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut member = Member {
+            child: None,
+            url: url.clone(),
+            args: vec![
+                "--name=m0".into(),
+                format!("--data-dir={}", dir.path().join("m0").display()),
+                format!("--listen-client-urls={url}"),
+                format!("--advertise-client-urls={url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=m0={peer_url}"),
+                format!("--cert-file={cert}"),
+                format!("--key-file={key}"),
+                format!("--trusted-ca-file={ca}"),
+                "--client-cert-auth".into(),
+            ],
+            log: dir.path().join("m0.log"),
+        };
+        member.spawn()?;
+        let options = ConnectOptions::new().with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca.ca_pem))
+                .identity(etcd_client::Identity::from_pem(
+                    &tls.client.0,
+                    &tls.client.1,
+                )),
+        );
+        let etcd = Etcd {
+            members: vec![member],
+            dir,
+            connect: Some(options),
+        };
+        etcd.wait_ready(Duration::from_secs(30)).await?;
+        Ok(etcd)
+    }
+
+    /// Turns on etcd's authentication with a root user; the tests' own
+    /// client uses it from then on.
+    pub async fn enable_auth(&mut self, password: &str) {
+        let mut client = self.client().await;
+        client
+            .user_add("root", password, None)
+            .await
+            .expect("user add");
+        client
+            .user_grant_role("root", "root")
+            .await
+            .expect("grant root");
+        client.auth_enable().await.expect("auth enable");
+        self.connect = Some(
+            self.connect
+                .take()
+                .unwrap_or_default()
+                .with_user("root", password),
+        );
+    }
+
     /// `size` members forming one cluster; waits until it answers.
     pub async fn cluster(size: usize) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -124,7 +204,11 @@ impl Etcd {
             member.spawn()?;
             members.push(member);
         }
-        let etcd = Etcd { members, dir };
+        let etcd = Etcd {
+            members,
+            dir,
+            connect: None,
+        };
         etcd.wait_ready(Duration::from_secs(30)).await?;
         Ok(etcd)
     }
@@ -135,7 +219,9 @@ impl Etcd {
         for member in self.members.iter().filter(|m| m.child.is_some()) {
             loop {
                 let ready = async {
-                    let mut c = Client::connect([&member.url], None).await.ok()?;
+                    let mut c = Client::connect([&member.url], self.connect.clone())
+                        .await
+                        .ok()?;
                     c.put("/ready-probe", "1", None).await.ok()
                 };
                 if tokio::time::timeout(Duration::from_secs(2), ready)
@@ -180,7 +266,9 @@ impl Etcd {
     /// A client of the whole cluster.
     pub async fn client(&self) -> Client {
         let urls: Vec<&str> = self.members.iter().map(|m| m.url.as_str()).collect();
-        Client::connect(urls, None).await.expect("etcd client")
+        Client::connect(urls, self.connect.clone())
+            .await
+            .expect("etcd client")
     }
 
     /// Every member's log, for a failure message.

@@ -29,28 +29,36 @@ impl EnrollApi {
         }
     }
 
-    /// Counts one use of a join token, durably, before a certificate is issued.
+    /// Spends one use of a join token, durably and exactly once (even
+    /// with replicas enrolling at the same moment), before a certificate
+    /// is issued.
     async fn consume(&self, name: &str) -> Result<(), Status> {
-        let hash = self.tokens.hash_of(name);
-        let Some(after) = self.tokens.consume(name) else {
-            return Err(Status::permission_denied(format!(
-                "join token {name:?} is used up"
-            )));
-        };
         let store = self.store.clone();
-        let name = name.to_string();
-        blocking(move || match after {
-            Some(token) => store.put_token(
-                &name,
-                &StoredToken {
-                    token: Some(token),
-                    hash: hash.unwrap_or_default(),
-                },
-            ),
-            None => store.delete_token(&name).map(|_| ()),
-        })
-        .await?
-        .map_err(status)
+        let owned = name.to_string();
+        let spent = blocking(move || store.spend_token(&owned))
+            .await?
+            .map_err(status)?;
+        match spent {
+            Err(()) => {
+                self.tokens.revoke(name);
+                Err(Status::permission_denied(format!(
+                    "join token {name:?} is used up"
+                )))
+            }
+            Ok(None) => {
+                self.tokens.revoke(name);
+                Ok(())
+            }
+            Ok(Some(StoredToken {
+                token: Some(token),
+                hash,
+            })) => {
+                self.tokens.revoke(name);
+                self.tokens.issue(hash, token);
+                Ok(())
+            }
+            Ok(Some(_)) => Ok(()),
+        }
     }
 
     async fn issue(

@@ -138,6 +138,15 @@ pub trait Records: Send + Sync {
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Writes one record unless the key is taken, durably; false when taken.
     fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError>;
+    /// Replaces one record (`None`: removes it) only while it still holds
+    /// `expected`, durably; false when it held something else.
+    fn compare_and_swap(
+        &self,
+        table: Table,
+        key: &str,
+        expected: &[u8],
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError>;
     /// Removes one record, durably; false when there was none.
     fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError>;
     /// Writes many records of live state at once. Need not be durable

@@ -821,6 +821,39 @@ impl Store {
         self.backend.delete(Table::Tokens, name)
     }
 
+    /// Spends one use of the join token `name`, exactly once however many
+    /// replicas enroll at the same moment (compare-and-swap, retried on a
+    /// lost race). Returns the token as it stands after (`None`: that was
+    /// its last use, and it is gone), or `Ok(Err(()))` when it is used up
+    /// or unknown.
+    pub fn spend_token(&self, name: &str) -> Result<Result<Option<StoredToken>, ()>, StoreError> {
+        loop {
+            let Some(raw) = self.backend.get(Table::Tokens, name)? else {
+                return Ok(Err(()));
+            };
+            let mut stored: StoredToken = decode(&raw, || format!("token {name}"))?;
+            let Some(token) = stored.token.as_mut() else {
+                return Ok(Err(()));
+            };
+            let after = match token.uses_left {
+                // Unlimited.
+                0 => return Ok(Ok(Some(stored))),
+                1 => None,
+                n => {
+                    token.uses_left = n - 1;
+                    Some(stored)
+                }
+            };
+            let new = after.as_ref().map(|t| t.encode_to_vec());
+            if self
+                .backend
+                .compare_and_swap(Table::Tokens, name, &raw, new.as_deref())?
+            {
+                return Ok(Ok(after));
+            }
+        }
+    }
+
     pub fn load_tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
         self.load_table(Table::Tokens, "token")
     }

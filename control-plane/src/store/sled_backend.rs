@@ -563,6 +563,23 @@ impl Records for SledBackend {
         })
     }
 
+    fn compare_and_swap(
+        &self,
+        table: Table,
+        key: &str,
+        expected: &[u8],
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.write(|t| {
+            let swapped = t
+                .table(table)
+                .compare_and_swap(key.as_bytes(), Some(expected), new)?
+                .is_ok();
+            t.db.flush()?;
+            Ok(swapped)
+        })
+    }
+
     fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
         self.write(|t| {
             let removed = t.table(table).remove(key.as_bytes())?.is_some();

@@ -23,7 +23,7 @@ const KEY: [u8; 32] = [7; 32];
 /// Where a test's store lives.
 enum Place {
     Sled(tempfile::TempDir),
-    Etcd(Etcd),
+    Etcd(Box<Etcd>),
 }
 
 struct Harness {
@@ -43,7 +43,7 @@ impl Harness {
     async fn etcd() -> Harness {
         let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
         Harness {
-            place: Place::Etcd(etcd),
+            place: Place::Etcd(Box::new(etcd)),
             dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -426,6 +426,44 @@ async fn tokens_and_certificates(h: Harness) {
     assert_eq!(a.load_certs().unwrap(), [("cd34".into(), cert("gitlab-2"))]);
 }
 
+/// A join token's uses are spent exactly once each, however many writers
+/// enroll at the same moment: 5 uses, 16 threads on two writers, 5 wins.
+async fn a_join_tokens_uses_are_spent_once(h: Harness) {
+    let (a, b) = h.writers();
+    let join = StoredToken {
+        token: Some(pb::Token {
+            name: "join-5".into(),
+            uses_left: 5,
+            ..Default::default()
+        }),
+        hash: "h".into(),
+    };
+    assert!(a.insert_token("join-5", &join).unwrap());
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let store = if t % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || store.spend_token("join-5").unwrap())
+        })
+        .collect();
+    let spent: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let wins: Vec<_> = spent.iter().filter_map(|s| s.as_ref().ok()).collect();
+    assert_eq!(wins.len(), 5, "{spent:?}");
+    let mut left: Vec<u32> = wins
+        .iter()
+        .map(|t| {
+            t.as_ref()
+                .map_or(0, |t| t.token.as_ref().unwrap().uses_left)
+        })
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [0, 1, 2, 3, 4],
+        "each use spent once, the last one deletes"
+    );
+    assert!(b.load_tokens().unwrap().is_empty());
+}
+
 /// Instance records: a batch larger than any one backend write, read back
 /// whole; a delete is durable.
 async fn instance_records(h: Harness) {
@@ -541,6 +579,7 @@ conformance!(
     a_commit_must_follow_the_stored_revision,
     watches_deliver_every_revision_in_order,
     tokens_and_certificates,
+    a_join_tokens_uses_are_spent_once,
     instance_records,
     secrets_are_sealed_at_rest,
     a_database_behind_the_acknowledged_revision_is_refused,

@@ -577,3 +577,182 @@ async fn check_reads_an_etcd_store_and_names_the_damage() {
         "{said}"
     );
 }
+
+/// Runs `duofleetd` with `args` and expects it to refuse to start: its
+/// stderr.
+fn refused(data: &Path, args: &[String]) -> String {
+    let out = std::process::Command::new(duofleet_tests::bin("duofleetd"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "duofleetd started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn strings(all: &[&str]) -> Vec<String> {
+    all.iter().map(|s| s.to_string()).collect()
+}
+
+/// An etcd that serves clients over mutual TLS only: duofleetd reaches it
+/// with --etcd-ca, --etcd-cert and --etcd-key, and without a client
+/// certificate it is refused at start, with the cause.
+#[tokio::test]
+async fn an_etcd_over_mutual_tls() {
+    let ca = duofleet_tests::endpoints::TestCa::new();
+    let etcd = Etcd::start_tls(duofleet_tests::etcd::Tls {
+        ca: &ca,
+        client: ca.client_cert("tests"),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let root = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.client_cert("duofleetd");
+    let file = |name: &str, text: &str| {
+        let path = root.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (ca_file, cert_file, key_file) = (
+        file("etcd-ca.pem", &ca.ca_pem),
+        file("client.pem", &cert),
+        file("client.key", &key),
+    );
+    let url = etcd.url().to_string();
+    let daemon = Daemon::start_with(
+        &root.path().join("replica"),
+        DaemonOptions {
+            args: strings(&[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &url,
+                "--etcd-ca",
+                &ca_file,
+                "--etcd-cert",
+                &cert_file,
+                "--etcd-key",
+                &key_file,
+            ]),
+            ..Default::default()
+        },
+    );
+    let mut c = daemon.clients().await;
+    assert_eq!(create(&mut c, "over-tls").await.unwrap(), 1);
+    let raw = etcd
+        .client()
+        .await
+        .get("/duofleet/revision", None)
+        .await
+        .unwrap();
+    assert_eq!(raw.kvs()[0].value(), 1u64.to_be_bytes());
+
+    // No client certificate: the handshake fails, and the start with it.
+    let said = refused(
+        &root.path().join("no-cert"),
+        &strings(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &url,
+            "--etcd-ca",
+            &ca_file,
+        ]),
+    );
+    assert!(
+        said.contains(&format!("cannot open the store in etcd at {url}")),
+        "{said}"
+    );
+    // The flags are checked before anything is tried.
+    let said = refused(
+        &root.path().join("plain"),
+        &strings(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:1",
+            "--etcd-ca",
+            &ca_file,
+        ]),
+    );
+    assert!(
+        said.contains("--etcd-endpoints: TLS flags are given, but the endpoints are http://"),
+        "{said}"
+    );
+    let said = refused(
+        &root.path().join("no-ca"),
+        &strings(&["--store", "etcd", "--etcd-endpoints", &url]),
+    );
+    assert!(
+        said.contains("--etcd-ca: required with https:// endpoints"),
+        "{said}"
+    );
+    let said = refused(
+        &root.path().join("sled"),
+        &strings(&["--etcd-endpoints", &url]),
+    );
+    assert!(
+        said.contains("--etcd-endpoints: applies only with --store etcd"),
+        "{said}"
+    );
+}
+
+/// etcd's own authentication: duofleetd signs in with --etcd-user and the
+/// password in --etcd-password-file; a wrong password is refused at start.
+#[tokio::test]
+async fn an_etcd_with_authentication() {
+    let mut etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    etcd.enable_auth("s3cret-root-pw").await;
+    let root = tempfile::tempdir().unwrap();
+    let password = root.path().join("etcd-password");
+    std::fs::write(&password, "s3cret-root-pw\n").unwrap();
+    let url = etcd.url().to_string();
+    let pw = password.display().to_string();
+    let daemon = Daemon::start_with(
+        &root.path().join("replica"),
+        DaemonOptions {
+            args: strings(&[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &url,
+                "--etcd-user",
+                "root",
+                "--etcd-password-file",
+                &pw,
+            ]),
+            ..Default::default()
+        },
+    );
+    let mut c = daemon.clients().await;
+    assert_eq!(create(&mut c, "signed-in").await.unwrap(), 1);
+    assert!(
+        !daemon.log().contains("s3cret-root-pw"),
+        "the password is logged"
+    );
+
+    std::fs::write(&password, "not-the-pw-81f2").unwrap();
+    let said = refused(
+        &root.path().join("second"),
+        &strings(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &url,
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            &pw,
+        ]),
+    );
+    assert!(
+        said.contains(&format!("cannot open the store in etcd at {url}")),
+        "{said}"
+    );
+    assert!(
+        !said.contains("not-the-pw-81f2"),
+        "the password is echoed: {said}"
+    );
+}

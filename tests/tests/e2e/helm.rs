@@ -233,6 +233,11 @@ fn three_replicas_run_against_an_etcd() {
         sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"].is_mapping(),
         "replicas spread over nodes"
     );
+    assert_eq!(
+        kind(&docs, "Service")[0]["spec"]["sessionAffinity"].as_str(),
+        Some("ClientIP"),
+        "a browser keeps to the replica that holds its dashboard session"
+    );
     let pdb = kind(&docs, "PodDisruptionBudget");
     assert_eq!(pdb.len(), 1);
     assert_eq!(pdb[0]["spec"]["maxUnavailable"].as_i64(), Some(1));

@@ -222,13 +222,23 @@ impl EtcdBackend {
         runtime.spawn(async move {
             let _ = tx.send(Client::connect(endpoints, Some(connect)).await);
         });
-        let client = rx
+        let connected = rx
             .recv()
-            .map_err(|_| StoreError::Unavailable)?
-            .map_err(|source| StoreError::Etcd {
-                action: "connect",
-                source,
-            })?;
+            .map_err(|_| StoreError::Unavailable)
+            .and_then(|c| {
+                c.map_err(|source| StoreError::Etcd {
+                    action: "connect",
+                    source,
+                })
+            });
+        let client = match connected {
+            Ok(client) => client,
+            Err(error) => {
+                // Not dropped in place: the caller may be async.
+                runtime.shutdown_background();
+                return Err(error);
+            }
+        };
         Ok(EtcdBackend {
             runtime: Some(runtime),
             client,
@@ -785,6 +795,25 @@ impl Records for EtcdBackend {
                 Err(other) => return Err(other),
             }
         }
+    }
+
+    fn compare_and_swap(
+        &self,
+        table: Table,
+        key: &str,
+        expected: &[u8],
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let key = self.key(&format!("{}{key}", Self::table_prefix(table)));
+        let write = match new {
+            Some(value) => TxnOp::put(key.clone(), value.to_vec(), None),
+            None => TxnOp::delete(key.clone(), None),
+        };
+        let txn = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, expected.to_vec())])
+            .and_then([write]);
+        // Run once: a lost answer is an error, never a second swap.
+        Ok(self.txn_once(txn)?.succeeded())
     }
 
     fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
