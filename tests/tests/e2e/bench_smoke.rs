@@ -59,6 +59,37 @@ fn fanout_runs_every_phase_and_reports_it() {
     assert!(stdout.contains("| 5 subscribers, 3 changes | duofleet | etcd | floor (TCP) |"));
 }
 
+/// The same bench with the daemon on an etcd store: every phase runs, and
+/// the store's writes are counted per phase (new instances are written).
+#[test]
+fn fanout_runs_on_an_etcd_store() {
+    let out = std::process::Command::new(duofleet_tests::bin("fanout"))
+        .args(["--agents", "5", "--changes", "2", "--health-reports", "2"])
+        .arg("--store-etcd")
+        .output()
+        .expect("run fanout");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |metric: &str| -> serde_json::Value {
+        stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {metric} in:\n{stdout}"))
+    };
+    let writes = line("etcd_store_writes");
+    assert!(writes["connect"].as_f64().unwrap() >= 1.0, "{writes}");
+    assert!(writes["changes"].as_f64().unwrap() >= 2.0, "{writes}");
+    let storm = line("reconnect_storm");
+    assert_eq!(storm["reconnects"], 5);
+    assert_eq!(storm["configs_resent"], 0);
+}
+
 /// The dashboard benchmark at a small N: every page renders, under 1 MB.
 #[test]
 fn dashboard_bench_renders_every_page() {

@@ -366,6 +366,10 @@ async fn run(o: Options) {
     )
     .await;
     let connect_secs = started.elapsed().as_secs_f64();
+    if store_etcd.is_some() {
+        // New instances are saved at the next 500 ms save.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     etcd_writes_at.push(("connect", etcd_writes(&store_etcd).await));
     let rss_after = rss_kib(daemon.pid());
     let per_agent_kib = rss_after.saturating_sub(rss_before) as f64 / n as f64;
