@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 
 /// The key files every replica shares (the operator copies them, or the
 /// chart mounts one Secret).
-const SHARED_FILES: [&str; 4] = [
+const SHARED_FILES: [&str; 6] = [
     "admin.token",
     "enroll.token",
     "secret.key",
     "token-hash.key",
+    "ca.pem",
+    "ca.key",
 ];
 
 struct Replicas {
@@ -44,6 +46,10 @@ impl Replicas {
     /// Starts replica `i` (on `listen`, when it must keep its address);
     /// replicas after the first get the first one's key files.
     fn replica(&self, i: usize, listen: Option<String>) -> Daemon {
+        self.replica_with(i, listen, &[])
+    }
+
+    fn replica_with(&self, i: usize, listen: Option<String>, extra: &[String]) -> Daemon {
         let data = self.data(i);
         if i > 0 && !data.exists() {
             std::fs::create_dir_all(&data).unwrap();
@@ -57,12 +63,15 @@ impl Replicas {
         Daemon::start_with(
             &data,
             DaemonOptions {
-                args: vec![
+                args: [
                     "--store".into(),
                     "etcd".into(),
                     "--etcd-endpoints".into(),
                     self.etcd.endpoints(),
-                ],
+                ]
+                .into_iter()
+                .chain(extra.iter().cloned())
+                .collect(),
                 listen,
                 ..Default::default()
             },
@@ -754,5 +763,133 @@ async fn an_etcd_with_authentication() {
     assert!(
         !said.contains("not-the-pw-81f2"),
         "the password is echoed: {said}"
+    );
+}
+
+/// Over TLS, what one replica issues the other honours: an agent enrolled
+/// through one connects to the other with its certificate when the first
+/// dies, and an operator token made through one works on the other, until
+/// it is revoked through the first.
+#[tokio::test]
+async fn certificates_and_tokens_from_one_replica_work_on_the_other() {
+    use duofleet_proto::v1::{CreateTokenRequest, RevokeTokenRequest, Role};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let cluster = Replicas::start().await;
+    let ca = duofleet_tests::endpoints::TestCa::new();
+    let root = cluster.root.path();
+    let file = |name: &str, text: &str| {
+        let path = root.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let tls = strings(&[
+        "--tls-cert",
+        &file("server.pem", &ca.server_cert_pem),
+        "--tls-key",
+        &file("server.key", &ca.server_key_pem),
+    ]);
+    let ca_file = file("ca.pem", &ca.ca_pem);
+    let a = cluster.replica_with(0, None, &tls);
+    let b = cluster.replica_with(1, None, &tls);
+    let clients = async |daemon: &Daemon, token: String| {
+        let channel = Endpoint::from_shared(format!("https://{}", daemon.grpc_addr))
+            .unwrap()
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.ca_pem)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Clients::new(channel, Some(token))
+    };
+    let mut ca_admin = clients(&a, a.token()).await;
+    let mut cb_admin = clients(&b, b.token()).await;
+
+    // A viewer token made through the first replica reads on the second.
+    let secret = ca_admin
+        .tokens
+        .create_token(CreateTokenRequest {
+            name: "dashboards".into(),
+            role: Role::Viewer as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut viewer_b = clients(&b, secret.clone()).await;
+    eventually("the token accepted by the other replica", async || {
+        viewer_b
+            .models
+            .list_models(duofleet_proto::v1::ListModelsRequest {})
+            .await
+            .ok()
+    })
+    .await;
+
+    // Revoked through the first: the second refuses it too.
+    ca_admin
+        .tokens
+        .revoke_token(RevokeTokenRequest {
+            name: "dashboards".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually(
+        "the revoked token refused by the other replica",
+        async || {
+            viewer_b
+                .models
+                .list_models(duofleet_proto::v1::ListModelsRequest {})
+                .await
+                .err()
+                .filter(|e| e.code() == tonic::Code::Unauthenticated)
+        },
+    )
+    .await;
+
+    // An agent enrolls through whichever replica it starts on.
+    let gateway = set_gateway(&mut ca_admin, "default", "https://aigw.example.com").await;
+    let list = format!("https://{},https://{}", a.grpc_addr, b.grpc_addr);
+    let token_file = root.join("enroll.token");
+    std::fs::copy(cluster.data(0).join("enroll.token"), &token_file).unwrap();
+    let token_arg = token_file.display().to_string();
+    let (agent, ctl, _) = linux_agent(
+        &a,
+        root,
+        "gitlab-tls",
+        RB,
+        &[
+            "--control-plane",
+            &list,
+            "--control-plane-ca",
+            &ca_file,
+            "--enroll-token-file",
+            &token_arg,
+        ],
+    );
+    synced_on(&mut cb_admin, "gitlab-tls", gateway).await;
+    assert!(agent.state_dir.join("agent-cert.pem").exists());
+    let on_a = agent
+        .log()
+        .contains(&format!("endpoint=https://{}", a.grpc_addr));
+    let before = reconfigures(&ctl);
+    // Its replica dies: it connects to the other with the same certificate
+    // (the enroll token is gone, so nothing else could let it in).
+    std::fs::remove_file(&token_file).unwrap();
+    let mut survivor = if on_a {
+        a.kill9();
+        cb_admin
+    } else {
+        b.kill9();
+        ca_admin
+    };
+    let moved = set_gateway(&mut survivor, "default", "https://aigw-2.example.com").await;
+    synced_on(&mut survivor, "gitlab-tls", moved).await;
+    assert_eq!(reconfigures(&ctl), before + 1);
+    assert!(
+        !agent.log().contains("PermissionDenied") && !agent.log().contains("revoked"),
+        "{}",
+        agent.log()
     );
 }
