@@ -8,8 +8,8 @@
 //!                     validate (field rules) · catalog (families, features)
 //!                               │
 //!                               ▼
-//!                     store (the only sled user: one transaction and one
-//!                            flush per revision, multi-version history)
+//!                     store (revisions, history, rollback, sealing) over a
+//!                            Backend: sled (embedded) or etcd (replicas)
 //!                               │ watch<Arc<Config>> + broadcast<Revision>
 //!                               ▼
 //!                     grpc::agent (one session per agent: effective config

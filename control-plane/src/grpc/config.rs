@@ -45,7 +45,7 @@ impl ConfigService for ConfigApi {
             caller,
             how,
             rollout,
-            move |c, cat| c.apply_set(cat, models, profiles, prune),
+            move |c, cat| c.apply_set(cat, models.clone(), profiles.clone(), prune),
         )
         .await?;
         let field_changes = public_field_changes(&commit.previous, &commit.config);

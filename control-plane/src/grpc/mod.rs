@@ -228,7 +228,7 @@ async fn commit(
     store: &Arc<Store>,
     caller: Caller,
     how: Write,
-    op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError> + Send + 'static,
+    op: impl Fn(&mut Config, &'static Catalog) -> Result<String, ConfigError> + Send + 'static,
 ) -> Result<Commit, Status> {
     let store = store.clone();
     let actor = caller.name.clone();
@@ -245,7 +245,7 @@ async fn commit_staged(
     caller: Caller,
     how: Write,
     rollout: Option<RolloutSpec>,
-    op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError> + Send + 'static,
+    op: impl Fn(&mut Config, &'static Catalog) -> Result<String, ConfigError> + Send + 'static,
 ) -> Result<(Commit, Option<Rollout>), Status> {
     let Some(spec) = rollout else {
         return Ok((commit(store, caller, how, op).await?, None));

@@ -30,7 +30,7 @@ impl ModelService for ModelApi {
         let name = model.name.clone();
         let how = dry(request.validate_only);
         let commit = commit(&self.store, caller, how, move |c, cat| {
-            c.create_model(cat, model)
+            c.create_model(cat, model.clone())
         })
         .await?;
         let model = public_model(commit.config.model(&name).map_err(not_found)?);
@@ -68,7 +68,7 @@ impl ModelService for ModelApi {
         let name = patch.name.clone();
         let how = dry(request.validate_only);
         let commit = commit(&self.store, caller, how, move |c, cat| {
-            c.update_model(cat, patch, &mask)
+            c.update_model(cat, patch.clone(), &mask)
         })
         .await?;
         let model = public_model(commit.config.model(&name).map_err(not_found)?);

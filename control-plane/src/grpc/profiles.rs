@@ -36,7 +36,7 @@ impl ProfileService for ProfileApi {
         let name = profile.name.clone();
         let how = dry(request.validate_only);
         let commit = commit(&self.store, caller, how, move |c, cat| {
-            c.create_profile(cat, profile)
+            c.create_profile(cat, profile.clone())
         })
         .await?;
         let profile = commit.config.profile(&name).map_err(not_found)?.clone();
@@ -78,7 +78,7 @@ impl ProfileService for ProfileApi {
             caller,
             how,
             request.rollout,
-            move |c, cat| c.update_profile(cat, patch, &mask),
+            move |c, cat| c.update_profile(cat, patch.clone(), &mask),
         )
         .await?;
         let profile = commit.config.profile(&name).map_err(not_found)?.clone();
@@ -124,7 +124,7 @@ impl ProfileService for ProfileApi {
             caller,
             how,
             request.rollout,
-            move |c, cat| c.set_feature_setting(cat, &profile, setting),
+            move |c, cat| c.set_feature_setting(cat, &profile, setting.clone()),
         )
         .await?;
         let profile = commit.config.profile(&name).map_err(not_found)?.clone();

@@ -187,24 +187,7 @@ impl Store {
                 }
             }
         }
-        // Every revision rebuilds from history, and the current state is the
-        // newest of them: never a partial configuration served as current.
-        for number in 1..=revision {
-            if let Err(e) = self.config_at(number) {
-                damaged(
-                    format!("revision {number}"),
-                    format!("cannot be rebuilt: {}", error_chain(&e)),
-                );
-            }
-        }
-        match (self.load(), self.config_at(revision)) {
-            (Ok(current), Ok(rebuilt)) if !same_content(&current, &rebuilt) => damaged(
-                format!("revision {revision}"),
-                "the current models and profiles differ from what its history says".into(),
-            ),
-            (Err(e), _) => damaged("current configuration".into(), error_chain(&e)),
-            _ => {}
-        }
+        self.check_history(revision, &mut damaged);
         report.revision = revision;
         report.revisions = seen.len();
         report.records = records;
@@ -257,21 +240,8 @@ impl Store {
                 Ok(None) => damaged(format!("revision {number}"), "its record is missing".into()),
                 Err(e) => damaged(format!("revision {number}"), error_chain(&e)),
             }
-            if let Err(e) = self.config_at(number) {
-                damaged(
-                    format!("revision {number}"),
-                    format!("cannot be rebuilt: {}", error_chain(&e)),
-                );
-            }
         }
-        match (self.load(), self.config_at(revision)) {
-            (Ok(current), Ok(rebuilt)) if !same_content(&current, &rebuilt) => damaged(
-                format!("revision {revision}"),
-                "the current models and profiles differ from what its history says".into(),
-            ),
-            (Err(e), _) => damaged("current configuration".into(), error_chain(&e)),
-            _ => {}
-        }
+        self.check_history(revision, &mut damaged);
         let mut records = 0;
         for table in super::Table::ALL {
             let rows = match self.backend.scan(table) {
@@ -299,6 +269,29 @@ impl Store {
         report.revisions = seen;
         report.records = records;
         report
+    }
+}
+
+impl Store {
+    /// Every revision rebuilds from history, and the current state is the
+    /// newest of them: never a partial configuration served as current.
+    fn check_history(&self, revision: u64, damaged: &mut impl FnMut(String, String)) {
+        for number in 1..=revision {
+            if let Err(e) = self.config_at(number) {
+                damaged(
+                    format!("revision {number}"),
+                    format!("cannot be rebuilt: {}", error_chain(&e)),
+                );
+            }
+        }
+        match (self.load(), self.config_at(revision)) {
+            (Ok(current), Ok(rebuilt)) if !same_content(&current, &rebuilt) => damaged(
+                format!("revision {revision}"),
+                "the current models and profiles differ from what its history says".into(),
+            ),
+            (Err(e), _) => damaged("current configuration".into(), error_chain(&e)),
+            _ => {}
+        }
     }
 }
 

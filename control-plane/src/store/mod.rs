@@ -42,6 +42,10 @@ pub use backend::{Table, TableChange};
 pub use check::{CheckReport, Damage};
 pub use sled_backend::SledBackend;
 
+/// How many times a change that lost a race with another replica is run
+/// again before the conflict is answered.
+pub const CONFLICT_RETRIES: u32 = 5;
+
 const NO_BACKUP_ON_ETCD: &str = "Backup copies duofleetd's embedded sled database; with --store etcd the configuration lives in etcd: back up the etcd cluster (etcdctl snapshot save) and the data dir's key files instead";
 
 /// The on-disk layout version this binary writes. A newer database is
@@ -487,7 +491,7 @@ impl Store {
     pub fn mutate(
         &self,
         actor: &str,
-        op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
+        op: impl Fn(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
         self.change(actor, Write::default(), op)
     }
@@ -522,7 +526,7 @@ impl Store {
         &self,
         actor: &str,
         how: Write,
-        op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
+        op: impl Fn(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
         self.change_with(actor, how, Stage::Guarded, op)
     }
@@ -538,33 +542,59 @@ impl Store {
     }
 
     /// [`Store::change`] with another [`Stage`] than the guard.
+    ///
+    /// With replicas, another one may commit first (a conflict): the
+    /// change is then run again on what it committed, up to
+    /// [`CONFLICT_RETRIES`] times, so that unrelated writes through two
+    /// replicas both succeed. A staged change (a rollout) is not run again:
+    /// its conflict is answered, and nothing was written.
     pub fn change_with(
         &self,
         actor: &str,
         how: Write,
         stage: Stage<'_>,
-        op: impl FnOnce(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
+        op: impl Fn(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
-        let _writer = self.writing()?;
-        let old = self.current();
-        if let Some(expected) = how.expected_revision
-            && expected != old.revision
-        {
-            return Err(ConfigError::Stale {
-                expected,
-                current: old.revision,
+        let mut stage = Some(stage);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let this = match stage.as_ref() {
+                Some(Stage::Guarded) => Stage::Guarded,
+                Some(Stage::Unguarded) => Stage::Unguarded,
+                _ => stage.take().expect("a staged change runs once"),
+            };
+            let retry = stage.is_some() && attempt <= CONFLICT_RETRIES;
+            let _writer = self.writing()?;
+            let old = self.current();
+            if let Some(expected) = how.expected_revision
+                && expected != old.revision
+            {
+                return Err(ConfigError::Stale {
+                    expected,
+                    current: old.revision,
+                }
+                .into());
             }
-            .into());
+            let mut new = (*old).clone();
+            let summary = op(&mut new, self.catalog)?;
+            let change = Pending {
+                old,
+                new,
+                summary,
+                always: false,
+            };
+            match self.commit_locked(actor, change, how.validate_only, this) {
+                Err(StoreError::Conflict { revision, .. }) if retry => {
+                    tracing::info!(
+                        revision,
+                        attempt,
+                        "another replica committed first; running the change again on its revision"
+                    );
+                }
+                other => return other,
+            }
         }
-        let mut new = (*old).clone();
-        let summary = op(&mut new, self.catalog)?;
-        let change = Pending {
-            old,
-            new,
-            summary,
-            always: false,
-        };
-        self.commit_locked(actor, change, how.validate_only, stage)
     }
 
     /// Makes a new revision whose models and profiles equal those at
@@ -572,6 +602,22 @@ impl Store {
     /// keeps its current API key (a rotated key stays rotated), and a model
     /// brought back from deletion comes back without one.
     pub fn rollback(
+        &self,
+        actor: &str,
+        target: u64,
+        validate_only: bool,
+    ) -> Result<Commit, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.rollback_once(actor, target, validate_only) {
+                Err(StoreError::Conflict { .. }) if attempt <= CONFLICT_RETRIES => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn rollback_once(
         &self,
         actor: &str,
         target: u64,
@@ -1046,7 +1092,7 @@ mod tests {
             ..Default::default()
         };
         let commit = store
-            .mutate("test", |c, cat| c.update_model(cat, same, &[]))
+            .mutate("test", |c, cat| c.update_model(cat, same.clone(), &[]))
             .unwrap();
         assert!(commit.revision.is_none());
         assert_eq!(store.current().revision, 1);
@@ -1066,7 +1112,7 @@ mod tests {
             ..Default::default()
         };
         store
-            .mutate("test", |c, cat| c.update_model(cat, rotated, &[]))
+            .mutate("test", |c, cat| c.update_model(cat, rotated.clone(), &[]))
             .unwrap(); // 4
         let commit = store.rollback("ops", 2, false).unwrap();
         let record = commit.revision.unwrap();

@@ -731,7 +731,7 @@ mod tests {
             ..model("a")
         };
         store
-            .mutate("test", |c, cat| c.update_model(cat, updated, &[]))
+            .mutate("test", |c, cat| c.update_model(cat, updated.clone(), &[]))
             .unwrap();
         let acknowledged = store.current();
         // Revisions 3 and 4 reach the disk; their callers hear an error.

@@ -243,7 +243,7 @@ async fn history_and_rollback(h: Harness) {
         ..Default::default()
     };
     store
-        .mutate("tester", |c, cat| c.update_model(cat, rotated, &[]))
+        .mutate("tester", |c, cat| c.update_model(cat, rotated.clone(), &[]))
         .unwrap(); // 4
     let at = |revision| names(&store.config_at_revision(revision).unwrap());
     assert_eq!(at(0), Vec::<String>::new());
@@ -508,7 +508,7 @@ async fn secrets_are_sealed_at_rest(h: Harness) {
         ..Default::default()
     };
     store
-        .mutate("tester", |c, cat| c.update_model(cat, rotated, &[]))
+        .mutate("tester", |c, cat| c.update_model(cat, rotated.clone(), &[]))
         .unwrap();
     store.flush().unwrap();
     drop(store);
@@ -584,3 +584,41 @@ conformance!(
     secrets_are_sealed_at_rest,
     a_database_behind_the_acknowledged_revision_is_refused,
 );
+
+/// etcd only (one sled database has one writer): a change that loses the
+/// race to another replica runs again on that replica's revision, and
+/// both writes land; the caller never hears of the race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_change_that_loses_a_race_runs_again() {
+    let h = Harness::etcd().await;
+    let (a, b) = h.writers();
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let writer = {
+        let (a, runs) = (a.clone(), runs.clone());
+        std::thread::spawn(move || {
+            a.mutate("slow", |c, cat| {
+                // The first run waits while the other replica commits.
+                if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    paused_tx.send(()).unwrap();
+                    go_rx.lock().unwrap().recv().unwrap();
+                }
+                c.create_model(cat, model("slow"))
+            })
+        })
+    };
+    paused_rx.recv().unwrap();
+    assert_eq!(create(&b, "fast").unwrap(), 1);
+    go_tx.send(()).unwrap();
+    let commit = writer.join().unwrap().expect("the slow change lands");
+    assert_eq!(commit.revision.unwrap().revision, 2);
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "run again once"
+    );
+    let config = reaches(&b, 2).await;
+    assert_eq!(names(&config), ["fast", "slow"]);
+}

@@ -8,6 +8,7 @@ use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
     CreateModelRequest, GetFleetHealthRequest, ListInstancesRequest, Model, SyncState,
 };
+use duofleet_tests::agent::{Agent, FakeCommand};
 use duofleet_tests::etcd::Etcd;
 use duofleet_tests::{Clients, Daemon, DaemonOptions, mk};
 use std::collections::BTreeSet;
@@ -126,7 +127,7 @@ async fn synced_on(c: &mut Clients, id: &str, revision: u64) {
     }
 }
 
-fn reconfigures(ctl: &duofleet_tests::agent::FakeCommand) -> usize {
+fn reconfigures(ctl: &FakeCommand) -> usize {
     ctl.calls()
         .iter()
         .filter(|c| c.contains("reconfigure"))
@@ -169,18 +170,7 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
             synced_on(c, &agent.instance_id, 2).await;
         }
     }
-    let on_a = agents
-        .iter()
-        .filter(|(agent, _, _)| {
-            agent
-                .log()
-                .contains(&format!("endpoint={}", with_scheme(&a)))
-        })
-        .count();
-    assert!(
-        (1..4).contains(&on_a),
-        "the agents spread over both replicas ({on_a} of 4 on the first)"
-    );
+    assert_spread(&agents, &a);
     // The whole fleet's health from either replica.
     for c in [&mut ca, &mut cb] {
         let listed = c
@@ -297,8 +287,19 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
     assert_eq!(back, before, "the same content was applied again");
 }
 
-fn with_scheme(daemon: &Daemon) -> String {
-    format!("http://{}", daemon.grpc_addr)
+/// Some of the agents, not all, connected to `first`: they spread over
+/// the replicas.
+fn assert_spread(agents: &[(Agent, FakeCommand, PathBuf)], first: &Daemon) {
+    let endpoint = format!("endpoint=http://{}", first.grpc_addr);
+    let on_first = agents
+        .iter()
+        .filter(|(agent, _, _)| agent.log().contains(&endpoint))
+        .count();
+    assert!(
+        (1..agents.len()).contains(&on_first),
+        "the agents spread over both replicas ({on_first} of {} on the first)",
+        agents.len()
+    );
 }
 
 /// An agent's replica disappears for good: the other replica shows it
@@ -448,18 +449,7 @@ async fn a_rollout_holds_instances_back_on_every_replica() {
         synced_on(&mut ca, &agent.instance_id, old).await;
         synced_on(&mut cb, &agent.instance_id, old).await;
     }
-    let on_a = agents
-        .iter()
-        .filter(|(agent, _, _)| {
-            agent
-                .log()
-                .contains(&format!("endpoint={}", with_scheme(&a)))
-        })
-        .count();
-    assert!(
-        (1..4).contains(&on_a),
-        "agents on both replicas ({on_a} of 4 on the first)"
-    );
+    assert_spread(&agents, &a);
     let before: Vec<usize> = agents.iter().map(|(_, ctl, _)| reconfigures(ctl)).collect();
 
     // Staged through the second replica: one canary, then the rest after
