@@ -13,7 +13,7 @@ use duofleet_proto::v1::{
     Instance, InstanceEvent, LabelsChanged, SyncState,
 };
 use prost::Message;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -121,9 +121,16 @@ pub struct Registry {
     shared: bool,
     /// How old unsaved progress may get.
     progress_after: Duration,
-    /// Instances that connected here, and that left, since the last save
-    /// (shared backends only).
-    presence: Mutex<(Vec<String>, Vec<String>)>,
+    /// Instances whose presence here changed since the last save (shared
+    /// backends only). What is written is decided at the save, from
+    /// whether each is connected here then: an agent that came and went
+    /// within one save costs nothing, and a late write cannot claim an
+    /// agent that has left.
+    presence: Mutex<HashSet<String>>,
+    /// Which other replica each instance is connected to, as the cluster
+    /// says (shared backends only), also for instances whose record has
+    /// not arrived yet.
+    holders: Mutex<HashMap<String, String>>,
 }
 
 /// Why a new agent connection is refused.
@@ -182,7 +189,8 @@ impl Registry {
             } else {
                 PROGRESS_SAVED_AFTER
             },
-            presence: Mutex::new((Vec::new(), Vec::new())),
+            presence: Mutex::new(HashSet::new()),
+            holders: Mutex::new(HashMap::new()),
             entries: Mutex::new(entries),
             saving: Mutex::new(()),
             events: broadcast::Sender::new(1024),
@@ -300,7 +308,7 @@ impl Registry {
             self.connected.fetch_add(1, Ordering::Relaxed);
             entry.here = true;
             if self.shared {
-                self.lock_presence().0.push(hello.instance_id.clone());
+                self.lock_presence().insert(hello.instance_id.clone());
             }
         }
         entry.instance.connected = true;
@@ -470,7 +478,7 @@ impl Registry {
             self.connected.fetch_sub(1, Ordering::Relaxed);
             entry.here = false;
             if self.shared {
-                self.lock_presence().1.push(session.instance_id.clone());
+                self.lock_presence().insert(session.instance_id.clone());
             }
         }
         // Still connected when its agent moved to another replica already.
@@ -619,19 +627,24 @@ impl Registry {
         let count = changed.len();
         self.store.save_encoded_instances(changed)?;
         if self.shared {
-            let (arrived, left) = std::mem::take(&mut *self.lock_presence());
-            if let Err(error) = self.store.present(arrived.clone(), left.clone()) {
+            let changed = std::mem::take(&mut *self.lock_presence());
+            let (arrived, left): (Vec<String>, Vec<String>) = {
+                let entries = self.lock();
+                changed
+                    .iter()
+                    .cloned()
+                    .partition(|id| entries.get(id).is_some_and(|e| e.here))
+            };
+            if let Err(error) = self.store.present(arrived, left) {
                 // Tried again at the next save.
-                let mut pending = self.lock_presence();
-                pending.0.extend(arrived);
-                pending.1.extend(left);
+                self.lock_presence().extend(changed);
                 return Err(error);
             }
         }
         Ok(count)
     }
 
-    fn lock_presence(&self) -> std::sync::MutexGuard<'_, (Vec<String>, Vec<String>)> {
+    fn lock_presence(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.presence.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -18,7 +18,7 @@ use duofleet_proto::v1::{
     FleetEvent, HealthState, Instance, InstanceEvent, LabelsChanged, SyncState,
 };
 use prost::Message;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
@@ -78,10 +78,20 @@ impl Registry {
                         self.emit(Event::Deleted, &entry.instance);
                     }
                 }
+                let mut reassert = Vec::new();
+                *self.lock_holders() = present
+                    .iter()
+                    .filter(|(_, r)| Some(*r) != me.as_ref())
+                    .map(|(id, r)| (id.clone(), r.clone()))
+                    .collect();
                 for (id, entry) in entries.iter_mut() {
-                    let holder = present.get(id).filter(|r| Some(*r) != me.as_ref());
-                    self.set_elsewhere(entry, holder.cloned());
+                    let holder = present.get(id);
+                    if entry.here && holder != me.as_ref() {
+                        reassert.push(id.clone());
+                    }
+                    self.set_elsewhere(entry, holder.filter(|r| Some(*r) != me.as_ref()).cloned());
                 }
+                self.lock_presence().extend(reassert);
                 drop(entries);
                 for (id, raw) in labels {
                     self.merge_labels(&id, &raw);
@@ -102,11 +112,24 @@ impl Registry {
                 self.emit(Event::Deleted, &entry.instance);
             }
             FleetChange::Present(id, holder) => {
-                let holder = holder.filter(|r| Some(r) != me.as_ref());
+                let holder_elsewhere = holder.clone().filter(|r| Some(r) != me.as_ref());
                 let mut entries = self.lock();
-                if let Some(entry) = entries.get_mut(&id) {
-                    self.set_elsewhere(entry, holder);
+                // Kept also when the record has not arrived yet (a
+                // replica can write presence before the record).
+                match &holder_elsewhere {
+                    Some(r) => self.lock_holders().insert(id.clone(), r.clone()),
+                    None => self.lock_holders().remove(&id),
+                };
+                let Some(entry) = entries.get_mut(&id) else {
+                    return;
+                };
+                // Its agent is here, and the cluster lost that (a late
+                // write of a replica it left, or an expired lease): said
+                // again at the next save.
+                if entry.here && holder.is_none() {
+                    self.lock_presence().insert(id.clone());
                 }
+                self.set_elsewhere(entry, holder.filter(|r| Some(r) != me.as_ref()));
             }
             FleetChange::Labels(id, raw) => self.merge_labels(&id, &raw),
         }
@@ -127,6 +150,7 @@ impl Registry {
                 sync_state: SyncState::Offline as i32,
                 ..Default::default()
             },
+            elsewhere: self.lock_holders().get(id).cloned(),
             ..Entry::blank()
         });
         if entry.here {
@@ -152,6 +176,13 @@ impl Registry {
             })
             .cloned()
             .collect();
+        if now.connected != old.connected {
+            let event = match now.connected {
+                true => Event::InstanceConnected as fn(InstanceEvent) -> Event,
+                false => Event::InstanceDisconnected,
+            };
+            self.emit(event, now);
+        }
         let event =
             if now.sync_state != old.sync_state || now.applied_revision != old.applied_revision {
                 Some(match now.sync_state() {
@@ -169,6 +200,10 @@ impl Registry {
         if !health_changed.is_empty() {
             self.emit_with(Event::HealthChanged, now, health_changed);
         }
+    }
+
+    fn lock_holders(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.holders.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Which other replica the instance's agent is connected to, if any.
@@ -235,5 +270,73 @@ impl Registry {
                 new_labels: value.labels,
             })),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::Sealer;
+    use crate::store::Store;
+
+    fn record(id: &str, state: SyncState) -> Vec<u8> {
+        Instance {
+            instance_id: id.into(),
+            sync_state: state as i32,
+            applied_revision: 7,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// Another replica's presence and record can arrive in either order;
+    /// the instance shows what its replica reported, connected, either
+    /// way, and OFFLINE once its presence goes.
+    #[test]
+    fn presence_and_records_from_another_replica_in_either_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            crate::catalog::get(),
+            Sealer::new(&[5; 32], None),
+        );
+        let registry = Registry::load(Arc::new(store.unwrap()), 10).unwrap();
+        let mut events = registry.subscribe();
+        let elsewhere = || Some("replica-2".to_string());
+        // Presence first (written before the record, in a save that
+        // raced a connect), then the record.
+        registry.merge(FleetChange::Present("a".into(), elsewhere()));
+        registry.merge(FleetChange::Saved(
+            "a".into(),
+            record("a", SyncState::Synced),
+        ));
+        // The record first, then presence.
+        registry.merge(FleetChange::Saved(
+            "b".into(),
+            record("b", SyncState::Synced),
+        ));
+        assert!(!registry.get("b").unwrap().connected);
+        registry.merge(FleetChange::Present("b".into(), elsewhere()));
+        for id in ["a", "b"] {
+            let seen = registry.get(id).unwrap();
+            assert!(seen.connected, "{id}");
+            assert_eq!(seen.sync_state(), SyncState::Synced, "{id}");
+            assert_eq!(seen.applied_revision, 7);
+        }
+        let mut connected = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let Some(Event::InstanceConnected(e)) = event.event {
+                connected.push(e.instance_id);
+            }
+        }
+        assert_eq!(connected, ["a", "b"], "WatchFleet hears each connect once");
+        // Its replica died and its lease expired.
+        registry.merge(FleetChange::Present("a".into(), None));
+        let gone = registry.get("a").unwrap();
+        assert!(!gone.connected);
+        assert_eq!(gone.sync_state(), SyncState::Offline);
+        // An operator deleted it through another replica.
+        registry.merge(FleetChange::Deleted("b".into()));
+        assert!(registry.get("b").is_none());
     }
 }

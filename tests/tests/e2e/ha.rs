@@ -139,8 +139,21 @@ fn reconfigures(ctl: &FakeCommand) -> usize {
 /// operators write through both: every acknowledged write is kept, and the
 /// agents converge through the other; one that comes back to the same
 /// content re-applies nothing.
+///
+/// CI runs it small; `DUOFLEET_HA_AGENTS` and `DUOFLEET_HA_WRITES` (per
+/// side) run it large, and it prints its figures.
 #[tokio::test]
 async fn replicas_share_the_fleet_and_agents_fail_over() {
+    let size = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (n, writes) = (
+        size("DUOFLEET_HA_AGENTS", 4),
+        size("DUOFLEET_HA_WRITES", 30),
+    );
     let cluster = Replicas::start().await;
     let a = cluster.replica(0, None);
     let b = cluster.replica(1, None);
@@ -162,8 +175,9 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
     let both = format!("http://{},http://{}", a.grpc_addr, b.grpc_addr);
     let root = cluster.root.path();
     let mut agents = Vec::new();
-    for id in ["gitlab-ha-1", "gitlab-ha-2", "gitlab-ha-3", "gitlab-ha-4"] {
-        agents.push(linux_agent(&a, root, id, RB, &["--control-plane", &both]));
+    for i in 1..=n {
+        let id = format!("gitlab-ha-{i}");
+        agents.push(linux_agent(&a, root, &id, RB, &["--control-plane", &both]));
     }
     for c in [&mut ca, &mut cb] {
         for (agent, _, _) in &agents {
@@ -180,9 +194,9 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
             .unwrap()
             .into_inner()
             .instances;
-        assert_eq!(listed.len(), 4, "{listed:?}");
+        assert_eq!(listed.len(), n, "{listed:?}");
         // The gateway, probed by every agent, counted across the fleet.
-        eventually("the gateway's health from all four agents", async || {
+        eventually("the gateway's health from every agent", async || {
             let health = c
                 .fleet
                 .get_fleet_health(GetFleetHealthRequest::default())
@@ -193,14 +207,14 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
                 .targets
                 .iter()
                 .find(|t| t.target.contains("aigw.example.com"))
-                .filter(|t| t.healthy + t.unhealthy == 4)
+                .filter(|t| (t.healthy + t.unhealthy) as usize == n)
                 .cloned()
         })
         .await;
     }
     // WatchFleet on one replica saw every agent connect, wherever it did.
     let mut connected = BTreeSet::new();
-    while connected.len() < 4 {
+    while connected.len() < n {
         let event = tokio::time::timeout(WAIT, fleet_b.message())
             .await
             .expect("fleet events")
@@ -215,7 +229,7 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
     let writer = |mut c: Clients, side: &'static str| {
         tokio::spawn(async move {
             let mut acknowledged = Vec::new();
-            for i in 0..30 {
+            for i in 0..writes {
                 let name = format!("w-{side}-{i}");
                 // Lost a race with the other replica: nothing was written;
                 // the operator retries.
@@ -237,9 +251,11 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
     };
     let writes_a = writer(a.clients().await, "a");
     let writes_b = writer(b.clients().await, "b");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Killed about a third of the way through the writes.
+    tokio::time::sleep(Duration::from_millis(10 * writes as u64)).await;
     let a_addr = a.grpc_addr.clone();
     a.kill9();
+    let killed = Instant::now();
     let mut acknowledged = writes_a.await.unwrap();
     acknowledged.extend(writes_b.await.unwrap());
     assert!(acknowledged.iter().any(|(_, n)| n.starts_with("w-a")));
@@ -248,7 +264,7 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
             .iter()
             .filter(|(_, n)| n.starts_with("w-b"))
             .count(),
-        30,
+        writes,
         "the surviving replica took every write"
     );
     let models: BTreeSet<String> = list_models(&mut cb)
@@ -269,10 +285,13 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
 
     // New models are in no agent's configuration: nothing was sent. A new
     // gateway is, and every agent converges on it through the survivor.
+    let writes_done = killed.elapsed();
+    let changed = Instant::now();
     let last = set_gateway(&mut cb, "default", "https://aigw-2.example.com").await;
     for (agent, _, _) in &agents {
         synced_on(&mut cb, &agent.instance_id, last).await;
     }
+    let converged = changed.elapsed();
     let before: Vec<usize> = agents.iter().map(|(_, ctl, _)| reconfigures(ctl)).collect();
 
     // The dead replica comes back; the survivor stops gracefully: agents
@@ -285,6 +304,17 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
     }
     let back: Vec<usize> = agents.iter().map(|(_, ctl, _)| reconfigures(ctl)).collect();
     assert_eq!(back, before, "the same content was applied again");
+    let through_a = acknowledged
+        .iter()
+        .filter(|(_, n)| n.starts_with("w-a"))
+        .count();
+    println!(
+        "ha figures: {n} agents; {} writes acknowledged ({through_a} through the killed replica, {writes} through the survivor), 0 lost, {} revisions without a gap or a reuse; the survivor's writes went on for {:.1} s after the kill; a new gateway reached all {n} agents through the survivor in {:.2} s; moving back to the restarted replica re-applied nothing",
+        acknowledged.len(),
+        numbers.len(),
+        writes_done.as_secs_f64(),
+        converged.as_secs_f64()
+    );
 }
 
 /// Some of the agents, not all, connected to `first`: they spread over
