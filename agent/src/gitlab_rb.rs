@@ -301,7 +301,19 @@ fn active_env(text: &str) -> Result<(Scan<'_>, Vec<EnvHash>), Unsafe> {
 /// parses (Ruby 3.1's grammar), with their `AI_GATEWAY_URL` entries.
 fn parse_env(text: &str) -> Result<Vec<EnvHash>, Unsafe> {
     use lib_ruby_parser::{ErrorLevel, Node, Parser, ParserOptions};
-    let result = Parser::new(text.as_bytes().to_vec(), ParserOptions::default()).do_parse();
+    // The parser has inputs it does not expect and panics on (a heredoc
+    // in a position its builder has no case for): that is a file it cannot
+    // read, never a crash of the agent.
+    let parsed = std::panic::catch_unwind(|| {
+        Parser::new(text.as_bytes().to_vec(), ParserOptions::default()).do_parse()
+    });
+    let Ok(result) = parsed else {
+        return Err(Unsafe {
+            line: 1,
+            problem: "gitlab.rb holds Ruby that the agent's parser cannot read (its Ruby 3.1 grammar gave up on it)".into(),
+            fix: "check the file with `ruby -c /etc/gitlab/gitlab.rb`, and simplify the unusual construct (often a heredoc inside an expression); duofleet does not edit a file it cannot read",
+        });
+    };
     if let Some(error) = result
         .diagnostics
         .iter()

@@ -457,6 +457,22 @@ proptest! {
     }
 }
 
+/// Found by the property test: a heredoc where lib-ruby-parser's builder
+/// has no case for it panics inside the parser. The agent refuses the
+/// file, names the problem and carries on.
+#[test]
+fn a_file_the_parser_gives_up_on_is_refused_not_a_crash() {
+    let text = "if true\n,<<~EOS\nEOS\n{# \n'";
+    let refused = set_gateway_url(text, URL).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("the agent's parser cannot read"),
+        "{refused}"
+    );
+    assert!(read_gateway_url(text).is_err());
+}
+
 /// Found by the property test: a parse error the parser locates inside a
 /// multi-byte character, and an unterminated string that ends in one.
 #[test]
