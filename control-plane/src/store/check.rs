@@ -101,18 +101,12 @@ impl Store {
                 0
             }
         };
-        if let Some(path) = &self.high_water {
-            match high_water::read(path) {
-                Ok(acknowledged) if acknowledged > revision => damaged(
-                    "revision.hwm".into(),
-                    format!(
-                        "revision {acknowledged} was acknowledged, but the database holds only {revision}: files are missing or an older copy was put in place"
-                    ),
-                ),
-                Ok(_) => {}
-                Err(e) => damaged("revision.hwm".into(), error_chain(&e)),
-            }
-        }
+        self.check_high_water(
+            revision,
+            "database",
+            "files are missing or an older copy was put in place",
+            &mut damaged,
+        );
         // Revision records: each decodes, none is missing, none is newer.
         let mut seen = BTreeSet::new();
         for item in t.revisions.iter() {
@@ -221,18 +215,12 @@ impl Store {
             damaged("meta".into(), error_chain(&e));
             0
         });
-        if let Some(path) = &self.high_water {
-            match high_water::read(path) {
-                Ok(acknowledged) if acknowledged > revision => damaged(
-                    "revision.hwm".into(),
-                    format!(
-                        "revision {acknowledged} was acknowledged, but the store holds only {revision}: it was restored from an older snapshot, or another prefix is in use"
-                    ),
-                ),
-                Ok(_) => {}
-                Err(e) => damaged("revision.hwm".into(), error_chain(&e)),
-            }
-        }
+        self.check_high_water(
+            revision,
+            "store",
+            "it was restored from an older snapshot, or another prefix is in use",
+            &mut damaged,
+        );
         let mut seen = 0;
         for number in 1..=revision {
             match self.backend.record(number) {
@@ -273,6 +261,30 @@ impl Store {
 }
 
 impl Store {
+    /// The store is not behind the revision this data dir acknowledged;
+    /// `likely` says what may have happened to the `holder` if it is.
+    fn check_high_water(
+        &self,
+        revision: u64,
+        holder: &str,
+        likely: &str,
+        damaged: &mut impl FnMut(String, String),
+    ) {
+        let Some(path) = &self.high_water else {
+            return;
+        };
+        match high_water::read(path) {
+            Ok(acknowledged) if acknowledged > revision => damaged(
+                "revision.hwm".into(),
+                format!(
+                    "revision {acknowledged} was acknowledged, but the {holder} holds only {revision}: {likely}"
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => damaged("revision.hwm".into(), error_chain(&e)),
+        }
+    }
+
     /// Every revision rebuilds from history, and the current state is the
     /// newest of them: never a partial configuration served as current.
     fn check_history(&self, revision: u64, damaged: &mut impl FnMut(String, String)) {
