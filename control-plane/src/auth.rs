@@ -163,11 +163,7 @@ impl Tokens {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.hash_key).expect("HMAC takes any key length");
         mac.update(secret.as_bytes());
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(mac.finalize().into_bytes())
     }
 
     /// Accepts a token from now on.
@@ -270,8 +266,7 @@ fn load_or_create_secret(path: &Path) -> io::Result<String> {
 fn new_secret() -> io::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(io::Error::other)?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("{TOKEN_PREFIX}{hex}"))
+    Ok(format!("{TOKEN_PREFIX}{}", hex::encode(bytes)))
 }
 
 /// Compares without leaking, through timing, how much of a guess was right.

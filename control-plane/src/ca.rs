@@ -111,12 +111,7 @@ impl CertAuthority {
             store: store.clone(),
             issued: RwLock::new(issued),
         });
-        let followed = Arc::downgrade(&ca);
-        store.follow_table(Table::Certs, move |change| {
-            if let Some(ca) = followed.upgrade() {
-                ca.follow(change);
-            }
-        });
+        store.follow_table(Table::Certs, &ca, CertAuthority::follow);
         Ok(ca)
     }
 
@@ -245,8 +240,5 @@ impl CertAuthority {
 }
 
 fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(der))
 }

@@ -97,11 +97,7 @@ fn key_digest(key: &str) -> String {
         return String::new();
     }
     let digest = Sha256::digest(key.as_bytes());
-    format!("\u{1}{}", &hex_lower(&digest)[..16])
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("\u{1}{}", &hex::encode(digest)[..16])
 }
 
 fn profile_fields(profile: &Profile) -> Vec<(String, String)> {

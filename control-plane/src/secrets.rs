@@ -62,9 +62,8 @@ impl Sealer {
             .expect("ChaCha20-Poly1305 sealing cannot fail for small inputs");
         let mut out = String::with_capacity(PREFIX.len() + 2 * (NONCE_LEN + sealed.len()));
         out.push_str(PREFIX);
-        for b in nonce.iter().chain(&sealed) {
-            out.push_str(&format!("{b:02x}"));
-        }
+        out.push_str(&hex::encode(nonce));
+        out.push_str(&hex::encode(&sealed));
         out
     }
 
@@ -112,8 +111,8 @@ pub fn load_key(path: &Path, create: bool) -> io::Result<[u8; 32]> {
         Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
             let mut key = [0u8; 32];
             getrandom::fill(&mut key).map_err(io::Error::other)?;
-            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-            crate::fsutil::write_atomic(path, format!("{hex}\n").as_bytes(), 0o600)?;
+            let text = format!("{}\n", hex::encode(key));
+            crate::fsutil::write_atomic(path, text.as_bytes(), 0o600)?;
             return Ok(key);
         }
         Err(e) => return Err(e),

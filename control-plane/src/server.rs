@@ -328,24 +328,9 @@ fn check(args: &Args) -> Result<(), Box<dyn Error>> {
         ),
         // A running cluster is checked as it is: the check only reads.
         StoreKind::Etcd => {
-            let options = etcd_options(args)?;
-            let what = format!(
-                "etcd at {} (prefix {})",
-                options.endpoints.join(","),
-                options.prefix
-            );
-            let backend = crate::store::etcd::EtcdBackend::connect(options).map_err(|source| {
-                StartError::Etcd {
-                    what: what.clone(),
-                    source,
-                }
-            })?;
-            let store = Store::open_backend_for_check(
-                Arc::new(backend),
-                Some(&high_water),
-                catalog::get(),
-                sealer,
-            );
+            let (backend, what) = connect_etcd(args)?;
+            let store =
+                Store::open_backend_for_check(backend, Some(&high_water), catalog::get(), sealer);
             (store, what)
         }
     };
@@ -735,22 +720,23 @@ fn open_store(
             )
         }
         StoreKind::Etcd => {
-            let options = etcd_options(args)?;
-            let what = format!(
-                "etcd at {} (prefix {})",
-                options.endpoints.join(","),
-                options.prefix
-            );
-            let backend = crate::store::etcd::EtcdBackend::connect(options).map_err(|source| {
-                StartError::Etcd {
-                    what: what.clone(),
-                    source,
-                }
-            })?;
-            Store::open_backend(Arc::new(backend), Some(high_water), catalog::get(), sealer)
+            let (backend, what) = connect_etcd(args)?;
+            Store::open_backend(backend, Some(high_water), catalog::get(), sealer)
                 .map_err(|source| StartError::Etcd { what, source })
         }
     }
+}
+
+/// Connects to the etcd the flags name; with what it is, for messages.
+fn connect_etcd(args: &Args) -> Result<(Arc<crate::store::etcd::EtcdBackend>, String), StartError> {
+    let options = etcd_options(args)?;
+    let what = options.describe();
+    let backend =
+        crate::store::etcd::EtcdBackend::connect(options).map_err(|source| StartError::Etcd {
+            what: what.clone(),
+            source,
+        })?;
+    Ok((Arc::new(backend), what))
 }
 
 /// The etcd flags, checked: each refusal names the flag and the rule.

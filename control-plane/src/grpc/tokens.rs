@@ -31,8 +31,7 @@ impl TokenApi {
                 tokens.issue(stored.hash, token);
             }
         }
-        let followed = tokens.clone();
-        store.follow_table(Table::Tokens, move |change| follow(&followed, change));
+        store.follow_table(Table::Tokens, &tokens, follow);
         Ok(TokenApi { store, tokens })
     }
 }

@@ -50,9 +50,7 @@ struct Entry {
     latency: HashMap<(i32, String), VecDeque<LatencySample>>,
     /// Its agent is connected to this replica.
     here: bool,
-    /// Its agent is connected to another replica (shared backends): which.
-    elsewhere: Option<String>,
-    /// The sync state in that replica's last saved record.
+    /// The sync state in the last record another replica saved of it.
     reported: i32,
 }
 
@@ -73,7 +71,6 @@ impl Entry {
             awaiting_ack: false,
             latency: HashMap::new(),
             here: false,
-            elsewhere: None,
             reported: SyncState::Offline as i32,
         }
     }
@@ -482,7 +479,7 @@ impl Registry {
             }
         }
         // Still connected when its agent moved to another replica already.
-        entry.instance.connected = entry.elsewhere.is_some();
+        entry.instance.connected = self.held_elsewhere(&session.instance_id);
         entry.kick = None;
         let unsaved = entry.dirty;
         self.updated(entry, Some(Event::InstanceDisconnected));

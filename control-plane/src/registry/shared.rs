@@ -19,7 +19,7 @@ use duofleet_proto::v1::{
 };
 use prost::Message;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// An operator's labels for an instance, as replicas share them.
@@ -38,18 +38,7 @@ impl Registry {
         let Some(changes) = self.store.follow_fleet() else {
             return;
         };
-        let registry: Weak<Registry> = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("fleet-follow".into())
-            .spawn(move || {
-                while let Ok(change) = changes.recv() {
-                    let Some(registry) = registry.upgrade() else {
-                        break;
-                    };
-                    registry.merge(change);
-                }
-            })
-            .expect("a thread to follow the fleet");
+        crate::store::follow_on_thread("fleet-follow", changes, self, Registry::merge);
     }
 
     /// Applies one change another replica made (or this one: its own
@@ -89,7 +78,8 @@ impl Registry {
                     if entry.here && holder != me.as_ref() {
                         reassert.push(id.clone());
                     }
-                    self.set_elsewhere(entry, holder.filter(|r| Some(*r) != me.as_ref()).cloned());
+                    let elsewhere = holder.is_some_and(|r| Some(r) != me.as_ref());
+                    self.show_connected(entry, elsewhere);
                 }
                 self.lock_presence().extend(reassert);
                 drop(entries);
@@ -112,11 +102,11 @@ impl Registry {
                 self.emit(Event::Deleted, &entry.instance);
             }
             FleetChange::Present(id, holder) => {
-                let holder_elsewhere = holder.clone().filter(|r| Some(r) != me.as_ref());
+                let elsewhere = holder.clone().filter(|r| Some(r) != me.as_ref());
                 let mut entries = self.lock();
                 // Kept also when the record has not arrived yet (a
                 // replica can write presence before the record).
-                match &holder_elsewhere {
+                match &elsewhere {
                     Some(r) => self.lock_holders().insert(id.clone(), r.clone()),
                     None => self.lock_holders().remove(&id),
                 };
@@ -129,7 +119,7 @@ impl Registry {
                 if entry.here && holder.is_none() {
                     self.lock_presence().insert(id.clone());
                 }
-                self.set_elsewhere(entry, holder.filter(|r| Some(r) != me.as_ref()));
+                self.show_connected(entry, elsewhere.is_some());
             }
             FleetChange::Labels(id, raw) => self.merge_labels(&id, &raw),
         }
@@ -150,7 +140,6 @@ impl Registry {
                 sync_state: SyncState::Offline as i32,
                 ..Default::default()
             },
-            elsewhere: self.lock_holders().get(id).cloned(),
             ..Entry::blank()
         });
         if entry.here {
@@ -159,7 +148,7 @@ impl Registry {
         // Connection and labels are not the record's to say.
         record.instance_id = id.to_string();
         record.labels = std::mem::take(&mut entry.instance.labels);
-        record.connected = entry.elsewhere.is_some();
+        record.connected = self.held_elsewhere(id);
         entry.reported = record.sync_state;
         if !record.connected {
             record.sync_state = SyncState::Offline as i32;
@@ -176,24 +165,22 @@ impl Registry {
             })
             .cloned()
             .collect();
-        if now.connected != old.connected {
-            let event = match now.connected {
+        // One event for the change: its state and revision ride on it.
+        let event = if now.connected != old.connected {
+            Some(match now.connected {
                 true => Event::InstanceConnected as fn(InstanceEvent) -> Event,
                 false => Event::InstanceDisconnected,
-            };
-            self.emit(event, now);
-        }
-        let event =
-            if now.sync_state != old.sync_state || now.applied_revision != old.applied_revision {
-                Some(match now.sync_state() {
-                    SyncState::Failed => Event::Failed as fn(InstanceEvent) -> Event,
-                    SyncState::Drifted => Event::Drifted,
-                    SyncState::Offline => Event::InstanceDisconnected,
-                    _ => Event::Applied,
-                })
-            } else {
-                None
-            };
+            })
+        } else if now.sync_state != old.sync_state || now.applied_revision != old.applied_revision {
+            Some(match now.sync_state() {
+                SyncState::Failed => Event::Failed as fn(InstanceEvent) -> Event,
+                SyncState::Drifted => Event::Drifted,
+                SyncState::Offline => Event::InstanceDisconnected,
+                _ => Event::Applied,
+            })
+        } else {
+            None
+        };
         if let Some(event) = event {
             self.emit(event, now);
         }
@@ -206,17 +193,16 @@ impl Registry {
         self.holders.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Which other replica the instance's agent is connected to, if any.
-    fn set_elsewhere(&self, entry: &mut Entry, holder: Option<String>) {
-        if entry.elsewhere == holder {
-            return;
-        }
-        entry.elsewhere = holder;
-        if entry.here {
-            return;
-        }
-        let connected = entry.elsewhere.is_some();
-        if entry.instance.connected == connected {
+    /// Whether another replica holds the instance's agent, as the cluster
+    /// says.
+    pub(super) fn held_elsewhere(&self, id: &str) -> bool {
+        self.lock_holders().contains_key(id)
+    }
+
+    /// Shows an instance whose agent is not here connected (through
+    /// another replica) or not, with an event when that changes.
+    fn show_connected(&self, entry: &mut Entry, connected: bool) {
+        if entry.here || entry.instance.connected == connected {
             return;
         }
         entry.instance.connected = connected;

@@ -28,13 +28,8 @@ impl Rollouts {
                 rollouts.learn(revision.revision);
             }
         }));
-        let follower: Weak<Rollouts> = Arc::downgrade(self);
         self.store
-            .follow_table(crate::store::Table::Rollouts, move |change| {
-                if let Some(rollouts) = follower.upgrade() {
-                    rollouts.merge(change);
-                }
-            });
+            .follow_table(crate::store::Table::Rollouts, self, Rollouts::merge);
     }
 
     /// A revision another replica committed: the rollout that came with it,

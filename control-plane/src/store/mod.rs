@@ -289,19 +289,12 @@ impl Store {
         let Some(wakes) = self.backend.follow() else {
             return;
         };
-        let store: Weak<Store> = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("store-follow".into())
-            .spawn(move || {
-                while wakes.recv().is_ok() {
-                    let Some(store) = store.upgrade() else { break };
-                    let _writer = store.writer.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(error) = store.catch_up_locked() {
-                        tracing::warn!(error = %crate::error::error_chain(&error), "cannot read revisions committed by another replica; retrying on the next change");
-                    }
-                }
-            })
-            .expect("a thread to follow the store");
+        follow_on_thread("store-follow", wakes, self, |store, ()| {
+            let _writer = store.writer.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(error) = store.catch_up_locked() {
+                tracing::warn!(error = %crate::error::error_chain(&error), "cannot read revisions committed by another replica; retrying on the next change");
+            }
+        });
     }
 
     /// This replica's name when several share the backend (etcd).
@@ -326,21 +319,19 @@ impl Store {
         self.backend.follow_fleet()
     }
 
-    /// Runs `apply` on every change any replica makes to `table`, starting
-    /// with a snapshot, on a thread of its own (shared backends; nothing
-    /// on sled, where this process makes every change itself).
-    pub fn follow_table(&self, table: Table, apply: impl Fn(TableChange) + Send + 'static) {
-        let Some(changes) = self.backend.follow_table(table) else {
-            return;
-        };
-        std::thread::Builder::new()
-            .name(format!("follow-{}", table.name()))
-            .spawn(move || {
-                while let Ok(change) = changes.recv() {
-                    apply(change);
-                }
-            })
-            .expect("a thread to follow a table");
+    /// Runs `apply` on `target` for every change any replica makes to
+    /// `table`, starting with a snapshot, on a thread of its own, for as
+    /// long as `target` lives (shared backends; nothing on sled, where this
+    /// process makes every change itself).
+    pub fn follow_table<S: Send + Sync + 'static>(
+        &self,
+        table: Table,
+        target: &Arc<S>,
+        apply: impl Fn(&S, TableChange) + Send + 'static,
+    ) {
+        if let Some(changes) = self.backend.follow_table(table) {
+            follow_on_thread(&format!("follow-{}", table.name()), changes, target, apply);
+        }
     }
 
     /// At shutdown: this replica's instances are no longer connected.
@@ -977,6 +968,28 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.backend.flush()
     }
+}
+
+/// Runs `apply` on `target` for each item `changes` delivers, on a thread
+/// of its own, until the sender is gone or `target` is dropped.
+pub fn follow_on_thread<S: Send + Sync + 'static, T: Send + 'static>(
+    name: &str,
+    changes: std::sync::mpsc::Receiver<T>,
+    target: &Arc<S>,
+    apply: impl Fn(&S, T) + Send + 'static,
+) {
+    let target: Weak<S> = Arc::downgrade(target);
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            while let Ok(item) = changes.recv() {
+                let Some(target) = target.upgrade() else {
+                    break;
+                };
+                apply(&target, item);
+            }
+        })
+        .expect("a thread to follow the store");
 }
 
 fn change(kind: ResourceKind, name: &str, action: ChangeAction) -> pb::Change {

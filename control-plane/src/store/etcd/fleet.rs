@@ -14,7 +14,7 @@
 //! OFFLINE until they reconnect to one of them. Every replica follows the
 //! whole `fleet/` prefix with one watch.
 
-use super::{EtcdBackend, EtcdError, prefix_end, read_range_async};
+use super::{EtcdBackend, EtcdError, prefix_end, read_range};
 use crate::store::StoreError;
 use crate::store::backend::{Fleet, FleetChange, TableChange};
 use etcd_client::{
@@ -58,7 +58,7 @@ impl Presence {
         let mut random = [0u8; 4];
         let _ = getrandom::fill(&mut random);
         Presence {
-            replica: format!("{host}-{}", hex(&random)),
+            replica: format!("{host}-{}", hex::encode(random)),
             lease: Mutex::new(None),
             here: Mutex::new(HashSet::new()),
             left: AtomicBool::new(false),
@@ -83,10 +83,6 @@ impl Presence {
             .cloned()
             .collect()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Puts `live/<id>` for each instance under `lease`, in batches.
@@ -241,8 +237,7 @@ pub(super) async fn follow_prefix<T: Send + 'static>(
     let end = prefix_end(&start);
     let key_of = |raw: &[u8]| String::from_utf8_lossy(&raw[prefix.len()..]).into_owned();
     loop {
-        let (kvs, revision) = match read_range_async(&mut client, start.clone(), end.clone()).await
-        {
+        let (kvs, revision) = match read_range(&mut client, start.clone(), end.clone()).await {
             Ok(read) => read,
             Err(error) => {
                 tracing::warn!(%error, under, "cannot read from etcd; retrying");

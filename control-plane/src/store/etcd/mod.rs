@@ -90,6 +90,17 @@ pub struct EtcdOptions {
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+impl EtcdOptions {
+    /// What and where, for logs and messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "etcd at {} (prefix {})",
+            self.endpoints.join(","),
+            self.prefix
+        )
+    }
+}
+
 /// The configuration as one etcd value.
 #[derive(Clone, PartialEq, prost::Message)]
 struct ConfigValue {
@@ -161,7 +172,8 @@ pub struct EtcdBackend {
     runtime: Option<tokio::runtime::Runtime>,
     client: Client,
     prefix: String,
-    endpoints: String,
+    /// [`EtcdOptions::describe`].
+    described: String,
     /// This replica's presence in the cluster (see `fleet`).
     presence: Arc<fleet::Presence>,
     /// The configuration as this replica last read or wrote it: a commit
@@ -175,6 +187,19 @@ impl Drop for EtcdBackend {
             runtime.shutdown_background();
         }
     }
+}
+
+/// Runs `future` on the backend's runtime and blocks the calling thread
+/// (never one of the runtime's) until it is done.
+fn wait_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    future: impl Future<Output = T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(future.await);
+    });
+    rx.recv().map_err(|_| StoreError::Unavailable)
 }
 
 fn revision_bytes(revision: u64) -> Vec<u8> {
@@ -218,14 +243,8 @@ impl EtcdBackend {
             connect = connect.with_tls(tls);
         }
         let endpoints = options.endpoints.clone();
-        let (tx, rx) = mpsc::sync_channel(1);
-        runtime.spawn(async move {
-            let _ = tx.send(Client::connect(endpoints, Some(connect)).await);
-        });
-        let connected = rx
-            .recv()
-            .map_err(|_| StoreError::Unavailable)
-            .and_then(|c| {
+        let connected =
+            wait_on(&runtime, Client::connect(endpoints, Some(connect))).and_then(|c| {
                 c.map_err(|source| StoreError::Etcd {
                     action: "connect",
                     source,
@@ -242,8 +261,8 @@ impl EtcdBackend {
         Ok(EtcdBackend {
             runtime: Some(runtime),
             client,
+            described: options.describe(),
             prefix: options.prefix,
-            endpoints: options.endpoints.join(","),
             cache: Mutex::new(None),
             presence: Arc::new(fleet::Presence::new()),
         })
@@ -268,13 +287,7 @@ impl EtcdBackend {
         F: Future<Output = Result<T, EtcdError>> + Send + 'static,
     {
         let runtime = self.runtime.as_ref().ok_or(StoreError::Unavailable)?;
-        let future = work(self.client.clone());
-        let (tx, rx) = mpsc::sync_channel(1);
-        runtime.spawn(async move {
-            let _ = tx.send(future.await);
-        });
-        rx.recv()
-            .map_err(|_| StoreError::Unavailable)?
+        wait_on(runtime, work(self.client.clone()))?
             .map_err(|source| StoreError::Etcd { action, source })
     }
 
@@ -327,37 +340,13 @@ impl EtcdBackend {
     }
 
     /// Every key-value from `start` (inclusive) to `end` (exclusive), in
-    /// key order, read a page at a time.
+    /// key order, read a page at a time at one etcd revision.
     fn range(&self, start: Vec<u8>, end: Vec<u8>) -> Result<Vec<KeyValue>, StoreError> {
-        let deadline = Instant::now() + RETRY_FOR;
-        loop {
-            match read_range(
-                &self.client,
-                &self.run_handle()?,
-                start.clone(),
-                end.clone(),
-            ) {
-                Ok((kvs, _)) => return Ok(kvs),
-                Err(source) if transient(&source) && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(source) => {
-                    return Err(StoreError::Etcd {
-                        action: "range read",
-                        source,
-                    });
-                }
-            }
-        }
-    }
-
-    fn run_handle(&self) -> Result<tokio::runtime::Handle, StoreError> {
-        Ok(self
-            .runtime
-            .as_ref()
-            .ok_or(StoreError::Unavailable)?
-            .handle()
-            .clone())
+        let (kvs, _) = self.retrying("range read", |mut c| {
+            let (start, end) = (start.clone(), end.clone());
+            async move { read_range(&mut c, start, end).await }
+        })?;
+        Ok(kvs)
     }
 
     /// Every key-value under `prefix`.
@@ -371,6 +360,11 @@ impl EtcdBackend {
         let raw = self.get(self.key("config"))?.unwrap_or_default();
         let value: ConfigValue = decode(&raw, || "configuration".into())?;
         Ok(value.into_stored())
+    }
+
+    /// The key of one record of a table.
+    fn record_key(&self, table: Table, key: &str) -> Vec<u8> {
+        self.key(&format!("{}{key}", Self::table_prefix(table)))
     }
 
     fn table_prefix(table: Table) -> String {
@@ -391,24 +385,8 @@ impl EtcdBackend {
 
 /// Every key-value from `start` (inclusive) to `end` (exclusive), in key
 /// order, read a page at a time at one etcd revision (consistent across
-/// pages); and that revision. Blocks the calling thread, never the
-/// runtime's.
-fn read_range(
-    client: &Client,
-    runtime: &tokio::runtime::Handle,
-    start: Vec<u8>,
-    end: Vec<u8>,
-) -> Result<(Vec<KeyValue>, i64), EtcdError> {
-    let mut client = client.clone();
-    let (tx, rx) = mpsc::sync_channel(1);
-    runtime.spawn(async move {
-        let _ = tx.send(read_range_async(&mut client, start, end).await);
-    });
-    rx.recv()
-        .unwrap_or_else(|_| Err(EtcdError::InvalidArgs("the etcd runtime stopped".into())))
-}
-
-async fn read_range_async(
+/// pages); and that revision.
+async fn read_range(
     client: &mut Client,
     start: Vec<u8>,
     end: Vec<u8>,
@@ -570,28 +548,17 @@ impl Revisions for EtcdBackend {
         let mut history = HistoryValue::default();
         for (name, model) in change.models {
             match model {
-                Some(model) => {
-                    history.models.push(model.clone());
-                    next.models.insert(name, model);
-                }
-                None => {
-                    next.models.remove(&name);
-                    history.deleted_models.push(name);
-                }
+                Some(model) => history.models.push(model),
+                None => history.deleted_models.push(name),
             }
         }
         for (name, profile) in change.profiles {
             match profile {
-                Some(profile) => {
-                    history.profiles.push(profile.clone());
-                    next.profiles.insert(name, profile);
-                }
-                None => {
-                    next.profiles.remove(&name);
-                    history.deleted_profiles.push(name);
-                }
+                Some(profile) => history.profiles.push(profile),
+                None => history.deleted_profiles.push(name),
             }
         }
+        history.clone().apply(&mut next);
         next.revision = revision;
         let mut writes = vec![
             TxnOp::put(self.key("revision"), revision_bytes(revision), None),
@@ -613,11 +580,7 @@ impl Revisions for EtcdBackend {
         ];
         if let Some(attached) = change.attached {
             writes.push(TxnOp::put(
-                self.key(&format!(
-                    "{}{}",
-                    Self::table_prefix(Table::Rollouts),
-                    attached.key
-                )),
+                self.record_key(Table::Rollouts, &attached.key),
                 attached.value.clone(),
                 None,
             ));
@@ -763,7 +726,7 @@ impl Revisions for EtcdBackend {
 
 impl Records for EtcdBackend {
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let key = self.key(&format!("{}{key}", Self::table_prefix(table)));
+        let key = self.record_key(table, key);
         let value = value.to_vec();
         self.retrying("put", |mut c| {
             let (key, value) = (key.clone(), value.clone());
@@ -773,7 +736,7 @@ impl Records for EtcdBackend {
     }
 
     fn insert_new(&self, table: Table, key: &str, value: &[u8]) -> Result<bool, StoreError> {
-        let key = self.key(&format!("{}{key}", Self::table_prefix(table)));
+        let key = self.record_key(table, key);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), value.to_vec(), None)]);
@@ -804,7 +767,7 @@ impl Records for EtcdBackend {
         expected: &[u8],
         new: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        let key = self.key(&format!("{}{key}", Self::table_prefix(table)));
+        let key = self.record_key(table, key);
         let write = match new {
             Some(value) => TxnOp::put(key.clone(), value.to_vec(), None),
             None => TxnOp::delete(key.clone(), None),
@@ -817,7 +780,7 @@ impl Records for EtcdBackend {
     }
 
     fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
-        let key = self.key(&format!("{}{key}", Self::table_prefix(table)));
+        let key = self.record_key(table, key);
         let response = self.retrying("delete", |mut c| {
             let key = key.clone();
             async move { c.delete(key, None).await }
@@ -826,7 +789,6 @@ impl Records for EtcdBackend {
     }
 
     fn put_batch(&self, table: Table, records: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
-        let prefix = Self::table_prefix(table);
         let mut ops = Vec::new();
         let mut bytes = 0;
         for (key, value) in records {
@@ -836,7 +798,7 @@ impl Records for EtcdBackend {
                 bytes = 0;
             }
             bytes += value.len() + key.len();
-            ops.push(TxnOp::put(self.key(&format!("{prefix}{key}")), value, None));
+            ops.push(TxnOp::put(self.record_key(table, &key), value, None));
         }
         if !ops.is_empty() {
             self.txn(Txn::new().and_then(ops))?;
@@ -845,10 +807,7 @@ impl Records for EtcdBackend {
     }
 
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        EtcdBackend::get(
-            self,
-            self.key(&format!("{}{key}", Self::table_prefix(table))),
-        )
+        EtcdBackend::get(self, self.record_key(table, key))
     }
 
     fn follow_table(&self, table: Table) -> Option<mpsc::Receiver<TableChange>> {
@@ -912,7 +871,7 @@ impl Backend for EtcdBackend {
     }
 
     fn describe(&self) -> String {
-        format!("etcd at {} (prefix {})", self.endpoints, self.prefix)
+        self.described.clone()
     }
 }
 
