@@ -105,34 +105,20 @@ impl Etcd {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let file = |name: &str, text: &str| {
             let path = dir.path().join(name);
-            std::fs::write(&path, text).map(|()| path.display().to_string())
+            std::fs::write(&path, text)
+                .map(|()| path.display().to_string())
+                .map_err(|e| e.to_string())
         };
-        let cert = file("server.pem", &tls.ca.server_cert_pem).map_err(|e| e.to_string())?;
-        let key = file("server.key", &tls.ca.server_key_pem).map_err(|e| e.to_string())?;
-        let ca = file("ca.pem", &tls.ca.ca_pem).map_err(|e| e.to_string())?;
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("https://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut member = Member {
-            child: None,
-            url: url.clone(),
-            args: vec![
-                "--name=m0".into(),
-                format!("--data-dir={}", dir.path().join("m0").display()),
-                format!("--listen-client-urls={url}"),
-                format!("--advertise-client-urls={url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=m0={peer_url}"),
-                format!("--cert-file={cert}"),
-                format!("--key-file={key}"),
-                format!("--trusted-ca-file={ca}"),
-                "--client-cert-auth".into(),
-            ],
-            log: dir.path().join("m0.log"),
-        };
-        member.spawn()?;
-        let options = ConnectOptions::new().with_tls(
+        let server = [
+            format!(
+                "--cert-file={}",
+                file("server.pem", &tls.ca.server_cert_pem)?
+            ),
+            format!("--key-file={}", file("server.key", &tls.ca.server_key_pem)?),
+            format!("--trusted-ca-file={}", file("ca.pem", &tls.ca.ca_pem)?),
+            "--client-cert-auth".into(),
+        ];
+        let client = ConnectOptions::new().with_tls(
             etcd_client::TlsOptions::new()
                 .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca.ca_pem))
                 .identity(etcd_client::Identity::from_pem(
@@ -140,13 +126,7 @@ impl Etcd {
                     &tls.client.1,
                 )),
         );
-        let etcd = Etcd {
-            members: vec![member],
-            dir,
-            connect: Some(options),
-        };
-        etcd.wait_ready(Duration::from_secs(30)).await?;
-        Ok(etcd)
+        Etcd::launch(dir, 1, "https", &server, Some(client)).await
     }
 
     /// Turns on etcd's authentication with a root user; the tests' own
@@ -173,6 +153,18 @@ impl Etcd {
     /// `size` members forming one cluster; waits until it answers.
     pub async fn cluster(size: usize) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        Etcd::launch(dir, size, "http", &[], None).await
+    }
+
+    /// Starts `size` members in `dir`, serving clients on `scheme` with
+    /// `extra` flags each; waits until a client (`connect`) gets answers.
+    async fn launch(
+        dir: tempfile::TempDir,
+        size: usize,
+        scheme: &str,
+        extra: &[String],
+        connect: Option<ConnectOptions>,
+    ) -> Result<Etcd, String> {
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let initial = ports
             .iter()
@@ -182,9 +174,9 @@ impl Etcd {
             .join(",");
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
-            let url = format!("http://127.0.0.1:{client}");
+            let url = format!("{scheme}://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let args = vec![
+            let mut args = vec![
                 format!("--name=m{i}"),
                 format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
                 format!("--listen-client-urls={url}"),
@@ -195,6 +187,7 @@ impl Etcd {
                 "--initial-cluster-state=new".into(),
                 "--initial-cluster-token=duofleet-test".into(),
             ];
+            args.extend(extra.iter().cloned());
             let mut member = Member {
                 child: None,
                 url,
@@ -207,7 +200,7 @@ impl Etcd {
         let etcd = Etcd {
             members,
             dir,
-            connect: None,
+            connect,
         };
         etcd.wait_ready(Duration::from_secs(30)).await?;
         Ok(etcd)

@@ -216,15 +216,21 @@ pub use duofleet_control_plane::client::Clients;
 /// Starts `duofleetd` on `data_dir` expecting it to refuse: asserts that
 /// it exits unsuccessfully and returns what it printed on stderr.
 pub fn start_refused(data_dir: &Path) -> String {
+    start_refused_with(data_dir, &[])
+}
+
+/// Like [`start_refused`], with more flags.
+pub fn start_refused_with(data_dir: &Path, args: &[String]) -> String {
     let output = Command::new(bin("duofleetd"))
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(args)
         .output()
         .expect("run duofleetd");
     assert!(
         !output.status.success(),
-        "duofleetd started on {}",
+        "duofleetd started on {} with {args:?}",
         data_dir.display()
     );
     String::from_utf8_lossy(&output.stderr).into_owned()

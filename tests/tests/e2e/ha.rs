@@ -10,7 +10,7 @@ use duofleet_proto::v1::{
 };
 use duofleet_tests::agent::{Agent, FakeCommand};
 use duofleet_tests::etcd::Etcd;
-use duofleet_tests::{Clients, Daemon, DaemonOptions, mk};
+use duofleet_tests::{Clients, Daemon, DaemonOptions, mk, start_refused_with};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -607,20 +607,6 @@ async fn check_reads_an_etcd_store_and_names_the_damage() {
     );
 }
 
-/// Runs `duofleetd` with `args` and expects it to refuse to start: its
-/// stderr.
-fn refused(data: &Path, args: &[String]) -> String {
-    let out = std::process::Command::new(duofleet_tests::bin("duofleetd"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "duofleetd started with {args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn strings(all: &[&str]) -> Vec<String> {
     all.iter().map(|s| s.to_string()).collect()
 }
@@ -679,7 +665,7 @@ async fn an_etcd_over_mutual_tls() {
     assert_eq!(raw.kvs()[0].value(), 1u64.to_be_bytes());
 
     // No client certificate: the handshake fails, and the start with it.
-    let said = refused(
+    let said = start_refused_with(
         &root.path().join("no-cert"),
         &strings(&[
             "--store",
@@ -695,7 +681,7 @@ async fn an_etcd_over_mutual_tls() {
         "{said}"
     );
     // The flags are checked before anything is tried.
-    let said = refused(
+    let said = start_refused_with(
         &root.path().join("plain"),
         &strings(&[
             "--store",
@@ -710,7 +696,7 @@ async fn an_etcd_over_mutual_tls() {
         said.contains("--etcd-endpoints: TLS flags are given, but the endpoints are http://"),
         "{said}"
     );
-    let said = refused(
+    let said = start_refused_with(
         &root.path().join("no-ca"),
         &strings(&["--store", "etcd", "--etcd-endpoints", &url]),
     );
@@ -718,7 +704,7 @@ async fn an_etcd_over_mutual_tls() {
         said.contains("--etcd-ca: required with https:// endpoints"),
         "{said}"
     );
-    let said = refused(
+    let said = start_refused_with(
         &root.path().join("sled"),
         &strings(&["--etcd-endpoints", &url]),
     );
@@ -763,7 +749,7 @@ async fn an_etcd_with_authentication() {
     );
 
     std::fs::write(&password, "not-the-pw-81f2").unwrap();
-    let said = refused(
+    let said = start_refused_with(
         &root.path().join("second"),
         &strings(&[
             "--store",
