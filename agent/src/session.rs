@@ -556,7 +556,16 @@ pub struct Backoff {
     initial: Duration,
     max: Duration,
     current: Duration,
+    /// Quick retries left after a restart hint.
+    quick: u32,
 }
+
+/// After the control plane's restart hint, while it is not back yet: a
+/// retry this often (+-20 %), up to `RESTART_RETRIES` times (about 5 s),
+/// then the usual schedule. A refused connection costs the daemon
+/// nothing, and agents that wait longer only queue up for later.
+const RESTART_RETRY: Duration = Duration::from_millis(200);
+const RESTART_RETRIES: u32 = 25;
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Backoff {
@@ -564,11 +573,13 @@ impl Backoff {
             initial,
             max,
             current: initial,
+            quick: 0,
         }
     }
 
     pub fn reset(&mut self) {
         self.current = self.initial;
+        self.quick = 0;
     }
 
     /// The cap, for failures that a quick retry cannot mend.
@@ -578,15 +589,20 @@ impl Backoff {
     }
 
     /// The control plane said when to come back: then, and if it is not
-    /// back yet, soon after (a quarter of the initial delay, growing as
-    /// usual).
+    /// back yet, every 200 ms for about 5 s, then as usual from the
+    /// initial delay.
     pub fn hinted(&mut self, after: Duration) -> Duration {
-        self.current = self.initial / 4;
+        self.current = self.initial;
+        self.quick = RESTART_RETRIES;
         after
     }
 
     pub fn next_delay(&mut self) -> Duration {
         let jitter = 0.8 + 0.4 * jitter_fraction();
+        if self.quick > 0 {
+            self.quick -= 1;
+            return RESTART_RETRY.mul_f64(jitter);
+        }
         let delay = self.current.mul_f64(jitter);
         self.current = self.current.mul_f64(1.6).min(self.max);
         delay
@@ -652,14 +668,25 @@ mod tests {
         };
         assert_eq!(after, Duration::from_millis(1250));
 
-        // The hint, then a quick retry: a quarter of the initial delay.
+        // The hint, then quick retries (200 ms +-20 %) for about 5 s while
+        // the daemon restarts, then the usual schedule from 1 s.
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(120));
         for _ in 0..5 {
             backoff.next_delay();
         }
         assert_eq!(backoff.hinted(after), after);
+        let quick: Vec<f64> = (0..RESTART_RETRIES)
+            .map(|_| backoff.next_delay().as_secs_f64())
+            .collect();
+        assert!(quick.iter().all(|d| (0.16..=0.24).contains(d)), "{quick:?}");
+        let total: f64 = quick.iter().sum();
+        assert!((4.0..=6.0).contains(&total), "{total}");
         let next = backoff.next_delay().as_secs_f64();
-        assert!((0.2..=0.3).contains(&next), "{next}");
+        assert!((0.8..=1.2).contains(&next), "{next}");
+        // Connected again: a later failure starts from 1 s, not quickly.
+        backoff.hinted(after);
+        backoff.reset();
+        assert!(backoff.next_delay() >= Duration::from_millis(800));
     }
 
     #[test]

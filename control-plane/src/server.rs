@@ -250,10 +250,16 @@ impl Args {
         if let Some(Command::Check) = args.command {
             return check(&args);
         }
-        tokio::runtime::Builder::new_multi_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
-            .build()?
-            .block_on(run(args))
+            .build()?;
+        let result = runtime.block_on(run(args));
+        // Everything is saved by now. Dropping every connection's task one
+        // by one would take a good part of a second at tens of thousands
+        // of agents, and delay the restart they are waiting for: the
+        // process exit ends them.
+        runtime.shutdown_background();
+        result
     }
 }
 
@@ -612,11 +618,13 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         "duofleetd ready"
     );
 
+    let shutdown_registry = registry.clone();
     tokio::spawn(async move {
         let signal = shutdown_signal().await;
         tracing::info!(
             signal,
-            "shutting down: closing streams and flushing the database"
+            agents = shutdown_registry.connected(),
+            "shutting down: telling agents when to reconnect, closing streams and flushing the database"
         );
         for service in SERVICES {
             health_reporter
@@ -626,6 +634,15 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         let _ = shutdown_tx.send(true);
     });
 
+    // Graceful HTTP/2 closes need a round trip with every client; once
+    // every agent has been told when to come back and no call is left,
+    // they are not waited for (`settled`).
+    let grpc_server = async {
+        tokio::select! {
+            result = grpc_server => Some(result),
+            () = settled(shutdown_rx.clone(), &registry) => None,
+        }
+    };
     let servers = async { tokio::join!(grpc_server, http_server) };
     let grace_expired = async {
         wait_for(shutdown_rx.clone()).await;
@@ -647,7 +664,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     // not once its lease runs out.
     store.leave();
     let flushed = store.flush();
-    if let Some((grpc_result, ())) = results {
+    if let Some((Some(grpc_result), ())) = results {
         grpc_result?;
     }
     flushed?;
@@ -866,6 +883,28 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// How long nothing may be left on the gRPC listener (no agent session,
+/// no call in flight) before shutting down stops waiting for connections
+/// to close: time for the last answers and stream ends to be written out.
+const SHUTDOWN_SETTLE: Duration = Duration::from_millis(250);
+
+/// Resolves once shutting down, every agent session has ended (each was
+/// told when to come back) and no gRPC call has been in flight for
+/// `SHUTDOWN_SETTLE`.
+async fn settled(shutdown: watch::Receiver<bool>, registry: &Registry) {
+    const CHECK: Duration = Duration::from_millis(25);
+    wait_for(shutdown).await;
+    let mut quiet = Duration::ZERO;
+    while quiet < SHUTDOWN_SETTLE {
+        tokio::time::sleep(CHECK).await;
+        if registry.connected() == 0 && registry.metrics.in_flight() == 0 {
+            quiet += CHECK;
+        } else {
+            quiet = Duration::ZERO;
+        }
+    }
 }
 
 async fn wait_for(mut shutdown: watch::Receiver<bool>) {

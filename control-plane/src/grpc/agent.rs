@@ -75,6 +75,12 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
+        if *self.shutdown.borrow() {
+            // Shutting down: come back later, without waiting for a Hello.
+            let peer = request.remote_addr().map(|a| a.to_string());
+            let connected = self.registry.connected();
+            return Err(restarting(peer.as_deref().unwrap_or(""), connected));
+        }
         let who = super::caller(&request)?;
         if who.role == crate::auth::Role::Join {
             return Err(Status::permission_denied(format!(
@@ -156,8 +162,8 @@ fn check_hello(hello: &Hello) -> Result<(), Status> {
 const RECONNECTS_PER_SECOND: u64 = 8_000;
 
 /// The status that ends a stream at shutdown, with the agent's point in
-/// the reconnect window: fixed per instance (a hash of its id), so the
-/// fleet spreads evenly over it.
+/// the reconnect window: fixed per instance (a hash of its id, or of its
+/// address before it said Hello), so the fleet spreads evenly over it.
 fn restarting(instance_id: &str, connected: usize) -> Status {
     use std::hash::{Hash, Hasher};
     let window_ms = (connected as u64 * 1000 / RECONNECTS_PER_SECOND).clamp(500, 30_000);
@@ -209,6 +215,9 @@ struct Live {
     first: Option<Arc<Prepared>>,
     stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
     ended: bool,
+    /// Ended because the daemon is shutting down: the fleet's sessions all
+    /// end at once, and the shutdown log says how many.
+    restarting: bool,
 }
 
 impl Live {
@@ -258,6 +267,7 @@ impl Live {
             last,
             stopped: Box::pin(until_stopped(shutdown)),
             ended: false,
+            restarting: false,
         }
     }
 
@@ -314,6 +324,7 @@ impl Live {
                 }
                 _ = &mut self.stopped => {
                     let connected = self.shared.registry.connected();
+                    self.restarting = true;
                     return self.end(Some(restarting(&self.session.instance_id, connected)));
                 }
             };
@@ -377,7 +388,11 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.shared.registry.disconnect(&self.session);
-        tracing::info!(instance = %self.session.instance_id, "agent disconnected");
+        if self.restarting {
+            tracing::debug!(instance = %self.session.instance_id, "agent told to reconnect after the restart");
+        } else {
+            tracing::info!(instance = %self.session.instance_id, "agent disconnected");
+        }
     }
 }
 
