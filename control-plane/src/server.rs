@@ -558,7 +558,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         .add_service(ModelServiceServer::with_interceptor(ModelApi::new(store.clone()), auth.clone()))
         .add_service(ProfileServiceServer::with_interceptor(ProfileApi::new(store.clone(), rollouts.clone()), auth.clone()))
         .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
-        .add_service(RolloutServiceServer::with_interceptor(RolloutApi::new(rollouts.clone()), auth.clone()))
+        .add_service(RolloutServiceServer::with_interceptor(RolloutApi::new(rollouts.clone(), shutdown_rx.clone()), auth.clone()))
         .add_service(ConfigServiceServer::with_interceptor(ConfigApi::new(store.clone(), rollouts.clone()), auth.clone()))
         .add_service(FleetServiceServer::with_interceptor(
             FleetApi::new(store.clone(), registry.clone(), ca.clone(), shutdown_rx.clone()),
@@ -907,7 +907,8 @@ async fn settled(shutdown: watch::Receiver<bool>, registry: &Registry) {
     }
 }
 
-async fn wait_for(mut shutdown: watch::Receiver<bool>) {
+/// Resolves once `shutdown` is true.
+pub(crate) async fn wait_for(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 

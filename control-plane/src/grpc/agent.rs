@@ -181,10 +181,6 @@ fn restarting(instance_id: &str, connected: usize) -> Status {
     status
 }
 
-async fn until_stopped(mut shutdown: watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 /// What every session shares.
 struct Shared {
     registry: Arc<Registry>,
@@ -265,7 +261,7 @@ impl Live {
             relabels,
             labels,
             last,
-            stopped: Box::pin(until_stopped(shutdown)),
+            stopped: Box::pin(crate::server::wait_for(shutdown)),
             ended: false,
             restarting: false,
         }

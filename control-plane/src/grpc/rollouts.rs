@@ -12,11 +12,12 @@ use tonic::{Request, Response, Status};
 
 pub struct RolloutApi {
     rollouts: Arc<Rollouts>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RolloutApi {
-    pub fn new(rollouts: Arc<Rollouts>) -> Self {
-        RolloutApi { rollouts }
+    pub fn new(rollouts: Arc<Rollouts>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        RolloutApi { rollouts, shutdown }
     }
 }
 
@@ -63,13 +64,26 @@ impl RolloutService for RolloutApi {
         let mut updates = self.rollouts.subscribe();
         let first = self.rollouts.get(&id).map_err(status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let shutdown = crate::server::wait_for(self.shutdown.clone());
         tokio::spawn(async move {
             let mut done = ended(&first);
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
+            tokio::pin!(shutdown);
             while !done {
-                match updates.recv().await {
+                let update = tokio::select! {
+                    () = &mut shutdown => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "duofleetd is shutting down; watch again once it is back",
+                            )))
+                            .await;
+                        return;
+                    }
+                    update = updates.recv() => update,
+                };
+                match update {
                     Ok(rollout) if rollout.id == id => {
                         done = ended(&rollout);
                         if tx.send(Ok(rollout)).await.is_err() {

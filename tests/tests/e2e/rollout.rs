@@ -425,6 +425,62 @@ async fn a_restart_of_duofleetd_mid_rollout_resumes_it() {
     }
 }
 
+/// A graceful shutdown mid-rollout ends a WatchRollout stream with
+/// UNAVAILABLE (watch again later) instead of cutting it off, and the
+/// rollout is where it was after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_ends_rollout_watches_with_unavailable() {
+    use duofleet_proto::v1::WatchRolloutRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&data);
+    let listen = daemon.grpc_addr.clone();
+    let mut c = daemon.clients().await;
+    let fleet = Fleet::start(&daemon, dir.path(), 2, 0);
+    let before = set_gateway(&mut c, "default", "https://aigw-a.example.com").await;
+    for id in fleet.ids() {
+        wait_synced(&mut c, &id, before).await;
+    }
+    let (_, id) = staged_gateway(
+        &mut c,
+        "https://aigw-b.example.com",
+        spec(vec![count(1), percent(100)], 3600),
+    )
+    .await;
+    wait_rollout(&mut c, &id, "baking wave 1", |r| {
+        r.waves[0].state() == WaveState::Baking
+    })
+    .await;
+    let mut watch = c
+        .rollouts
+        .watch_rollout(WatchRolloutRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().id, id);
+
+    assert!(daemon.stop("TERM").success());
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch did not end");
+    let status = ended.expect_err("the watch ended without a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+
+    let daemon = crate::restart_daemon(&data, listen);
+    let mut c = daemon.clients().await;
+    let resumed = rollout(&mut c, &id).await;
+    assert_eq!(resumed.state(), RolloutState::Progressing);
+    assert_eq!(resumed.waves[1].state(), WaveState::Waiting);
+}
+
 /// A window that is closed now: the gateway change waits (no reconfigure,
 /// gitlab.rb untouched, WAITING_FOR_WINDOW with the opening), and so does
 /// drift repair; once the window is open, it applies.
