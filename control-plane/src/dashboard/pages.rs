@@ -349,12 +349,13 @@ fn select(
         .into_iter()
         .skip(query.page * size)
         .take(size)
-        .filter_map(|(_, _, id)| d.registry.get(&id))
-        .map(|i| Instance {
-            // Only what the pages show.
-            health_transitions: Vec::new(),
-            gitlab_sync: None,
-            ..i
+        // Only what the pages show: not the health transitions (`peek`
+        // has none) nor the sync's items.
+        .filter_map(|(_, _, id)| {
+            d.registry.peek(&id, |i| Instance {
+                gitlab_sync: None,
+                ..i.clone()
+            })
         })
         .collect();
     Ok((page, total))

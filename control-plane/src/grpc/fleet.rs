@@ -75,10 +75,7 @@ impl FleetService for FleetApi {
         let selector = request.into_inner().selector.into_iter().collect();
         validate::selector("selector", &selector).map_err(|e| status(e.into()))?;
         // Slim: the transitions are GetInstance's.
-        let mut instances = self.registry.list(&selector);
-        for instance in &mut instances {
-            instance.health_transitions.clear();
-        }
+        let instances = self.registry.list(&selector);
         Ok(Response::new(ListInstancesResponse { instances }))
     }
 
@@ -149,7 +146,8 @@ impl FleetService for FleetApi {
             validate_only,
         } = request.into_inner();
         if validate_only {
-            let known = self.registry.get(&id).is_some() || self.ca.grant_of(&id).is_some();
+            let known =
+                self.registry.peek(&id, |_| ()).is_some() || self.ca.grant_of(&id).is_some();
             return if known {
                 Ok(Response::new(()))
             } else {

@@ -20,12 +20,15 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot, watch};
 
 mod shared;
+mod transitions;
 
-/// How many health state changes an instance keeps.
-const HEALTH_TRANSITIONS: usize = 100;
+use transitions::Transitions;
 
 struct Entry {
+    /// Its health transitions are kept in `transitions`, not here.
     instance: Instance,
+    /// The last health state changes.
+    transitions: Transitions,
     session: u64,
     /// Fired when a newer connection for the same instance takes over, or
     /// the instance is deleted.
@@ -55,10 +58,27 @@ struct Entry {
 }
 
 impl Entry {
+    /// The instance with its health transitions, as the API and the
+    /// records have it.
+    fn record(&self) -> Instance {
+        let mut instance = self.instance.clone();
+        instance.health_transitions = self.transitions.to_records();
+        instance
+    }
+
+    /// `record()`, encoded, without copying the instance.
+    fn encode_record(&mut self) -> Vec<u8> {
+        self.instance.health_transitions = self.transitions.to_records();
+        let bytes = self.instance.encode_to_vec();
+        self.instance.health_transitions = Vec::new();
+        bytes
+    }
+
     /// An instance known from a record, its agent not connected here.
     fn blank() -> Entry {
         Entry {
             instance: Instance::default(),
+            transitions: Transitions::default(),
             session: 0,
             kick: None,
             failed: false,
@@ -164,12 +184,15 @@ impl Registry {
             .load_instances()?
             .into_iter()
             .map(|mut instance| {
+                let transitions =
+                    Transitions::from_records(std::mem::take(&mut instance.health_transitions));
                 instance.connected = false;
                 let failed = instance.sync_state() == SyncState::Failed;
                 let drifted = instance.sync_state() == SyncState::Drifted;
                 instance.sync_state = SyncState::Offline as i32;
                 let entry = Entry {
                     instance,
+                    transitions,
                     failed,
                     drifted,
                     ..Entry::blank()
@@ -411,7 +434,7 @@ impl Registry {
                 .iter()
                 .find(|h| h.kind == result.kind && h.target == result.target);
             if before.is_none_or(|b| b.state != result.state) {
-                instance.health_transitions.push(result.clone());
+                entry.transitions.push(result);
                 changed.push(result.clone());
             }
         }
@@ -428,11 +451,6 @@ impl Registry {
                 ..gone.clone()
             });
         }
-        let excess = instance
-            .health_transitions
-            .len()
-            .saturating_sub(HEALTH_TRANSITIONS);
-        instance.health_transitions.drain(..excess);
         for result in &report.results {
             let samples = entry
                 .latency
@@ -487,7 +505,8 @@ impl Registry {
     }
 
     /// Runs `pick` over every instance under the lock, without copying
-    /// them: for pages that show a few fields of many.
+    /// them: for pages that show a few fields of many. The instances it
+    /// sees have no health transitions.
     pub fn scan<T>(&self, mut pick: impl FnMut(&Instance) -> Option<T>) -> Vec<T> {
         self.lock()
             .values()
@@ -496,6 +515,7 @@ impl Registry {
     }
 
     /// Runs `look` on one instance under the lock, without copying it.
+    /// The instance it sees has no health transitions (`get` has them).
     pub fn peek<T>(&self, instance_id: &str, look: impl FnOnce(&Instance) -> T) -> Option<T> {
         self.lock().get(instance_id).map(|e| look(&e.instance))
     }
@@ -515,6 +535,8 @@ impl Registry {
         series
     }
 
+    /// The instances whose labels match, without their health transitions
+    /// (GetInstance has them).
     pub fn list(&self, selector: &Labels) -> Vec<Instance> {
         let mut instances: Vec<Instance> = self
             .lock()
@@ -531,7 +553,7 @@ impl Registry {
     }
 
     pub fn get(&self, instance_id: &str) -> Option<Instance> {
-        self.lock().get(instance_id).map(|e| e.instance.clone())
+        self.lock().get(instance_id).map(Entry::record)
     }
 
     /// Forgets an instance and ends its connection. Returns whether it existed.
@@ -576,7 +598,7 @@ impl Registry {
                 new_labels: labels,
             })),
         });
-        Ok(Some(entry.instance.clone()))
+        Ok(Some(entry.record()))
     }
 
     pub fn delete(&self, instance_id: &str) -> Result<bool, StoreError> {
@@ -618,7 +640,7 @@ impl Registry {
             .map(|e| {
                 e.dirty = None;
                 e.urgent = false;
-                (e.instance.instance_id.clone(), e.instance.encode_to_vec())
+                (e.instance.instance_id.clone(), e.encode_record())
             })
             .collect();
         let count = changed.len();
@@ -822,6 +844,64 @@ mod tests {
             applied_revision: 4,
             ..Default::default()
         }
+    }
+
+    /// Health transitions are kept compact in memory: GetInstance and the
+    /// saved record still carry each one, the last 100, and a restart
+    /// reads them back.
+    #[test]
+    fn health_transitions_are_read_saved_and_loaded_whole() {
+        use duofleet_proto::v1::{EndpointHealth, HealthState, TargetKind};
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let session = registry
+            .connect(&hello("gitlab-a"), &LabelGrant::all())
+            .unwrap();
+        let mut sent = Vec::new();
+        for n in 0..130 {
+            let unhealthy = n % 2 == 1;
+            let result = EndpointHealth {
+                kind: TargetKind::Model as i32,
+                target: "mixtral".into(),
+                state: if unhealthy {
+                    HealthState::Unhealthy
+                } else {
+                    HealthState::Healthy
+                } as i32,
+                error: if unhealthy {
+                    "HTTP 503".into()
+                } else {
+                    String::new()
+                },
+                latency_ms: n,
+                check_time: Some(prost_types::Timestamp {
+                    seconds: 1_800_000_000 + i64::from(n),
+                    nanos: 0,
+                }),
+            };
+            sent.push(result.clone());
+            registry.health(
+                &session,
+                HealthReport {
+                    results: vec![result],
+                },
+            );
+        }
+        let kept = registry.get("gitlab-a").unwrap().health_transitions;
+        assert_eq!(kept, sent[30..]);
+        assert!(
+            registry.list(&Labels::new())[0]
+                .health_transitions
+                .is_empty(),
+            "listing is slim"
+        );
+        registry.save_changed(true).unwrap();
+        drop(registry);
+        let reloaded = self::registry(dir.path());
+        assert_eq!(
+            reloaded.get("gitlab-a").unwrap().health_transitions,
+            sent[30..]
+        );
     }
 
     #[test]

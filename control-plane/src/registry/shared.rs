@@ -10,7 +10,7 @@
 //! - its labels: the operator, through any replica (a key of their own, so
 //!   that a replica's save of the record cannot undo them).
 
-use super::{Entry, Registry};
+use super::{Entry, Registry, Transitions};
 use crate::effective::Labels;
 use crate::store::backend::FleetChange;
 use duofleet_proto::v1::fleet_event::Event;
@@ -153,6 +153,8 @@ impl Registry {
         if !record.connected {
             record.sync_state = SyncState::Offline as i32;
         }
+        entry.transitions =
+            Transitions::from_records(std::mem::take(&mut record.health_transitions));
         let old = std::mem::replace(&mut entry.instance, record);
         let now = &entry.instance;
         let health_changed: Vec<_> = now

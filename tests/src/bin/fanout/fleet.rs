@@ -202,6 +202,11 @@ impl SimAgent {
         if response.status() != http::StatusCode::OK {
             return Err(format!("HTTP {}", response.status()));
         }
+        // Refused at once (a "trailers-only" answer: the status is in the
+        // headers), e.g. by a daemon that is shutting down, with its hint.
+        if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+            return Ok(reconnect_after(&status));
+        }
         let mut inbound = response.into_body();
         self.counters.sessions.fetch_add(1, Ordering::Relaxed);
         backoff.reset();

@@ -528,6 +528,14 @@ async fn run(o: Options) {
     )
     .await;
     let storm_secs = storm.elapsed().as_secs_f64();
+    // The daemon counts an agent connected a moment before the agent reads
+    // its answer: the agents' own count of new streams catches up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counters.sessions.load(Ordering::Relaxed) - sessions_before < n as u64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let resent = counters.desired.load(Ordering::Relaxed) - desired_before;
     let reapplied = counters.reapplied.load(Ordering::Relaxed);
     let reconnects = counters.sessions.load(Ordering::Relaxed) - sessions_before;
