@@ -150,6 +150,49 @@ impl Fleet {
     }
 }
 
+/// A daemon on `data`, `agents` agents on gateway a, and a staged change to
+/// gateway b whose first wave (one instance) is baking for `bake_secs`.
+struct Baking {
+    daemon: Daemon,
+    listen: String,
+    c: Clients,
+    fleet: Fleet,
+    /// The change's revision, and its rollout.
+    revision: u64,
+    id: String,
+    rollout: Rollout,
+}
+
+async fn baking_first_wave(root: &Path, data: &Path, agents: usize, bake_secs: i64) -> Baking {
+    let daemon = Daemon::start(data);
+    let listen = daemon.grpc_addr.clone();
+    let mut c = daemon.clients().await;
+    let fleet = Fleet::start(&daemon, root, agents, 0);
+    let before = set_gateway(&mut c, "default", "https://aigw-a.example.com").await;
+    for id in fleet.ids() {
+        wait_synced(&mut c, &id, before).await;
+    }
+    let (revision, id) = staged_gateway(
+        &mut c,
+        "https://aigw-b.example.com",
+        spec(vec![count(1), percent(100)], bake_secs),
+    )
+    .await;
+    let rollout = wait_rollout(&mut c, &id, "baking wave 1", |r| {
+        r.waves[0].state() == WaveState::Baking
+    })
+    .await;
+    Baking {
+        daemon,
+        listen,
+        c,
+        fleet,
+        revision,
+        id,
+        rollout,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_agents_in_three_waves_converge_wave_by_wave() {
     let (dir, daemon) = fresh_daemon();
@@ -369,25 +412,16 @@ async fn a_regression_in_wave_one_pauses_and_an_abort_restores() {
 async fn a_restart_of_duofleetd_mid_rollout_resumes_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let daemon = Daemon::start(&data);
-    let listen = daemon.grpc_addr.clone();
-    let mut c = daemon.clients().await;
-    let fleet = Fleet::start(&daemon, dir.path(), 3, 0);
-    let before = set_gateway(&mut c, "default", "https://aigw-a.example.com").await;
-    for id in fleet.ids() {
-        wait_synced(&mut c, &id, before).await;
-    }
-    let (revision, id) = staged_gateway(
-        &mut c,
-        "https://aigw-b.example.com",
-        spec(vec![count(1), percent(100)], 3),
-    )
-    .await;
-    let r = wait_rollout(&mut c, &id, "baking wave 1", |r| {
-        r.waves[0].state() == WaveState::Baking
-    })
-    .await;
-    let wave2 = r.waves[1].instances.clone();
+    let Baking {
+        daemon,
+        listen,
+        fleet,
+        revision,
+        id,
+        rollout: baking,
+        ..
+    } = baking_first_wave(dir.path(), &data, 3, 3).await;
+    let wave2 = baking.waves[1].instances.clone();
     daemon.kill9();
 
     let daemon = crate::restart_daemon(&data, listen);
@@ -433,24 +467,14 @@ async fn a_graceful_shutdown_ends_rollout_watches_with_unavailable() {
     use duofleet_proto::v1::WatchRolloutRequest;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let daemon = Daemon::start(&data);
-    let listen = daemon.grpc_addr.clone();
-    let mut c = daemon.clients().await;
-    let fleet = Fleet::start(&daemon, dir.path(), 2, 0);
-    let before = set_gateway(&mut c, "default", "https://aigw-a.example.com").await;
-    for id in fleet.ids() {
-        wait_synced(&mut c, &id, before).await;
-    }
-    let (_, id) = staged_gateway(
-        &mut c,
-        "https://aigw-b.example.com",
-        spec(vec![count(1), percent(100)], 3600),
-    )
-    .await;
-    wait_rollout(&mut c, &id, "baking wave 1", |r| {
-        r.waves[0].state() == WaveState::Baking
-    })
-    .await;
+    let Baking {
+        daemon,
+        listen,
+        mut c,
+        fleet: _fleet,
+        id,
+        ..
+    } = baking_first_wave(dir.path(), &data, 2, 3600).await;
     let mut watch = c
         .rollouts
         .watch_rollout(WatchRolloutRequest { id: id.clone() })
