@@ -39,19 +39,25 @@ impl Transitions {
 
     /// Appends a change, forgetting the oldest beyond the limit.
     pub fn push(&mut self, health: &EndpointHealth) {
-        let before = self
-            .0
-            .iter()
-            .rev()
-            .find(|c| c.kind == health.kind && *c.target == *health.target);
-        let target = match before {
+        let same_target = |c: &&Change| c.kind == health.kind && *c.target == *health.target;
+        let target = match self.0.iter().rev().find(same_target) {
             Some(c) => c.target.clone(),
             None => Arc::from(health.target.as_str()),
         };
-        let error = match (health.error.as_str(), before.and_then(|c| c.error.as_ref())) {
-            ("", _) => None,
-            (error, Some(same)) if **same == *error => Some(same.clone()),
-            (error, _) => Some(Arc::from(error)),
+        let error = if health.error.is_empty() {
+            None
+        } else {
+            // The target's last error, whatever changes came between.
+            let last = self
+                .0
+                .iter()
+                .rev()
+                .filter(same_target)
+                .find_map(|c| c.error.as_ref());
+            match last {
+                Some(same) if **same == *health.error => Some(same.clone()),
+                _ => Some(Arc::from(health.error.as_str())),
+            }
         };
         if self.0.len() == HEALTH_TRANSITIONS {
             self.0.pop_front();

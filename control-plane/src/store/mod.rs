@@ -546,40 +546,61 @@ impl Store {
         stage: Stage<'_>,
         op: impl Fn(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
     ) -> Result<Commit, StoreError> {
-        let mut stage = Some(stage);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let this = match stage.as_ref() {
-                Some(Stage::Guarded) => Stage::Guarded,
-                Some(Stage::Unguarded) => Stage::Unguarded,
-                _ => stage.take().expect("a staged change runs once"),
-            };
-            let retry = stage.is_some() && attempt <= CONFLICT_RETRIES;
-            let _writer = self.writing()?;
-            let old = self.current();
-            if let Some(expected) = how.expected_revision
-                && expected != old.revision
-            {
-                return Err(ConfigError::Stale {
-                    expected,
-                    current: old.revision,
-                }
-                .into());
+        match stage {
+            staged @ Stage::Staged(_) => self.change_once(actor, how, staged, &op),
+            Stage::Guarded => {
+                self.retrying_conflicts(|| self.change_once(actor, how, Stage::Guarded, &op))
             }
-            let mut new = (*old).clone();
-            let summary = op(&mut new, self.catalog)?;
-            let change = Pending {
-                old,
-                new,
-                summary,
-                always: false,
-            };
-            match self.commit_locked(actor, change, how.validate_only, this) {
-                Err(StoreError::Conflict { revision, .. }) if retry => {
+            Stage::Unguarded => {
+                self.retrying_conflicts(|| self.change_once(actor, how, Stage::Unguarded, &op))
+            }
+        }
+    }
+
+    /// One attempt of [`Store::change_with`].
+    fn change_once(
+        &self,
+        actor: &str,
+        how: Write,
+        stage: Stage<'_>,
+        op: &impl Fn(&mut Config, &'static Catalog) -> Result<String, ConfigError>,
+    ) -> Result<Commit, StoreError> {
+        let _writer = self.writing()?;
+        let old = self.current();
+        if let Some(expected) = how.expected_revision
+            && expected != old.revision
+        {
+            return Err(ConfigError::Stale {
+                expected,
+                current: old.revision,
+            }
+            .into());
+        }
+        let mut new = (*old).clone();
+        let summary = op(&mut new, self.catalog)?;
+        let change = Pending {
+            old,
+            new,
+            summary,
+            always: false,
+        };
+        self.commit_locked(actor, change, how.validate_only, stage)
+    }
+
+    /// Runs `attempt` again while another replica commits first, up to
+    /// [`CONFLICT_RETRIES`] more times; then answers the conflict.
+    fn retrying_conflicts(
+        &self,
+        mut attempt: impl FnMut() -> Result<Commit, StoreError>,
+    ) -> Result<Commit, StoreError> {
+        let mut retries = 0;
+        loop {
+            match attempt() {
+                Err(StoreError::Conflict { revision, .. }) if retries < CONFLICT_RETRIES => {
+                    retries += 1;
                     tracing::info!(
                         revision,
-                        attempt,
+                        retries,
                         "another replica committed first; running the change again on its revision"
                     );
                 }
@@ -598,14 +619,7 @@ impl Store {
         target: u64,
         validate_only: bool,
     ) -> Result<Commit, StoreError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.rollback_once(actor, target, validate_only) {
-                Err(StoreError::Conflict { .. }) if attempt <= CONFLICT_RETRIES => {}
-                other => return other,
-            }
-        }
+        self.retrying_conflicts(|| self.rollback_once(actor, target, validate_only))
     }
 
     fn rollback_once(
