@@ -3,24 +3,46 @@
 //! not asserted (timing belongs to the benchmark, not the tests); what
 //! every run must show is.
 
-#[test]
-fn fanout_runs_every_phase_and_reports_it() {
-    let out = std::process::Command::new(duofleet_tests::bin("fanout"))
-        .args(["--agents", "5", "--changes", "3", "--health-reports", "4"])
-        .args(["--etcd", "--raw"])
+/// Runs a bench binary, which must succeed; what it printed.
+fn run(bench: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(duofleet_tests::bin(bench))
+        .args(args)
         .output()
-        .expect("run fanout");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .unwrap_or_else(|e| panic!("run {bench}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = stdout
+    stdout
+}
+
+/// The JSON lines a bench printed, in order.
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn fanout_runs_every_phase_and_reports_it() {
+    let stdout = run(
+        "fanout",
+        &[
+            "--agents",
+            "5",
+            "--changes",
+            "3",
+            "--health-reports",
+            "4",
+            "--etcd",
+            "--raw",
+        ],
+    );
+    let lines = json_lines(&stdout);
     let of = |metric: &str| -> Vec<&serde_json::Value> {
         lines.iter().filter(|l| l["metric"] == metric).collect()
     };
@@ -63,22 +85,22 @@ fn fanout_runs_every_phase_and_reports_it() {
 /// the store's writes are counted per phase (new instances are written).
 #[test]
 fn fanout_runs_on_an_etcd_store() {
-    let out = std::process::Command::new(duofleet_tests::bin("fanout"))
-        .args(["--agents", "5", "--changes", "2", "--health-reports", "2"])
-        .arg("--store-etcd")
-        .output()
-        .expect("run fanout");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run(
+        "fanout",
+        &[
+            "--agents",
+            "5",
+            "--changes",
+            "2",
+            "--health-reports",
+            "2",
+            "--store-etcd",
+        ],
     );
-    let line = |metric: &str| -> serde_json::Value {
-        stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let lines = json_lines(&stdout);
+    let line = |metric: &str| -> &serde_json::Value {
+        lines
+            .iter()
             .find(|l| l["metric"] == metric)
             .unwrap_or_else(|| panic!("no {metric} in:\n{stdout}"))
     };
@@ -93,16 +115,7 @@ fn fanout_runs_on_an_etcd_store() {
 /// The dashboard benchmark at a small N: every page renders, under 1 MB.
 #[test]
 fn dashboard_bench_renders_every_page() {
-    let out = std::process::Command::new(duofleet_tests::bin("dashboard_bench"))
-        .args(["--instances", "300", "--rounds", "2"])
-        .output()
-        .expect("run dashboard_bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run("dashboard_bench", &["--instances", "300", "--rounds", "2"]);
     for page in [
         "/",
         "/instances",

@@ -61,23 +61,24 @@ impl Replicas {
                 }
             }
         }
-        Daemon::start_with(
-            &data,
-            DaemonOptions {
-                args: [
-                    "--store".into(),
-                    "etcd".into(),
-                    "--etcd-endpoints".into(),
-                    self.etcd.endpoints(),
-                ]
+        on_etcd(&data, &self.etcd.endpoints(), listen, extra)
+    }
+}
+
+/// Starts duofleetd on `data` with its store in the etcd at `endpoints`,
+/// and `extra` flags.
+fn on_etcd(data: &Path, endpoints: &str, listen: Option<String>, extra: &[String]) -> Daemon {
+    Daemon::start_with(
+        data,
+        DaemonOptions {
+            args: strings(&["--store", "etcd", "--etcd-endpoints", endpoints])
                 .into_iter()
                 .chain(extra.iter().cloned())
                 .collect(),
-                listen,
-                ..Default::default()
-            },
-        )
-    }
+            listen,
+            ..Default::default()
+        },
+    )
 }
 
 fn model(name: &str) -> Model {
@@ -607,6 +608,14 @@ async fn check_reads_an_etcd_store_and_names_the_damage() {
     );
 }
 
+/// Starting a replica on `dir` with `args` is refused, saying `expected`;
+/// all it said.
+fn refused_saying(dir: &Path, args: &[&str], expected: &str) -> String {
+    let said = start_refused_with(dir, &strings(args));
+    assert!(said.contains(expected), "{said}");
+    said
+}
+
 fn strings(all: &[&str]) -> Vec<String> {
     all.iter().map(|s| s.to_string()).collect()
 }
@@ -636,23 +645,18 @@ async fn an_etcd_over_mutual_tls() {
         file("client.key", &key),
     );
     let url = etcd.url().to_string();
-    let daemon = Daemon::start_with(
+    let daemon = on_etcd(
         &root.path().join("replica"),
-        DaemonOptions {
-            args: strings(&[
-                "--store",
-                "etcd",
-                "--etcd-endpoints",
-                &url,
-                "--etcd-ca",
-                &ca_file,
-                "--etcd-cert",
-                &cert_file,
-                "--etcd-key",
-                &key_file,
-            ]),
-            ..Default::default()
-        },
+        &url,
+        None,
+        &strings(&[
+            "--etcd-ca",
+            &ca_file,
+            "--etcd-cert",
+            &cert_file,
+            "--etcd-key",
+            &key_file,
+        ]),
     );
     let mut c = daemon.clients().await;
     assert_eq!(create(&mut c, "over-tls").await.unwrap(), 1);
@@ -665,52 +669,40 @@ async fn an_etcd_over_mutual_tls() {
     assert_eq!(raw.kvs()[0].value(), 1u64.to_be_bytes());
 
     // No client certificate: the handshake fails, and the start with it.
-    let said = start_refused_with(
+    refused_saying(
         &root.path().join("no-cert"),
-        &strings(&[
+        &[
             "--store",
             "etcd",
             "--etcd-endpoints",
             &url,
             "--etcd-ca",
             &ca_file,
-        ]),
-    );
-    assert!(
-        said.contains(&format!("cannot open the store in etcd at {url}")),
-        "{said}"
+        ],
+        &format!("cannot open the store in etcd at {url}"),
     );
     // The flags are checked before anything is tried.
-    let said = start_refused_with(
+    refused_saying(
         &root.path().join("plain"),
-        &strings(&[
+        &[
             "--store",
             "etcd",
             "--etcd-endpoints",
             "http://127.0.0.1:1",
             "--etcd-ca",
             &ca_file,
-        ]),
+        ],
+        "--etcd-endpoints: TLS flags are given, but the endpoints are http://",
     );
-    assert!(
-        said.contains("--etcd-endpoints: TLS flags are given, but the endpoints are http://"),
-        "{said}"
-    );
-    let said = start_refused_with(
+    refused_saying(
         &root.path().join("no-ca"),
-        &strings(&["--store", "etcd", "--etcd-endpoints", &url]),
+        &["--store", "etcd", "--etcd-endpoints", &url],
+        "--etcd-ca: required with https:// endpoints",
     );
-    assert!(
-        said.contains("--etcd-ca: required with https:// endpoints"),
-        "{said}"
-    );
-    let said = start_refused_with(
+    refused_saying(
         &root.path().join("sled"),
-        &strings(&["--etcd-endpoints", &url]),
-    );
-    assert!(
-        said.contains("--etcd-endpoints: applies only with --store etcd"),
-        "{said}"
+        &["--etcd-endpoints", &url],
+        "--etcd-endpoints: applies only with --store etcd",
     );
 }
 
@@ -725,21 +717,11 @@ async fn an_etcd_with_authentication() {
     std::fs::write(&password, "s3cret-root-pw\n").unwrap();
     let url = etcd.url().to_string();
     let pw = password.display().to_string();
-    let daemon = Daemon::start_with(
+    let daemon = on_etcd(
         &root.path().join("replica"),
-        DaemonOptions {
-            args: strings(&[
-                "--store",
-                "etcd",
-                "--etcd-endpoints",
-                &url,
-                "--etcd-user",
-                "root",
-                "--etcd-password-file",
-                &pw,
-            ]),
-            ..Default::default()
-        },
+        &url,
+        None,
+        &strings(&["--etcd-user", "root", "--etcd-password-file", &pw]),
     );
     let mut c = daemon.clients().await;
     assert_eq!(create(&mut c, "signed-in").await.unwrap(), 1);
@@ -749,9 +731,9 @@ async fn an_etcd_with_authentication() {
     );
 
     std::fs::write(&password, "not-the-pw-81f2").unwrap();
-    let said = start_refused_with(
+    let said = refused_saying(
         &root.path().join("second"),
-        &strings(&[
+        &[
             "--store",
             "etcd",
             "--etcd-endpoints",
@@ -760,11 +742,8 @@ async fn an_etcd_with_authentication() {
             "root",
             "--etcd-password-file",
             &pw,
-        ]),
-    );
-    assert!(
-        said.contains(&format!("cannot open the store in etcd at {url}")),
-        "{said}"
+        ],
+        &format!("cannot open the store in etcd at {url}"),
     );
     assert!(
         !said.contains("not-the-pw-81f2"),
