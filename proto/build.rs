@@ -31,25 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         // Messages that carry an API key get a redacting Debug (lib.rs).
         .skip_debug(["duofleet.v1.Model", "duofleet.v1.DesiredModel"])
-        .compile_fds(fds.clone())?;
+        .compile_fds(fds)?;
 
-    // AgentService's server once more, for duofleetd: its stream sends
-    // ControlMessages encoded once per revision and profile (`wire.rs`),
-    // not once per agent. The bytes on the wire are the same.
-    let mut server_fds = fds;
-    for file in &mut server_fds.file {
-        file.service.retain(|s| s.name() == "AgentService");
-    }
-    let wire_out = out_dir.join("wire");
-    std::fs::create_dir_all(&wire_out)?;
-    tonic_prost_build::configure()
-        .build_client(false)
-        .build_server(true)
-        .build_transport(false)
-        .out_dir(&wire_out)
-        .codec_path("crate::wire::AgentCodec")
-        .extern_path(".duofleet.v1.ControlMessage", "crate::wire::ControlFrame")
-        .extern_path(".duofleet.v1", "crate::v1")
-        .compile_fds(server_fds)?;
     Ok(())
 }

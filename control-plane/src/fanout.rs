@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use crate::effective::{self, Labels};
+use bytes::Bytes;
 use duofleet_proto::v1::DesiredConfig;
 use duofleet_proto::wire::{ControlFrame, content_digest};
 use std::collections::HashMap;
@@ -22,8 +23,8 @@ pub struct Prepared {
     pub desired: DesiredConfig,
     /// `content_digest` of `desired`: equal digests, nothing to send.
     pub digest: String,
-    /// The ControlMessage carrying `desired`, encoded.
-    pub frame: ControlFrame,
+    /// The ControlMessage carrying `desired`, encoded as a gRPC message.
+    pub message: Bytes,
 }
 
 #[derive(Default)]
@@ -50,7 +51,7 @@ impl Fanout {
         let desired = effective::desired_config(config, labels);
         let prepared = Arc::new(Prepared {
             digest: content_digest(&desired),
-            frame: ControlFrame::desired(&desired),
+            message: ControlFrame::desired(&desired).bytes().clone(),
             desired,
         });
         let mut cache = self.lock();

@@ -250,10 +250,10 @@ where
 
 /// Counts a call in flight until its handler answers or the call is
 /// dropped.
-struct InFlight(std::sync::Arc<crate::registry::Registry>);
+pub(crate) struct InFlight(std::sync::Arc<crate::registry::Registry>);
 
 impl InFlight {
-    fn new(registry: std::sync::Arc<crate::registry::Registry>) -> InFlight {
+    pub(crate) fn new(registry: std::sync::Arc<crate::registry::Registry>) -> InFlight {
         registry.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(registry)
     }

@@ -4,8 +4,8 @@
 use crate::auth::Tokens;
 use crate::ca::CertAuthority;
 use crate::grpc::{
-    self, AgentApi, BackupApi, ConfigApi, EnrollApi, FleetApi, HistoryApi, ModelApi, ProfileApi,
-    RolloutApi, TokenApi,
+    self, AgentApi, BackupApi, ConfigApi, EnrollApi, FleetApi, GrpcServer, GrpcSettings,
+    HistoryApi, ModelApi, ProfileApi, RolloutApi, TokenApi,
 };
 use crate::registry::Registry;
 use crate::secrets::{self, Sealer};
@@ -22,7 +22,6 @@ use duofleet_proto::v1::model_service_server::ModelServiceServer;
 use duofleet_proto::v1::profile_service_server::ProfileServiceServer;
 use duofleet_proto::v1::rollout_service_server::RolloutServiceServer;
 use duofleet_proto::v1::token_service_server::TokenServiceServer;
-use duofleet_proto::wire::agent_service_server::AgentServiceServer;
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,7 +30,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 /// The services whose health grpc.health.v1 reports; "" is the server.
@@ -41,7 +39,7 @@ const SERVICES: [&str; 11] = [
     <ProfileServiceServer<ProfileApi> as NamedService>::NAME,
     <HistoryServiceServer<HistoryApi> as NamedService>::NAME,
     <FleetServiceServer<FleetApi> as NamedService>::NAME,
-    <AgentServiceServer<AgentApi> as NamedService>::NAME,
+    duofleet_proto::v1::agent_service_server::SERVICE_NAME,
     <TokenServiceServer<TokenApi> as NamedService>::NAME,
     <EnrollmentServiceServer<EnrollApi> as NamedService>::NAME,
     <BackupServiceServer<BackupApi> as NamedService>::NAME,
@@ -522,7 +520,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         false,
         true,
     );
-    let mut builder = tonic::transport::Server::builder();
+    let mut grpc_tls = None;
     let mut http_tls = None;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read = |path: &PathBuf| {
@@ -532,63 +530,92 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             })
         };
         let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-        http_tls = Some(https_acceptor(&cert_pem, &key_pem, cert)?);
-        let identity = Identity::from_pem(cert_pem, key_pem);
-        let config = ServerTlsConfig::new()
-            .identity(identity)
-            .client_ca_root(Certificate::from_pem(ca.ca_pem()))
-            .client_auth_optional(true);
-        builder = builder.tls_config(config)?;
+        http_tls = Some(tls_acceptor(&cert_pem, &key_pem, cert, None)?);
+        grpc_tls = Some(tls_acceptor(&cert_pem, &key_pem, cert, Some(ca.ca_pem()))?);
     }
-    let grpc_server = builder
-        .layer(crate::metrics::RpcMetricsLayer(registry.clone()))
-        .max_concurrent_streams(args.max_streams_per_connection)
-        // What a peer may send ahead of what we have read. hyper's default
-        // is 1 MiB per stream: 10,000 agents bursting would hold 10 GiB.
-        .initial_stream_window_size(FLOW_WINDOW_BYTES)
-        .initial_connection_window_size(2 * FLOW_WINDOW_BYTES)
-        .http2_keepalive_interval(Some(Duration::from_millis(args.keepalive_ms)))
-        .http2_keepalive_timeout(Some(Duration::from_millis(args.keepalive_ms)))
-        .trace_fn(|request| {
-            tracing::info_span!("rpc", otel.name = %request.uri().path(), rpc.system = "grpc")
-        })
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ModelServiceServer::with_interceptor(ModelApi::new(store.clone()), auth.clone()))
-        .add_service(ProfileServiceServer::with_interceptor(ProfileApi::new(store.clone(), rollouts.clone()), auth.clone()))
-        .add_service(HistoryServiceServer::with_interceptor(HistoryApi::new(store.clone()), auth.clone()))
-        .add_service(RolloutServiceServer::with_interceptor(RolloutApi::new(rollouts.clone(), shutdown_rx.clone()), auth.clone()))
-        .add_service(ConfigServiceServer::with_interceptor(ConfigApi::new(store.clone(), rollouts.clone()), auth.clone()))
+        .add_service(ModelServiceServer::with_interceptor(
+            ModelApi::new(store.clone()),
+            auth.clone(),
+        ))
+        .add_service(ProfileServiceServer::with_interceptor(
+            ProfileApi::new(store.clone(), rollouts.clone()),
+            auth.clone(),
+        ))
+        .add_service(HistoryServiceServer::with_interceptor(
+            HistoryApi::new(store.clone()),
+            auth.clone(),
+        ))
+        .add_service(RolloutServiceServer::with_interceptor(
+            RolloutApi::new(rollouts.clone(), shutdown_rx.clone()),
+            auth.clone(),
+        ))
+        .add_service(ConfigServiceServer::with_interceptor(
+            ConfigApi::new(store.clone(), rollouts.clone()),
+            auth.clone(),
+        ))
         .add_service(FleetServiceServer::with_interceptor(
-            FleetApi::new(store.clone(), registry.clone(), ca.clone(), shutdown_rx.clone()),
+            FleetApi::new(
+                store.clone(),
+                registry.clone(),
+                ca.clone(),
+                shutdown_rx.clone(),
+            ),
             auth.clone(),
         ))
         .add_service(BackupServiceServer::with_interceptor(
-            BackupApi::new(store.clone(), args.data_dir.clone(), args.secret_key_file.clone()),
+            BackupApi::new(
+                store.clone(),
+                args.data_dir.clone(),
+                args.secret_key_file.clone(),
+            ),
             auth.clone(),
         ))
-        .add_service(TokenServiceServer::with_interceptor(token_api, auth.clone()))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            // Larger messages are refused before they are read; the limits
-            // per field are in agent_input.
-            AgentServiceServer::new(AgentApi::new(store.clone(), registry.clone(), rollouts.clone(), ca.clone(), shutdown_rx.clone()))
-                .max_decoding_message_size(crate::agent_input::DECODE_MAX_BYTES),
-            agent_auth,
+        .add_service(TokenServiceServer::with_interceptor(
+            token_api,
+            auth.clone(),
         ))
-        .add_service(EnrollmentServiceServer::with_interceptor(EnrollApi::new(ca.clone(), tls, tokens.clone(), store.clone()), enroll_auth))
-        .serve_with_incoming_shutdown(
-            crate::admission::admit(
-                grpc_listener,
-                max_connections(args.max_connections),
-                crate::admission::Deadlines {
-                    first_byte: Duration::from_millis(args.first_byte_timeout_ms),
-                    authenticated: Some(Duration::from_millis(args.auth_timeout_ms)),
-                },
-                connections,
-            ),
-            wait_for(shutdown_rx.clone()),
-        );
+        .add_service(EnrollmentServiceServer::with_interceptor(
+            EnrollApi::new(ca.clone(), tls, tokens.clone(), store.clone()),
+            enroll_auth,
+        ));
+    // AgentService.Connect is served inside each connection's task
+    // (`grpc::GrpcServer`); its messages' size limits are in agent_input.
+    let agents = Arc::new(AgentApi::new(
+        store.clone(),
+        registry.clone(),
+        rollouts.clone(),
+        ca.clone(),
+        shutdown_rx.clone(),
+        Arc::new(agent_auth),
+    ));
+    let grpc_server = Arc::new(GrpcServer::new(
+        tower::Layer::layer(&crate::metrics::RpcMetricsLayer(registry.clone()), routes),
+        agents,
+        grpc_tls,
+        GrpcSettings {
+            max_streams_per_connection: args.max_streams_per_connection,
+            // What a peer may send ahead of what we have read. hyper's
+            // default is 1 MiB per stream: 10,000 agents bursting would
+            // hold 10 GiB.
+            flow_window: FLOW_WINDOW_BYTES,
+            keepalive: Duration::from_millis(args.keepalive_ms),
+        },
+    ))
+    .serve(
+        crate::admission::admit(
+            grpc_listener,
+            max_connections(args.max_connections),
+            crate::admission::Deadlines {
+                first_byte: Duration::from_millis(args.first_byte_timeout_ms),
+                authenticated: Some(Duration::from_millis(args.auth_timeout_ms)),
+            },
+            connections,
+        ),
+        wait_for(shutdown_rx.clone()),
+    );
 
     let http_server = crate::admission::HttpListener::new(
         http_listener,
@@ -639,8 +666,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     // they are not waited for (`settled`).
     let grpc_server = async {
         tokio::select! {
-            result = grpc_server => Some(result),
-            () = settled(shutdown_rx.clone(), &registry) => None,
+            () = grpc_server => {},
+            () = settled(shutdown_rx.clone(), &registry) => {},
         }
     };
     let servers = async { tokio::join!(grpc_server, http_server) };
@@ -664,8 +691,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     // not once its lease runs out.
     store.leave();
     let flushed = store.flush();
-    if let Some((Some(grpc_result), ())) = results {
-        grpc_result?;
+    if results.is_none() {
+        tracing::debug!("connections dropped at the end of the grace period");
     }
     flushed?;
     // Everything is saved. Freeing the fleet's records one by one would
@@ -676,11 +703,14 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// The HTTP listener's TLS, with the gRPC listener's certificate.
-fn https_acceptor(
+/// A listener's TLS, with `--tls-cert`. The gRPC listener passes this
+/// duofleetd's CA: an agent may show a certificate it issued (optional,
+/// since operators and enrolling agents have none), and speaks HTTP/2.
+fn tls_acceptor(
     cert_pem: &[u8],
     key_pem: &[u8],
     path: &Path,
+    client_ca_pem: Option<&str>,
 ) -> Result<tokio_rustls::TlsAcceptor, StartError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -694,13 +724,36 @@ fn https_acceptor(
     let key =
         PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(format!("the key PEM: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| bad(e.to_string()))?;
+    let builder = match client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(ca_pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+                let ca = ca.map_err(|e| bad(format!("the agent CA: {e}")))?;
+                roots
+                    .add(ca)
+                    .map_err(|e| bad(format!("the agent CA: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| bad(format!("the agent CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| bad(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = match client_ca_pem {
+        None => vec![b"http/1.1".to_vec()],
+        Some(_) => vec![b"h2".to_vec()],
+    };
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

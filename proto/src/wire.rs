@@ -1,28 +1,32 @@
 //! What duofleetd sends on an agent's stream, encoded once.
 //!
 //! A fleet's agents mostly get the same DesiredConfig: one per revision and
-//! profile. `ControlFrame` holds a ControlMessage already encoded, so that
-//! the daemon encodes each distinct message once and every stream sends the
-//! shared bytes. `agent_service_server` here is the generated AgentService
-//! server with ControlFrame in place of ControlMessage (see `build.rs`);
-//! the bytes on the wire are exactly the ControlMessage's encoding, so
-//! agents and grpcurl decode them as before.
+//! profile. `ControlFrame` holds a ControlMessage already encoded as a gRPC
+//! message (the flag byte, the length, the protobuf), so that the daemon
+//! encodes each distinct message once and every stream sends the shared
+//! bytes. Agents and grpcurl decode them as any ControlMessage.
 
 use crate::v1::{ControlMessage, DesiredConfig, control_message};
 use prost::Message;
-use prost::bytes::{Buf, BufMut, Bytes};
-use prost::encoding::{DecodeContext, WireType, skip_field};
+use prost::bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-include!(concat!(env!("OUT_DIR"), "/wire/duofleet.v1.rs"));
-
-/// An encoded ControlMessage. Cloning shares the bytes.
+/// A ControlMessage framed for gRPC. Cloning shares the bytes.
 #[derive(Clone, Default, PartialEq)]
 pub struct ControlFrame(Bytes);
 
+/// The gRPC message header: a flag byte (0: not compressed) and the
+/// length, big-endian.
+const GRPC_HEADER_BYTES: usize = 5;
+
 impl ControlFrame {
     pub fn new(message: &ControlMessage) -> ControlFrame {
-        ControlFrame(message.encode_to_vec().into())
+        let len = message.encoded_len();
+        let mut buf = BytesMut::with_capacity(GRPC_HEADER_BYTES + len);
+        buf.put_u8(0);
+        buf.put_u32(u32::try_from(len).expect("a ControlMessage under 4 GiB"));
+        message.encode_raw(&mut buf);
+        ControlFrame(buf.freeze())
     }
 
     /// The frame of a ControlMessage carrying `desired`.
@@ -32,12 +36,9 @@ impl ControlFrame {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// The bytes to send: the gRPC message, header included.
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
     }
 }
 
@@ -45,70 +46,6 @@ impl ControlFrame {
 impl std::fmt::Debug for ControlFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ControlFrame({} bytes)", self.0.len())
-    }
-}
-
-/// Encodes as the ControlMessage it holds. Only the server encodes frames;
-/// decoding one keeps nothing (agents decode ControlMessage).
-impl Message for ControlFrame {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn clear(&mut self) {
-        self.0 = Bytes::new();
-    }
-}
-
-/// The AgentService server's codec: protobuf, with small starting
-/// buffers. tonic's default is 8 KiB each way per stream; an agent's
-/// messages are a few hundred bytes, and the buffers grow when a message
-/// needs more. With tens of thousands of streams that is most of the
-/// daemon's memory per agent.
-#[derive(Debug, Clone, Copy)]
-pub struct AgentCodec {
-    settings: tonic::codec::BufferSettings,
-}
-
-impl Default for AgentCodec {
-    fn default() -> Self {
-        AgentCodec {
-            settings: tonic::codec::BufferSettings::new(AGENT_BUFFER_BYTES, YIELD_THRESHOLD_BYTES),
-        }
-    }
-}
-
-/// Where an agent stream's encode and decode buffers start.
-const AGENT_BUFFER_BYTES: usize = 1024;
-/// tonic's default: how much an encoder may buffer before it yields.
-const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
-
-impl tonic::codec::Codec for AgentCodec {
-    type Encode = ControlFrame;
-    type Decode = crate::v1::AgentMessage;
-    type Encoder = tonic_prost::ProstEncoder<ControlFrame>;
-    type Decoder = tonic_prost::ProstDecoder<crate::v1::AgentMessage>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::new(self.settings)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(self.settings)
     }
 }
 
@@ -154,10 +91,12 @@ mod tests {
             ))),
         };
         let frame = ControlFrame::new(&message);
-        // Encoded as tonic's codec does: through Message::encode.
-        let mut wire = Vec::new();
-        frame.encode(&mut wire).unwrap();
-        assert_eq!(ControlMessage::decode(wire.as_slice()).unwrap(), message);
+        let wire = frame.bytes();
+        // Not compressed, and the length of what follows.
+        assert_eq!(wire[0], 0);
+        let len = u32::from_be_bytes([wire[1], wire[2], wire[3], wire[4]]) as usize;
+        assert_eq!(len, wire.len() - 5);
+        assert_eq!(ControlMessage::decode(&wire[5..]).unwrap(), message);
         assert!(!format!("{frame:?}").contains("secret"));
     }
 

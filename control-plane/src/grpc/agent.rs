@@ -7,32 +7,39 @@
 //! which coalesces to the newest: an agent that is slow to read holds up
 //! only its own session, which later sends just the latest state. What it
 //! sends is shared (`fanout`): built and encoded once per revision and
-//! profile, and compared by digest. The session is the response stream
-//! itself, with no task or channel of its own: memory per agent is its
-//! state and a reference to the last configuration sent.
+//! profile, and compared by digest. The session is polled by its
+//! connection's task (`serve`), with no task or channel of its own: memory
+//! per agent is its state and a reference to the last configuration sent.
 
-use super::{AgentIdentity, status};
+use super::serve::{CONNECT_PATH, poll_room};
+use super::{AgentIdentity, Authenticate, status};
 use crate::agent_input;
 use crate::ca::CertAuthority;
 use crate::config::Config;
 use crate::effective::Labels;
 use crate::fanout::{Fanout, Prepared};
 use crate::labels::LabelGrant;
+use crate::metrics::InFlight;
 use crate::registry::{Refused, Registry, Session};
 use crate::rollout::Rollouts;
 use crate::store::Store;
+use bytes::{Buf, Bytes, BytesMut};
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::{AckResult, AgentMessage, Hello};
-use duofleet_proto::wire::ControlFrame;
-use duofleet_proto::wire::agent_service_server::AgentService;
-use std::future::Future;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use prost::Message as _;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
-use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codegen::http::{self, Extensions, HeaderMap, HeaderValue};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+use tracing::Instrument;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,6 +51,8 @@ pub struct AgentApi {
     ca: Arc<CertAuthority>,
     fanout: Arc<Fanout>,
     shutdown: watch::Receiver<bool>,
+    /// The agent interceptor: a client certificate, or the enroll token.
+    authenticate: Authenticate,
 }
 
 impl AgentApi {
@@ -53,6 +62,7 @@ impl AgentApi {
         rollouts: Arc<Rollouts>,
         ca: Arc<CertAuthority>,
         shutdown: watch::Receiver<bool>,
+        authenticate: Authenticate,
     ) -> Self {
         AgentApi {
             store,
@@ -61,26 +71,59 @@ impl AgentApi {
             ca,
             fanout: Arc::default(),
             shutdown,
+            authenticate,
         }
     }
-}
 
-type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlFrame, Status>> + Send>>;
+    /// One agent's stream (AgentService.Connect), from its request to its
+    /// last frame, polled by its connection's task (`serve`).
+    pub(super) async fn session(
+        self: Arc<Self>,
+        request: http::Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        extensions: Extensions,
+    ) {
+        let in_flight = InFlight::new(self.registry.clone());
+        let span = tracing::info_span!("rpc", otel.name = CONNECT_PATH, rpc.system = "grpc");
+        let (parts, recv) = request.into_parts();
+        let request = Request::from_parts(MetadataMap::from_headers(parts.headers), extensions, ());
+        let opened = self
+            .open(request, Inbound::new(recv))
+            .instrument(span)
+            .await;
+        drop(in_flight);
+        let live = match opened {
+            Ok(live) => live,
+            Err(status) => {
+                // Refused before it started: a "trailers-only" response.
+                self.registry
+                    .metrics
+                    .rpc(CONNECT_PATH, status.code() as i32);
+                let (parts, ()) = status.into_http::<()>().into_parts();
+                let _ = respond.send_response(http::Response::from_parts(parts, ()), true);
+                return;
+            }
+        };
+        self.registry.metrics.rpc(CONNECT_PATH, 0);
+        let head = http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(())
+            .expect("a static header");
+        if let Ok(send) = respond.send_response(head, false) {
+            live.run(send).await;
+        }
+    }
 
-#[tonic::async_trait]
-impl AgentService for AgentApi {
-    type ConnectStream = ControlStream;
-
-    async fn connect(
-        &self,
-        request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<ControlStream>, Status> {
+    /// Authenticates the stream and takes in its Hello: the session, or
+    /// the status that refuses it.
+    async fn open(&self, request: Request<()>, mut inbound: Inbound) -> Result<Live, Status> {
         if *self.shutdown.borrow() {
             // Shutting down: come back later, without waiting for a Hello.
             let peer = request.remote_addr().map(|a| a.to_string());
             let connected = self.registry.connected();
             return Err(restarting(peer.as_deref().unwrap_or(""), connected));
         }
+        let request = (self.authenticate)(request)?;
         let who = super::caller(&request)?;
         if who.role == crate::auth::Role::Join {
             return Err(Status::permission_denied(format!(
@@ -89,7 +132,6 @@ impl AgentService for AgentApi {
             )));
         }
         let identity = request.extensions().get::<AgentIdentity>().cloned();
-        let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no Hello within 30 s of connecting"))??;
@@ -130,7 +172,7 @@ impl AgentService for AgentApi {
                 Refused::Conflict { .. } => Status::already_exists(refused.to_string()),
             })?;
         tracing::info!(instance = %hello.instance_id, hostname = %hello.hostname, applied_revision = hello.applied_revision, "agent connected");
-        let live = Live::start(
+        Ok(Live::start(
             self.store.subscribe(),
             Shared {
                 registry: self.registry.clone(),
@@ -141,15 +183,96 @@ impl AgentService for AgentApi {
             &hello,
             inbound,
             self.shutdown.clone(),
-        );
-        // The session is the response stream itself, polled by the task
-        // that sends it: no task of its own, no channel between.
-        let stream = futures_util::stream::unfold(live, |mut live| async move {
-            let item = live.next().await?;
-            Some((item, live))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        ))
     }
+}
+
+/// The agent's side of the stream: gRPC messages (a flag byte, a 4-byte
+/// length, the protobuf) read off h2, each released to the agent's flow
+/// window as it arrives.
+struct Inbound {
+    recv: RecvStream,
+    buf: BytesMut,
+}
+
+/// The gRPC message header: the compressed flag and the length.
+const HEADER_BYTES: usize = 5;
+
+impl Inbound {
+    fn new(recv: RecvStream) -> Inbound {
+        Inbound {
+            recv,
+            buf: Default::default(),
+        }
+    }
+
+    /// The next message, or None when the agent ends its side. Cancel
+    /// safe: what has been read stays in the buffer.
+    async fn message(&mut self) -> Result<Option<AgentMessage>, Status> {
+        loop {
+            if let Some(message) = self.decode()? {
+                return Ok(Some(message));
+            }
+            match self.recv.data().await {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.buf.extend_from_slice(&data);
+                }
+                Some(Err(error)) => return Err(Status::cancelled(error.to_string())),
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    return Err(Status::invalid_argument(
+                        "request: the stream ended inside a message",
+                    ));
+                }
+            }
+        }
+    }
+
+    fn decode(&mut self) -> Result<Option<AgentMessage>, Status> {
+        let Some(header) = self.buf.get(..HEADER_BYTES) else {
+            return Ok(None);
+        };
+        if header[0] != 0 {
+            return Err(Status::invalid_argument(
+                "request: compressed messages are not accepted on this stream",
+            ));
+        }
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if len > agent_input::DECODE_MAX_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "request: the message is {len} bytes, over the limit of {} bytes",
+                agent_input::DECODE_MAX_BYTES
+            )));
+        }
+        let Some(body) = self.buf.get(HEADER_BYTES..HEADER_BYTES + len) else {
+            self.buf.reserve(HEADER_BYTES + len - self.buf.len());
+            return Ok(None);
+        };
+        let message = AgentMessage::decode(body).map_err(|e| {
+            Status::invalid_argument(format!(
+                "request: not a valid message for this method ({e})"
+            ))
+        })?;
+        self.buf.advance(HEADER_BYTES + len);
+        Ok(Some(message))
+    }
+}
+
+/// The trailers that end a stream with `status`.
+fn trailers(status: Option<Status>) -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    match status {
+        Some(status) => {
+            if status.add_header(&mut trailers).is_err() {
+                trailers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+            }
+        }
+        None => {
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        }
+    }
+    trailers
 }
 
 fn check_hello(hello: &Hello) -> Result<(), Status> {
@@ -194,7 +317,7 @@ struct Shared {
 struct Live {
     shared: Shared,
     session: Session,
-    inbound: Streaming<AgentMessage>,
+    inbound: Inbound,
     /// The store's current configuration, read whenever anything changes:
     /// a rollout step may be seen before the revision that goes with it.
     current: watch::Receiver<Arc<Config>>,
@@ -222,7 +345,7 @@ impl Live {
         shared: Shared,
         mut session: Session,
         hello: &Hello,
-        inbound: Streaming<AgentMessage>,
+        inbound: Inbound,
         shutdown: watch::Receiver<bool>,
     ) -> Live {
         let mut epoch = shared.rollouts.subscribe_epoch();
@@ -267,9 +390,34 @@ impl Live {
         }
     }
 
-    /// The next item of the agent's stream: a configuration to send, the
+    /// Sends the agent what it needs, one message at a time as it makes
+    /// room, until the session ends; then the trailers.
+    async fn run(mut self, mut send: SendStream<Bytes>) {
+        loop {
+            if poll_fn(|cx| poll_room(&mut send, cx)).await.is_err() {
+                return;
+            }
+            match self.next().await {
+                Some(Ok(message)) => {
+                    if send.send_data(message, false).is_err() {
+                        return;
+                    }
+                }
+                Some(Err(status)) => {
+                    let _ = send.send_trailers(trailers(Some(status)));
+                    return;
+                }
+                None => {
+                    let _ = send.send_trailers(trailers(None));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The next item of the agent's stream: a message to send, the
     /// status that ends the stream, or None when it ends quietly.
-    async fn next(&mut self) -> Option<Result<ControlFrame, Status>> {
+    async fn next(&mut self) -> Option<Result<Bytes, Status>> {
         if self.ended {
             return None;
         }
@@ -342,17 +490,17 @@ impl Live {
         Some(next)
     }
 
-    fn sending(&self, prepared: &Prepared) -> ControlFrame {
+    fn sending(&self, prepared: &Prepared) -> Bytes {
         let desired = &prepared.desired;
         self.shared
             .registry
             .set_desired(&self.session, &desired.profile, desired.revision, true);
         // Per agent and change: debug, or a fleet's rollout floods the log.
         tracing::debug!(instance = %self.session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
-        prepared.frame.clone()
+        prepared.message.clone()
     }
 
-    fn end(&mut self, status: Option<Status>) -> Option<Result<ControlFrame, Status>> {
+    fn end(&mut self, status: Option<Status>) -> Option<Result<Bytes, Status>> {
         self.ended = true;
         status.map(Err)
     }

@@ -11,6 +11,7 @@ mod history;
 mod models;
 mod profiles;
 mod rollouts;
+mod serve;
 mod tokens;
 
 pub use agent::AgentApi;
@@ -22,6 +23,7 @@ pub use history::HistoryApi;
 pub use models::ModelApi;
 pub use profiles::ProfileApi;
 pub use rollouts::RolloutApi;
+pub use serve::{GrpcServer, Settings as GrpcSettings};
 pub use tokens::TokenApi;
 
 use crate::admission::Connections;
@@ -89,7 +91,7 @@ pub fn authenticator(
     tokens: Arc<Tokens>,
     connections: Arc<Connections>,
     agent: bool,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |mut request: Request<()>| {
         let header = request
             .metadata()
@@ -116,6 +118,11 @@ pub fn authenticator(
     }
 }
 
+/// An interceptor kept by a handler that calls it itself
+/// (AgentService.Connect, served by `serve` rather than tonic).
+pub type Authenticate =
+    Arc<dyn Fn(Request<()>) -> Result<Request<()>, Status> + Send + Sync + 'static>;
+
 /// The instance a verified client certificate was issued to.
 #[derive(Debug, Clone)]
 pub struct AgentIdentity(pub String);
@@ -128,7 +135,7 @@ pub fn agent_authenticator(
     connections: Arc<Connections>,
     ca: Arc<CertAuthority>,
     require_cert: bool,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     agent_or_admin_authenticator(tokens, connections, ca, require_cert, false)
 }
 
@@ -140,9 +147,9 @@ pub fn agent_or_admin_authenticator(
     ca: Arc<CertAuthority>,
     require_cert: bool,
     admin: bool,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    let mut bearer = authenticator(tokens.clone(), connections.clone(), true);
-    let mut operator = authenticator(tokens.clone(), connections.clone(), false);
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    let bearer = authenticator(tokens.clone(), connections.clone(), true);
+    let operator = authenticator(tokens.clone(), connections.clone(), false);
     move |mut request: Request<()>| {
         let presented = request
             .peer_certs()

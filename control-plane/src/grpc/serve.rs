@@ -1,0 +1,499 @@
+//! The gRPC port's HTTP/2 server, on `h2` directly.
+//!
+//! An agent's stream (AgentService.Connect) is served inside its
+//! connection's task: a new configuration wakes that one task, which
+//! queues the shared bytes as a DATA frame and writes them, and the ack
+//! that comes back is read and handled by the same task. Every other call
+//! goes to tonic's routes in a task of its own, as hyper would run it.
+//!
+//! Under tonic's own server each agent stream took two tasks (hyper's
+//! stream task and the connection's), five body wrappers, tonic's codec
+//! and hyper's keepalive bookkeeping on every frame: at 10,000 agents that
+//! was about a third of the daemon's CPU per change.
+
+use super::agent::AgentApi;
+use crate::admission::Admitted;
+use crate::metrics::RpcMetrics;
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
+use h2::server::SendResponse;
+use h2::{Ping, PingPong, RecvStream, SendStream};
+use http_body::Body as _;
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tonic::codegen::http::{self, Extensions};
+use tonic::service::Routes;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+use tower::Service;
+use tracing::Instrument;
+
+/// The one method served inside the connection's task.
+pub const CONNECT_PATH: &str = "/duofleet.v1.AgentService/Connect";
+
+/// The largest header block a client may send: gRPC metadata is small.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// How many times a connection's task goes round (sessions, then the
+/// socket) in one turn before it yields to other connections.
+const TURNS_PER_POLL: usize = 16;
+
+pub struct Settings {
+    pub max_streams_per_connection: u32,
+    /// What a peer may send on a stream ahead of what has been read; the
+    /// connection's window is twice it.
+    pub flow_window: u32,
+    /// Ping interval, and how long a ping may go unanswered.
+    pub keepalive: Duration,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pub struct GrpcServer {
+    routes: RpcMetrics<Routes>,
+    agents: Arc<AgentApi>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    settings: Settings,
+    stopping: Stopping,
+}
+
+/// Shutdown, seen by every connection as an atomic flag and its own
+/// waker: thousands of connections polling one shared channel would take
+/// its lock on every wake.
+#[derive(Default)]
+struct Stopping {
+    stopped: AtomicBool,
+    wakers: Mutex<(u64, HashMap<u64, Waker>)>,
+}
+
+impl Stopping {
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let wakers = std::mem::take(&mut self.lock().1);
+        for waker in wakers.into_values() {
+            waker.wake();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, Waker>)> {
+        self.wakers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ready once the server stops. `key` is this connection's place in
+    /// the list of wakers, taken on the first call.
+    fn poll_stopped(&self, key: &mut Option<u64>, cx: &Context<'_>) -> Poll<()> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        if key.is_none() {
+            let mut wakers = self.lock();
+            wakers.0 += 1;
+            let next = wakers.0;
+            wakers.1.insert(next, cx.waker().clone());
+            *key = Some(next);
+            drop(wakers);
+            // Stopped between the load and the insert.
+            if self.stopped.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    }
+
+    fn forget(&self, key: Option<u64>) {
+        if let Some(key) = key {
+            self.lock().1.remove(&key);
+        }
+    }
+}
+
+/// How a connection came in, as tonic's handlers read it (`remote_addr`,
+/// `peer_certs`).
+#[derive(Clone)]
+enum ConnectInfo {
+    Tcp(TcpConnectInfo),
+    Tls(TlsConnectInfo<TcpConnectInfo>),
+}
+
+impl ConnectInfo {
+    fn extensions(&self) -> Extensions {
+        let mut extensions = Extensions::new();
+        match self {
+            ConnectInfo::Tcp(info) => {
+                extensions.insert(info.clone());
+            }
+            ConnectInfo::Tls(info) => {
+                extensions.insert(info.clone());
+            }
+        }
+        extensions
+    }
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            ConnectInfo::Tcp(info) => info.remote_addr(),
+            ConnectInfo::Tls(info) => info.get_ref().remote_addr(),
+        }
+    }
+}
+
+impl GrpcServer {
+    pub fn new(
+        routes: RpcMetrics<Routes>,
+        agents: Arc<AgentApi>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        settings: Settings,
+    ) -> GrpcServer {
+        GrpcServer {
+            routes,
+            agents,
+            tls,
+            settings,
+            stopping: Stopping::default(),
+        }
+    }
+
+    /// Serves `incoming` until `shutdown`; then tells each connection to
+    /// finish (GOAWAY) and returns once all have closed.
+    pub async fn serve(
+        self: Arc<Self>,
+        incoming: impl Stream<Item = io::Result<Admitted>>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let (open, mut all_closed) = mpsc::channel::<()>(1);
+        {
+            let mut incoming = pin!(incoming);
+            let mut shutdown = pin!(shutdown);
+            loop {
+                let io = tokio::select! {
+                    () = &mut shutdown => break,
+                    io = incoming.next() => match io {
+                        Some(Ok(io)) => io,
+                        Some(Err(error)) => {
+                            tracing::debug!(%error, "accepting a connection failed");
+                            continue;
+                        }
+                        None => break,
+                    },
+                };
+                let server = self.clone();
+                let open = open.clone();
+                tokio::spawn(async move {
+                    server.connection(io).await;
+                    drop(open);
+                });
+            }
+        }
+        self.stopping.stop();
+        drop(open);
+        let _ = all_closed.recv().await;
+    }
+
+    async fn connection(&self, io: Admitted) {
+        let tcp = io.connect_info();
+        match &self.tls {
+            None => self.drive(io, ConnectInfo::Tcp(tcp)).await,
+            Some(acceptor) => match acceptor.accept(io).await {
+                Ok(tls) => {
+                    let info = ConnectInfo::Tls(tls.connect_info());
+                    self.drive(tls, info).await
+                }
+                Err(error) => {
+                    tracing::debug!(peer = ?tcp.remote_addr(), %error, "TLS handshake failed")
+                }
+            },
+        }
+    }
+
+    /// One connection: its agent sessions, the socket and its keepalive,
+    /// all polled by this one task.
+    async fn drive<T>(&self, io: T, info: ConnectInfo)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        let settings = &self.settings;
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(settings.flow_window)
+            .initial_connection_window_size(2 * settings.flow_window)
+            .max_concurrent_streams(settings.max_streams_per_connection)
+            .max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .handshake::<_, Bytes>(io)
+            .await;
+        let mut conn = match handshake {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::debug!(peer = ?info.peer(), %error, "HTTP/2 handshake failed");
+                return;
+            }
+        };
+        let mut keepalive = conn
+            .ping_pong()
+            .map(|ping| Keepalive::new(ping, settings.keepalive));
+        let mut sessions: FuturesUnordered<BoxFuture> = FuturesUnordered::new();
+        let mut stop_key = None;
+        let mut stopping = false;
+        let ended = poll_fn(|cx| {
+            if !stopping && self.stopping.poll_stopped(&mut stop_key, cx).is_ready() {
+                stopping = true;
+                conn.graceful_shutdown();
+            }
+            if let Some(keepalive) = &mut keepalive
+                && keepalive.poll_dead(cx).is_ready()
+            {
+                return Poll::Ready(Err("no answer to a keepalive ping"));
+            }
+            for _ in 0..TURNS_PER_POLL {
+                // Sessions first: what they queue is written below.
+                while let Poll::Ready(Some(())) = sessions.poll_next_unpin(cx) {}
+                match conn.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((request, respond)))) => {
+                        if let Some(session) = self.dispatch(request, respond, &info) {
+                            sessions.push(session);
+                        }
+                    }
+                    Poll::Ready(Some(Err(error))) => {
+                        tracing::debug!(%error, "HTTP/2 connection failed");
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await;
+        if let Err(why) = ended {
+            tracing::debug!(peer = ?info.peer(), why, "closing the connection");
+        }
+        self.stopping.forget(stop_key);
+    }
+
+    /// An agent's stream becomes a session of this connection; any other
+    /// call runs in a task of its own.
+    fn dispatch(
+        &self,
+        request: http::Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        info: &ConnectInfo,
+    ) -> Option<BoxFuture> {
+        if request.uri().path() == CONNECT_PATH {
+            return Some(Box::pin(self.agents.clone().session(
+                request,
+                respond,
+                info.extensions(),
+            )));
+        }
+        tokio::spawn(call(
+            self.routes.clone(),
+            request,
+            respond,
+            info.extensions(),
+        ));
+        None
+    }
+}
+
+/// One call to tonic's routes: the request's body read from h2, the
+/// response written to it, and the call dropped if the client cancels.
+async fn call(
+    mut routes: RpcMetrics<Routes>,
+    request: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    extensions: Extensions,
+) {
+    let span = tracing::info_span!("rpc", otel.name = %request.uri().path(), rpc.system = "grpc");
+    let (mut parts, recv) = request.into_parts();
+    parts.extensions.extend(extensions);
+    let request = http::Request::from_parts(parts, RecvBody::new(recv));
+    let handled = async {
+        let ready = poll_fn(|cx| Service::<http::Request<RecvBody>>::poll_ready(&mut routes, cx));
+        if ready.await.is_err() {
+            return None;
+        }
+        let mut response = pin!(routes.call(request));
+        poll_fn(|cx| {
+            if respond.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            response.as_mut().poll(cx).map(Result::ok)
+        })
+        .await
+    }
+    .instrument(span)
+    .await;
+    let Some(response) = handled else {
+        return;
+    };
+    let (parts, body) = response.into_parts();
+    let end = http_body::Body::is_end_stream(&body);
+    let Ok(send) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
+        return;
+    };
+    if !end {
+        pipe(body, send).await;
+    }
+}
+
+/// Writes a response body to its stream, a frame at a time as the peer
+/// makes room, until it ends or the peer cancels.
+async fn pipe(body: tonic::body::Body, mut send: SendStream<Bytes>) {
+    let mut body = pin!(body);
+    loop {
+        let next = poll_fn(|cx| {
+            if ready!(poll_room(&mut send, cx)).is_err() {
+                return Poll::Ready(None);
+            }
+            body.as_mut().poll_frame(cx).map(Some)
+        })
+        .await;
+        let frame = match next {
+            None => return,
+            Some(None) => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(error))) => {
+                tracing::debug!(%error, "a response body failed");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let end = http_body::Body::is_end_stream(&*body);
+                if send.send_data(data, end).is_err() || end {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = send.send_trailers(trailers);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Ready once the stream may take more data (what was queued has gone
+/// out), or with an error once the peer reset it. Like hyper: one byte is
+/// asked for, and a whole message is queued on any room.
+pub(super) fn poll_room(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), ()>> {
+    if send.poll_reset(cx).is_ready() {
+        return Poll::Ready(Err(()));
+    }
+    send.reserve_capacity(1);
+    while send.capacity() == 0 {
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Poll::Ready(Err(())),
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// A request's body as tonic reads it; what is read is released to the
+/// peer's flow-control window at once.
+struct RecvBody {
+    recv: RecvStream,
+    data_done: bool,
+}
+
+impl RecvBody {
+    fn new(recv: RecvStream) -> RecvBody {
+        RecvBody {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl http_body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => this.data_done = true,
+            }
+        }
+        this.recv.poll_trailers(cx).map(|trailers| {
+            trailers
+                .transpose()
+                .map(|t| t.map(http_body::Frame::trailers))
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
+/// HTTP/2 keepalive: a ping every interval, and the connection is dead if
+/// one goes unanswered for as long again.
+struct Keepalive {
+    ping: PingPong,
+    every: Duration,
+    timer: Pin<Box<Sleep>>,
+    awaiting_pong: bool,
+}
+
+impl Keepalive {
+    fn new(ping: PingPong, every: Duration) -> Keepalive {
+        Keepalive {
+            ping,
+            every,
+            timer: Box::pin(tokio::time::sleep(every)),
+            awaiting_pong: false,
+        }
+    }
+
+    fn poll_dead(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.awaiting_pong {
+            match self.ping.poll_pong(cx) {
+                Poll::Ready(Ok(_)) => {
+                    self.awaiting_pong = false;
+                    self.timer.as_mut().reset(Instant::now() + self.every);
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => {}
+            }
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if self.awaiting_pong || self.ping.send_ping(Ping::opaque()).is_err() {
+                return Poll::Ready(());
+            }
+            self.awaiting_pong = true;
+            self.timer.as_mut().reset(Instant::now() + self.every);
+            // Registers for the pong.
+            if self.ping.poll_pong(cx).is_ready() {
+                self.awaiting_pong = false;
+            }
+        }
+        Poll::Pending
+    }
+}
