@@ -15,7 +15,8 @@ use super::agent::AgentApi;
 use crate::admission::Admitted;
 use crate::metrics::RpcMetrics;
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
+use futures_util::stream::{Stream, StreamExt};
+use futures_util::task::AtomicWaker;
 use h2::server::SendResponse;
 use h2::{Ping, PingPong, RecvStream, SendStream};
 use http_body::Body as _;
@@ -26,7 +27,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -238,36 +239,69 @@ impl GrpcServer {
         let mut keepalive = conn
             .ping_pong()
             .map(|ping| Keepalive::new(ping, settings.keepalive));
-        let mut sessions: FuturesUnordered<BoxFuture> = FuturesUnordered::new();
+        let wakes = Arc::new(Wakes::default());
+        let socket = Source::new(&wakes);
+        let timer = Source::new(&wakes);
+        let stop = Source::new(&wakes);
+        let mut sessions: Vec<(BoxFuture, Source)> = Vec::new();
         let mut stop_key = None;
         let mut stopping = false;
         let ended = poll_fn(|cx| {
-            if !stopping && self.stopping.poll_stopped(&mut stop_key, cx).is_ready() {
-                stopping = true;
-                conn.graceful_shutdown();
-            }
-            if let Some(keepalive) = &mut keepalive
-                && keepalive.poll_dead(cx).is_ready()
-            {
-                return Poll::Ready(Err("no answer to a keepalive ping"));
-            }
+            wakes.task.register(cx.waker());
+            wakes.running.store(true, Ordering::SeqCst);
             for _ in 0..TURNS_PER_POLL {
+                wakes.any.store(false, Ordering::SeqCst);
+                if !stopping && stop.take() {
+                    let cx = &mut stop.context();
+                    if self.stopping.poll_stopped(&mut stop_key, cx).is_ready() {
+                        stopping = true;
+                        conn.graceful_shutdown();
+                        socket.woken.store(true, Ordering::SeqCst);
+                    }
+                }
+                if let Some(keepalive) = &mut keepalive
+                    && timer.take()
+                    && keepalive.poll_dead(&mut timer.context()).is_ready()
+                {
+                    return Poll::Ready(Err("no answer to a keepalive ping"));
+                }
                 // Sessions first: what they queue is written below.
-                while let Poll::Ready(Some(())) = sessions.poll_next_unpin(cx) {}
-                match conn.poll_accept(cx) {
-                    Poll::Ready(Some(Ok((request, respond)))) => {
-                        if let Some(session) = self.dispatch(request, respond, &info) {
-                            sessions.push(session);
+                sessions.retain_mut(|(session, source)| {
+                    !source.take() || session.as_mut().poll(&mut source.context()).is_pending()
+                });
+                // Once per turn: a socket out of tokio's budget wakes at
+                // once, and the turns bound how often it is polled before
+                // this task yields.
+                if socket.take() {
+                    let cx = &mut socket.context();
+                    while let Poll::Ready(stream) = conn.poll_accept(cx) {
+                        match stream {
+                            Some(Ok((request, respond))) => {
+                                if let Some(session) = self.dispatch(request, respond, &info) {
+                                    let source = Source::new(&wakes);
+                                    wakes.any.store(true, Ordering::SeqCst);
+                                    sessions.push((session, source));
+                                }
+                            }
+                            Some(Err(error)) => {
+                                tracing::debug!(%error, "HTTP/2 connection failed");
+                                return Poll::Ready(Ok(()));
+                            }
+                            None => return Poll::Ready(Ok(())),
                         }
                     }
-                    Poll::Ready(Some(Err(error))) => {
-                        tracing::debug!(%error, "HTTP/2 connection failed");
-                        return Poll::Ready(Ok(()));
+                }
+                if !wakes.any.load(Ordering::SeqCst) {
+                    wakes.running.store(false, Ordering::SeqCst);
+                    // Anything woken after the look above, while this task
+                    // was still running, did not wake it: look again.
+                    if !wakes.any.load(Ordering::SeqCst) {
+                        return Poll::Pending;
                     }
-                    Poll::Ready(None) => return Poll::Ready(Ok(())),
-                    Poll::Pending => return Poll::Pending,
+                    wakes.running.store(true, Ordering::SeqCst);
                 }
             }
+            wakes.running.store(false, Ordering::SeqCst);
             cx.waker().wake_by_ref();
             Poll::Pending
         })
@@ -300,6 +334,75 @@ impl GrpcServer {
             info.extensions(),
         ));
         None
+    }
+}
+
+/// A connection's task polls only what woke it: the socket, the
+/// keepalive timer, shutdown or one of its sessions, each a [`Source`].
+/// A wake while the task is running does not schedule it again (h2 wakes
+/// the connection for every frame a session queues): the task sees the
+/// flag and goes round once more instead.
+#[derive(Default)]
+struct Wakes {
+    task: AtomicWaker,
+    running: AtomicBool,
+    /// Something was woken since the task last looked.
+    any: AtomicBool,
+}
+
+/// One thing a connection's task polls, with its own waker.
+struct Source {
+    flag: Arc<Flag>,
+    waker: Waker,
+}
+
+struct Flag {
+    woken: AtomicBool,
+    wakes: Arc<Wakes>,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        self.wakes.any.store(true, Ordering::SeqCst);
+        if !self.wakes.running.load(Ordering::SeqCst) {
+            self.wakes.task.wake();
+        }
+    }
+}
+
+impl Source {
+    /// Woken at first, so that it is polled once and registers.
+    fn new(wakes: &Arc<Wakes>) -> Source {
+        let flag = Arc::new(Flag {
+            woken: AtomicBool::new(true),
+            wakes: wakes.clone(),
+        });
+        Source {
+            waker: Waker::from(flag.clone()),
+            flag,
+        }
+    }
+
+    /// Whether it was woken, clearing the flag.
+    fn take(&self) -> bool {
+        self.flag.woken.swap(false, Ordering::SeqCst)
+    }
+
+    fn context(&self) -> Context<'_> {
+        Context::from_waker(&self.waker)
+    }
+}
+
+impl std::ops::Deref for Source {
+    type Target = Flag;
+
+    fn deref(&self) -> &Flag {
+        &self.flag
     }
 }
 
