@@ -87,10 +87,9 @@ impl AgentApi {
         let span = tracing::info_span!("rpc", otel.name = CONNECT_PATH, rpc.system = "grpc");
         let (parts, recv) = request.into_parts();
         let request = Request::from_parts(MetadataMap::from_headers(parts.headers), extensions, ());
-        let opened = self
-            .open(request, Inbound::new(recv))
-            .instrument(span)
-            .await;
+        // Boxed: what opening holds (the request, the Hello's timer) is
+        // freed once the session runs, instead of sizing every session.
+        let opened = Box::pin(self.open(request, Inbound::new(recv)).instrument(span)).await;
         drop(in_flight);
         let live = match opened {
             Ok(live) => live,
@@ -230,33 +229,39 @@ impl Inbound {
     }
 
     fn decode(&mut self) -> Result<Option<AgentMessage>, Status> {
-        let Some(header) = self.buf.get(..HEADER_BYTES) else {
-            return Ok(None);
-        };
-        if header[0] != 0 {
-            return Err(Status::invalid_argument(
-                "request: compressed messages are not accepted on this stream",
-            ));
-        }
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if len > agent_input::DECODE_MAX_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "request: the message is {len} bytes, over the limit of {} bytes",
-                agent_input::DECODE_MAX_BYTES
-            )));
-        }
-        let Some(body) = self.buf.get(HEADER_BYTES..HEADER_BYTES + len) else {
-            self.buf.reserve(HEADER_BYTES + len - self.buf.len());
-            return Ok(None);
-        };
-        let message = AgentMessage::decode(body).map_err(|e| {
-            Status::invalid_argument(format!(
-                "request: not a valid message for this method ({e})"
-            ))
-        })?;
-        self.buf.advance(HEADER_BYTES + len);
-        Ok(Some(message))
+        decode(&mut self.buf)
     }
+}
+
+/// The first whole message in `buf`, taken out of it; None until one has
+/// arrived.
+fn decode(buf: &mut BytesMut) -> Result<Option<AgentMessage>, Status> {
+    let Some(header) = buf.get(..HEADER_BYTES) else {
+        return Ok(None);
+    };
+    if header[0] != 0 {
+        return Err(Status::invalid_argument(
+            "request: compressed messages are not accepted on this stream",
+        ));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > agent_input::DECODE_MAX_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "request: the message is {len} bytes, over the limit of {} bytes",
+            agent_input::DECODE_MAX_BYTES
+        )));
+    }
+    let Some(body) = buf.get(HEADER_BYTES..HEADER_BYTES + len) else {
+        buf.reserve(HEADER_BYTES + len - buf.len());
+        return Ok(None);
+    };
+    let message = AgentMessage::decode(body).map_err(|e| {
+        Status::invalid_argument(format!(
+            "request: not a valid message for this method ({e})"
+        ))
+    })?;
+    buf.advance(HEADER_BYTES + len);
+    Ok(Some(message))
 }
 
 /// The trailers that end a stream with `status`.
@@ -550,4 +555,77 @@ fn prepare(
 ) -> Arc<Prepared> {
     let config = shared.rollouts.config_for(&session.instance_id, config);
     shared.fanout.prepare(&config, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duofleet_proto::v1::Ack;
+
+    fn framed(message: &AgentMessage) -> Vec<u8> {
+        let body = message.encode_to_vec();
+        let mut wire = vec![0];
+        wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&body);
+        wire
+    }
+
+    fn ack(revision: u64) -> AgentMessage {
+        AgentMessage {
+            message: Some(Message::Ack(Ack {
+                revision,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn messages_are_taken_whole_however_the_bytes_arrive() {
+        let mut wire = framed(&ack(7));
+        wire.extend(framed(&ack(8)));
+        // A byte at a time: nothing until the first message is whole.
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for byte in &wire {
+            buf.extend_from_slice(&[*byte]);
+            while let Some(message) = decode(&mut buf).unwrap() {
+                got.push(message);
+            }
+        }
+        assert_eq!(got, vec![ack(7), ack(8)]);
+        assert!(buf.is_empty());
+        // Both in one chunk.
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(decode(&mut buf).unwrap(), Some(ack(7)));
+        assert_eq!(decode(&mut buf).unwrap(), Some(ack(8)));
+        assert_eq!(decode(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn oversized_compressed_and_garbled_messages_are_refused_saying_why() {
+        let too_big = (agent_input::DECODE_MAX_BYTES + 1) as u32;
+        let mut header = vec![0u8];
+        header.extend_from_slice(&too_big.to_be_bytes());
+        let refused = decode(&mut BytesMut::from(&header[..])).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(
+            refused.message().contains("over the limit of"),
+            "{refused:?}"
+        );
+
+        let mut compressed = framed(&ack(1));
+        compressed[0] = 1;
+        let refused = decode(&mut BytesMut::from(&compressed[..])).unwrap_err();
+        assert!(refused.message().contains("compressed"), "{refused:?}");
+
+        let garbled = [0, 0, 0, 0, 2, 0xff, 0xff];
+        let refused = decode(&mut BytesMut::from(&garbled[..])).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(
+            refused
+                .message()
+                .starts_with("request: not a valid message"),
+            "{refused:?}"
+        );
+    }
 }

@@ -321,11 +321,11 @@ impl GrpcServer {
         info: &ConnectInfo,
     ) -> Option<BoxFuture> {
         if request.uri().path() == CONNECT_PATH {
-            return Some(Box::pin(self.agents.clone().session(
-                request,
-                respond,
-                info.extensions(),
-            )));
+            let session = self
+                .agents
+                .clone()
+                .session(request, respond, info.extensions());
+            return Some(Box::pin(session));
         }
         tokio::spawn(call(
             self.routes.clone(),
