@@ -12,11 +12,11 @@
 //! was about a third of the daemon's CPU per change.
 
 use super::agent::AgentApi;
+use super::wake::{Source, Wakes};
 use crate::admission::Admitted;
 use crate::metrics::RpcMetrics;
 use bytes::Bytes;
 use futures_util::stream::{Stream, StreamExt};
-use futures_util::task::AtomicWaker;
 use h2::server::SendResponse;
 use h2::{Ping, PingPong, RecvStream, SendStream};
 use http_body::Body as _;
@@ -27,7 +27,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -256,7 +256,7 @@ impl GrpcServer {
                     if self.stopping.poll_stopped(&mut stop_key, cx).is_ready() {
                         stopping = true;
                         conn.graceful_shutdown();
-                        socket.woken.store(true, Ordering::SeqCst);
+                        socket.again();
                     }
                 }
                 if let Some(keepalive) = &mut keepalive
@@ -334,75 +334,6 @@ impl GrpcServer {
             info.extensions(),
         ));
         None
-    }
-}
-
-/// A connection's task polls only what woke it: the socket, the
-/// keepalive timer, shutdown or one of its sessions, each a [`Source`].
-/// A wake while the task is running does not schedule it again (h2 wakes
-/// the connection for every frame a session queues): the task sees the
-/// flag and goes round once more instead.
-#[derive(Default)]
-struct Wakes {
-    task: AtomicWaker,
-    running: AtomicBool,
-    /// Something was woken since the task last looked.
-    any: AtomicBool,
-}
-
-/// One thing a connection's task polls, with its own waker.
-struct Source {
-    flag: Arc<Flag>,
-    waker: Waker,
-}
-
-struct Flag {
-    woken: AtomicBool,
-    wakes: Arc<Wakes>,
-}
-
-impl Wake for Flag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::SeqCst);
-        self.wakes.any.store(true, Ordering::SeqCst);
-        if !self.wakes.running.load(Ordering::SeqCst) {
-            self.wakes.task.wake();
-        }
-    }
-}
-
-impl Source {
-    /// Woken at first, so that it is polled once and registers.
-    fn new(wakes: &Arc<Wakes>) -> Source {
-        let flag = Arc::new(Flag {
-            woken: AtomicBool::new(true),
-            wakes: wakes.clone(),
-        });
-        Source {
-            waker: Waker::from(flag.clone()),
-            flag,
-        }
-    }
-
-    /// Whether it was woken, clearing the flag.
-    fn take(&self) -> bool {
-        self.flag.woken.swap(false, Ordering::SeqCst)
-    }
-
-    fn context(&self) -> Context<'_> {
-        Context::from_waker(&self.waker)
-    }
-}
-
-impl std::ops::Deref for Source {
-    type Target = Flag;
-
-    fn deref(&self) -> &Flag {
-        &self.flag
     }
 }
 
