@@ -57,7 +57,7 @@ pub struct Settings {
     pub keepalive: Duration,
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 pub struct GrpcServer {
     routes: RpcMetrics<Routes>,
@@ -199,20 +199,27 @@ impl GrpcServer {
         let _ = all_closed.recv().await;
     }
 
+    /// Each step is boxed, and nothing is held across the session but
+    /// the session: a task is allocated at the size of its largest state,
+    /// and a TLS handshake's is several KiB that a plain connection, or
+    /// one past its handshake, should not hold for hours.
     async fn connection(&self, io: Admitted) {
         let tcp = io.connect_info();
-        match &self.tls {
-            None => self.drive(io, ConnectInfo::Tcp(tcp)).await,
-            Some(acceptor) => match acceptor.accept(io).await {
-                Ok(tls) => {
-                    let info = ConnectInfo::Tls(tls.connect_info());
-                    self.drive(tls, info).await
-                }
-                Err(error) => {
-                    tracing::debug!(peer = ?tcp.remote_addr(), %error, "TLS handshake failed")
-                }
-            },
-        }
+        let drive = match &self.tls {
+            None => Box::pin(self.drive(io, ConnectInfo::Tcp(tcp))) as BoxFuture<'_>,
+            Some(acceptor) => {
+                let tls = match Box::pin(acceptor.accept(io)).await {
+                    Ok(tls) => tls,
+                    Err(error) => {
+                        tracing::debug!(peer = ?tcp.remote_addr(), %error, "TLS handshake failed");
+                        return;
+                    }
+                };
+                let info = ConnectInfo::Tls(tls.connect_info());
+                Box::pin(self.drive(tls, info))
+            }
+        };
+        drive.await
     }
 
     /// One connection: its agent sessions, the socket and its keepalive,
@@ -227,9 +234,8 @@ impl GrpcServer {
             .initial_connection_window_size(2 * settings.flow_window)
             .max_concurrent_streams(settings.max_streams_per_connection)
             .max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .handshake::<_, Bytes>(io)
-            .await;
-        let mut conn = match handshake {
+            .handshake::<_, Bytes>(io);
+        let mut conn = match Box::pin(handshake).await {
             Ok(conn) => conn,
             Err(error) => {
                 tracing::debug!(peer = ?info.peer(), %error, "HTTP/2 handshake failed");
@@ -243,7 +249,7 @@ impl GrpcServer {
         let socket = Source::new(&wakes);
         let timer = Source::new(&wakes);
         let stop = Source::new(&wakes);
-        let mut sessions: Vec<(BoxFuture, Source)> = Vec::new();
+        let mut sessions: Vec<(BoxFuture<'static>, Source)> = Vec::new();
         let mut stop_key = None;
         let mut stopping = false;
         let ended = poll_fn(|cx| {
@@ -319,7 +325,7 @@ impl GrpcServer {
         request: http::Request<RecvStream>,
         respond: SendResponse<Bytes>,
         info: &ConnectInfo,
-    ) -> Option<BoxFuture> {
+    ) -> Option<BoxFuture<'static>> {
         if request.uri().path() == CONNECT_PATH {
             let session = self
                 .agents
