@@ -19,8 +19,6 @@ pub struct Metrics {
     acks_failed: AtomicU64,
     health_reports: AtomicU64,
     push_to_ack: Histogram,
-    /// gRPC calls whose handler has not answered yet.
-    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
@@ -39,12 +37,6 @@ impl Metrics {
             _ => &self.acks_applied,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// gRPC calls whose handler has not answered yet (a stream counts
-    /// until its response starts).
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// One HealthReport taken in from an agent.
@@ -226,11 +218,9 @@ where
     fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_string();
         let registry = self.registry.clone();
-        let in_flight = InFlight::new(registry.clone());
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await;
-            drop(in_flight);
             if let Ok(r) = &mut response {
                 crate::transport_errors::clarify(r.headers_mut());
                 // Errors come as "trailers-only" responses: the status is in
@@ -245,23 +235,6 @@ where
             }
             response
         })
-    }
-}
-
-/// Counts a call in flight until its handler answers or the call is
-/// dropped.
-pub(crate) struct InFlight(std::sync::Arc<crate::registry::Registry>);
-
-impl InFlight {
-    pub(crate) fn new(registry: std::sync::Arc<crate::registry::Registry>) -> InFlight {
-        registry.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(registry)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -591,7 +591,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         shutdown_rx.clone(),
         Arc::new(agent_auth),
     ));
-    let grpc_server = Arc::new(GrpcServer::new(
+    let grpc = Arc::new(GrpcServer::new(
         tower::Layer::layer(&crate::metrics::RpcMetricsLayer(registry.clone()), routes),
         agents,
         grpc_tls,
@@ -603,8 +603,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             flow_window: FLOW_WINDOW_BYTES,
             keepalive: Duration::from_millis(args.keepalive_ms),
         },
-    ))
-    .serve(
+    ));
+    let grpc_server = grpc.clone().serve(
         crate::admission::admit(
             grpc_listener,
             max_connections(args.max_connections),
@@ -667,7 +667,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     let grpc_server = async {
         tokio::select! {
             () = grpc_server => {},
-            () = settled(shutdown_rx.clone(), &registry) => {},
+            () = settled(shutdown_rx.clone(), &grpc) => {},
         }
     };
     let servers = async { tokio::join!(grpc_server, http_server) };
@@ -938,21 +938,22 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// How long nothing may be left on the gRPC listener (no agent session,
-/// no call in flight) before shutting down stops waiting for connections
-/// to close: time for the last answers and stream ends to be written out.
-const SHUTDOWN_SETTLE: Duration = Duration::from_millis(250);
+/// How long the gRPC listener must have had no stream open (no agent
+/// session, no call) before shutting down stops waiting for connections
+/// to close: time for the last frames, queued as each stream ended, to be
+/// written out.
+const SHUTDOWN_SETTLE: Duration = Duration::from_millis(50);
 
 /// Resolves once shutting down, every agent session has ended (each was
-/// told when to come back) and no gRPC call has been in flight for
+/// told when to come back) and no stream has been open for
 /// `SHUTDOWN_SETTLE`.
-async fn settled(shutdown: watch::Receiver<bool>, registry: &Registry) {
-    const CHECK: Duration = Duration::from_millis(25);
+async fn settled(shutdown: watch::Receiver<bool>, grpc: &GrpcServer) {
+    const CHECK: Duration = Duration::from_millis(10);
     wait_for(shutdown).await;
     let mut quiet = Duration::ZERO;
     while quiet < SHUTDOWN_SETTLE {
         tokio::time::sleep(CHECK).await;
-        if registry.connected() == 0 && registry.metrics.in_flight() == 0 {
+        if grpc.open_streams() == 0 {
             quiet += CHECK;
         } else {
             quiet = Duration::ZERO;

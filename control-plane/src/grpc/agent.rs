@@ -19,7 +19,6 @@ use crate::config::Config;
 use crate::effective::Labels;
 use crate::fanout::{Fanout, Prepared};
 use crate::labels::LabelGrant;
-use crate::metrics::InFlight;
 use crate::registry::{Refused, Registry, Session};
 use crate::rollout::Rollouts;
 use crate::store::Store;
@@ -83,14 +82,12 @@ impl AgentApi {
         mut respond: SendResponse<Bytes>,
         extensions: Extensions,
     ) {
-        let in_flight = InFlight::new(self.registry.clone());
         let span = tracing::info_span!("rpc", otel.name = CONNECT_PATH, rpc.system = "grpc");
         let (parts, recv) = request.into_parts();
         let request = Request::from_parts(MetadataMap::from_headers(parts.headers), extensions, ());
         // Boxed: what opening holds (the request, the Hello's timer) is
         // freed once the session runs, instead of sizing every session.
         let opened = Box::pin(self.open(request, Inbound::new(recv)).instrument(span)).await;
-        drop(in_flight);
         let live = match opened {
             Ok(live) => live,
             Err(status) => {

@@ -26,7 +26,7 @@ use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -65,6 +65,23 @@ pub struct GrpcServer {
     tls: Option<tokio_rustls::TlsAcceptor>,
     settings: Settings,
     stopping: Stopping,
+    streams: Arc<AtomicUsize>,
+}
+
+/// One open stream, counted until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(streams: &Arc<AtomicUsize>) -> Open {
+        streams.fetch_add(1, Ordering::SeqCst);
+        Open(streams.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Shutdown, seen by every connection as an atomic flag and its own
@@ -160,7 +177,14 @@ impl GrpcServer {
             tls,
             settings,
             stopping: Stopping::default(),
+            streams: Arc::default(),
         }
+    }
+
+    /// Streams open on the port: agent sessions and calls, each counted
+    /// until its last frame is queued.
+    pub fn open_streams(&self) -> usize {
+        self.streams.load(Ordering::SeqCst)
     }
 
     /// Serves `incoming` until `shutdown`; then tells each connection to
@@ -326,19 +350,22 @@ impl GrpcServer {
         respond: SendResponse<Bytes>,
         info: &ConnectInfo,
     ) -> Option<BoxFuture<'static>> {
+        let open = Open::new(&self.streams);
         if request.uri().path() == CONNECT_PATH {
             let session = self
                 .agents
                 .clone()
                 .session(request, respond, info.extensions());
-            return Some(Box::pin(session));
+            return Some(Box::pin(async move {
+                session.await;
+                drop(open);
+            }));
         }
-        tokio::spawn(call(
-            self.routes.clone(),
-            request,
-            respond,
-            info.extensions(),
-        ));
+        let call = call(self.routes.clone(), request, respond, info.extensions());
+        tokio::spawn(async move {
+            call.await;
+            drop(open);
+        });
         None
     }
 }
