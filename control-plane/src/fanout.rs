@@ -7,7 +7,6 @@
 
 use crate::config::Config;
 use crate::effective::{self, Labels};
-use bytes::Bytes;
 use duofleet_proto::v1::DesiredConfig;
 use duofleet_proto::wire::{ControlFrame, content_digest};
 use std::collections::HashMap;
@@ -24,7 +23,7 @@ pub struct Prepared {
     /// `content_digest` of `desired`: equal digests, nothing to send.
     pub digest: String,
     /// The ControlMessage carrying `desired`, encoded as a gRPC message.
-    pub message: Bytes,
+    pub frame: ControlFrame,
 }
 
 #[derive(Default)]
@@ -51,7 +50,7 @@ impl Fanout {
         let desired = effective::desired_config(config, labels);
         let prepared = Arc::new(Prepared {
             digest: content_digest(&desired),
-            message: ControlFrame::desired(&desired).bytes().clone(),
+            frame: ControlFrame::desired(&desired),
             desired,
         });
         let mut cache = self.lock();

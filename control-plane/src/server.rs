@@ -603,19 +603,17 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
             flow_window: FLOW_WINDOW_BYTES,
             keepalive: Duration::from_millis(args.keepalive_ms),
         },
+        shutdown_rx.clone(),
     ));
-    let grpc_server = grpc.clone().serve(
-        crate::admission::admit(
-            grpc_listener,
-            max_connections(args.max_connections),
-            crate::admission::Deadlines {
-                first_byte: Duration::from_millis(args.first_byte_timeout_ms),
-                authenticated: Some(Duration::from_millis(args.auth_timeout_ms)),
-            },
-            connections,
-        ),
-        wait_for(shutdown_rx.clone()),
-    );
+    let grpc_server = grpc.clone().serve(crate::admission::admit(
+        grpc_listener,
+        max_connections(args.max_connections),
+        crate::admission::Deadlines {
+            first_byte: Duration::from_millis(args.first_byte_timeout_ms),
+            authenticated: Some(Duration::from_millis(args.auth_timeout_ms)),
+        },
+        connections,
+    ));
 
     let http_server = crate::admission::HttpListener::new(
         http_listener,
@@ -675,13 +673,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         wait_for(shutdown_rx.clone()).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
-    let results = tokio::select! {
-        results = servers => Some(results),
-        _ = grace_expired => {
+    tokio::select! {
+        _ = servers => {}
+        () = grace_expired => {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "clients did not close their connections in time; dropping them");
-            None
         }
-    };
+    }
     tracing::info!("every stream is closed; saving the fleet's instance state");
     match registry.save_changed(true) {
         Ok(saved) => tracing::info!(saved, "instance state saved"),
@@ -691,9 +688,6 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     // not once its lease runs out.
     store.leave();
     let flushed = store.flush();
-    if results.is_none() {
-        tracing::debug!("connections dropped at the end of the grace period");
-    }
     flushed?;
     // Everything is saved. Freeing the fleet's records one by one would
     // take seconds at tens of thousands of instances and delay the

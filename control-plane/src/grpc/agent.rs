@@ -11,7 +11,7 @@
 //! connection's task (`serve`), with no task or channel of its own: memory
 //! per agent is its state and a reference to the last configuration sent.
 
-use super::serve::{CONNECT_PATH, poll_room};
+use super::serve::{CONNECT_PATH, poll_room, rpc_span};
 use super::{AgentIdentity, Authenticate, status};
 use crate::agent_input;
 use crate::ca::CertAuthority;
@@ -82,7 +82,7 @@ impl AgentApi {
         mut respond: SendResponse<Bytes>,
         extensions: Extensions,
     ) {
-        let span = tracing::info_span!("rpc", otel.name = CONNECT_PATH, rpc.system = "grpc");
+        let span = rpc_span(CONNECT_PATH);
         let (parts, recv) = request.into_parts();
         let request = Request::from_parts(MetadataMap::from_headers(parts.headers), extensions, ());
         // Boxed: what opening holds (the request, the Hello's timer) is
@@ -206,7 +206,7 @@ impl Inbound {
     /// safe: what has been read stays in the buffer.
     async fn message(&mut self) -> Result<Option<AgentMessage>, Status> {
         loop {
-            if let Some(message) = self.decode()? {
+            if let Some(message) = decode(&mut self.buf)? {
                 return Ok(Some(message));
             }
             match self.recv.data().await {
@@ -223,10 +223,6 @@ impl Inbound {
                 }
             }
         }
-    }
-
-    fn decode(&mut self) -> Result<Option<AgentMessage>, Status> {
-        decode(&mut self.buf)
     }
 }
 
@@ -499,7 +495,7 @@ impl Live {
             .set_desired(&self.session, &desired.profile, desired.revision, true);
         // Per agent and change: debug, or a fleet's rollout floods the log.
         tracing::debug!(instance = %self.session.instance_id, revision = desired.revision, profile = %desired.profile, "sending desired config");
-        prepared.message.clone()
+        prepared.frame.bytes().clone()
     }
 
     fn end(&mut self, status: Option<Status>) -> Option<Result<Bytes, Status>> {

@@ -16,22 +16,21 @@ use super::agent::AgentApi;
 use super::wake::{Source, Wakes};
 use crate::admission::Admitted;
 use crate::metrics::RpcMetrics;
+use crate::server::wait_for;
 use bytes::Bytes;
 use futures_util::stream::{Stream, StreamExt};
 use h2::server::SendResponse;
 use h2::{Ping, PingPong, RecvStream, SendStream};
 use http_body::Body as _;
-use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker, ready};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tonic::codegen::http::{self, Extensions};
 use tonic::service::Routes;
@@ -65,7 +64,7 @@ pub struct GrpcServer {
     agents: Arc<AgentApi>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     settings: Settings,
-    stopping: Stopping,
+    shutdown: watch::Receiver<bool>,
     streams: Arc<AtomicUsize>,
 }
 
@@ -82,56 +81,6 @@ impl Open {
 impl Drop for Open {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Shutdown, seen by every connection as an atomic flag and its own
-/// waker: thousands of connections polling one shared channel would take
-/// its lock on every wake.
-#[derive(Default)]
-struct Stopping {
-    stopped: AtomicBool,
-    wakers: Mutex<(u64, HashMap<u64, Waker>)>,
-}
-
-impl Stopping {
-    fn stop(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        let wakers = std::mem::take(&mut self.lock().1);
-        for waker in wakers.into_values() {
-            waker.wake();
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, Waker>)> {
-        self.wakers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Ready once the server stops. `key` is this connection's place in
-    /// the list of wakers, taken on the first call.
-    fn poll_stopped(&self, key: &mut Option<u64>, cx: &Context<'_>) -> Poll<()> {
-        if self.stopped.load(Ordering::SeqCst) {
-            return Poll::Ready(());
-        }
-        if key.is_none() {
-            let mut wakers = self.lock();
-            wakers.0 += 1;
-            let next = wakers.0;
-            wakers.1.insert(next, cx.waker().clone());
-            *key = Some(next);
-            drop(wakers);
-            // Stopped between the load and the insert.
-            if self.stopped.load(Ordering::SeqCst) {
-                return Poll::Ready(());
-            }
-        }
-        Poll::Pending
-    }
-
-    fn forget(&self, key: Option<u64>) {
-        if let Some(key) = key {
-            self.lock().1.remove(&key);
-        }
     }
 }
 
@@ -171,13 +120,14 @@ impl GrpcServer {
         agents: Arc<AgentApi>,
         tls: Option<tokio_rustls::TlsAcceptor>,
         settings: Settings,
+        shutdown: watch::Receiver<bool>,
     ) -> GrpcServer {
         GrpcServer {
             routes,
             agents,
             tls,
             settings,
-            stopping: Stopping::default(),
+            shutdown,
             streams: Arc::default(),
         }
     }
@@ -188,17 +138,13 @@ impl GrpcServer {
         self.streams.load(Ordering::SeqCst)
     }
 
-    /// Serves `incoming` until `shutdown`; then tells each connection to
-    /// finish (GOAWAY) and returns once all have closed.
-    pub async fn serve(
-        self: Arc<Self>,
-        incoming: impl Stream<Item = io::Result<Admitted>>,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    /// Serves `incoming` until shutdown; then each connection finishes
+    /// (GOAWAY), and this returns once all have closed.
+    pub async fn serve(self: Arc<Self>, incoming: impl Stream<Item = io::Result<Admitted>>) {
         let (open, mut all_closed) = mpsc::channel::<()>(1);
         {
             let mut incoming = pin!(incoming);
-            let mut shutdown = pin!(shutdown);
+            let mut shutdown = pin!(wait_for(self.shutdown.clone()));
             loop {
                 let io = tokio::select! {
                     () = &mut shutdown => break,
@@ -219,7 +165,6 @@ impl GrpcServer {
                 });
             }
         }
-        self.stopping.stop();
         drop(open);
         let _ = all_closed.recv().await;
     }
@@ -275,20 +220,20 @@ impl GrpcServer {
         let timer = Source::new(&wakes);
         let stop = Source::new(&wakes);
         let mut sessions: Vec<(BoxFuture<'static>, Source)> = Vec::new();
-        let mut stop_key = None;
-        let mut stopping = false;
+        // Polled when it wakes `stop`: once to register, then at shutdown.
+        let mut shutdown = Some(Box::pin(wait_for(self.shutdown.clone())));
         let ended = poll_fn(|cx| {
             wakes.task.register(cx.waker());
             wakes.running.store(true, Ordering::SeqCst);
             for _ in 0..TURNS_PER_POLL {
                 wakes.any.store(false, Ordering::SeqCst);
-                if !stopping && stop.take() {
-                    let cx = &mut stop.context();
-                    if self.stopping.poll_stopped(&mut stop_key, cx).is_ready() {
-                        stopping = true;
-                        conn.graceful_shutdown();
-                        socket.again();
-                    }
+                if let Some(stopped) = &mut shutdown
+                    && stop.take()
+                    && stopped.as_mut().poll(&mut stop.context()).is_ready()
+                {
+                    shutdown = None;
+                    conn.graceful_shutdown();
+                    socket.again();
                 }
                 if let Some(keepalive) = &mut keepalive
                     && timer.take()
@@ -340,7 +285,6 @@ impl GrpcServer {
         if let Err(why) = ended {
             tracing::debug!(peer = ?info.peer(), why, "closing the connection");
         }
-        self.stopping.forget(stop_key);
     }
 
     /// An agent's stream becomes a session of this connection; any other
@@ -379,7 +323,7 @@ async fn call(
     mut respond: SendResponse<Bytes>,
     extensions: Extensions,
 ) {
-    let span = tracing::info_span!("rpc", otel.name = %request.uri().path(), rpc.system = "grpc");
+    let span = rpc_span(request.uri().path());
     let (mut parts, recv) = request.into_parts();
     parts.extensions.extend(extensions);
     let request = http::Request::from_parts(parts, RecvBody::new(recv));
@@ -410,6 +354,11 @@ async fn call(
     if !end {
         pipe(body, send).await;
     }
+}
+
+/// The span of one call, named after its method.
+pub(super) fn rpc_span(path: &str) -> tracing::Span {
+    tracing::info_span!("rpc", otel.name = %path, rpc.system = "grpc")
 }
 
 /// Writes a response body to its stream, a frame at a time as the peer
