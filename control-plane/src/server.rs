@@ -657,6 +657,15 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
                 .await;
         }
         let _ = shutdown_tx.send(true);
+        // What the fleet reported and is not saved yet, saved while the
+        // sessions end rather than after: the restart that agents wait for
+        // comes that much sooner. What changes meanwhile is saved last.
+        let saved = tokio::task::spawn_blocking(move || shutdown_registry.save_changed(true)).await;
+        match saved {
+            Ok(Ok(saved)) => tracing::info!(saved, "instance state saved"),
+            Ok(Err(error)) => tracing::warn!(%error, "could not save the fleet's instance state"),
+            Err(_) => {}
+        }
     });
 
     // Graceful HTTP/2 closes need a round trip with every client; once
@@ -681,7 +690,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
     }
     tracing::info!("every stream is closed; saving the fleet's instance state");
     match registry.save_changed(true) {
-        Ok(saved) => tracing::info!(saved, "instance state saved"),
+        Ok(saved) => tracing::info!(saved, "the last of the instance state saved"),
         Err(error) => tracing::warn!(%error, "could not save the fleet's instance state"),
     }
     // With replicas: the others show this one's agents offline at once,

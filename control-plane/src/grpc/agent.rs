@@ -259,7 +259,10 @@ fn decode(buf: &mut BytesMut) -> Result<Option<AgentMessage>, Status> {
 
 /// The trailers that end a stream with `status`.
 fn trailers(status: Option<Status>) -> HeaderMap {
-    let mut trailers = HeaderMap::new();
+    // Sized for a status, its message and a reconnect hint: at shutdown a
+    // fleet's trailers are built at once, and growing each map would
+    // reallocate it twice.
+    let mut trailers = HeaderMap::with_capacity(4);
     match status {
         Some(status) => {
             if status.add_header(&mut trailers).is_err() {

@@ -677,26 +677,37 @@ impl Registry {
             "Agents connected now.",
             &[("", connected)],
         );
-        let mut states = std::collections::BTreeMap::new();
-        let mut health = std::collections::BTreeMap::new();
+        // Counted by the enums' values under the lock, named after it: a
+        // scrape of a large fleet holds up the agents' acks for as little
+        // as it can.
+        let mut by_state = [0u64; 8];
+        let mut by_health = [0u64; 4];
         for entry in entries.values() {
-            let state = entry
-                .instance
-                .sync_state()
-                .as_str_name()
-                .trim_start_matches("SYNC_STATE_")
-                .to_lowercase();
-            *states.entry(state).or_insert(0u64) += 1;
+            by_state[entry.instance.sync_state() as usize] += 1;
             for result in &entry.instance.health {
-                let state = result
-                    .state()
-                    .as_str_name()
-                    .trim_start_matches("HEALTH_STATE_")
-                    .to_lowercase();
-                *health.entry(state).or_insert(0u64) += 1;
+                by_health[result.state() as usize] += 1;
             }
         }
         drop(entries);
+        let named = |name: &str, prefix: &str, count: u64| {
+            (name.trim_start_matches(prefix).to_lowercase(), count)
+        };
+        let states: std::collections::BTreeMap<String, u64> = by_state
+            .iter()
+            .enumerate()
+            .filter_map(|(value, count)| {
+                let state = SyncState::try_from(value as i32).ok()?;
+                Some(named(state.as_str_name(), "SYNC_STATE_", *count))
+            })
+            .collect();
+        let health: std::collections::BTreeMap<String, u64> = by_health
+            .iter()
+            .enumerate()
+            .filter_map(|(value, count)| {
+                let state = HealthState::try_from(value as i32).ok()?;
+                Some(named(state.as_str_name(), "HEALTH_STATE_", *count))
+            })
+            .collect();
         metrics::gauge_by(
             out,
             "duofleet_instances",

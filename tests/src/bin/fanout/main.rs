@@ -17,6 +17,10 @@
 //!
 //!   cargo run --release -p duofleet-tests --bin fanout -- --agents 10000 --changes 20 --etcd --raw
 //!
+//! `--hold S` keeps the daemon up for S seconds after the health flood and
+//! prints its pid: where the memory of a connected fleet goes can be read
+//! then (`heaptrack` on the daemon, `gdb` on the pid).
+//!
 //! Prints one JSON object per line, then a table. Not part of the timed
 //! test suite: a small-N smoke run of it is (it must not rot).
 
@@ -48,6 +52,9 @@ struct Options {
     store_etcd: bool,
     /// Agents (and etcd watchers) per TCP connection.
     per_connection: usize,
+    /// Seconds to keep the daemon up after the health flood, its pid
+    /// printed, so that its heap can be looked at (heaptrack, gdb).
+    hold_secs: u64,
 }
 
 fn options() -> Options {
@@ -59,8 +66,9 @@ fn options() -> Options {
         raw: false,
         store_etcd: false,
         per_connection: 1,
+        hold_secs: 0,
     };
-    let usage = "use --agents N --changes M [--health-reports K] [--streams-per-connection S] [--etcd] [--raw] [--store-etcd]";
+    let usage = "use --agents N --changes M [--health-reports K] [--streams-per-connection S] [--etcd] [--raw] [--store-etcd] [--hold SECONDS]";
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--etcd" {
@@ -81,6 +89,7 @@ fn options() -> Options {
             ("--changes", Some(n)) if n > 0 => o.changes = n,
             ("--health-reports", Some(n)) => o.health_reports = n,
             ("--streams-per-connection", Some(n)) if n > 0 => o.per_connection = n,
+            ("--hold", Some(n)) => o.hold_secs = n as u64,
             (other, _) => {
                 eprintln!("fanout: unknown, incomplete or zero argument {other:?}; {usage}");
                 std::process::exit(2);
@@ -493,6 +502,14 @@ async fn run(o: Options) {
         }
     }
     let rss_health = rss_kib(daemon.pid());
+    if o.hold_secs > 0 {
+        eprintln!(
+            "fanout: holding duofleetd (pid {}) for {} s after the health flood",
+            daemon.pid(),
+            o.hold_secs
+        );
+        tokio::time::sleep(Duration::from_secs(o.hold_secs)).await;
+    }
     let per_agent_health_kib = rss_health.saturating_sub(rss_before) as f64 / n as f64;
     println!(
         r#"{{"metric":"rss_per_agent_kib_with_health","agents":{n},"value":{per_agent_health_kib:.1}}}"#
