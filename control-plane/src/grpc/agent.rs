@@ -11,7 +11,8 @@
 //! connection's task (`serve`), with no task or channel of its own: memory
 //! per agent is its state and a reference to the last configuration sent.
 
-use super::serve::{CONNECT_PATH, poll_room, rpc_span};
+use super::http2::StreamIo;
+use super::serve::{CONNECT_PATH, rpc_span};
 use super::{AgentIdentity, Authenticate, status};
 use crate::agent_input;
 use crate::ca::CertAuthority;
@@ -25,8 +26,6 @@ use crate::store::Store;
 use bytes::{Buf, Bytes, BytesMut};
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::{AckResult, AgentMessage, Hello};
-use h2::server::SendResponse;
-use h2::{RecvStream, SendStream};
 use prost::Message as _;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -78,16 +77,16 @@ impl AgentApi {
     /// last frame, polled by its connection's task (`serve`).
     pub(super) async fn session(
         self: Arc<Self>,
-        request: http::Request<RecvStream>,
-        mut respond: SendResponse<Bytes>,
+        request: http::Request<()>,
+        stream: StreamIo,
         extensions: Extensions,
     ) {
         let span = rpc_span(CONNECT_PATH);
-        let (parts, recv) = request.into_parts();
+        let (parts, ()) = request.into_parts();
         let request = Request::from_parts(MetadataMap::from_headers(parts.headers), extensions, ());
         // Boxed: what opening holds (the request, the Hello's timer) is
         // freed once the session runs, instead of sizing every session.
-        let opened = Box::pin(self.open(request, Inbound::new(recv)).instrument(span)).await;
+        let opened = Box::pin(self.open(request, &stream).instrument(span)).await;
         let live = match opened {
             Ok(live) => live,
             Err(status) => {
@@ -96,23 +95,23 @@ impl AgentApi {
                     .metrics
                     .rpc(CONNECT_PATH, status.code() as i32);
                 let (parts, ()) = status.into_http::<()>().into_parts();
-                let _ = respond.send_response(http::Response::from_parts(parts, ()), true);
+                stream.send_response(parts, true);
                 return;
             }
         };
         self.registry.metrics.rpc(CONNECT_PATH, 0);
-        let head = http::Response::builder()
+        let (head, ()) = http::Response::builder()
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .body(())
-            .expect("a static header");
-        if let Ok(send) = respond.send_response(head, false) {
-            live.run(send).await;
-        }
+            .expect("a static header")
+            .into_parts();
+        stream.send_response(head, false);
+        live.run(stream).await;
     }
 
     /// Authenticates the stream and takes in its Hello: the session, or
     /// the status that refuses it.
-    async fn open(&self, request: Request<()>, mut inbound: Inbound) -> Result<Live, Status> {
+    async fn open(&self, request: Request<()>, stream: &StreamIo) -> Result<Live, Status> {
         if *self.shutdown.borrow() {
             // Shutting down: come back later, without waiting for a Hello.
             let peer = request.remote_addr().map(|a| a.to_string());
@@ -128,7 +127,8 @@ impl AgentApi {
             )));
         }
         let identity = request.extensions().get::<AgentIdentity>().cloned();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        let mut inbound = Inbound::default();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message(stream))
             .await
             .map_err(|_| Status::deadline_exceeded("no Hello within 30 s of connecting"))??;
         let hello = match first.and_then(|m| m.message) {
@@ -184,10 +184,12 @@ impl AgentApi {
 }
 
 /// The agent's side of the stream: gRPC messages (a flag byte, a 4-byte
-/// length, the protobuf) read off h2, each released to the agent's flow
-/// window as it arrives.
+/// length, the protobuf), each given back to the agent's flow window as it
+/// is read.
+#[derive(Default)]
 struct Inbound {
-    recv: RecvStream,
+    /// What has arrived of the next message; held only while it holds
+    /// something.
     buf: BytesMut,
 }
 
@@ -195,25 +197,18 @@ struct Inbound {
 const HEADER_BYTES: usize = 5;
 
 impl Inbound {
-    fn new(recv: RecvStream) -> Inbound {
-        Inbound {
-            recv,
-            buf: Default::default(),
-        }
-    }
-
     /// The next message, or None when the agent ends its side. Cancel
     /// safe: what has been read stays in the buffer.
-    async fn message(&mut self) -> Result<Option<AgentMessage>, Status> {
+    async fn message(&mut self, stream: &StreamIo) -> Result<Option<AgentMessage>, Status> {
         loop {
             if let Some(message) = decode(&mut self.buf)? {
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
                 return Ok(Some(message));
             }
-            match self.recv.data().await {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.buf.extend_from_slice(&data);
-                }
+            match poll_fn(|cx| stream.poll_data(cx)).await {
+                Some(Ok(data)) => self.buf.extend_from_slice(&data),
                 Some(Err(error)) => return Err(Status::cancelled(error.to_string())),
                 None if self.buf.is_empty() => return Ok(None),
                 None => {
@@ -391,25 +386,21 @@ impl Live {
         }
     }
 
-    /// Sends the agent what it needs, one message at a time as it makes
-    /// room, until the session ends; then the trailers.
-    async fn run(mut self, mut send: SendStream<Bytes>) {
+    /// Sends the agent what it needs, one message at a time as the
+    /// connection takes them, until the session ends; then the trailers.
+    async fn run(mut self, stream: StreamIo) {
         loop {
-            if poll_fn(|cx| poll_room(&mut send, cx)).await.is_err() {
+            if poll_fn(|cx| stream.poll_room(cx)).await.is_err() {
                 return;
             }
-            match self.next().await {
-                Some(Ok(message)) => {
-                    if send.send_data(message, false).is_err() {
-                        return;
-                    }
-                }
+            match self.next(&stream).await {
+                Some(Ok(message)) => stream.send_data(message, false),
                 Some(Err(status)) => {
-                    let _ = send.send_trailers(trailers(Some(status)));
+                    stream.send_trailers(trailers(Some(status)));
                     return;
                 }
                 None => {
-                    let _ = send.send_trailers(trailers(None));
+                    stream.send_trailers(trailers(None));
                     return;
                 }
             }
@@ -418,7 +409,7 @@ impl Live {
 
     /// The next item of the agent's stream: a message to send, the
     /// status that ends the stream, or None when it ends quietly.
-    async fn next(&mut self) -> Option<Result<Bytes, Status>> {
+    async fn next(&mut self, stream: &StreamIo) -> Option<Result<Bytes, Status>> {
         if self.ended {
             return None;
         }
@@ -448,7 +439,7 @@ impl Live {
                     self.labels = labels;
                     self.changed()
                 }
-                message = self.inbound.message() => match message {
+                message = self.inbound.message(stream) => match message {
                     Ok(Some(message)) => {
                         if let Err(error) = agent_input::message(&message) {
                             tracing::warn!(instance = %self.session.instance_id, %error, "agent message refused");

@@ -8,6 +8,7 @@ mod config;
 mod enroll;
 mod fleet;
 mod history;
+mod http2;
 mod models;
 mod profiles;
 mod rollouts;

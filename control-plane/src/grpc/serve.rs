@@ -1,26 +1,19 @@
-//! The gRPC port's HTTP/2 server, on `h2` directly.
+//! The gRPC port's server: connections accepted (and TLS), each served
+//! by one task with this crate's HTTP/2 (`http2`).
 //!
 //! An agent's stream (AgentService.Connect) is served inside its
 //! connection's task: a new configuration wakes that one task, which
-//! queues the shared bytes as a DATA frame and writes them, and the ack
-//! that comes back is read and handled by the same task. Every other call
-//! goes to tonic's routes in a task of its own, as hyper would run it.
-//!
-//! Under tonic's own server each agent stream took two tasks (hyper's
-//! stream task and the connection's), five body wrappers, tonic's codec
-//! and hyper's keepalive bookkeeping on every frame. Without them the
-//! daemon spends 10 to 25 % less CPU per change at 10,000 agents (the
-//! README's benchmark).
+//! writes the shared bytes as a DATA frame, and the ack that comes back is
+//! read and handled by the same task. Every other call goes to tonic's
+//! routes in a task of its own, as hyper would run it.
 
 use super::agent::AgentApi;
-use super::wake::{Source, Wakes};
+use super::http2::{self, Reset, StreamIo};
 use crate::admission::Admitted;
 use crate::metrics::RpcMetrics;
 use crate::server::wait_for;
 use bytes::Bytes;
 use futures_util::stream::{Stream, StreamExt};
-use h2::server::SendResponse;
-use h2::{Ping, PingPong, RecvStream, SendStream};
 use http_body::Body as _;
 use std::future::{Future, poll_fn};
 use std::io;
@@ -31,7 +24,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, Sleep};
 use tonic::codegen::http::{self, Extensions};
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
@@ -44,16 +36,13 @@ pub const CONNECT_PATH: &str = "/duofleet.v1.AgentService/Connect";
 /// The largest header block a client may send: gRPC metadata is small.
 const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
-/// How many times a connection's task goes round (sessions, then the
-/// socket) in one turn before it yields to other connections.
-const TURNS_PER_POLL: usize = 16;
-
 pub struct Settings {
     pub max_streams_per_connection: u32,
     /// What a peer may send on a stream ahead of what has been read; the
     /// connection's window is twice it.
     pub flow_window: u32,
-    /// Ping interval, and how long a ping may go unanswered.
+    /// A ping when the peer has sent nothing for this long, and how long
+    /// it may go unanswered.
     pub keepalive: Duration,
 }
 
@@ -63,7 +52,7 @@ pub struct GrpcServer {
     routes: RpcMetrics<Routes>,
     agents: Arc<AgentApi>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    settings: Settings,
+    settings: http2::Settings,
     shutdown: watch::Receiver<bool>,
     streams: Arc<AtomicUsize>,
 }
@@ -126,7 +115,12 @@ impl GrpcServer {
             routes,
             agents,
             tls,
-            settings,
+            settings: http2::Settings {
+                max_streams: settings.max_streams_per_connection,
+                flow_window: settings.flow_window,
+                keepalive: settings.keepalive,
+                max_header_list: MAX_HEADER_LIST_BYTES,
+            },
             shutdown,
             streams: Arc::default(),
         }
@@ -193,97 +187,20 @@ impl GrpcServer {
     }
 
     /// One connection: its agent sessions, the socket and its keepalive,
-    /// all polled by this one task.
+    /// all served by this one task.
     async fn drive<T>(&self, io: T, info: ConnectInfo)
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
-        let settings = &self.settings;
-        let handshake = h2::server::Builder::new()
-            .initial_window_size(settings.flow_window)
-            .initial_connection_window_size(2 * settings.flow_window)
-            .max_concurrent_streams(settings.max_streams_per_connection)
-            .max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .handshake::<_, Bytes>(io);
-        let mut conn = match Box::pin(handshake).await {
-            Ok(conn) => conn,
-            Err(error) => {
-                tracing::debug!(peer = ?info.peer(), %error, "HTTP/2 handshake failed");
-                return;
-            }
-        };
-        let mut keepalive = conn
-            .ping_pong()
-            .map(|ping| Keepalive::new(ping, settings.keepalive));
-        let wakes = Arc::new(Wakes::default());
-        let socket = Source::new(&wakes);
-        let timer = Source::new(&wakes);
-        let stop = Source::new(&wakes);
-        let mut sessions: Vec<(BoxFuture<'static>, Source)> = Vec::new();
-        // Polled when it wakes `stop`: once to register, then at shutdown.
-        let mut shutdown = Some(Box::pin(wait_for(self.shutdown.clone())));
-        let ended = poll_fn(|cx| {
-            wakes.task.register(cx.waker());
-            wakes.running.store(true, Ordering::SeqCst);
-            for _ in 0..TURNS_PER_POLL {
-                wakes.any.store(false, Ordering::SeqCst);
-                if let Some(stopped) = &mut shutdown
-                    && stop.take()
-                    && stopped.as_mut().poll(&mut stop.context()).is_ready()
-                {
-                    shutdown = None;
-                    conn.graceful_shutdown();
-                    socket.again();
-                }
-                if let Some(keepalive) = &mut keepalive
-                    && timer.take()
-                    && keepalive.poll_dead(&mut timer.context()).is_ready()
-                {
-                    return Poll::Ready(Err("no answer to a keepalive ping"));
-                }
-                // Sessions first: what they queue is written below.
-                sessions.retain_mut(|(session, source)| {
-                    !source.take() || session.as_mut().poll(&mut source.context()).is_pending()
-                });
-                // Once per turn: a socket out of tokio's budget wakes at
-                // once, and the turns bound how often it is polled before
-                // this task yields.
-                if socket.take() {
-                    let cx = &mut socket.context();
-                    while let Poll::Ready(stream) = conn.poll_accept(cx) {
-                        match stream {
-                            Some(Ok((request, respond))) => {
-                                if let Some(session) = self.dispatch(request, respond, &info) {
-                                    let source = Source::new(&wakes);
-                                    wakes.any.store(true, Ordering::SeqCst);
-                                    sessions.push((session, source));
-                                }
-                            }
-                            Some(Err(error)) => {
-                                tracing::debug!(%error, "HTTP/2 connection failed");
-                                return Poll::Ready(Ok(()));
-                            }
-                            None => return Poll::Ready(Ok(())),
-                        }
-                    }
-                }
-                if !wakes.any.load(Ordering::SeqCst) {
-                    wakes.running.store(false, Ordering::SeqCst);
-                    // Anything woken after the look above, while this task
-                    // was still running, did not wake it: look again.
-                    if !wakes.any.load(Ordering::SeqCst) {
-                        return Poll::Pending;
-                    }
-                    wakes.running.store(true, Ordering::SeqCst);
-                }
-            }
-            wakes.running.store(false, Ordering::SeqCst);
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        })
+        let ended = http2::serve(
+            io,
+            &self.settings,
+            wait_for(self.shutdown.clone()),
+            |request, stream| self.dispatch(request, stream, &info),
+        )
         .await;
-        if let Err(why) = ended {
-            tracing::debug!(peer = ?info.peer(), why, "closing the connection");
+        if let Err(error) = ended {
+            tracing::debug!(peer = ?info.peer(), %error, "closing the connection");
         }
     }
 
@@ -291,8 +208,8 @@ impl GrpcServer {
     /// call runs in a task of its own.
     fn dispatch(
         &self,
-        request: http::Request<RecvStream>,
-        respond: SendResponse<Bytes>,
+        request: http::Request<()>,
+        stream: StreamIo,
         info: &ConnectInfo,
     ) -> Option<BoxFuture<'static>> {
         let open = Open::new(&self.streams);
@@ -300,13 +217,13 @@ impl GrpcServer {
             let session = self
                 .agents
                 .clone()
-                .session(request, respond, info.extensions());
+                .session(request, stream, info.extensions());
             return Some(Box::pin(async move {
                 session.await;
                 drop(open);
             }));
         }
-        let call = call(self.routes.clone(), request, respond, info.extensions());
+        let call = call(self.routes.clone(), request, stream, info.extensions());
         tokio::spawn(async move {
             call.await;
             drop(open);
@@ -315,18 +232,19 @@ impl GrpcServer {
     }
 }
 
-/// One call to tonic's routes: the request's body read from h2, the
-/// response written to it, and the call dropped if the client cancels.
+/// One call to tonic's routes: the request's body read from the stream,
+/// the response written to it, and the call dropped if the client cancels.
 async fn call(
     mut routes: RpcMetrics<Routes>,
-    request: http::Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    request: http::Request<()>,
+    stream: StreamIo,
     extensions: Extensions,
 ) {
     let span = rpc_span(request.uri().path());
-    let (mut parts, recv) = request.into_parts();
+    let stream = Arc::new(stream);
+    let (mut parts, ()) = request.into_parts();
     parts.extensions.extend(extensions);
-    let request = http::Request::from_parts(parts, RecvBody::new(recv));
+    let request = http::Request::from_parts(parts, RecvBody::new(stream.clone()));
     let handled = async {
         let ready = poll_fn(|cx| Service::<http::Request<RecvBody>>::poll_ready(&mut routes, cx));
         if ready.await.is_err() {
@@ -334,7 +252,7 @@ async fn call(
         }
         let mut response = pin!(routes.call(request));
         poll_fn(|cx| {
-            if respond.poll_reset(cx).is_ready() {
+            if stream.poll_reset(cx).is_ready() {
                 return Poll::Ready(None);
             }
             response.as_mut().poll(cx).map(Result::ok)
@@ -348,11 +266,9 @@ async fn call(
     };
     let (parts, body) = response.into_parts();
     let end = http_body::Body::is_end_stream(&body);
-    let Ok(send) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
-        return;
-    };
+    stream.send_response(parts, end);
     if !end {
-        pipe(body, send).await;
+        pipe(body, &stream).await;
     }
 }
 
@@ -361,13 +277,13 @@ pub(super) fn rpc_span(path: &str) -> tracing::Span {
     tracing::info_span!("rpc", otel.name = %path, rpc.system = "grpc")
 }
 
-/// Writes a response body to its stream, a frame at a time as the peer
-/// makes room, until it ends or the peer cancels.
-async fn pipe(body: tonic::body::Body, mut send: SendStream<Bytes>) {
+/// Writes a response body to its stream, a frame at a time as the
+/// connection takes them, until it ends or the peer cancels.
+async fn pipe(body: tonic::body::Body, stream: &StreamIo) {
     let mut body = pin!(body);
     loop {
         let next = poll_fn(|cx| {
-            if ready!(poll_room(&mut send, cx)).is_err() {
+            if ready!(stream.poll_room(cx)).is_err() {
                 return Poll::Ready(None);
             }
             body.as_mut().poll_frame(cx).map(Some)
@@ -376,12 +292,12 @@ async fn pipe(body: tonic::body::Body, mut send: SendStream<Bytes>) {
         let frame = match next {
             None => return,
             Some(None) => {
-                let _ = send.send_data(Bytes::new(), true);
+                stream.send_data(Bytes::new(), true);
                 return;
             }
             Some(Some(Err(error))) => {
+                // The stream is reset when this lets go of it unfinished.
                 tracing::debug!(%error, "a response body failed");
-                send.send_reset(h2::Reason::INTERNAL_ERROR);
                 return;
             }
             Some(Some(Ok(frame))) => frame,
@@ -389,13 +305,14 @@ async fn pipe(body: tonic::body::Body, mut send: SendStream<Bytes>) {
         match frame.into_data() {
             Ok(data) => {
                 let end = http_body::Body::is_end_stream(&*body);
-                if send.send_data(data, end).is_err() || end {
+                stream.send_data(data, end);
+                if end {
                     return;
                 }
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
-                    let _ = send.send_trailers(trailers);
+                    stream.send_trailers(trailers);
                 }
                 return;
             }
@@ -403,114 +320,45 @@ async fn pipe(body: tonic::body::Body, mut send: SendStream<Bytes>) {
     }
 }
 
-/// Ready once the stream may take more data (what was queued has gone
-/// out), or with an error once the peer reset it. Like hyper: one byte is
-/// asked for, and a whole message is queued on any room.
-pub(super) fn poll_room(
-    send: &mut SendStream<Bytes>,
-    cx: &mut Context<'_>,
-) -> Poll<Result<(), ()>> {
-    if send.poll_reset(cx).is_ready() {
-        return Poll::Ready(Err(()));
-    }
-    send.reserve_capacity(1);
-    while send.capacity() == 0 {
-        match ready!(send.poll_capacity(cx)) {
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => return Poll::Ready(Err(())),
-        }
-    }
-    Poll::Ready(Ok(()))
-}
-
-/// A request's body as tonic reads it; what is read is released to the
-/// peer's flow-control window at once.
+/// A request's body as tonic reads it; what is read is given back to the
+/// peer's flow-control window.
 struct RecvBody {
-    recv: RecvStream,
-    data_done: bool,
+    stream: Arc<StreamIo>,
+    done: bool,
 }
 
 impl RecvBody {
-    fn new(recv: RecvStream) -> RecvBody {
+    fn new(stream: Arc<StreamIo>) -> RecvBody {
         RecvBody {
-            recv,
-            data_done: false,
+            stream,
+            done: false,
         }
     }
 }
 
 impl http_body::Body for RecvBody {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = Reset;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Reset>>> {
         let this = self.get_mut();
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
-                }
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => this.data_done = true,
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match ready!(this.stream.poll_data(cx)) {
+            Some(Ok(data)) => Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+            Some(Err(reset)) => Poll::Ready(Some(Err(reset))),
+            None => {
+                this.done = true;
+                Poll::Ready(None)
             }
         }
-        this.recv.poll_trailers(cx).map(|trailers| {
-            trailers
-                .transpose()
-                .map(|t| t.map(http_body::Frame::trailers))
-        })
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-}
-
-/// HTTP/2 keepalive: a ping every interval, and the connection is dead if
-/// one goes unanswered for as long again.
-struct Keepalive {
-    ping: PingPong,
-    every: Duration,
-    timer: Pin<Box<Sleep>>,
-    awaiting_pong: bool,
-}
-
-impl Keepalive {
-    fn new(ping: PingPong, every: Duration) -> Keepalive {
-        Keepalive {
-            ping,
-            every,
-            timer: Box::pin(tokio::time::sleep(every)),
-            awaiting_pong: false,
-        }
-    }
-
-    fn poll_dead(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.awaiting_pong {
-            match self.ping.poll_pong(cx) {
-                Poll::Ready(Ok(_)) => {
-                    self.awaiting_pong = false;
-                    self.timer.as_mut().reset(Instant::now() + self.every);
-                }
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Pending => {}
-            }
-        }
-        while self.timer.as_mut().poll(cx).is_ready() {
-            if self.awaiting_pong || self.ping.send_ping(Ping::opaque()).is_err() {
-                return Poll::Ready(());
-            }
-            self.awaiting_pong = true;
-            self.timer.as_mut().reset(Instant::now() + self.every);
-            // Registers for the pong.
-            if self.ping.poll_pong(cx).is_ready() {
-                self.awaiting_pong = false;
-            }
-        }
-        Poll::Pending
+        self.done || self.stream.is_end_stream()
     }
 }

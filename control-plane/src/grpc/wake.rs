@@ -74,4 +74,8 @@ impl Source {
     pub(super) fn context(&self) -> Context<'_> {
         Context::from_waker(&self.waker)
     }
+
+    pub(super) fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
 }
