@@ -27,9 +27,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::{AckResult, AgentMessage, Hello};
 use prost::Message as _;
-use std::future::{Future, poll_fn};
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -178,7 +178,6 @@ impl AgentApi {
             session,
             &hello,
             inbound,
-            self.shutdown.clone(),
         ))
     }
 }
@@ -188,9 +187,10 @@ impl AgentApi {
 /// is read.
 #[derive(Default)]
 struct Inbound {
-    /// What has arrived of the next message; held only while it holds
-    /// something.
-    buf: BytesMut,
+    /// What has arrived and is not decoded yet: the DATA that brought it
+    /// when that holds whole messages (the usual case, with no copy), or
+    /// the pieces of one joined.
+    buf: Bytes,
 }
 
 /// The gRPC message header: the compressed flag and the length.
@@ -202,13 +202,16 @@ impl Inbound {
     async fn message(&mut self, stream: &StreamIo) -> Result<Option<AgentMessage>, Status> {
         loop {
             if let Some(message) = decode(&mut self.buf)? {
-                if self.buf.is_empty() {
-                    self.buf = BytesMut::new();
-                }
                 return Ok(Some(message));
             }
             match poll_fn(|cx| stream.poll_data(cx)).await {
-                Some(Ok(data)) => self.buf.extend_from_slice(&data),
+                Some(Ok(data)) if self.buf.is_empty() => self.buf = data,
+                Some(Ok(data)) => {
+                    let mut joined = BytesMut::with_capacity(self.buf.len() + data.len());
+                    joined.extend_from_slice(&self.buf);
+                    joined.extend_from_slice(&data);
+                    self.buf = joined.freeze();
+                }
                 Some(Err(error)) => return Err(Status::cancelled(error.to_string())),
                 None if self.buf.is_empty() => return Ok(None),
                 None => {
@@ -223,7 +226,7 @@ impl Inbound {
 
 /// The first whole message in `buf`, taken out of it; None until one has
 /// arrived.
-fn decode(buf: &mut BytesMut) -> Result<Option<AgentMessage>, Status> {
+fn decode(buf: &mut Bytes) -> Result<Option<AgentMessage>, Status> {
     let Some(header) = buf.get(..HEADER_BYTES) else {
         return Ok(None);
     };
@@ -240,7 +243,6 @@ fn decode(buf: &mut BytesMut) -> Result<Option<AgentMessage>, Status> {
         )));
     }
     let Some(body) = buf.get(HEADER_BYTES..HEADER_BYTES + len) else {
-        buf.reserve(HEADER_BYTES + len - buf.len());
         return Ok(None);
     };
     let message = AgentMessage::decode(body).map_err(|e| {
@@ -328,7 +330,6 @@ struct Live {
     last: Arc<Prepared>,
     /// To send first: the agent is behind.
     first: Option<Arc<Prepared>>,
-    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
     ended: bool,
     /// Ended because the daemon is shutting down: the fleet's sessions all
     /// end at once, and the shutdown log says how many.
@@ -342,7 +343,6 @@ impl Live {
         mut session: Session,
         hello: &Hello,
         inbound: Inbound,
-        shutdown: watch::Receiver<bool>,
     ) -> Live {
         let mut epoch = shared.rollouts.subscribe_epoch();
         epoch.borrow_and_update();
@@ -380,7 +380,6 @@ impl Live {
             relabels,
             labels,
             last,
-            stopped: Box::pin(crate::server::wait_for(shutdown)),
             ended: false,
             restarting: false,
         }
@@ -418,6 +417,25 @@ impl Live {
         }
         loop {
             let changed = tokio::select! {
+                // In order: a fleet's sessions are polled on every change,
+                // and drawing a random start costs more than fairness buys
+                // among six mostly idle sources.
+                biased;
+                message = self.inbound.message(stream) => match message {
+                    Ok(Some(message)) => {
+                        if let Err(error) = agent_input::message(&message) {
+                            tracing::warn!(instance = %self.session.instance_id, %error, "agent message refused");
+                            return self.end(Some(status(error.into())));
+                        }
+                        self.handle(message);
+                        None
+                    }
+                    Ok(None) => return self.end(None),
+                    Err(error) => {
+                        tracing::info!(instance = %self.session.instance_id, %error, "agent stream failed");
+                        return self.end(None);
+                    }
+                },
                 config = self.configs.next() => {
                     if config.is_none() {
                         return self.end(None);
@@ -439,26 +457,13 @@ impl Live {
                     self.labels = labels;
                     self.changed()
                 }
-                message = self.inbound.message(stream) => match message {
-                    Ok(Some(message)) => {
-                        if let Err(error) = agent_input::message(&message) {
-                            tracing::warn!(instance = %self.session.instance_id, %error, "agent message refused");
-                            return self.end(Some(status(error.into())));
-                        }
-                        self.handle(message);
-                        None
-                    }
-                    Ok(None) => return self.end(None),
-                    Err(error) => {
-                        tracing::info!(instance = %self.session.instance_id, %error, "agent stream failed");
-                        return self.end(None);
-                    }
-                },
                 _ = &mut self.session.kicked => {
                     tracing::info!(instance = %self.session.instance_id, "session replaced or instance deleted");
                     return self.end(Some(Status::aborted("this instance connected again or was deleted")));
                 }
-                _ = &mut self.stopped => {
+                // The connection polls its sessions again once it has set
+                // this (at shutdown): no wake-up to register.
+                () = poll_fn(|_| if stream.stopping() { Poll::Ready(()) } else { Poll::Pending }) => {
                     let connected = self.shared.registry.connected();
                     self.restarting = true;
                     return self.end(Some(restarting(&self.session.instance_id, connected)));
@@ -571,10 +576,12 @@ mod tests {
         let mut wire = framed(&ack(7));
         wire.extend(framed(&ack(8)));
         // A byte at a time: nothing until the first message is whole.
-        let mut buf = BytesMut::new();
+        let mut buf = Bytes::new();
         let mut got = Vec::new();
         for byte in &wire {
-            buf.extend_from_slice(&[*byte]);
+            let mut joined = buf.to_vec();
+            joined.push(*byte);
+            buf = Bytes::from(joined);
             while let Some(message) = decode(&mut buf).unwrap() {
                 got.push(message);
             }
@@ -582,7 +589,7 @@ mod tests {
         assert_eq!(got, vec![ack(7), ack(8)]);
         assert!(buf.is_empty());
         // Both in one chunk.
-        let mut buf = BytesMut::from(&wire[..]);
+        let mut buf = Bytes::copy_from_slice(&wire[..]);
         assert_eq!(decode(&mut buf).unwrap(), Some(ack(7)));
         assert_eq!(decode(&mut buf).unwrap(), Some(ack(8)));
         assert_eq!(decode(&mut buf).unwrap(), None);
@@ -593,7 +600,7 @@ mod tests {
         let too_big = (agent_input::DECODE_MAX_BYTES + 1) as u32;
         let mut header = vec![0u8];
         header.extend_from_slice(&too_big.to_be_bytes());
-        let refused = decode(&mut BytesMut::from(&header[..])).unwrap_err();
+        let refused = decode(&mut Bytes::copy_from_slice(&header[..])).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         assert!(
             refused.message().contains("over the limit of"),
@@ -602,11 +609,11 @@ mod tests {
 
         let mut compressed = framed(&ack(1));
         compressed[0] = 1;
-        let refused = decode(&mut BytesMut::from(&compressed[..])).unwrap_err();
+        let refused = decode(&mut Bytes::copy_from_slice(&compressed[..])).unwrap_err();
         assert!(refused.message().contains("compressed"), "{refused:?}");
 
         let garbled = [0, 0, 0, 0, 2, 0xff, 0xff];
-        let refused = decode(&mut BytesMut::from(&garbled[..])).unwrap_err();
+        let refused = decode(&mut Bytes::copy_from_slice(&garbled[..])).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         assert!(
             refused

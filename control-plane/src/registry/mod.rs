@@ -349,7 +349,9 @@ impl Registry {
     /// changes what an instance gets without a new revision).
     pub fn set_desired(&self, session: &Session, profile: &str, desired_revision: u64, sent: bool) {
         self.with_session(session, None, |entry| {
-            entry.instance.profile = profile.to_string();
+            if entry.instance.profile != profile {
+                entry.instance.profile = profile.to_string();
+            }
             entry.instance.desired_revision = desired_revision;
             if sent {
                 entry.awaiting_ack = true;

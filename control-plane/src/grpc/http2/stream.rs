@@ -83,6 +83,8 @@ pub(super) struct Shared {
     pub(super) connection: Option<Waker>,
     /// The handler let go of the stream.
     pub(super) dropped: bool,
+    /// The daemon is shutting down (see `stopping`).
+    pub(super) stop: bool,
 }
 
 impl Shared {
@@ -142,20 +144,28 @@ impl StreamIo {
         Poll::Pending
     }
 
+    /// The daemon is shutting down: the connection sets this on an agent
+    /// session's stream and polls the session again.
+    pub fn stopping(&self) -> bool {
+        self.lock().stop
+    }
+
     pub fn is_end_stream(&self) -> bool {
         let shared = self.lock();
         shared.end && shared.data.is_empty()
     }
 
-    /// Ready once what was queued has been handed to the connection (so
-    /// one more message may be queued), or with the reset that ended the
-    /// stream.
+    /// Ready while the connection has taken all but the last message
+    /// queued (so one more may be queued), or with the reset that ended
+    /// the stream. One may wait while the next is built: a handler that
+    /// queues a message is not stopped and woken again for each one that
+    /// the connection writes at once.
     pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Reset>> {
         let mut shared = self.lock();
         if let Some(reason) = shared.reset {
             return Poll::Ready(Err(Reset(reason)));
         }
-        if shared.out.is_empty() {
+        if shared.out.len() < 2 {
             return Poll::Ready(Ok(()));
         }
         shared.writer = Some(cx.waker().clone());
