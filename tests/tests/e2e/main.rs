@@ -15,6 +15,7 @@ mod health;
 mod helm;
 mod history;
 mod hostile;
+mod http2;
 mod metrics;
 mod otlp;
 mod readme;
