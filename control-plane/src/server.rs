@@ -161,9 +161,10 @@ pub struct Args {
     #[arg(long, env = "DUOFLEET_PREVIOUS_SECRET_KEY_FILE")]
     pub previous_secret_key_file: Option<PathBuf>,
 
-    /// HTTP/2 keepalive ping interval in milliseconds; a peer that does not
-    /// answer within the same time again is dropped (an agent then shows
-    /// OFFLINE). The default finds a dead agent within 40 s.
+    /// HTTP/2 keepalive in milliseconds: a connection that has sent
+    /// nothing for this long is pinged, and dropped when it sends nothing
+    /// for as long again (an agent then shows OFFLINE). The default finds a
+    /// dead agent within 40 s; a busy connection is not pinged.
     #[arg(
         long,
         env = "DUOFLEET_KEEPALIVE_MS",

@@ -13,6 +13,7 @@
 
 use super::http2::StreamIo;
 use super::serve::{CONNECT_PATH, rpc_span};
+use super::wake::{Bell, Ring};
 use super::{AgentIdentity, Authenticate, status};
 use crate::agent_input;
 use crate::ca::CertAuthority;
@@ -48,6 +49,9 @@ pub struct AgentApi {
     rollouts: Arc<Rollouts>,
     ca: Arc<CertAuthority>,
     fanout: Arc<Fanout>,
+    /// Rung when the configuration or a rollout's epoch changes: every
+    /// session looks whether what it sends changed.
+    changes: Arc<Bell>,
     shutdown: watch::Receiver<bool>,
     /// The agent interceptor: a client certificate, or the enroll token.
     authenticate: Authenticate,
@@ -62,12 +66,19 @@ impl AgentApi {
         shutdown: watch::Receiver<bool>,
         authenticate: Authenticate,
     ) -> Self {
+        let changes = Arc::new(Bell::default());
+        tokio::spawn(ring_on_changes(
+            store.subscribe(),
+            rollouts.subscribe_epoch(),
+            changes.clone(),
+        ));
         AgentApi {
             store,
             registry,
             rollouts,
             ca,
             fanout: Arc::default(),
+            changes,
             shutdown,
             authenticate,
         }
@@ -174,6 +185,7 @@ impl AgentApi {
                 registry: self.registry.clone(),
                 rollouts: self.rollouts.clone(),
                 fanout: self.fanout.clone(),
+                changes: self.changes.clone(),
             },
             session,
             &hello,
@@ -196,13 +208,27 @@ struct Inbound {
 /// The gRPC message header: the compressed flag and the length.
 const HEADER_BYTES: usize = 5;
 
+/// Under this, the start of a message that waits for its rest is copied
+/// out of the connection's read buffer rather than keeping all of it.
+const READ_SHARE_BYTES: usize = 4 * 1024;
+
 impl Inbound {
     /// The next message, or None when the agent ends its side. Cancel
     /// safe: what has been read stays in the buffer.
     async fn message(&mut self, stream: &StreamIo) -> Result<Option<AgentMessage>, Status> {
         loop {
             if let Some(message) = decode(&mut self.buf)? {
+                if self.buf.is_empty() {
+                    // An empty slice still holds the read buffer it came
+                    // from: let go of it.
+                    self.buf = Bytes::new();
+                }
                 return Ok(Some(message));
+            }
+            if !self.buf.is_empty() && self.buf.len() < READ_SHARE_BYTES {
+                // Part of a message, waiting for the rest: a copy, not a
+                // hold on the whole read buffer it arrived in.
+                self.buf = Bytes::copy_from_slice(&self.buf);
             }
             match poll_fn(|cx| stream.poll_data(cx)).await {
                 Some(Ok(data)) if self.buf.is_empty() => self.buf = data,
@@ -302,11 +328,31 @@ fn restarting(instance_id: &str, connected: usize) -> Status {
     status
 }
 
+/// Rings `bell` whenever the configuration or the rollouts' epoch
+/// changes, until either is gone.
+async fn ring_on_changes(
+    mut configs: watch::Receiver<Arc<Config>>,
+    mut epoch: watch::Receiver<u64>,
+    bell: Arc<Bell>,
+) {
+    loop {
+        let changed = tokio::select! {
+            changed = configs.changed() => changed,
+            changed = epoch.changed() => changed,
+        };
+        if changed.is_err() {
+            return;
+        }
+        bell.ring();
+    }
+}
+
 /// What every session shares.
 struct Shared {
     registry: Arc<Registry>,
     rollouts: Arc<Rollouts>,
     fanout: Arc<Fanout>,
+    changes: Arc<Bell>,
 }
 
 /// One agent's session: follows the configuration, the rollouts and the
@@ -319,11 +365,12 @@ struct Live {
     /// The store's current configuration, read whenever anything changes:
     /// a rollout step may be seen before the revision that goes with it.
     current: watch::Receiver<Arc<Config>>,
-    /// Changes to watch. Streams, so that their wake-ups stay registered
-    /// between messages: each ack does not sign up for three
-    /// notifications again.
-    configs: WatchStream<Arc<Config>>,
-    epoch: WatchStream<u64>,
+    /// The rollouts' epoch: a step released (or held back) instances.
+    epoch: watch::Receiver<u64>,
+    /// This session's place on `Shared::changes`, taken at its first
+    /// poll; the fleet-wide changes wake it through that, and it looks at
+    /// the two versions above.
+    ring: Option<Ring>,
     labels: Labels,
     relabels: WatchStream<Labels>,
     /// The configuration last sent (or that the agent said it has).
@@ -374,9 +421,9 @@ impl Live {
             shared,
             session,
             inbound,
-            current: configs.clone(),
-            configs: WatchStream::from_changes(configs),
-            epoch: WatchStream::from_changes(epoch),
+            current: configs,
+            epoch,
+            ring: None,
             relabels,
             labels,
             last,
@@ -436,15 +483,12 @@ impl Live {
                         return self.end(None);
                     }
                 },
-                config = self.configs.next() => {
-                    if config.is_none() {
-                        return self.end(None);
-                    }
-                    self.changed()
-                }
-                // A rollout released (or held back) this instance.
-                epoch = self.epoch.next() => {
-                    if epoch.is_none() {
+                // A new configuration, or a rollout released (or held
+                // back) this instance.
+                gone = poll_fn(|cx| {
+                    fleet_changed(&mut self.ring, &self.shared.changes, &mut self.current, &mut self.epoch, cx)
+                }) => {
+                    if gone {
                         return self.end(None);
                     }
                     self.changed()
@@ -534,6 +578,31 @@ impl Drop for Live {
         } else {
             tracing::info!(instance = %self.session.instance_id, "agent disconnected");
         }
+    }
+}
+
+/// Ready when the configuration or the rollouts' epoch moved since the
+/// session last looked (true: the daemon is going away). A session is
+/// polled with its stream's waker, always the same: it is registered on
+/// the bell once.
+fn fleet_changed(
+    ring: &mut Option<Ring>,
+    bell: &Arc<Bell>,
+    current: &mut watch::Receiver<Arc<Config>>,
+    epoch: &mut watch::Receiver<u64>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<bool> {
+    if ring.is_none() {
+        *ring = Some(bell.register(cx.waker().clone()));
+    }
+    match (current.has_changed(), epoch.has_changed()) {
+        (Ok(false), Ok(false)) => Poll::Pending,
+        (Ok(_), Ok(_)) => {
+            current.mark_unchanged();
+            epoch.mark_unchanged();
+            Poll::Ready(false)
+        }
+        _ => Poll::Ready(true),
     }
 }
 

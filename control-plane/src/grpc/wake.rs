@@ -6,8 +6,8 @@
 //! arrives wakes its session, not the timer and the other sessions.
 
 use futures_util::task::AtomicWaker;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Wake, Waker};
 
 /// The task's side: its waker, and whether anything was woken. A wake
@@ -77,5 +77,103 @@ impl Source {
 
     pub(super) fn waker(&self) -> Waker {
         self.waker.clone()
+    }
+}
+
+/// Wakers that stay registered: a ring wakes each once, and a woken
+/// waiter is not signed up again for the next (as a `watch`'s waiters are,
+/// one by one, after every change). For what the whole fleet follows,
+/// where a change wakes every session.
+#[derive(Default)]
+pub(super) struct Bell {
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    wakers: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+/// A registration; dropping it signs off.
+pub(super) struct Ring {
+    bell: Arc<Bell>,
+    slot: usize,
+}
+
+impl Bell {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `waker` is woken at every ring until the registration is dropped.
+    pub(super) fn register(self: &Arc<Self>, waker: Waker) -> Ring {
+        let mut slots = self.slots();
+        let slot = match slots.free.pop() {
+            Some(slot) => {
+                slots.wakers[slot] = Some(waker);
+                slot
+            }
+            None => {
+                slots.wakers.push(Some(waker));
+                slots.wakers.len() - 1
+            }
+        };
+        Ring {
+            bell: self.clone(),
+            slot,
+        }
+    }
+
+    pub(super) fn ring(&self) {
+        for waker in self.slots().wakers.iter().flatten() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let mut slots = self.bell.slots();
+        slots.wakers[self.slot] = None;
+        slots.free.push(self.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_ring_wakes_each_registered_waker_until_it_signs_off() {
+        let bell = Arc::new(Bell::default());
+        let counts: Vec<Arc<Count>> = (0..3)
+            .map(|_| Arc::new(Count(AtomicUsize::new(0))))
+            .collect();
+        let mut rings: Vec<Ring> = counts
+            .iter()
+            .map(|c| bell.register(Waker::from(c.clone())))
+            .collect();
+        bell.ring();
+        bell.ring();
+        assert!(counts.iter().all(|c| c.0.load(Ordering::SeqCst) == 2));
+        // The second signs off; a newcomer takes its slot.
+        drop(rings.remove(1));
+        let late = Arc::new(Count(AtomicUsize::new(0)));
+        let _late = bell.register(Waker::from(late.clone()));
+        bell.ring();
+        let woken: Vec<usize> = counts.iter().map(|c| c.0.load(Ordering::SeqCst)).collect();
+        assert_eq!(woken, vec![3, 2, 3]);
+        assert_eq!(late.0.load(Ordering::SeqCst), 1);
+        assert_eq!(bell.slots().wakers.len(), 3);
     }
 }

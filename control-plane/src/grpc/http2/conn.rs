@@ -142,9 +142,10 @@ struct Core<'a> {
     recv_unacked: i64,
     peer_initial_window: i64,
     peer_max_frame: usize,
-    /// A frame arrived since the keepalive timer last fired.
-    heard: bool,
-    awaiting_pong: bool,
+    /// When the peer was last heard from (anything read).
+    last_heard: Instant,
+    /// When this side's unanswered keepalive ping went out.
+    ping_sent: Option<Instant>,
     /// Streams to work on again (a window opened, the write buffer
     /// drained).
     wake_all: bool,
@@ -294,8 +295,8 @@ impl<'a> Core<'a> {
             recv_unacked: 0,
             peer_initial_window: DEFAULT_WINDOW,
             peer_max_frame: MAX_FRAME,
-            heard: false,
-            awaiting_pong: false,
+            last_heard: Instant::now(),
+            ping_sent: None,
             wake_all: false,
             resume_reading: false,
         };
@@ -343,21 +344,29 @@ impl<'a> Core<'a> {
         let _ = self.flush(io, cx);
     }
 
+    /// A ping once the peer has sent nothing for the interval; an error
+    /// when it has sent nothing for as long again since (a busy connection
+    /// is not pinged, and a dead one is found within twice the interval).
     fn keepalive(&mut self, timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>) -> Result<(), ()> {
+        let every = self.settings.keepalive;
         while timer.as_mut().poll(cx).is_ready() {
-            if std::mem::take(&mut self.heard) {
-                // The peer is there: it sent something.
-            } else if self.awaiting_pong {
-                return Err(());
-            } else {
+            let now = Instant::now();
+            if let Some(sent) = self.ping_sent {
+                if self.last_heard <= sent {
+                    return Err(());
+                }
+                self.ping_sent = None;
+            }
+            let next = if now.duration_since(self.last_heard) >= every {
                 frame_head(&mut self.wbuf, 8, PING, 0, 0);
                 self.wbuf.put_slice(&KEEPALIVE_PING);
-                self.awaiting_pong = true;
+                self.ping_sent = Some(now);
                 self.wakes.any.store(true, Ordering::SeqCst);
-            }
-            timer
-                .as_mut()
-                .reset(Instant::now() + self.settings.keepalive);
+                now + every
+            } else {
+                self.last_heard + every
+            };
+            timer.as_mut().reset(next);
         }
         Ok(())
     }
@@ -372,7 +381,13 @@ impl<'a> Core<'a> {
             return Poll::Pending;
         }
         self.rbuf.reserve(READ_CHUNK);
-        tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.rbuf)
+        let read = tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.rbuf);
+        if let Poll::Ready(Ok(n)) = read
+            && n > 0
+        {
+            self.last_heard = Instant::now();
+        }
+        read
     }
 
     fn flush<T: AsyncWrite + Unpin>(&mut self, io: &mut T, cx: &mut Context<'_>) -> io::Result<()> {
@@ -606,7 +621,6 @@ impl<'a> Core<'a> {
             }
             self.rbuf.advance(9);
             let payload = self.rbuf.split_to(len).freeze();
-            self.heard = true;
             if !self.got_settings && kind != SETTINGS {
                 return Err(error(
                     Reason::PROTOCOL_ERROR,
@@ -659,11 +673,9 @@ impl<'a> Core<'a> {
                     if len != 8 {
                         return Err(error(Reason::FRAME_SIZE_ERROR, "PING not 8 bytes"));
                     }
-                    if flags & ACK != 0 {
-                        if payload[..] == KEEPALIVE_PING {
-                            self.awaiting_pong = false;
-                        }
-                    } else {
+                    // An answer to this side's ping needs nothing more: the
+                    // peer was heard from.
+                    if flags & ACK == 0 {
                         frame_head(&mut self.wbuf, 8, PING, ACK, 0);
                         self.wbuf.put_slice(&payload);
                     }
