@@ -5,9 +5,12 @@
 //!
 //! Each session follows the store's `watch` of the current configuration,
 //! which coalesces to the newest: an agent that is slow to read holds up
-//! only its own session, which later sends just the latest state. What it
-//! sends is shared (`fanout`): built and encoded once per revision and
-//! profile, and compared by digest. The session is polled by its
+//! only its own session, which later sends just the latest state. The
+//! fleet's sessions are woken by one bell (`wake::Bell`) rung when the
+//! configuration or a rollout's epoch changes, where each stays
+//! registered, and look at the watches' versions when polled. What a
+//! session sends is shared (`fanout`): built and encoded once per revision
+//! and profile, and compared by digest. The session is polled by its
 //! connection's task (`serve`), with no task or channel of its own: memory
 //! per agent is its state and a reference to the last configuration sent.
 

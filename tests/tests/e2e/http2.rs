@@ -19,6 +19,8 @@ const GOAWAY: u8 = 0x7;
 const PROTOCOL_ERROR: u32 = 0x1;
 const FRAME_SIZE_ERROR: u32 = 0x6;
 const COMPRESSION_ERROR: u32 = 0x9;
+const CANCEL: u32 = 0x8;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 struct Frame {
     kind: u8,
@@ -104,6 +106,29 @@ fn protocol_errors_end_the_connection_with_their_code() {
     let mut tcp = client(&daemon.grpc_addr);
     tcp.write_all(&frame(HEADERS, 0x5, 1, &[0x80])).unwrap();
     assert_goaway(&mut tcp, COMPRESSION_ERROR, "a bad header block");
+}
+
+#[test]
+fn a_client_that_cancels_every_stream_it_opens_is_cut_off() {
+    let (_dir, daemon) = fresh_daemon();
+    let mut tcp = client(&daemon.grpc_addr);
+    // POST, http (static table: 3 and 6), and :path as a literal with its
+    // name from the static table (4).
+    let path = b"/grpc.health.v1.Health/Check";
+    let mut block = vec![0x83, 0x86, 0x04, path.len() as u8];
+    block.extend(path);
+    let mut burst = Vec::new();
+    for i in 0..1_100u32 {
+        let stream = 2 * i + 1;
+        burst.extend(frame(HEADERS, 0x4, stream, &block));
+        burst.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+    }
+    tcp.write_all(&burst).unwrap();
+    assert_goaway(
+        &mut tcp,
+        ENHANCE_YOUR_CALM,
+        "a thousand streams opened and reset",
+    );
 }
 
 #[test]

@@ -69,6 +69,11 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 const TURNS_PER_POLL: usize = 16;
 /// The payload of this side's keepalive pings.
 const KEEPALIVE_PING: [u8; 8] = *b"duofleet";
+/// A client may cancel this many streams, and then up to half of those it
+/// opens, before the connection is closed: opening streams and resetting
+/// them at once costs this side a handler each and the client nothing
+/// (the "rapid reset" attack).
+const RESETS_ALLOWED: u32 = 1_000;
 
 pub struct Settings {
     pub max_streams: u32,
@@ -151,6 +156,9 @@ struct Core<'a> {
     wake_all: bool,
     /// The write buffer drained below its high-water mark: read again.
     resume_reading: bool,
+    /// Streams the peer opened, and how many of them it reset.
+    opened: u32,
+    resets: u32,
 }
 
 struct Streams(Vec<Stream>);
@@ -299,6 +307,8 @@ impl<'a> Core<'a> {
             ping_sent: None,
             wake_all: false,
             resume_reading: false,
+            opened: 0,
+            resets: 0,
         };
         // This side's preface: SETTINGS, then the connection's window
         // (which SETTINGS cannot set) opened past the default.
@@ -382,10 +392,11 @@ impl<'a> Core<'a> {
         }
         self.rbuf.reserve(READ_CHUNK);
         let read = tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.rbuf);
-        if let Poll::Ready(Ok(n)) = read
-            && n > 0
-        {
-            self.last_heard = Instant::now();
+        match read {
+            Poll::Ready(Ok(n)) if n > 0 => self.last_heard = Instant::now(),
+            // Nothing came: the buffer goes until something does.
+            Poll::Pending if self.rbuf.is_empty() => self.rbuf = BytesMut::new(),
+            _ => {}
         }
         read
     }
@@ -660,6 +671,16 @@ impl<'a> Core<'a> {
                     if let Some(i) = streams.iter().position(|s| s.id == id) {
                         let done = streams.swap_remove(i);
                         close(&done, Some(reason));
+                        self.resets += 1;
+                        if self.resets > RESETS_ALLOWED && self.resets > self.opened / 2 {
+                            return Err(error(
+                                Reason::ENHANCE_YOUR_CALM,
+                                format!(
+                                    "{} of {} streams reset by the client",
+                                    self.resets, self.opened
+                                ),
+                            ));
+                        }
                     }
                 }
                 SETTINGS => self.settings_frame(streams, id, flags, &payload)?,
@@ -891,6 +912,7 @@ impl<'a> Core<'a> {
             connection: Some(source.waker()),
             ..Default::default()
         }));
+        self.opened = self.opened.saturating_add(1);
         let session = dispatch(request, StreamIo::new(shared.clone()));
         if session.is_some() {
             // Polled here, and served right after each poll: what it does

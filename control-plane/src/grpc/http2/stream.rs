@@ -130,6 +130,10 @@ impl StreamIo {
     pub fn poll_data(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Reset>>> {
         let mut shared = self.lock();
         if let Some(data) = shared.data.pop_front() {
+            if shared.data.is_empty() && shared.data.capacity() > 4 {
+                // A burst's queue is not kept for the stream's life.
+                shared.data = VecDeque::new();
+            }
             shared.released += data.len();
             shared.wake_connection();
             return Poll::Ready(Some(Ok(data)));
