@@ -173,6 +173,23 @@ pub const PROGRESS_SAVED_AFTER: Duration = Duration::from_secs(5);
 /// (heartbeats, latencies) this often.
 pub const SHARED_PROGRESS_SAVED_AFTER: Duration = Duration::from_secs(30);
 
+/// Counts kept by an enum's value, keyed by its name without `prefix`,
+/// in lower case, as the metrics' labels are.
+fn by_name(
+    counts: &[u64],
+    prefix: &str,
+    name: impl Fn(i32) -> Option<&'static str>,
+) -> std::collections::BTreeMap<String, u64> {
+    counts
+        .iter()
+        .enumerate()
+        .filter_map(|(value, count)| {
+            let name = name(value as i32)?;
+            Some((name.trim_start_matches(prefix).to_lowercase(), *count))
+        })
+        .collect()
+}
+
 /// How long a refused claim stays shown on the instance.
 const CONFLICT_SHOWN: Duration = Duration::from_secs(600);
 
@@ -691,25 +708,12 @@ impl Registry {
             }
         }
         drop(entries);
-        let named = |name: &str, prefix: &str, count: u64| {
-            (name.trim_start_matches(prefix).to_lowercase(), count)
-        };
-        let states: std::collections::BTreeMap<String, u64> = by_state
-            .iter()
-            .enumerate()
-            .filter_map(|(value, count)| {
-                let state = SyncState::try_from(value as i32).ok()?;
-                Some(named(state.as_str_name(), "SYNC_STATE_", *count))
-            })
-            .collect();
-        let health: std::collections::BTreeMap<String, u64> = by_health
-            .iter()
-            .enumerate()
-            .filter_map(|(value, count)| {
-                let state = HealthState::try_from(value as i32).ok()?;
-                Some(named(state.as_str_name(), "HEALTH_STATE_", *count))
-            })
-            .collect();
+        let states = by_name(&by_state, "SYNC_STATE_", |v| {
+            SyncState::try_from(v).ok().map(|s| s.as_str_name())
+        });
+        let health = by_name(&by_health, "HEALTH_STATE_", |v| {
+            HealthState::try_from(v).ok().map(|s| s.as_str_name())
+        });
         metrics::gauge_by(
             out,
             "duofleet_instances",

@@ -426,6 +426,20 @@ async fn unchanged_results_are_not_resent_before_the_heartbeat() {
         target(&i, &gateway.base).unwrap().error,
         format!("GET {}/monitoring/healthz answered HTTP 503", gateway.base)
     );
+    // /metrics counts the fleet's targets by their latest state.
+    let (_, metrics) = duofleet_tests::http_get(&a.daemon.http_addr, "/metrics");
+    for (state, label) in [
+        (HealthState::Healthy, "healthy"),
+        (HealthState::Unhealthy, "unhealthy"),
+    ] {
+        let want = i.health.iter().filter(|h| h.state() == state).count() as f64;
+        let series = format!("duofleet_endpoint_targets{{state=\"{label}\"}}");
+        assert_eq!(
+            duofleet_tests::metric(&metrics, &series),
+            Some(want),
+            "{series}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
