@@ -168,11 +168,7 @@ impl Drop for Streams {
     /// connection is gone.
     fn drop(&mut self) {
         for stream in &self.0 {
-            let mut shared = stream::lock(&stream.shared);
-            shared.reset.get_or_insert(Reason::CANCEL);
-            shared.connection = None;
-            shared.wake_reader();
-            shared.wake_writer();
+            close(stream, Some(Reason::CANCEL));
         }
     }
 }
@@ -454,8 +450,7 @@ impl<'a> Core<'a> {
     /// Gives back to the peer what the handler read and writes what it
     /// queued, as far as the windows allow. True when the stream is done.
     fn serve_stream(&mut self, stream: &mut Stream) -> bool {
-        let shared_ref = stream.shared.clone();
-        let mut shared = stream::lock(&shared_ref);
+        let mut shared = stream::lock(&stream.shared);
         let released = std::mem::take(&mut shared.released) as i64;
         if released > 0 {
             self.release(released);
@@ -469,28 +464,23 @@ impl<'a> Core<'a> {
             }
         }
         while self.wbuf.len() <= WRITE_HIGH_WATER && !stream.send_end {
-            let Some(front) = shared.out.front_mut() else {
+            let Some(out) = shared.out.pop_front() else {
                 break;
             };
-            match front {
-                Out::Head(..) => {
-                    let Some(Out::Head(head, end)) = shared.out.pop_front() else {
-                        unreachable!()
-                    };
+            match out {
+                Out::Head(head, end) => {
                     let mut block = BytesMut::new();
                     hpack::encode_status(&mut block, head.status.as_u16());
                     encode_headers(&mut block, &head.headers);
                     self.header_frames(stream.id, &block, end);
                     stream.send_end = end;
                 }
-                Out::Data(data, end) => {
-                    let end = *end;
+                Out::Data(mut data, end) => {
                     if data.is_empty() {
                         if end {
                             frame_head(&mut self.wbuf, 0, DATA, END_STREAM, stream.id);
                             stream.send_end = true;
                         }
-                        shared.out.pop_front();
                         continue;
                     }
                     let room = stream
@@ -498,6 +488,8 @@ impl<'a> Core<'a> {
                         .min(self.send_window)
                         .min(self.peer_max_frame as i64);
                     if room <= 0 {
+                        // Waits for a window to open, at the front.
+                        shared.out.push_front(Out::Data(data, end));
                         break;
                     }
                     let n = data.len().min(room as usize);
@@ -509,14 +501,12 @@ impl<'a> Core<'a> {
                     stream.send_window -= n as i64;
                     self.send_window -= n as i64;
                     if last {
-                        shared.out.pop_front();
                         stream.send_end = end;
+                    } else {
+                        shared.out.push_front(Out::Data(data, end));
                     }
                 }
-                Out::Trailers(_) => {
-                    let Some(Out::Trailers(trailers)) = shared.out.pop_front() else {
-                        unreachable!()
-                    };
+                Out::Trailers(trailers) => {
                     let mut block = BytesMut::new();
                     encode_headers(&mut block, &trailers);
                     self.header_frames(stream.id, &block, true);
@@ -668,9 +658,7 @@ impl<'a> Core<'a> {
                     let reason = Reason(u32::from_be_bytes([
                         payload[0], payload[1], payload[2], payload[3],
                     ]));
-                    if let Some(i) = streams.iter().position(|s| s.id == id) {
-                        let done = streams.swap_remove(i);
-                        close(&done, Some(reason));
+                    if remove(streams, id, reason) {
                         self.resets += 1;
                         if self.resets > RESETS_ALLOWED && self.resets > self.opened / 2 {
                             return Err(error(
@@ -1056,11 +1044,19 @@ impl<'a> Core<'a> {
     /// A stream error: RST_STREAM, and the stream is gone.
     fn reset(&mut self, streams: &mut Vec<Stream>, id: u32, reason: Reason) {
         self.rst(id, reason);
-        if let Some(i) = streams.iter().position(|s| s.id == id) {
-            let done = streams.swap_remove(i);
-            close(&done, Some(reason));
-        }
+        remove(streams, id, reason);
     }
+}
+
+/// Takes stream `id` off the connection, ended by `reason`; false when it
+/// is not there (already closed).
+fn remove(streams: &mut Vec<Stream>, id: u32, reason: Reason) -> bool {
+    let Some(i) = streams.iter().position(|s| s.id == id) else {
+        return false;
+    };
+    let done = streams.swap_remove(i);
+    close(&done, Some(reason));
+    true
 }
 
 /// A stream leaves the connection: a handler still running sees `reset`
