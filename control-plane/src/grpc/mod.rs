@@ -22,6 +22,9 @@ pub use config::ConfigApi;
 pub use enroll::EnrollApi;
 pub use fleet::FleetApi;
 pub use history::HistoryApi;
+/// The gRPC port's header compression, also what the fan-out bench's
+/// simulated agents decode response heads and trailers with.
+pub use http2::hpack;
 pub use models::ModelApi;
 pub use profiles::ProfileApi;
 pub use rollouts::RolloutApi;

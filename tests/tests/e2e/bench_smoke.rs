@@ -54,6 +54,7 @@ fn fanout_runs_every_phase_and_reports_it() {
     let summary = of("summary")[0];
     assert_eq!(summary["agents"], 5);
     assert!(summary["rss_per_agent_kib"].as_f64().is_some());
+    assert!(summary["client_cpu_ms_per_change"].as_f64().is_some());
 
     // Both health rounds: 5 agents x 4 reports, taken in at some rate.
     let health = of("health_fan_in");
@@ -81,8 +82,9 @@ fn fanout_runs_every_phase_and_reports_it() {
     assert!(stdout.contains("| 5 subscribers, 3 changes | duofleet | etcd | floor (TCP) |"));
 }
 
-/// The same bench with the daemon on an etcd store: every phase runs, and
-/// the store's writes are counted per phase (new instances are written).
+/// The same bench with the daemon on an etcd store and agents sharing
+/// connections: every phase runs, and the store's writes are counted per
+/// phase (new instances are written).
 #[test]
 fn fanout_runs_on_an_etcd_store() {
     let stdout = run(
@@ -95,6 +97,9 @@ fn fanout_runs_on_an_etcd_store() {
             "--health-reports",
             "2",
             "--store-etcd",
+            // Agents sharing connections: groups of 2, 2 and 1.
+            "--streams-per-connection",
+            "2",
         ],
     );
     let lines = json_lines(&stdout);

@@ -12,7 +12,7 @@
 //! connection's own task without either.
 
 mod conn;
-mod hpack;
+pub mod hpack;
 mod stream;
 
 pub use conn::{Settings, serve};

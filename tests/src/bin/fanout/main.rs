@@ -27,6 +27,7 @@
 mod etcd;
 mod fleet;
 mod raw;
+mod wire;
 
 use duofleet_proto::v1::{DesiredConfig, Profile, UpdateProfileRequest};
 use duofleet_tests::{Daemon, DaemonOptions, rss_kib};
@@ -133,26 +134,40 @@ fn cpu_ms(pid: u32) -> f64 {
 }
 
 /// When each revision reached each subscriber (agent or etcd watcher).
-#[derive(Default)]
 pub struct Arrivals {
+    /// How many subscribers there are.
+    subscribers: usize,
     /// revision -> (arrivals so far, time of the last one)
     by_revision: Mutex<HashMap<u64, (usize, Instant)>>,
+    /// Told when a revision has reached every subscriber.
     progress: Notify,
 }
 
 impl Arrivals {
+    pub fn new(subscribers: usize) -> Arrivals {
+        Arrivals {
+            subscribers,
+            by_revision: Mutex::default(),
+            progress: Notify::new(),
+        }
+    }
+
     pub fn record(&self, revision: u64) {
         let now = Instant::now();
         let mut by_revision = self.by_revision.lock().unwrap();
         let entry = by_revision.entry(revision).or_insert((0, now));
         entry.0 += 1;
         entry.1 = now;
+        let all = entry.0 == self.subscribers;
         drop(by_revision);
-        self.progress.notify_waiters();
+        if all {
+            self.progress.notify_waiters();
+        }
     }
 
-    /// When the `count`th subscriber received `revision`.
-    async fn all(&self, revision: u64, count: usize) -> Instant {
+    /// When the last subscriber received `revision`.
+    async fn all(&self, revision: u64) -> Instant {
+        let count = self.subscribers;
         let deadline = Instant::now() + PHASE_LIMIT;
         loop {
             let notified = self.progress.notified();
@@ -177,6 +192,9 @@ struct Deliveries {
     from_ok: Spread,
     from_request: Spread,
     cpu_ms_per_change: f64,
+    /// The bench's own CPU meanwhile: the subscribers' side, which shares
+    /// the machine's cores with the server.
+    client_cpu_ms_per_change: f64,
 }
 
 /// Makes `count` changes one after the other through `change` (which
@@ -192,12 +210,13 @@ async fn deliver(
     mut change: impl AsyncFnMut(usize) -> u64,
 ) -> Deliveries {
     let cpu_before = cpu_ms(server_pid);
+    let clients_before = cpu_ms(std::process::id());
     let (mut from_ok, mut from_request) = (Vec::new(), Vec::new());
     for n in 1..=count {
         let sent_at = Instant::now();
         let revision = change(n).await;
         let ok_at = Instant::now();
-        let last = arrivals.all(revision, subscribers).await;
+        let last = arrivals.all(revision).await;
         let ms = last.saturating_duration_since(ok_at).as_secs_f64() * 1000.0;
         let request_ms = last.saturating_duration_since(sent_at).as_secs_f64() * 1000.0;
         println!(
@@ -210,6 +229,7 @@ async fn deliver(
         from_ok: spread(from_ok),
         from_request: spread(from_request),
         cpu_ms_per_change: (cpu_ms(server_pid) - cpu_before) / count as f64,
+        client_cpu_ms_per_change: (cpu_ms(std::process::id()) - clients_before) / count as f64,
     }
 }
 
@@ -421,14 +441,15 @@ async fn run(o: Options) {
     )
     .await;
     println!(
-        r#"{{"metric":"summary","agents":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"rss_per_agent_kib":{per_agent_kib:.1},"daemon_cpu_ms_per_change":{:.1}}}"#,
+        r#"{{"metric":"summary","agents":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"rss_per_agent_kib":{per_agent_kib:.1},"daemon_cpu_ms_per_change":{:.1},"client_cpu_ms_per_change":{:.1}}}"#,
         o.changes,
         ours.from_ok.p50,
         ours.from_ok.p99,
         ours.from_ok.max,
         ours.from_request.p50,
         ours.from_request.p99,
-        ours.cpu_ms_per_change
+        ours.cpu_ms_per_change,
+        ours.client_cpu_ms_per_change
     );
     let latest = o.changes as f64;
     wait_metrics(
@@ -579,7 +600,7 @@ async fn run(o: Options) {
             eprintln!("fanout: {e}");
             std::process::exit(1);
         });
-        let arrivals = Arc::new(Arrivals::default());
+        let arrivals = Arc::new(Arrivals::new(n));
         let rss_before = rss_kib(etcd.pid());
         let started = Instant::now();
         let watchers = etcd::watchers(etcd.url(), n, o.per_connection, arrivals.clone()).await;
@@ -606,14 +627,15 @@ async fn run(o: Options) {
         )
         .await;
         println!(
-            r#"{{"metric":"etcd_summary","watchers":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"etcd_cpu_ms_per_change":{:.1}}}"#,
+            r#"{{"metric":"etcd_summary","watchers":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"etcd_cpu_ms_per_change":{:.1},"client_cpu_ms_per_change":{:.1}}}"#,
             o.changes,
             theirs.from_ok.p50,
             theirs.from_ok.p99,
             theirs.from_ok.max,
             theirs.from_request.p50,
             theirs.from_request.p99,
-            theirs.cpu_ms_per_change
+            theirs.cpu_ms_per_change,
+            theirs.client_cpu_ms_per_change
         );
         println!(
             r#"{{"metric":"ratio_duofleet_over_etcd","agents":{n},"p50_from_ok":{},"p99_from_ok":{},"p50_from_request":{},"p99_from_request":{}}}"#,
@@ -638,7 +660,7 @@ async fn run(o: Options) {
     }
     if o.raw && o.per_connection == 1 {
         let mut server = tokio::task::block_in_place(raw::RawServer::start);
-        let arrivals = Arc::new(Arrivals::default());
+        let arrivals = Arc::new(Arrivals::new(n));
         let rss_before = rss_kib(server.pid());
         let clients = raw::clients(&server.addr, n, arrivals.clone()).await;
         let deadline = Instant::now() + PHASE_LIMIT;
@@ -663,13 +685,14 @@ async fn run(o: Options) {
         )
         .await;
         println!(
-            r#"{{"metric":"raw_summary","connections":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"server_cpu_ms_per_change":{:.1},"rss_per_connection_kib":{per_connection_kib:.1}}}"#,
+            r#"{{"metric":"raw_summary","connections":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"server_cpu_ms_per_change":{:.1},"rss_per_connection_kib":{per_connection_kib:.1},"client_cpu_ms_per_change":{:.1}}}"#,
             o.changes,
             floor.from_ok.p50,
             floor.from_ok.p99,
             floor.from_request.p50,
             floor.from_request.p99,
-            floor.cpu_ms_per_change
+            floor.cpu_ms_per_change,
+            floor.client_cpu_ms_per_change
         );
         println!(
             r#"{{"metric":"ratio_duofleet_over_floor","agents":{n},"p50_from_request":{},"p99_from_request":{},"cpu":{}}}"#,
@@ -686,6 +709,7 @@ async fn run(o: Options) {
     // The table.
     let ms = |s: Spread| format!("{:.1} / {:.1} / {:.1} ms", s.p50, s.p99, s.max);
     let cpu = |d: &Deliveries| format!("{:.0} ms", d.cpu_ms_per_change);
+    let client_cpu = |d: &Deliveries| format!("{:.0} ms", d.client_cpu_ms_per_change);
     let mut table = vec![
         (
             format!("change to all {n} acked, from the OK (p50 / p99 / max)"),
@@ -710,6 +734,12 @@ async fn run(o: Options) {
             cpu(&ours),
             etcd_run.as_ref().map(cpu).unwrap_or_default(),
             raw_run.as_ref().map(cpu).unwrap_or_default(),
+        ),
+        (
+            "the subscribers' CPU per change (the bench's own)".to_string(),
+            client_cpu(&ours),
+            etcd_run.as_ref().map(client_cpu).unwrap_or_default(),
+            raw_run.as_ref().map(client_cpu).unwrap_or_default(),
         ),
         (
             "server RSS per subscriber".to_string(),
