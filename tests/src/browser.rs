@@ -166,18 +166,30 @@ impl Browser {
         Ok(v.as_str().unwrap_or_default().to_string())
     }
 
+    /// The first element matching `css`, waited for up to 5 s: after a
+    /// click that submits a form, the next page may still be loading on a
+    /// busy machine.
     async fn element(&self, css: &str) -> Result<String> {
-        let v = self
-            .call(
-                "POST",
-                &self.session_path("/element"),
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await?;
-        v[ELEMENT]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| BrowserError(format!("no element {css}: {v}")))
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let found = self
+                .call(
+                    "POST",
+                    &self.session_path("/element"),
+                    Some(json!({"using": "css selector", "value": css})),
+                )
+                .await;
+            match found {
+                Ok(v) if v[ELEMENT].is_string() => {
+                    return Ok(v[ELEMENT].as_str().unwrap_or_default().to_string());
+                }
+                Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Ok(v) => return Err(BrowserError(format!("no element {css}: {v}"))),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The visible text of the first element matching `css`.

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::effective::Labels;
 use crate::fanout::{Fanout, Prepared};
 use crate::labels::LabelGrant;
-use crate::registry::{Refused, Registry, Session};
+use crate::registry::{Refused, Registry, Relabels, Session};
 use crate::rollout::Rollouts;
 use crate::store::Store;
 use bytes::{Buf, Bytes, BytesMut};
@@ -36,8 +36,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::WatchStream;
 use tonic::codegen::http::{self, Extensions, HeaderMap, HeaderValue};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
@@ -375,7 +373,8 @@ struct Live {
     /// the two versions above.
     ring: Option<Ring>,
     labels: Labels,
-    relabels: WatchStream<Labels>,
+    /// The session's waker is registered for relabels (at its first poll).
+    relabels_registered: bool,
     /// The configuration last sent (or that the agent said it has).
     last: Arc<Prepared>,
     /// To send first: the agent is behind.
@@ -398,7 +397,6 @@ impl Live {
         epoch.borrow_and_update();
         let config = configs.borrow_and_update().clone();
         let labels: Labels = session.labels.borrow_and_update().clone();
-        let relabels = WatchStream::from_changes(session.labels.clone());
         let last = prepare(&shared, &session, &config, &labels);
         // Held back by a rollout, the desired revision is the older one.
         // The agent has it when the digest of what it applied is this
@@ -427,7 +425,7 @@ impl Live {
             current: configs,
             epoch,
             ring: None,
-            relabels,
+            relabels_registered: false,
             labels,
             last,
             ended: false,
@@ -497,11 +495,11 @@ impl Live {
                     self.changed()
                 }
                 // An operator relabelled the instance: its profile may change.
-                labels = self.relabels.next() => {
-                    let Some(labels) = labels else {
+                relabelled = poll_fn(|cx| relabelled(&mut self.session.labels, &self.session.relabels, &mut self.relabels_registered, cx)) => {
+                    if !relabelled {
                         return self.end(None);
-                    };
-                    self.labels = labels;
+                    }
+                    self.labels = self.session.labels.borrow_and_update().clone();
                     self.changed()
                 }
                 _ = &mut self.session.kicked => {
@@ -606,6 +604,26 @@ fn fleet_changed(
             Poll::Ready(false)
         }
         _ => Poll::Ready(true),
+    }
+}
+
+/// Ready when the instance's labels changed since the session last
+/// looked (false: the registry let go of the instance). Like
+/// `fleet_changed`, the waker is registered once.
+fn relabelled(
+    labels: &mut watch::Receiver<Labels>,
+    relabels: &Relabels,
+    registered: &mut bool,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<bool> {
+    if !*registered {
+        relabels.register(cx.waker());
+        *registered = true;
+    }
+    match labels.has_changed() {
+        Ok(false) => Poll::Pending,
+        Ok(true) => Poll::Ready(true),
+        Err(_) => Poll::Ready(false),
     }
 }
 

@@ -16,6 +16,7 @@ use prost::Message;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -23,6 +24,13 @@ mod shared;
 mod transitions;
 
 use transitions::Transitions;
+
+/// An instance's entry. Locked after the map, when both are.
+type Handle = Arc<Mutex<Entry>>;
+
+fn lock_entry(handle: &Handle) -> std::sync::MutexGuard<'_, Entry> {
+    handle.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 struct Entry {
     /// Its health transitions are kept in `transitions`, not here.
@@ -45,7 +53,7 @@ struct Entry {
     /// The host last warned about for claiming this instance id.
     warned_conflict: Option<String>,
     /// Tells the live session when an operator changes the labels.
-    labels_tx: Option<watch::Sender<Labels>>,
+    labels_tx: Option<Arc<Relabels>>,
     /// A DesiredConfig was sent and not acked yet.
     awaiting_ack: bool,
     /// The last results per target, oldest first, for the dashboard's
@@ -117,11 +125,43 @@ pub struct Session {
     /// The instance's labels, which decide its profile: they change when
     /// an operator changes them.
     pub labels: watch::Receiver<Labels>,
+    /// Wakes the session when `labels` changes.
+    pub relabels: Arc<Relabels>,
+    /// The instance's entry in the registry.
+    entry: Handle,
+}
+
+/// How an operator's relabel reaches the instance's live session: the
+/// new labels in a watch, and a wake-up of the session's task. The session
+/// registers its waker once (it is polled with the same one all its life)
+/// and reads the watch's version when it is polled: polling a watch
+/// future instead takes the watch's lock on every poll, and a fleet's
+/// sessions are polled on every change and every ack.
+pub struct Relabels {
+    tx: watch::Sender<Labels>,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Relabels {
+    /// `waker` is woken at every relabel from now on.
+    pub fn register(&self, waker: &Waker) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+    }
+
+    fn send(&self, labels: Labels) {
+        let _ = self.tx.send(labels);
+        if let Some(waker) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 pub struct Registry {
     store: Arc<Store>,
-    entries: Mutex<HashMap<String, Entry>>,
+    /// Each entry behind its own lock: a session holds its instance's
+    /// (`Session::entry`), so that an agent's acks, pushes and reports
+    /// take only that, not the fleet's map and a hash of the id.
+    entries: Mutex<HashMap<String, Handle>>,
     /// Held while instance records are written or deleted, so that a save
     /// in flight cannot bring a deleted instance back.
     saving: Mutex<()>,
@@ -214,7 +254,10 @@ impl Registry {
                     drifted,
                     ..Entry::blank()
                 };
-                (entry.instance.instance_id.clone(), entry)
+                (
+                    entry.instance.instance_id.clone(),
+                    Arc::new(Mutex::new(entry)),
+                )
             })
             .collect();
         let shared = store.replica().is_some();
@@ -255,14 +298,17 @@ impl Registry {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (kick, kicked) = oneshot::channel();
         let mut entries = self.lock();
-        let reconnecting = entries.get(&hello.instance_id).is_some_and(|e| e.here);
+        let reconnecting = entries
+            .get(&hello.instance_id)
+            .is_some_and(|e| lock_entry(e).here);
         let others = self.connected.load(Ordering::Relaxed) - usize::from(reconnecting);
         if others >= self.max_agents {
             return Err(Refused::Full(self.max_agents));
         }
         // A live session from another host: two agents claim one id. The
         // same host reconnecting (a restart) takes over its old session.
-        if let Some(entry) = entries.get_mut(&hello.instance_id)
+        if let Some(handle) = entries.get(&hello.instance_id)
+            && let mut entry = lock_entry(handle)
             && entry.instance.connected
             && entry.instance.hostname != hello.hostname
         {
@@ -285,16 +331,21 @@ impl Registry {
             return Err(refused);
         }
         let first = !entries.contains_key(&hello.instance_id);
-        let entry = entries
+        let handle = entries
             .entry(hello.instance_id.clone())
-            .or_insert_with(|| Entry {
-                instance: Instance {
-                    instance_id: hello.instance_id.clone(),
-                    ..Default::default()
-                },
-                urgent: true,
-                ..Entry::blank()
-            });
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Entry {
+                    instance: Instance {
+                        instance_id: hello.instance_id.clone(),
+                        ..Default::default()
+                    },
+                    urgent: true,
+                    ..Entry::blank()
+                }))
+            })
+            .clone();
+        let mut guard = lock_entry(&handle);
+        let entry = &mut *guard;
         if let Some(old) = entry.kick.take() {
             let _ = old.send(());
         }
@@ -350,13 +401,19 @@ impl Registry {
         }
         entry.instance.connected = true;
         self.updated(entry, Some(Event::InstanceConnected));
-        let (labels_tx, labels) = watch::channel(entry.instance.labels.clone());
-        entry.labels_tx = Some(labels_tx);
+        let (tx, labels) = watch::channel(entry.instance.labels.clone());
+        let relabels = Arc::new(Relabels {
+            tx,
+            waker: Mutex::new(None),
+        });
+        entry.labels_tx = Some(relabels.clone());
         Ok(Session {
             instance_id: hello.instance_id.clone(),
             id,
             kicked,
             labels,
+            relabels,
+            entry: handle.clone(),
         })
     }
 
@@ -439,10 +496,10 @@ impl Registry {
     /// health-changed event.
     pub fn health(&self, session: &Session, report: HealthReport) {
         self.metrics.health_report();
-        let mut entries = self.lock();
-        let Some(entry) = entry_of(&mut entries, session) else {
+        let Some(mut guard) = entry_of(session) else {
             return;
         };
+        let entry = &mut *guard;
         let instance = &mut entry.instance;
         // Each target whose state changed, with its new state; a target no
         // longer probed is a change too, as UNKNOWN.
@@ -504,10 +561,10 @@ impl Registry {
     /// A disconnect alone is not saved: every instance is loaded offline,
     /// so at shutdown the fleet's disconnects cost no write.
     pub fn disconnect(&self, session: &Session) {
-        let mut entries = self.lock();
-        let Some(entry) = entry_of(&mut entries, session) else {
+        let Some(mut guard) = entry_of(session) else {
             return;
         };
+        let entry = &mut *guard;
         if entry.here {
             self.connected.fetch_sub(1, Ordering::Relaxed);
             entry.here = false;
@@ -529,14 +586,16 @@ impl Registry {
     pub fn scan<T>(&self, mut pick: impl FnMut(&Instance) -> Option<T>) -> Vec<T> {
         self.lock()
             .values()
-            .filter_map(|e| pick(&e.instance))
+            .filter_map(|e| pick(&lock_entry(e).instance))
             .collect()
     }
 
     /// Runs `look` on one instance under the lock, without copying it.
     /// The instance it sees has no health transitions (`get` has them).
     pub fn peek<T>(&self, instance_id: &str, look: impl FnOnce(&Instance) -> T) -> Option<T> {
-        self.lock().get(instance_id).map(|e| look(&e.instance))
+        self.lock()
+            .get(instance_id)
+            .map(|e| look(&lock_entry(e).instance))
     }
 
     /// The recent latency samples of each target of an instance.
@@ -545,6 +604,7 @@ impl Registry {
         let Some(entry) = entries.get(instance_id) else {
             return Vec::new();
         };
+        let entry = lock_entry(entry);
         let mut series: Vec<_> = entry
             .latency
             .iter()
@@ -560,19 +620,20 @@ impl Registry {
         let mut instances: Vec<Instance> = self
             .lock()
             .values()
-            .filter(|e| {
+            .filter_map(|e| {
+                let e = lock_entry(e);
                 selector
                     .iter()
                     .all(|(k, v)| e.instance.labels.get(k) == Some(v))
+                    .then(|| e.instance.clone())
             })
-            .map(|e| e.instance.clone())
             .collect();
         instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         instances
     }
 
     pub fn get(&self, instance_id: &str) -> Option<Instance> {
-        self.lock().get(instance_id).map(Entry::record)
+        self.lock().get(instance_id).map(|e| lock_entry(e).record())
     }
 
     /// Forgets an instance and ends its connection. Returns whether it existed.
@@ -599,13 +660,14 @@ impl Registry {
             };
             self.store.put_labels(instance_id, &value.encode_to_vec())?;
         }
-        let mut entries = self.lock();
-        let Some(entry) = entries.get_mut(instance_id) else {
+        let entries = self.lock();
+        let Some(handle) = entries.get(instance_id) else {
             return Ok(None);
         };
+        let mut entry = lock_entry(handle);
         let old = std::mem::replace(&mut entry.instance.labels, labels.clone());
-        if let Some(tx) = &entry.labels_tx {
-            let _ = tx.send(labels.clone());
+        if let Some(relabels) = &entry.labels_tx {
+            relabels.send(labels.clone());
         }
         tracing::info!(instance = %instance_id, %actor, old = ?old, new = ?labels, "instance labels changed");
         let _ = self.events.send(FleetEvent {
@@ -622,18 +684,29 @@ impl Registry {
 
     pub fn delete(&self, instance_id: &str) -> Result<bool, StoreError> {
         let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(mut entry) = self.lock().remove(instance_id) else {
+        let Some(handle) = self.lock().remove(instance_id) else {
             return Ok(false);
         };
+        let instance = self.forget(&handle);
+        self.store.delete_instance(instance_id)?;
+        self.emit(Event::Deleted, &instance);
+        Ok(true)
+    }
+
+    /// An entry taken out of the map: its session, if any, is told to end
+    /// and finds nothing from now on. Answers the instance as it was.
+    fn forget(&self, handle: &Handle) -> Instance {
+        let mut entry = lock_entry(handle);
         if entry.here {
             self.connected.fetch_sub(1, Ordering::Relaxed);
+            entry.here = false;
         }
         if let Some(kick) = entry.kick.take() {
             let _ = kick.send(());
         }
-        self.store.delete_instance(instance_id)?;
-        self.emit(Event::Deleted, &entry.instance);
-        Ok(true)
+        entry.session = 0;
+        entry.labels_tx = None;
+        std::mem::take(&mut entry.instance)
     }
 
     /// Writes changed instances in one batch. Runs every 500 ms, and with
@@ -654,12 +727,15 @@ impl Registry {
         // Encoded under the lock: no copy of each instance on the way.
         let changed: Vec<(String, Vec<u8>)> = self
             .lock()
-            .values_mut()
-            .filter(|e| due(e))
-            .map(|e| {
+            .values()
+            .filter_map(|e| {
+                let mut e = lock_entry(e);
+                if !due(&e) {
+                    return None;
+                }
                 e.dirty = None;
                 e.urgent = false;
-                (e.instance.instance_id.clone(), e.encode_record())
+                Some((e.instance.instance_id.clone(), e.encode_record()))
             })
             .collect();
         let count = changed.len();
@@ -671,7 +747,7 @@ impl Registry {
                 changed
                     .iter()
                     .cloned()
-                    .partition(|id| entries.get(id).is_some_and(|e| e.here))
+                    .partition(|id| entries.get(id).is_some_and(|e| lock_entry(e).here))
             };
             if let Err(error) = self.store.present(arrived, left) {
                 // Tried again at the next save.
@@ -702,6 +778,7 @@ impl Registry {
         let mut by_state = [0u64; 8];
         let mut by_health = [0u64; 4];
         for entry in entries.values() {
+            let entry = lock_entry(entry);
             by_state[entry.instance.sync_state() as usize] += 1;
             for result in &entry.instance.health {
                 by_health[result.state() as usize] += 1;
@@ -758,12 +835,11 @@ impl Registry {
         session: &Session,
         edit: impl FnOnce(&mut Entry) -> Option<fn(InstanceEvent) -> Event>,
     ) {
-        let mut entries = self.lock();
-        let Some(entry) = entry_of(&mut entries, session) else {
+        let Some(mut entry) = entry_of(session) else {
             return;
         };
-        let event = edit(entry);
-        self.updated(entry, event);
+        let event = edit(&mut entry);
+        self.updated(&mut entry, event);
     }
 
     /// Recomputes the derived fields, marks the entry for saving and
@@ -830,19 +906,16 @@ impl Registry {
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// The entry `session` speaks for, unless a newer connection took it over.
-fn entry_of<'a>(
-    entries: &'a mut HashMap<String, Entry>,
-    session: &Session,
-) -> Option<&'a mut Entry> {
-    entries
-        .get_mut(&session.instance_id)
-        .filter(|e| e.session == session.id)
+/// The session's entry, locked, unless a newer session took it over (or
+/// the instance was deleted).
+fn entry_of(session: &Session) -> Option<std::sync::MutexGuard<'_, Entry>> {
+    Some(lock_entry(&session.entry)).filter(|e| e.session == session.id)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! - its labels: the operator, through any replica (a key of their own, so
 //!   that a replica's save of the record cannot undo them).
 
-use super::{Entry, Registry, Transitions};
+use super::{Entry, Registry, Transitions, lock_entry};
 use crate::effective::Labels;
 use crate::store::backend::FleetChange;
 use duofleet_proto::v1::fleet_event::Event;
@@ -19,7 +19,7 @@ use duofleet_proto::v1::{
 };
 use prost::Message;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// An operator's labels for an instance, as replicas share them.
@@ -59,12 +59,16 @@ impl Registry {
                 // Deleted while this replica was not following.
                 let gone: Vec<String> = entries
                     .iter()
-                    .filter(|(id, e)| !e.here && !e.urgent && !known.contains(*id))
+                    .filter(|(id, e)| {
+                        let e = lock_entry(e);
+                        !e.here && !e.urgent && !known.contains(*id)
+                    })
                     .map(|(id, _)| id.clone())
                     .collect();
                 for id in gone {
-                    if let Some(entry) = entries.remove(&id) {
-                        self.emit(Event::Deleted, &entry.instance);
+                    if let Some(handle) = entries.remove(&id) {
+                        let instance = self.forget(&handle);
+                        self.emit(Event::Deleted, &instance);
                     }
                 }
                 let mut reassert = Vec::new();
@@ -73,13 +77,14 @@ impl Registry {
                     .filter(|(_, r)| Some(*r) != me.as_ref())
                     .map(|(id, r)| (id.clone(), r.clone()))
                     .collect();
-                for (id, entry) in entries.iter_mut() {
+                for (id, entry) in entries.iter() {
+                    let mut entry = lock_entry(entry);
                     let holder = present.get(id);
                     if entry.here && holder != me.as_ref() {
                         reassert.push(id.clone());
                     }
                     let elsewhere = holder.is_some_and(|r| Some(r) != me.as_ref());
-                    self.show_connected(entry, elsewhere);
+                    self.show_connected(&mut entry, elsewhere);
                 }
                 self.lock_presence().extend(reassert);
                 drop(entries);
@@ -89,37 +94,32 @@ impl Registry {
             }
             FleetChange::Saved(id, raw) => self.merge_record(&id, &raw),
             FleetChange::Deleted(id) => {
-                let Some(mut entry) = self.lock().remove(&id) else {
+                let Some(handle) = self.lock().remove(&id) else {
                     return;
                 };
-                if entry.here {
-                    self.connected
-                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                if let Some(kick) = entry.kick.take() {
-                    let _ = kick.send(());
-                }
-                self.emit(Event::Deleted, &entry.instance);
+                let instance = self.forget(&handle);
+                self.emit(Event::Deleted, &instance);
             }
             FleetChange::Present(id, holder) => {
                 let elsewhere = holder.clone().filter(|r| Some(r) != me.as_ref());
-                let mut entries = self.lock();
+                let entries = self.lock();
                 // Kept also when the record has not arrived yet (a
                 // replica can write presence before the record).
                 match &elsewhere {
                     Some(r) => self.lock_holders().insert(id.clone(), r.clone()),
                     None => self.lock_holders().remove(&id),
                 };
-                let Some(entry) = entries.get_mut(&id) else {
+                let Some(entry) = entries.get(&id) else {
                     return;
                 };
+                let mut entry = lock_entry(entry);
                 // Its agent is here, and the cluster lost that (a late
                 // write of a replica it left, or an expired lease): said
                 // again at the next save.
                 if entry.here && holder.is_none() {
                     self.lock_presence().insert(id.clone());
                 }
-                self.show_connected(entry, elsewhere.is_some());
+                self.show_connected(&mut entry, elsewhere.is_some());
             }
             FleetChange::Labels(id, raw) => self.merge_labels(&id, &raw),
         }
@@ -133,15 +133,19 @@ impl Registry {
             return;
         };
         let mut entries = self.lock();
-        let entry = entries.entry(id.to_string()).or_insert_with(|| Entry {
-            instance: Instance {
-                instance_id: id.to_string(),
-                labels: record.labels.clone(),
-                sync_state: SyncState::Offline as i32,
-                ..Default::default()
-            },
-            ..Entry::blank()
+        let handle = entries.entry(id.to_string()).or_insert_with(|| {
+            Arc::new(Mutex::new(Entry {
+                instance: Instance {
+                    instance_id: id.to_string(),
+                    labels: record.labels.clone(),
+                    sync_state: SyncState::Offline as i32,
+                    ..Default::default()
+                },
+                ..Entry::blank()
+            }))
         });
+        let mut guard = lock_entry(handle);
+        let entry = &mut *guard;
         if entry.here {
             return;
         }
@@ -232,16 +236,17 @@ impl Registry {
             tracing::warn!(instance = %id, "shared labels do not decode; ignored");
             return;
         };
-        let mut entries = self.lock();
-        let Some(entry) = entries.get_mut(id) else {
+        let entries = self.lock();
+        let Some(entry) = entries.get(id) else {
             return;
         };
+        let mut entry = lock_entry(entry);
         if entry.instance.labels == value.labels {
             return;
         }
         let old = std::mem::replace(&mut entry.instance.labels, value.labels.clone());
-        if let Some(tx) = &entry.labels_tx {
-            let _ = tx.send(value.labels.clone());
+        if let Some(relabels) = &entry.labels_tx {
+            relabels.send(value.labels.clone());
         }
         if entry.here {
             // This replica's record of it carries them from now on.
