@@ -712,16 +712,21 @@ impl Registry {
     /// Writes changed instances in one batch. Runs every 500 ms, and with
     /// `all` at shutdown. A new instance (or a refused claim) is written at
     /// the next run; progress (acks, health, connections) only once it is
-    /// [`PROGRESS_SAVED_AFTER`] old, so that a fleet's acks and heartbeats
-    /// cost one write per instance per interval, not one per message. A
-    /// crash loses at most that much progress, which every agent reports
-    /// again when it reconnects.
+    /// between half of [`PROGRESS_SAVED_AFTER`] and all of it old (each
+    /// instance has its own point in that range, `saved_after`), so that a
+    /// fleet's acks and heartbeats cost one write per instance per
+    /// interval, not one per message, and a fleet that acked one change
+    /// together is saved over several runs, not in one burst beside the
+    /// next change's fan-out. A crash loses at most that much progress,
+    /// which every agent reports again when it reconnects.
     pub fn save_changed(&self, all: bool) -> Result<usize, StoreError> {
         let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let due = |e: &Entry| {
             e.dirty.is_some_and(|since| {
-                all || e.urgent || now.duration_since(since) >= self.progress_after
+                all || e.urgent
+                    || now.duration_since(since)
+                        >= saved_after(&e.instance.instance_id, self.progress_after)
             })
         };
         // Encoded under the lock: no copy of each instance on the way.
@@ -912,6 +917,16 @@ impl Registry {
 }
 
 /// The entry `session` speaks for, unless a newer connection took it over.
+/// How old an instance's unsaved progress may get: its own point between
+/// half of `after` and all of it, fixed by its id (FNV-1a), so that
+/// instances changed at the same moment are saved spread over that time.
+fn saved_after(instance_id: &str, after: Duration) -> Duration {
+    let hash = instance_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    after / 2 + (after / 2).mul_f64((hash % 1024) as f64 / 1024.0)
+}
+
 /// The session's entry, locked, unless a newer session took it over (or
 /// the instance was deleted).
 fn entry_of(session: &Session) -> Option<std::sync::MutexGuard<'_, Entry>> {
@@ -1066,6 +1081,20 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_changed_at_once_is_saved_spread_over_the_second_half_of_the_interval() {
+        let after = PROGRESS_SAVED_AFTER;
+        let mut tenths = std::collections::BTreeSet::new();
+        for i in 0..1000 {
+            let age = saved_after(&format!("gitlab-{i:05}"), after);
+            assert!(age >= after / 2 && age <= after, "{age:?}");
+            assert_eq!(age, saved_after(&format!("gitlab-{i:05}"), after));
+            tenths.insert((age.as_secs_f64() / after.as_secs_f64() * 10.0) as u32);
+        }
+        // Every 500 ms run of the saver from 2.5 s to 5 s takes a share.
+        assert_eq!(tenths, (5..10).collect(), "{tenths:?}");
+    }
+
+    #[test]
     fn changed_instances_are_saved_in_one_batch_and_deleted_ones_stay_gone() {
         let dir = tempfile::tempdir().unwrap();
         let registry = registry(dir.path());
@@ -1085,7 +1114,8 @@ mod tests {
             "nothing changed since"
         );
 
-        // Progress waits for PROGRESS_SAVED_AFTER, or for shutdown.
+        // Progress waits for its share of PROGRESS_SAVED_AFTER, or for
+        // shutdown.
         registry.set_desired(&b, "default", 5, true);
         assert_eq!(registry.save_changed(false).unwrap(), 0);
         assert!(registry.delete("gitlab-b").unwrap());
