@@ -261,7 +261,13 @@ impl Link {
     /// Runs the agents' streams on `c` until it ends, or until it is going
     /// away with none left on it.
     async fn drive(&mut self, c: &mut Connection) -> Result<(), String> {
-        let mut rbuf = BytesMut::new();
+        // Read into the front of one buffer, what is left of a frame moved
+        // back to the front: the same few pages all along. (A BytesMut read
+        // into further and further along until it wraps touches a fresh
+        // page every 40 changes or so, on every connection at once: 10,000
+        // page faults in the clients, taken from the server's cores.)
+        let mut rbuf = vec![0u8; READ_CHUNK];
+        let mut filled = 0;
         let mut health_open = true;
         loop {
             let now = Instant::now();
@@ -279,15 +285,16 @@ impl Link {
             }
             self.send_reports(c);
             let next_due = self.agents.iter().filter_map(|a| a.due).min();
-            if rbuf.capacity() - rbuf.len() < 1024 {
-                rbuf.reserve(READ_CHUNK);
+            if filled == rbuf.len() {
+                // A frame larger than the buffer.
+                rbuf.resize(2 * rbuf.len(), 0);
             }
             let event = {
                 let (mut reader, mut writer) = c.io.split();
                 tokio::select! {
                     biased;
                     wrote = writer.write(&c.wbuf), if !c.wbuf.is_empty() => Event::Wrote(wrote),
-                    read = reader.read_buf(&mut rbuf) => Event::Read(read),
+                    read = reader.read(&mut rbuf[filled..]) => Event::Read(read),
                     round = self.health.next(), if health_open => Event::Health(round),
                     _ = sleep_until(next_due), if next_due.is_some() => Event::Due,
                 }
@@ -298,15 +305,18 @@ impl Link {
                     c.wbuf.advance(n);
                 }
                 Event::Read(read) => {
-                    if read.map_err(|e| e.to_string())? == 0 {
+                    let n = read.map_err(|e| e.to_string())?;
+                    if n == 0 {
                         return Err("the server closed the connection".into());
                     }
+                    filled += n;
                     let mut at = 0;
-                    while let Some((frame, len)) = Frame::parse(&rbuf[at..]) {
+                    while let Some((frame, len)) = Frame::parse(&rbuf[at..filled]) {
                         self.on_frame(c, frame)?;
                         at += len;
                     }
-                    rbuf.advance(at);
+                    rbuf.copy_within(at..filled, 0);
+                    filled -= at;
                 }
                 Event::Health(Some(round)) => {
                     for agent in &mut self.agents {
