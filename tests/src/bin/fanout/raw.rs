@@ -3,7 +3,12 @@
 //! with `--raw-serve`) holds N loopback connections; on each change it
 //! writes a 1 KiB push to every one, and each client answers with a 16-byte
 //! ack that the server reads. Like duofleetd, each connection has its own
-//! task following a `watch` of the newest push.
+//! task following a `watch` of the newest push. Both sides read into
+//! buffers larger than a message, so that a message costs one read, as it
+//! does in duofleetd and its simulated agents: a read that fills its
+//! buffer exactly (`read_exact` of one message) leaves tokio unsure that
+//! the socket is drained, and the next poll costs a read that finds
+//! nothing (the first version of the floor paid that on every message).
 //!
 //! Driven over the server's stdin and stdout: the bench writes `push N`,
 //! the server answers `ok N` once the push is published to the
@@ -71,7 +76,11 @@ pub fn serve() {
             connected.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let (mut read, mut write) = socket.into_split();
-                let mut ack = [0u8; ACK_BYTES];
+                // Acks are read into a buffer larger than one: a read that
+                // fills its buffer leaves tokio unsure that the socket is
+                // drained, and costs a second read that finds nothing.
+                let mut acks = [0u8; 64 * ACK_BYTES];
+                let mut pending = 0;
                 loop {
                     tokio::select! {
                         changed = updates.changed() => {
@@ -83,11 +92,11 @@ pub fn serve() {
                                 return;
                             }
                         }
-                        read = read.read_exact(&mut ack) => {
-                            if read.is_err() {
-                                return;
-                            }
-                        }
+                        read = read.read(&mut acks[pending..]) => match read {
+                            Ok(0) | Err(_) => return,
+                            // Whole acks are taken; a part waits for its rest.
+                            Ok(n) => pending = (pending + n) % ACK_BYTES,
+                        },
                     }
                 }
             });
@@ -172,13 +181,20 @@ pub async fn clients(addr: &str, n: usize, arrivals: Arc<Arrivals>) -> JoinSet<(
         let arrivals = arrivals.clone();
         set.spawn(async move {
             let (mut read, mut write) = socket.into_split();
-            let mut push = vec![0u8; PUSH_BYTES];
+            // Larger than a push, for the reason the server's acks are.
+            let mut buffer = vec![0u8; 4 * PUSH_BYTES];
+            let mut filled = 0;
             loop {
-                if read.read_exact(&mut push).await.is_err() {
-                    return;
+                while filled < PUSH_BYTES {
+                    match read.read(&mut buffer[filled..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => filled += n,
+                    }
                 }
                 let mut revision = [0u8; 8];
-                revision.copy_from_slice(&push[..8]);
+                revision.copy_from_slice(&buffer[..8]);
+                buffer.copy_within(PUSH_BYTES..filled, 0);
+                filled -= PUSH_BYTES;
                 let mut ack = [0u8; ACK_BYTES];
                 ack[..8].copy_from_slice(&revision);
                 if write.write_all(&ack).await.is_err() {
