@@ -5,7 +5,6 @@
 //! waker, a [`Source`], and then polls only what was woken: an ack that
 //! arrives wakes its session, not the timer and the other sessions.
 
-use futures_util::task::AtomicWaker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Wake, Waker};
@@ -16,10 +15,36 @@ use std::task::{Context, Wake, Waker};
 /// and goes round once more instead.
 #[derive(Default)]
 pub(super) struct Wakes {
-    pub(super) task: AtomicWaker,
+    pub(super) task: TaskWaker,
     pub(super) running: AtomicBool,
     /// Something was woken since the task last looked.
     pub(super) any: AtomicBool,
+}
+
+/// A task's own waker, as the things it polls wake it: registered when it
+/// changes (for a task's whole life it does not) and woken by reference.
+/// futures' `AtomicWaker` takes the waker out on every wake, so that each
+/// poll after a wake-up registered a clone of it again.
+#[derive(Default)]
+pub(super) struct TaskWaker(Mutex<Option<Waker>>);
+
+impl TaskWaker {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn register(&self, waker: &Waker) {
+        let mut slot = self.slot();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    pub(super) fn wake(&self) {
+        if let Some(waker) = &*self.slot() {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 /// One thing a task polls, with its own waker.
