@@ -40,6 +40,19 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// Changes start at least this far apart (from one request to the next).
+/// Between an operator's changes a fleet's connections are idle, and Linux
+/// then acknowledges each arriving message with a packet of its own (a
+/// connection quiet for longer than its 200 ms minimum retransmit timeout
+/// is in "quick ack" mode); changes closer together than that have those
+/// acknowledgements ride on the replies instead, which costs both ends
+/// about a fifth less. Back to back, a run whose changes take a little
+/// under 200 ms is cheaper per change than one whose changes take a
+/// little over, and the figures of one system swung by that much from run
+/// to run. Paced, every change meets idle connections, as in production,
+/// for duofleet, etcd and the floor alike.
+const PACE: Duration = Duration::from_millis(400);
+
 /// However slow the machine, a phase that takes this long has failed.
 const PHASE_LIMIT: Duration = Duration::from_secs(300);
 
@@ -224,6 +237,7 @@ async fn deliver(
         );
         from_ok.push(ms);
         from_request.push(request_ms);
+        tokio::time::sleep_until((sent_at + PACE).into()).await;
     }
     Deliveries {
         from_ok: spread(from_ok),
