@@ -1118,7 +1118,22 @@ mod tests {
         // shutdown.
         registry.set_desired(&b, "default", 5, true);
         assert_eq!(registry.save_changed(false).unwrap(), 0);
+        let connected = registry.connected();
         assert!(registry.delete("gitlab-b").unwrap());
+        assert_eq!(registry.connected(), connected - 1);
+        // Its session holds the entry it had: what it reports now reaches
+        // nothing, and its end counts nothing twice.
+        registry.set_desired(&b, "default", 6, true);
+        registry.ack(
+            &b,
+            &Ack {
+                revision: 6,
+                ..Default::default()
+            },
+        );
+        registry.disconnect(&b);
+        assert_eq!(registry.connected(), connected - 1);
+        assert!(registry.get("gitlab-b").is_none());
         // gitlab-b changed before its deletion: the next save must not
         // bring it back.
         assert_eq!(registry.save_changed(true).unwrap(), 0);
