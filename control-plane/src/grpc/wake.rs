@@ -201,4 +201,26 @@ mod tests {
         assert_eq!(late.0.load(Ordering::SeqCst), 1);
         assert_eq!(bell.slots().wakers.len(), 3);
     }
+
+    #[test]
+    fn a_task_waker_wakes_the_waker_last_registered() {
+        let task = TaskWaker::default();
+        task.wake();
+        let first = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(first.clone());
+        task.register(&waker);
+        task.register(&waker.clone());
+        task.wake();
+        task.wake();
+        assert_eq!(first.0.load(Ordering::SeqCst), 2);
+        // Polled from another task: that one is woken from now on.
+        let second = Arc::new(Count(AtomicUsize::new(0)));
+        task.register(&Waker::from(second.clone()));
+        task.wake();
+        assert_eq!(first.0.load(Ordering::SeqCst), 2);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        task.register(&waker);
+        task.wake();
+        assert_eq!(first.0.load(Ordering::SeqCst), 3);
+    }
 }
