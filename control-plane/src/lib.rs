@@ -48,6 +48,7 @@ pub mod store;
 pub mod telemetry;
 pub mod transport_errors;
 pub mod validate;
+mod wake;
 
 #[cfg(test)]
 mod fuzz_tests;

@@ -16,7 +16,6 @@
 
 use super::http2::StreamIo;
 use super::serve::{CONNECT_PATH, rpc_span};
-use super::wake::{Bell, Ring};
 use super::{AgentIdentity, Authenticate, status};
 use crate::agent_input;
 use crate::ca::CertAuthority;
@@ -24,9 +23,10 @@ use crate::config::Config;
 use crate::effective::Labels;
 use crate::fanout::{Fanout, Prepared};
 use crate::labels::LabelGrant;
-use crate::registry::{Refused, Registry, Relabels, Session};
+use crate::registry::{Refused, Registry, Session};
 use crate::rollout::Rollouts;
 use crate::store::Store;
+use crate::wake::{Bell, Ring, TaskWaker};
 use bytes::{Buf, Bytes, BytesMut};
 use duofleet_proto::v1::agent_message::Message;
 use duofleet_proto::v1::{AckResult, AgentMessage, Hello};
@@ -612,7 +612,7 @@ fn fleet_changed(
 /// `fleet_changed`, the waker is registered once.
 fn relabelled(
     labels: &mut watch::Receiver<Labels>,
-    relabels: &Relabels,
+    relabels: &TaskWaker,
     registered: &mut bool,
     cx: &mut std::task::Context<'_>,
 ) -> Poll<bool> {

@@ -14,7 +14,6 @@ mod profiles;
 mod rollouts;
 mod serve;
 mod tokens;
-mod wake;
 
 pub use agent::AgentApi;
 pub use backup::BackupApi;

@@ -7,6 +7,7 @@ use crate::effective::Labels;
 use crate::labels::LabelGrant;
 use crate::metrics::{self, Metrics};
 use crate::store::{Store, StoreError};
+use crate::wake::TaskWaker;
 use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
     Ack, AckResult, DriftReport, EndpointHealth, FleetEvent, HealthReport, HealthState, Hello,
@@ -16,7 +17,6 @@ use prost::Message;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Waker;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -53,7 +53,7 @@ struct Entry {
     /// The host last warned about for claiming this instance id.
     warned_conflict: Option<String>,
     /// Tells the live session when an operator changes the labels.
-    labels_tx: Option<Arc<Relabels>>,
+    labels_tx: Option<Relabels>,
     /// A DesiredConfig was sent and not acked yet.
     awaiting_ack: bool,
     /// The last results per target, oldest first, for the dashboard's
@@ -125,8 +125,8 @@ pub struct Session {
     /// The instance's labels, which decide its profile: they change when
     /// an operator changes them.
     pub labels: watch::Receiver<Labels>,
-    /// Wakes the session when `labels` changes.
-    pub relabels: Arc<Relabels>,
+    /// Woken when `labels` changes: the session registers its waker here.
+    pub(crate) relabels: Arc<TaskWaker>,
     /// The instance's entry in the registry.
     entry: Handle,
 }
@@ -136,23 +136,18 @@ pub struct Session {
 /// registers its waker once (it is polled with the same one all its life)
 /// and reads the watch's version when it is polled: polling a watch
 /// future instead takes the watch's lock on every poll, and a fleet's
-/// sessions are polled on every change and every ack.
-pub struct Relabels {
+/// sessions are polled on every change and every ack. Dropped with the
+/// entry's hold on the session (a newer connection, or a deletion), which
+/// closes the watch.
+struct Relabels {
     tx: watch::Sender<Labels>,
-    waker: Mutex<Option<Waker>>,
+    waker: Arc<TaskWaker>,
 }
 
 impl Relabels {
-    /// `waker` is woken at every relabel from now on.
-    pub fn register(&self, waker: &Waker) {
-        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
-    }
-
     fn send(&self, labels: Labels) {
         let _ = self.tx.send(labels);
-        if let Some(waker) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
-            waker.wake_by_ref();
-        }
+        self.waker.wake();
     }
 }
 
@@ -402,11 +397,11 @@ impl Registry {
         entry.instance.connected = true;
         self.updated(entry, Some(Event::InstanceConnected));
         let (tx, labels) = watch::channel(entry.instance.labels.clone());
-        let relabels = Arc::new(Relabels {
+        let relabels = Arc::new(TaskWaker::default());
+        entry.labels_tx = Some(Relabels {
             tx,
-            waker: Mutex::new(None),
+            waker: relabels.clone(),
         });
-        entry.labels_tx = Some(relabels.clone());
         Ok(Session {
             instance_id: hello.instance_id.clone(),
             id,
@@ -916,7 +911,6 @@ impl Registry {
     }
 }
 
-/// The entry `session` speaks for, unless a newer connection took it over.
 /// How old an instance's unsaved progress may get: its own point between
 /// half of `after` and all of it, fixed by its id (FNV-1a), so that
 /// instances changed at the same moment are saved spread over that time.

@@ -8,7 +8,7 @@
 
 use super::hpack::{self, Decoder, Field};
 use super::stream::{self, Out, Reason, Shared, StreamIo};
-use crate::grpc::wake::{Source, Wakes};
+use crate::wake::{Source, Wakes};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::future::{Future, poll_fn};
 use std::io;

@@ -14,33 +14,34 @@ use std::task::{Context, Wake, Waker};
 /// connection for every frame a session queues): the task sees the flag
 /// and goes round once more instead.
 #[derive(Default)]
-pub(super) struct Wakes {
-    pub(super) task: TaskWaker,
-    pub(super) running: AtomicBool,
+pub(crate) struct Wakes {
+    pub(crate) task: TaskWaker,
+    pub(crate) running: AtomicBool,
     /// Something was woken since the task last looked.
-    pub(super) any: AtomicBool,
+    pub(crate) any: AtomicBool,
 }
 
-/// A task's own waker, as the things it polls wake it: registered when it
-/// changes (for a task's whole life it does not) and woken by reference.
+/// A task's own waker, as the things it polls wake it (and, for an agent's
+/// session, as a relabel wakes it): registered when it changes (for a
+/// task's whole life it does not) and woken by reference.
 /// futures' `AtomicWaker` takes the waker out on every wake, so that each
 /// poll after a wake-up registered a clone of it again.
 #[derive(Default)]
-pub(super) struct TaskWaker(Mutex<Option<Waker>>);
+pub(crate) struct TaskWaker(Mutex<Option<Waker>>);
 
 impl TaskWaker {
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn register(&self, waker: &Waker) {
+    pub(crate) fn register(&self, waker: &Waker) {
         let mut slot = self.slot();
         if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *slot = Some(waker.clone());
         }
     }
 
-    pub(super) fn wake(&self) {
+    pub(crate) fn wake(&self) {
         if let Some(waker) = &*self.slot() {
             waker.wake_by_ref();
         }
@@ -48,13 +49,13 @@ impl TaskWaker {
 }
 
 /// One thing a task polls, with its own waker.
-pub(super) struct Source {
+pub(crate) struct Source {
     flag: Arc<Flag>,
     waker: Waker,
 }
 
-pub(super) struct Flag {
-    pub(super) woken: AtomicBool,
+pub(crate) struct Flag {
+    pub(crate) woken: AtomicBool,
     wakes: Arc<Wakes>,
 }
 
@@ -74,7 +75,7 @@ impl Wake for Flag {
 
 impl Source {
     /// Woken at first, so that it is polled once and registers.
-    pub(super) fn new(wakes: &Arc<Wakes>) -> Source {
+    pub(crate) fn new(wakes: &Arc<Wakes>) -> Source {
         let flag = Arc::new(Flag {
             woken: AtomicBool::new(true),
             wakes: wakes.clone(),
@@ -87,20 +88,20 @@ impl Source {
 
     /// Marks it woken without waking the task: the task, running, will
     /// poll it again.
-    pub(super) fn again(&self) {
+    pub(crate) fn again(&self) {
         self.flag.woken.store(true, Ordering::SeqCst);
     }
 
     /// Whether it was woken, clearing the flag.
-    pub(super) fn take(&self) -> bool {
+    pub(crate) fn take(&self) -> bool {
         self.flag.woken.swap(false, Ordering::SeqCst)
     }
 
-    pub(super) fn context(&self) -> Context<'_> {
+    pub(crate) fn context(&self) -> Context<'_> {
         Context::from_waker(&self.waker)
     }
 
-    pub(super) fn waker(&self) -> Waker {
+    pub(crate) fn waker(&self) -> Waker {
         self.waker.clone()
     }
 }
@@ -110,7 +111,7 @@ impl Source {
 /// one by one, after every change). For what the whole fleet follows,
 /// where a change wakes every session.
 #[derive(Default)]
-pub(super) struct Bell {
+pub(crate) struct Bell {
     slots: Mutex<Slots>,
 }
 
@@ -121,7 +122,7 @@ struct Slots {
 }
 
 /// A registration; dropping it signs off.
-pub(super) struct Ring {
+pub(crate) struct Ring {
     bell: Arc<Bell>,
     slot: usize,
 }
@@ -132,7 +133,7 @@ impl Bell {
     }
 
     /// `waker` is woken at every ring until the registration is dropped.
-    pub(super) fn register(self: &Arc<Self>, waker: Waker) -> Ring {
+    pub(crate) fn register(self: &Arc<Self>, waker: Waker) -> Ring {
         let mut slots = self.slots();
         let slot = match slots.free.pop() {
             Some(slot) => {
@@ -150,7 +151,7 @@ impl Bell {
         }
     }
 
-    pub(super) fn ring(&self) {
+    pub(crate) fn ring(&self) {
         for waker in self.slots().wakers.iter().flatten() {
             waker.wake_by_ref();
         }
