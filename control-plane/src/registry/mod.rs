@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, oneshot, watch};
 
+mod saving;
 mod shared;
 mod transitions;
 
@@ -50,6 +51,8 @@ struct Entry {
     /// To be saved at the next save, whatever the interval: the instance is
     /// new, or a refused claim is shown on it.
     urgent: bool,
+    /// When its turn in the saver's queue comes, while it is unsaved.
+    queued: Option<Instant>,
     /// The host last warned about for claiming this instance id.
     warned_conflict: Option<String>,
     /// Tells the live session when an operator changes the labels.
@@ -94,6 +97,7 @@ impl Entry {
             pushed: None,
             dirty: None,
             urgent: false,
+            queued: None,
             warned_conflict: None,
             labels_tx: None,
             awaiting_ack: false,
@@ -173,6 +177,8 @@ pub struct Registry {
     shared: bool,
     /// How old unsaved progress may get.
     progress_after: Duration,
+    /// The changed instances, by when they fall due to be saved.
+    due: saving::Queue,
     /// Instances whose presence here changed since the last save (shared
     /// backends only). What is written is decided at the save, from
     /// whether each is connected here then: an agent that came and went
@@ -268,6 +274,7 @@ impl Registry {
             holders: Mutex::new(HashMap::new()),
             entries: Mutex::new(entries),
             saving: Mutex::new(()),
+            due: saving::Queue::default(),
             events: broadcast::Sender::new(1024),
             next_session: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
@@ -322,7 +329,7 @@ impl Registry {
             );
             entry.instance.conflict_time = Some(SystemTime::now().into());
             entry.urgent = true;
-            entry.dirty.get_or_insert_with(Instant::now);
+            self.mark_changed(&mut entry, handle);
             return Err(refused);
         }
         let first = !entries.contains_key(&hello.instance_id);
@@ -395,7 +402,7 @@ impl Registry {
             }
         }
         entry.instance.connected = true;
-        self.updated(entry, Some(Event::InstanceConnected));
+        self.updated(entry, &handle, Some(Event::InstanceConnected));
         let (tx, labels) = watch::channel(entry.instance.labels.clone());
         let relabels = Arc::new(TaskWaker::default());
         entry.labels_tx = Some(Relabels {
@@ -542,12 +549,11 @@ impl Registry {
                 .iter()
                 .any(|r| r.kind == *kind && &r.target == target)
         });
-        let instance = &mut entry.instance;
-        instance.health = report.results;
-        self.updated(entry, None);
+        entry.instance.health = report.results;
+        // Replicas see a health transition at the next save.
+        entry.urgent |= self.shared && !changed.is_empty();
+        self.updated(entry, &session.entry, None);
         if !changed.is_empty() {
-            // Replicas see a health transition at the next save.
-            entry.urgent |= self.shared;
             self.emit_with(Event::HealthChanged, &entry.instance, changed);
         }
     }
@@ -570,9 +576,7 @@ impl Registry {
         // Still connected when its agent moved to another replica already.
         entry.instance.connected = self.held_elsewhere(&session.instance_id);
         entry.kick = None;
-        let unsaved = entry.dirty;
-        self.updated(entry, Some(Event::InstanceDisconnected));
-        entry.dirty = unsaved;
+        self.recompute(entry, Some(Event::InstanceDisconnected));
     }
 
     /// Runs `pick` over every instance under the lock, without copying
@@ -701,61 +705,11 @@ impl Registry {
         }
         entry.session = 0;
         entry.labels_tx = None;
+        // Its turn in the saver's queue, if it has one, finds it saved: a
+        // save must not bring it back.
+        entry.dirty = None;
+        entry.urgent = false;
         std::mem::take(&mut entry.instance)
-    }
-
-    /// Writes changed instances in one batch. Runs every 500 ms, and with
-    /// `all` at shutdown. A new instance (or a refused claim) is written at
-    /// the next run; progress (acks, health, connections) only once it is
-    /// between half of [`PROGRESS_SAVED_AFTER`] and all of it old (each
-    /// instance has its own point in that range, `saved_after`), so that a
-    /// fleet's acks and heartbeats cost one write per instance per
-    /// interval, not one per message, and a fleet that acked one change
-    /// together is saved over several runs, not in one burst beside the
-    /// next change's fan-out. A crash loses at most that much progress,
-    /// which every agent reports again when it reconnects.
-    pub fn save_changed(&self, all: bool) -> Result<usize, StoreError> {
-        let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let due = |e: &Entry| {
-            e.dirty.is_some_and(|since| {
-                all || e.urgent
-                    || now.duration_since(since)
-                        >= saved_after(&e.instance.instance_id, self.progress_after)
-            })
-        };
-        // Encoded under the lock: no copy of each instance on the way.
-        let changed: Vec<(String, Vec<u8>)> = self
-            .lock()
-            .values()
-            .filter_map(|e| {
-                let mut e = lock_entry(e);
-                if !due(&e) {
-                    return None;
-                }
-                e.dirty = None;
-                e.urgent = false;
-                Some((e.instance.instance_id.clone(), e.encode_record()))
-            })
-            .collect();
-        let count = changed.len();
-        self.store.save_encoded_instances(changed)?;
-        if self.shared {
-            let changed = std::mem::take(&mut *self.lock_presence());
-            let (arrived, left): (Vec<String>, Vec<String>) = {
-                let entries = self.lock();
-                changed
-                    .iter()
-                    .cloned()
-                    .partition(|id| entries.get(id).is_some_and(|e| lock_entry(e).here))
-            };
-            if let Err(error) = self.store.present(arrived, left) {
-                // Tried again at the next save.
-                self.lock_presence().extend(changed);
-                return Err(error);
-            }
-        }
-        Ok(count)
     }
 
     fn lock_presence(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -839,12 +793,24 @@ impl Registry {
             return;
         };
         let event = edit(&mut entry);
-        self.updated(&mut entry, event);
+        self.updated(&mut entry, &session.entry, event);
     }
 
     /// Recomputes the derived fields, marks the entry for saving and
     /// announces a change.
-    fn updated(&self, entry: &mut Entry, event: Option<fn(InstanceEvent) -> Event>) {
+    fn updated(
+        &self,
+        entry: &mut Entry,
+        handle: &Handle,
+        event: Option<fn(InstanceEvent) -> Event>,
+    ) {
+        self.recompute(entry, event);
+        self.mark_changed(entry, handle);
+    }
+
+    /// Recomputes the derived fields (the sync state) and announces a
+    /// change.
+    fn recompute(&self, entry: &mut Entry, event: Option<fn(InstanceEvent) -> Event>) {
         let before = entry.instance.sync_state;
         let instance = &mut entry.instance;
         instance.last_seen = Some(SystemTime::now().into());
@@ -867,7 +833,6 @@ impl Registry {
             SyncState::Pending
         };
         instance.sync_state = state as i32;
-        entry.dirty.get_or_insert_with(Instant::now);
         // Replicas see a state change at the next save.
         entry.urgent |= self.shared && before != instance.sync_state;
         if let Some(event) = event {
@@ -911,16 +876,6 @@ impl Registry {
     }
 }
 
-/// How old an instance's unsaved progress may get: its own point between
-/// half of `after` and all of it, fixed by its id (FNV-1a), so that
-/// instances changed at the same moment are saved spread over that time.
-fn saved_after(instance_id: &str, after: Duration) -> Duration {
-    let hash = instance_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    after / 2 + (after / 2).mul_f64((hash % 1024) as f64 / 1024.0)
-}
-
 /// The session's entry, locked, unless a newer session took it over (or
 /// the instance was deleted).
 fn entry_of(session: &Session) -> Option<std::sync::MutexGuard<'_, Entry>> {
@@ -932,12 +887,12 @@ mod tests {
     use super::*;
     use crate::secrets::Sealer;
 
-    fn registry(dir: &std::path::Path) -> Registry {
+    pub(super) fn registry(dir: &std::path::Path) -> Registry {
         let store = Store::open(dir, crate::catalog::get(), Sealer::new(&[7; 32], None)).unwrap();
         Registry::load(Arc::new(store), 10).unwrap()
     }
 
-    fn hello(id: &str) -> Hello {
+    pub(super) fn hello(id: &str) -> Hello {
         Hello {
             instance_id: id.into(),
             applied_revision: 4,
@@ -1072,20 +1027,6 @@ mod tests {
                 .items
                 .is_empty()
         );
-    }
-
-    #[test]
-    fn a_fleet_changed_at_once_is_saved_spread_over_the_second_half_of_the_interval() {
-        let after = PROGRESS_SAVED_AFTER;
-        let mut tenths = std::collections::BTreeSet::new();
-        for i in 0..1000 {
-            let age = saved_after(&format!("gitlab-{i:05}"), after);
-            assert!(age >= after / 2 && age <= after, "{age:?}");
-            assert_eq!(age, saved_after(&format!("gitlab-{i:05}"), after));
-            tenths.insert((age.as_secs_f64() / after.as_secs_f64() * 10.0) as u32);
-        }
-        // Every 500 ms run of the saver from 2.5 s to 5 s takes a share.
-        assert_eq!(tenths, (5..10).collect(), "{tenths:?}");
     }
 
     #[test]

@@ -237,10 +237,10 @@ impl Registry {
             return;
         };
         let entries = self.lock();
-        let Some(entry) = entries.get(id) else {
+        let Some(handle) = entries.get(id) else {
             return;
         };
-        let mut entry = lock_entry(entry);
+        let mut entry = lock_entry(handle);
         if entry.instance.labels == value.labels {
             return;
         }
@@ -250,8 +250,8 @@ impl Registry {
         }
         if entry.here {
             // This replica's record of it carries them from now on.
-            entry.dirty.get_or_insert_with(std::time::Instant::now);
             entry.urgent = true;
+            self.mark_changed(&mut entry, handle);
         }
         tracing::info!(instance = %id, actor = %value.actor, old = ?old, new = ?value.labels, "instance labels changed through another replica");
         let _ = self.events.send(FleetEvent {

@@ -15,7 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
@@ -195,8 +195,15 @@ where
     let mut keepalive: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(settings.keepalive));
     let mut core = Core::new(settings, &wakes);
     let mut streams = Streams(Vec::new());
+    // The waker last registered, kept here too: a task is polled with the
+    // same one all its life, and comparing it here costs no trip to the
+    // shared slot's lock on every poll.
+    let mut registered: Option<Waker> = None;
     let ended = poll_fn(|cx| {
-        wakes.task.register(cx.waker());
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            wakes.task.register(cx.waker());
+            registered = Some(cx.waker().clone());
+        }
         wakes.running.store(true, Ordering::SeqCst);
         for _ in 0..TURNS_PER_POLL {
             wakes.any.store(false, Ordering::SeqCst);
