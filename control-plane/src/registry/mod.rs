@@ -709,6 +709,7 @@ impl Registry {
         // save must not bring it back.
         entry.dirty = None;
         entry.urgent = false;
+        entry.queued = None;
         std::mem::take(&mut entry.instance)
     }
 

@@ -74,12 +74,15 @@ impl Registry {
     /// old as its own point in the interval (`saved_after`). Called with
     /// the entry locked; the queue's lock comes after it.
     pub(super) fn mark_changed(&self, entry: &mut Entry, handle: &Handle) {
+        // Already queued, and not to be brought forward: the usual case
+        // for an ack or a report, which reads no clock.
+        if entry.queued.is_some() && !entry.urgent {
+            return;
+        }
         let now = Instant::now();
         let since = *entry.dirty.get_or_insert(now);
         let at = if entry.urgent {
             now
-        } else if entry.queued.is_some() {
-            return;
         } else {
             since + saved_after(&entry.instance.instance_id, self.progress_after)
         };
