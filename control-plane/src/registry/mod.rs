@@ -577,6 +577,11 @@ impl Registry {
         entry.instance.connected = self.held_elsewhere(&session.instance_id);
         entry.kick = None;
         self.recompute(entry, Some(Event::InstanceDisconnected));
+        // Unsaved changes from before it left are still saved (sooner, if
+        // the state change made them urgent for other replicas).
+        if entry.dirty.is_some() {
+            self.mark_changed(entry, &session.entry);
+        }
     }
 
     /// Runs `pick` over every instance under the lock, without copying
