@@ -91,6 +91,11 @@ async fn metrics(State((store, registry, rollouts)): State<Shared>) -> impl Into
         "Build information.",
         &[(&version, 1)],
     );
+    store.commits.render(
+        &mut body,
+        "duofleet_commit_seconds",
+        "Time for a configuration revision to become durable in the store, before agents hear of it.",
+    );
     registry.render_metrics(&mut body);
     rollouts.render_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)

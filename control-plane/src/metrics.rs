@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Upper bounds, in seconds, of the push-to-ack histogram.
+/// Upper bounds, in seconds, of the histograms.
 const BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0,
 ];
@@ -21,11 +21,46 @@ pub struct Metrics {
     push_to_ack: Histogram,
 }
 
+/// Durations, counted into [`BUCKETS`].
 #[derive(Default)]
-struct Histogram {
+pub struct Histogram {
     counts: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The histogram as `name` (in seconds), with its help line.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {total}");
+    }
 }
 
 impl Metrics {
@@ -59,16 +94,7 @@ impl Metrics {
 
     /// From sending a DesiredConfig to the agent's ack of it.
     pub fn push_to_ack(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        for (bound, count) in BUCKETS.iter().zip(&self.push_to_ack.counts) {
-            if seconds <= *bound {
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.push_to_ack.count.fetch_add(1, Ordering::Relaxed);
-        self.push_to_ack
-            .sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.push_to_ack.observe(elapsed);
     }
 
     pub fn render(&self, out: &mut String) {
@@ -103,27 +129,11 @@ impl Metrics {
             "# HELP duofleet_health_reports_total Health reports taken in from agents.\n# TYPE duofleet_health_reports_total counter\nduofleet_health_reports_total {}",
             self.health_reports.load(Ordering::Relaxed)
         );
-        let h = &self.push_to_ack;
-        let name = "duofleet_push_to_ack_seconds";
-        let _ = writeln!(
+        self.push_to_ack.render(
             out,
-            "# HELP {name} Time from sending a desired config to the agent's ack.\n# TYPE {name} histogram"
+            "duofleet_push_to_ack_seconds",
+            "Time from sending a desired config to the agent's ack.",
         );
-        for (bound, count) in BUCKETS.iter().zip(&h.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                count.load(Ordering::Relaxed)
-            );
-        }
-        let total = h.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {total}");
     }
 }
 

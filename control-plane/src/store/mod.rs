@@ -28,7 +28,7 @@ use prost::Message;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, watch};
 
 pub mod backend;
@@ -211,7 +211,14 @@ pub struct Store {
     writer: Mutex<()>,
     current: watch::Sender<Arc<Config>>,
     revision_events: broadcast::Sender<pb::Revision>,
+    /// How long each revision took to become durable here: the backend's
+    /// commit and the high-water mark, before it is published.
+    pub commits: crate::metrics::Histogram,
 }
+
+/// A commit that takes this long is logged: the disk (or etcd) is slow,
+/// and every operator's change and every agent's update waits on it.
+const SLOW_COMMIT: Duration = Duration::from_millis(500);
 
 impl Store {
     /// Opens (or creates) a sled database in `dir` and loads the
@@ -279,6 +286,7 @@ impl Store {
             writer: Mutex::new(()),
             current: watch::Sender::new(Arc::new(Config::default())),
             revision_events: broadcast::Sender::new(256),
+            commits: crate::metrics::Histogram::default(),
         }
     }
 
@@ -762,6 +770,7 @@ impl Store {
                 .collect(),
             attached: attached.as_ref(),
         };
+        let started = Instant::now();
         match self.backend.commit(changeset) {
             Ok(()) => {}
             Err(conflict @ StoreError::Conflict { .. }) => {
@@ -779,6 +788,16 @@ impl Store {
         // weakens that guard; it is logged, and the commit stands.
         if let Err(error) = self.record_high_water(record.revision) {
             tracing::error!(error = %crate::error::error_chain(&error), "cannot record the acknowledged revision");
+        }
+        let took = started.elapsed();
+        self.commits.observe(took);
+        if took >= SLOW_COMMIT {
+            tracing::warn!(
+                revision = record.revision,
+                ms = took.as_millis() as u64,
+                store = %self.backend.describe(),
+                "a revision took long to become durable: the store's disk (or etcd) is slow, and changes and agents wait on it"
+            );
         }
         let config = Arc::new(new);
         self.current.send_replace(config.clone());

@@ -89,6 +89,12 @@ async fn metrics_count_agents_states_and_acks_and_pass_promtool() {
         1.0
     );
     assert_eq!(value(&metrics, "duofleet_push_to_ack_seconds_count"), 3.0);
+    // Every revision this daemon made was timed to its durability.
+    assert_eq!(
+        value(&metrics, "duofleet_commit_seconds_count"),
+        revision as f64
+    );
+    assert!(value(&metrics, "duofleet_commit_seconds_sum") > 0.0);
     assert_eq!(
         value(
             &metrics,

@@ -306,6 +306,35 @@ fn sample(page: &str, series: &str) -> f64 {
     duofleet_tests::metric(page, series).unwrap_or(0.0)
 }
 
+/// The daemon's commits between two /metrics pages, from its
+/// `duofleet_commit_seconds` histogram: the slow ones say whether a late
+/// change waited on the disk.
+struct Commits {
+    count: f64,
+    mean_ms: f64,
+    /// Over 100, 250 and 500 ms.
+    over: [f64; 3],
+}
+
+impl Commits {
+    fn between(before: &str, after: &str) -> Commits {
+        let delta = |series: &str| sample(after, series) - sample(before, series);
+        let count = delta("duofleet_commit_seconds_count");
+        let sum = delta("duofleet_commit_seconds_sum");
+        let over = ["0.1", "0.25", "0.5"]
+            .map(|le| count - delta(&format!("duofleet_commit_seconds_bucket{{le=\"{le}\"}}")));
+        Commits {
+            count,
+            mean_ms: if count > 0.0 {
+                sum * 1000.0 / count
+            } else {
+                0.0
+            },
+            over,
+        }
+    }
+}
+
 /// Acks of every result.
 fn acks(page: &str) -> f64 {
     ["applied", "unchanged", "failed"]
@@ -428,6 +457,7 @@ async fn run(o: Options) {
     ));
 
     // 2. Changes.
+    let commits_before = scrape(&daemon.http_addr).await;
     let ours = deliver(
         "change_to_all_acked",
         "agents",
@@ -454,6 +484,20 @@ async fn run(o: Options) {
         },
     )
     .await;
+    let commits = Commits::between(&commits_before, &scrape(&daemon.http_addr).await);
+    println!(
+        r#"{{"metric":"commits","changes":{},"mean_ms":{:.1},"over_100ms":{},"over_250ms":{},"over_500ms":{}}}"#,
+        commits.count, commits.mean_ms, commits.over[0], commits.over[1], commits.over[2]
+    );
+    rows.push((
+        "revisions made durable (the store's commit and high-water mark): mean, and how many took over 100 / 250 / 500 ms".into(),
+        format!(
+            "{:.1} ms; {} / {} / {} of {}",
+            commits.mean_ms, commits.over[0], commits.over[1], commits.over[2], commits.count
+        ),
+        String::new(),
+        String::new(),
+    ));
     println!(
         r#"{{"metric":"summary","agents":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"rss_per_agent_kib":{per_agent_kib:.1},"daemon_cpu_ms_per_change":{:.1},"client_cpu_ms_per_change":{:.1}}}"#,
         o.changes,
