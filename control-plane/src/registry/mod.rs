@@ -51,7 +51,8 @@ struct Entry {
     /// To be saved at the next save, whatever the interval: the instance is
     /// new, or a refused claim is shown on it.
     urgent: bool,
-    /// When its turn in the saver's queue comes, while it is unsaved.
+    /// When it falls due to be saved (its turn in the saver's queue),
+    /// while it is unsaved: set with `dirty`, brought forward when urgent.
     queued: Option<Instant>,
     /// The host last warned about for claiming this instance id.
     warned_conflict: Option<String>,

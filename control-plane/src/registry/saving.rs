@@ -109,12 +109,15 @@ impl Registry {
     pub fn save_changed(&self, all: bool) -> Result<usize, StoreError> {
         let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
+        // An entry's `queued` is when it falls due (set whenever it turns
+        // unsaved, brought forward when urgent): a turn taken from the queue
+        // for an earlier, already saved change finds a later time, or none.
         let due = |e: &Entry| {
-            e.dirty.is_some_and(|since| {
-                all || e.urgent
-                    || now.duration_since(since)
-                        >= saved_after(&e.instance.instance_id, self.progress_after)
-            })
+            if all {
+                e.dirty.is_some()
+            } else {
+                e.queued.is_some_and(|at| at <= now)
+            }
         };
         // Encoded under the entry's lock: no copy of each instance on the
         // way.
@@ -197,11 +200,12 @@ mod tests {
         assert_eq!(registry.save_changed(false).unwrap(), 1, "a new instance");
         assert_eq!(registry.due.len(), 0);
 
-        // Many changes, one queued save, made when its point has passed.
-        let changed = Instant::now();
+        // Many changes, one queued save, made when its point has passed
+        // (counted from after the first change, so never early).
         for revision in 5..50 {
             registry.set_desired(&a, "default", revision, true);
         }
+        let changed = Instant::now();
         assert_eq!(registry.due.len(), 1);
         assert_eq!(registry.save_changed(false).unwrap(), 0);
         std::thread::sleep(
@@ -218,6 +222,7 @@ mod tests {
 
         // Queued for later, then a refused claim on it: saved at the next
         // run, and the later turn in the queue finds nothing to do.
+        let queued_at = Instant::now();
         registry.set_desired(&a, "default", 50, true);
         assert!(
             registry
@@ -235,8 +240,22 @@ mod tests {
         let saved = registry.store.load_instances().unwrap();
         assert_eq!(saved[0].desired_revision, 50);
         assert!(saved[0].conflict.contains("another-host"), "{saved:?}");
-        std::thread::sleep(registry.progress_after);
-        assert_eq!(registry.save_changed(false).unwrap(), 0);
+
+        // Changed again meanwhile: the earlier turn, when it comes, is
+        // not this change's, which waits for its own point.
+        let point = saved_after("gitlab-a", registry.progress_after);
+        std::thread::sleep(point / 2);
+        registry.set_desired(&a, "default", 51, true);
+        let changed = Instant::now();
+        std::thread::sleep((queued_at + point).saturating_duration_since(Instant::now()));
+        assert_eq!(registry.save_changed(false).unwrap(), 0, "not due yet");
+        assert_eq!(registry.due.len(), 1);
+        std::thread::sleep((changed + point).saturating_duration_since(Instant::now()));
+        assert_eq!(registry.save_changed(false).unwrap(), 1);
+        assert_eq!(
+            registry.store.load_instances().unwrap()[0].desired_revision,
+            51
+        );
         assert_eq!(registry.due.len(), 0);
     }
 }
