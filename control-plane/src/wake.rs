@@ -151,10 +151,25 @@ impl Bell {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn ring(&self) {
-        for waker in self.slots().wakers.iter().flatten() {
+        let mut next = 0;
+        while let Some(after) = self.ring_part(next, usize::MAX) {
+            next = after;
+        }
+    }
+
+    /// Wakes up to `count` registrations from slot `from` on; returns
+    /// where to go on, or `None` once every slot was rung. A registration
+    /// made meanwhile in a slot already passed was made after the change,
+    /// and a session reads what is current when it registers.
+    pub(crate) fn ring_part(&self, from: usize, count: usize) -> Option<usize> {
+        let slots = self.slots();
+        let end = from.saturating_add(count).min(slots.wakers.len());
+        for waker in slots.wakers[from.min(end)..end].iter().flatten() {
             waker.wake_by_ref();
         }
+        (end < slots.wakers.len()).then_some(end)
     }
 }
 
@@ -201,6 +216,30 @@ mod tests {
         assert_eq!(woken, vec![3, 2, 3]);
         assert_eq!(late.0.load(Ordering::SeqCst), 1);
         assert_eq!(bell.slots().wakers.len(), 3);
+    }
+
+    #[test]
+    fn a_ring_in_parts_wakes_each_registration_once_and_says_where_to_go_on() {
+        let bell = Arc::new(Bell::default());
+        let counts: Vec<Arc<Count>> = (0..5)
+            .map(|_| Arc::new(Count(AtomicUsize::new(0))))
+            .collect();
+        let mut rings: Vec<Ring> = counts
+            .iter()
+            .map(|c| bell.register(Waker::from(c.clone())))
+            .collect();
+        let woken =
+            || -> Vec<usize> { counts.iter().map(|c| c.0.load(Ordering::SeqCst)).collect() };
+        assert_eq!(bell.ring_part(0, 2), Some(2));
+        assert_eq!(woken(), [1, 1, 0, 0, 0]);
+        // One signs off between parts: its slot is passed over.
+        drop(rings.remove(2));
+        assert_eq!(bell.ring_part(2, 2), Some(4));
+        assert_eq!(bell.ring_part(4, 2), None);
+        assert_eq!(woken(), [1, 1, 0, 1, 1]);
+        // Past the end: nothing, and done.
+        assert_eq!(bell.ring_part(9, 2), None);
+        assert_eq!(woken(), [1, 1, 0, 1, 1]);
     }
 
     #[test]

@@ -344,9 +344,22 @@ async fn ring_on_changes(
         if changed.is_err() {
             return;
         }
-        bell.ring();
+        let mut next = 0;
+        while let Some(after) = bell.ring_part(next, RING_BATCH) {
+            next = after;
+            tokio::task::yield_now().await;
+        }
     }
 }
+
+/// How many sessions a ring wakes before it lets the scheduler take a
+/// turn. The call that made the change is woken from the blocking pool a
+/// moment after the ring began: rung all at once, the fleet's wake-ups
+/// filled the workers' queues ahead of it, and about one change in four
+/// at 10,000 agents was answered 70 to 130 ms late, after the fleet had
+/// it. In batches of 16 the answer comes between two batches (at most 20
+/// ms, 90 changes), and the fan-out itself is no slower.
+const RING_BATCH: usize = 16;
 
 /// What every session shares.
 struct Shared {

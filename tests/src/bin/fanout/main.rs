@@ -204,6 +204,10 @@ impl Arrivals {
 struct Deliveries {
     from_ok: Spread,
     from_request: Spread,
+    /// The change's answer (the RPC's OK), from the request.
+    answered: Spread,
+    /// Changes answered only after every subscriber had them.
+    answered_after: usize,
     cpu_ms_per_change: f64,
     /// The bench's own CPU meanwhile: the subscribers' side, which shares
     /// the machine's cores with the server.
@@ -224,7 +228,8 @@ async fn deliver(
 ) -> Deliveries {
     let cpu_before = cpu_ms(server_pid);
     let clients_before = cpu_ms(std::process::id());
-    let (mut from_ok, mut from_request) = (Vec::new(), Vec::new());
+    let (mut from_ok, mut from_request, mut answered) = (Vec::new(), Vec::new(), Vec::new());
+    let mut answered_after = 0;
     for n in 1..=count {
         let sent_at = Instant::now();
         let revision = change(n).await;
@@ -232,16 +237,21 @@ async fn deliver(
         let last = arrivals.all(revision).await;
         let ms = last.saturating_duration_since(ok_at).as_secs_f64() * 1000.0;
         let request_ms = last.saturating_duration_since(sent_at).as_secs_f64() * 1000.0;
+        let ok_ms = ok_at.duration_since(sent_at).as_secs_f64() * 1000.0;
         println!(
-            r#"{{"metric":"{metric}","change":{n},"revision":{revision},"{who}":{subscribers},"ms":{ms:.3},"from_request_ms":{request_ms:.3}}}"#
+            r#"{{"metric":"{metric}","change":{n},"revision":{revision},"{who}":{subscribers},"ms":{ms:.3},"from_request_ms":{request_ms:.3},"ok_ms":{ok_ms:.3}}}"#
         );
         from_ok.push(ms);
         from_request.push(request_ms);
+        answered.push(ok_ms);
+        answered_after += usize::from(last < ok_at);
         tokio::time::sleep_until((sent_at + PACE).into()).await;
     }
     Deliveries {
         from_ok: spread(from_ok),
         from_request: spread(from_request),
+        answered: spread(answered),
+        answered_after,
         cpu_ms_per_change: (cpu_ms(server_pid) - cpu_before) / count as f64,
         client_cpu_ms_per_change: (cpu_ms(std::process::id()) - clients_before) / count as f64,
     }
@@ -766,6 +776,8 @@ async fn run(o: Options) {
 
     // The table.
     let ms = |s: Spread| format!("{:.1} / {:.1} / {:.1} ms", s.p50, s.p99, s.max);
+    let answer =
+        |d: &Deliveries| format!("{}; {} of {}", ms(d.answered), d.answered_after, o.changes);
     let cpu = |d: &Deliveries| format!("{:.0} ms", d.cpu_ms_per_change);
     let client_cpu = |d: &Deliveries| format!("{:.0} ms", d.client_cpu_ms_per_change);
     let mut table = vec![
@@ -786,6 +798,12 @@ async fn run(o: Options) {
                 .as_ref()
                 .map(|t| ms(t.from_request))
                 .unwrap_or_default(),
+        ),
+        (
+            "the change's OK, from the request (p50 / p99 / max); how many came after every subscriber had the change".to_string(),
+            answer(&ours),
+            etcd_run.as_ref().map(answer).unwrap_or_default(),
+            raw_run.as_ref().map(answer).unwrap_or_default(),
         ),
         (
             "server CPU per change (user + system)".to_string(),
