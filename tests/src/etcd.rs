@@ -40,6 +40,61 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// What etcd logs when its port is taken.
+const PORT_TAKEN: &str = "bind: address already in use";
+
+/// Spawns `size` members on free ports, their data and logs in `dir`
+/// (with the attempt in their names after the first).
+fn spawn_members(
+    dir: &tempfile::TempDir,
+    attempt: usize,
+    size: usize,
+    scheme: &str,
+    extra: &[String],
+) -> Result<Vec<Member>, String> {
+    let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let suffix = if attempt > 1 {
+        format!(".{attempt}")
+    } else {
+        String::new()
+    };
+    let mut members = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let url = format!("{scheme}://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut args = vec![
+            format!("--name=m{i}"),
+            format!(
+                "--data-dir={}",
+                dir.path().join(format!("m{i}{suffix}")).display()
+            ),
+            format!("--listen-client-urls={url}"),
+            format!("--advertise-client-urls={url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster={initial}"),
+            "--initial-cluster-state=new".into(),
+            "--initial-cluster-token=duofleet-test".into(),
+        ];
+        args.extend(extra.iter().cloned());
+        let mut member = Member {
+            child: None,
+            url,
+            args,
+            log: dir.path().join(format!("m{i}{suffix}.log")),
+        };
+        member.spawn()?;
+        members.push(member);
+    }
+    Ok(members)
+}
+
 fn binary() -> PathBuf {
     std::env::var_os("ETCD")
         .map(PathBuf::from)
@@ -158,52 +213,44 @@ impl Etcd {
 
     /// Starts `size` members in `dir`, serving clients on `scheme` with
     /// `extra` flags each; waits until a client (`connect`) gets answers.
+    /// The ports are picked free and let go before etcd binds them, so
+    /// another test may take one meanwhile: then the cluster is started
+    /// again on new ports.
     async fn launch(
-        dir: tempfile::TempDir,
+        mut dir: tempfile::TempDir,
         size: usize,
         scheme: &str,
         extra: &[String],
         connect: Option<ConnectOptions>,
     ) -> Result<Etcd, String> {
-        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
-        let initial = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut members = Vec::new();
-        for (i, (client, peer)) in ports.iter().enumerate() {
-            let url = format!("{scheme}://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let mut args = vec![
-                format!("--name=m{i}"),
-                format!("--data-dir={}", dir.path().join(format!("m{i}")).display()),
-                format!("--listen-client-urls={url}"),
-                format!("--advertise-client-urls={url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster={initial}"),
-                "--initial-cluster-state=new".into(),
-                "--initial-cluster-token=duofleet-test".into(),
-            ];
-            args.extend(extra.iter().cloned());
-            let mut member = Member {
-                child: None,
-                url,
-                args,
-                log: dir.path().join(format!("m{i}.log")),
+        const ATTEMPTS: usize = 3;
+        for attempt in 1.. {
+            let members = spawn_members(&dir, attempt, size, scheme, extra)?;
+            let etcd = Etcd {
+                members,
+                dir,
+                connect: connect.clone(),
             };
-            member.spawn()?;
-            members.push(member);
+            match etcd.wait_ready(Duration::from_secs(30)).await {
+                Ok(()) => return Ok(etcd),
+                Err(_) if attempt < ATTEMPTS && etcd.lost_a_port() => {
+                    let Etcd {
+                        members, dir: kept, ..
+                    } = etcd;
+                    drop(members);
+                    dir = kept;
+                }
+                Err(error) => return Err(error),
+            }
         }
-        let etcd = Etcd {
-            members,
-            dir,
-            connect,
-        };
-        etcd.wait_ready(Duration::from_secs(30)).await?;
-        Ok(etcd)
+        unreachable!("the loop returns")
+    }
+
+    /// A member could not bind its port: another process took it.
+    fn lost_a_port(&self) -> bool {
+        self.members
+            .iter()
+            .any(|m| std::fs::read_to_string(&m.log).is_ok_and(|log| log.contains(PORT_TAKEN)))
     }
 
     /// Waits until a write through every live member succeeds.
@@ -225,7 +272,7 @@ impl Etcd {
                 {
                     break;
                 }
-                if Instant::now() > deadline {
+                if Instant::now() > deadline || self.lost_a_port() {
                     return Err(format!(
                         "etcd did not answer within {timeout:?}:\n{}",
                         self.logs()

@@ -140,9 +140,17 @@ impl AgentApi {
         }
         let identity = request.extensions().get::<AgentIdentity>().cloned();
         let mut inbound = Inbound::default();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message(stream))
-            .await
-            .map_err(|_| Status::deadline_exceeded("no Hello within 30 s of connecting"))??;
+        let first = tokio::select! {
+            biased;
+            first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message(stream)) => first
+                .map_err(|_| Status::deadline_exceeded("no Hello within 30 s of connecting"))??,
+            // Shutting down while it waits: a stream that never says Hello
+            // must not hold the restart back for its 30 s.
+            () = poll_fn(|_| if stream.stopping() { Poll::Ready(()) } else { Poll::Pending }) => {
+                let peer = request.remote_addr().map(|a| a.to_string());
+                return Err(restarting(peer.as_deref().unwrap_or(""), self.registry.connected()));
+            }
+        };
         let hello = match first.and_then(|m| m.message) {
             Some(Message::Hello(hello)) => hello,
             _ => {

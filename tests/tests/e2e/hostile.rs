@@ -331,6 +331,48 @@ async fn operators_have_headroom_when_agents_fill_the_daemon() {
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
 }
 
+/// A peer that opens an agent stream and never says Hello does not hold a
+/// restart back: it is told when to come back, as agents are, instead of
+/// the daemon waiting out its 30 s for a Hello (or the 10 s grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_says_hello_does_not_hold_a_restart_back() {
+    use duofleet_proto::v1::AgentMessage;
+    use duofleet_proto::v1::agent_service_client::AgentServiceClient;
+    use std::time::{Duration, Instant};
+    let (_dir, daemon) = fresh_daemon();
+    let token = std::fs::read_to_string(daemon.data_dir().join("enroll.token")).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(1);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim()).parse().unwrap(),
+    );
+    let mut client = AgentServiceClient::new(daemon.channel().await);
+    let waiting = tokio::spawn(async move { client.connect(request).await.map(drop) });
+    // Time for the stream to open (on loopback, well under this); it
+    // then waits for its Hello.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "answered before any Hello");
+
+    let started = Instant::now();
+    assert!(daemon.stop("TERM").success());
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "shutting down took {took:?}: it waited for the Hello"
+    );
+    let status = waiting.await.unwrap().expect_err("refused");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("duofleetd is shutting down; reconnect in"),
+        "{}",
+        status.message()
+    );
+    drop(tx);
+}
+
 /// The HTTP port does not hold a partial request forever.
 #[test]
 fn the_http_port_drops_a_request_that_never_ends() {
