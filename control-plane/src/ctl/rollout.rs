@@ -29,8 +29,8 @@ use std::path::Path;
 pub enum RolloutCommand {
     /// Every rollout, newest first.
     List,
-    /// Per wave: instances, applied, failed, health regressions, and the
-    /// gate's countdown.
+    /// Per wave: instances, applied, failed, health regressions, the
+    /// instances the gate waits for, and its countdown.
     Status {
         id: String,
         /// Follow it with a progress bar until it ends: exit 0 SUCCEEDED,
@@ -174,7 +174,10 @@ pub fn status_text(rollout: &Rollout) -> String {
                 },
                 Err(_) => "-".into(),
             },
-            (WaveState::Applying, _) => "waits for every instance".into(),
+            (WaveState::Applying, _) if wave.waiting_count > 0 => {
+                format!("waits for {}", wave.waiting_count)
+            }
+            (WaveState::Applying, _) => "every instance applied".into(),
             _ => "-".into(),
         };
         table.row(vec![
@@ -191,6 +194,20 @@ pub fn status_text(rollout: &Rollout) -> String {
     for wave in &rollout.waves {
         for regression in &wave.regressions {
             let _ = writeln!(out, "  wave {}: {regression}", wave.index + 1);
+        }
+        if wave.state() == WaveState::Applying && !wave.waiting.is_empty() {
+            let more = (wave.waiting_count as usize).saturating_sub(wave.waiting.len());
+            let _ = writeln!(
+                out,
+                "  wave {} waits for: {}{}",
+                wave.index + 1,
+                wave.waiting.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
         }
     }
     out

@@ -675,7 +675,7 @@ pub fn rollout(d: &Dashboard, viewer: &Viewer, id: &str) -> Result<String, (Stat
         p { (r.state().as_str_name().trim_start_matches("ROLLOUT_STATE_")) ": revision " (r.revision) " (from " (r.base_revision) ") by " (r.actor) ": " (r.summary) }
         @if !r.reason.is_empty() { p class="error" { (r.reason) } }
         table {
-            tr { th { "Wave" } th { "State" } th { "Progress" } th { "Failed" } th { "Regressions" } th { "Instances" } }
+            tr { th { "Wave" } th { "State" } th { "Progress" } th { "Failed" } th { "Regressions" } th { "Waiting for" } th { "Instances" } }
             @for w in &r.waves {
                 tr {
                     td { (w.index + 1) }
@@ -683,6 +683,10 @@ pub fn rollout(d: &Dashboard, viewer: &Viewer, id: &str) -> Result<String, (Stat
                     td { (progress(applied_of(w), w.instances.len())) " " (applied_of(w)) "/" (w.instances.len()) }
                     td class="num" { (w.failed) }
                     td { @for reg in &w.regressions { div { (reg) } } }
+                    td {
+                        @for waiting in &w.waiting { div { (waiting) } }
+                        @if (w.waiting_count as usize) > w.waiting.len() { div { "and " (w.waiting_count as usize - w.waiting.len()) " more" } }
+                    }
                     td { @for i in &w.instances { a href={ "/instances/" (i) } { (i) } " " } }
                 }
             }

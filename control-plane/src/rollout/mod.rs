@@ -39,6 +39,9 @@ pub const DEFAULT_BAKE: Duration = Duration::from_secs(300);
 /// The longest bake time accepted.
 const MAX_BAKE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// How many of the instances a wave waits for its status names.
+const WAITING_LISTED: usize = 10;
+
 /// A health target of an instance: (kind, target).
 type TargetKey = (i32, String);
 
@@ -586,6 +589,7 @@ impl Rollouts {
         let mut failed = Vec::new();
         let mut regressions = Vec::new();
         let mut present = 0;
+        let mut waiting = Vec::new();
         for id in &entry.record.waves[index].instances {
             // An instance deleted meanwhile no longer counts.
             // What the gate reads, without copying the whole record.
@@ -605,7 +609,11 @@ impl Rollouts {
                 SyncState::Failed => {
                     failed.push(format!("{id} ({})", last_error.unwrap_or_default()))
                 }
-                _ => {}
+                SyncState::Synced => waiting.push(format!("{id} (SYNCED at {applied_revision})")),
+                other => waiting.push(format!(
+                    "{id} ({})",
+                    other.as_str_name().trim_start_matches("SYNC_STATE_")
+                )),
             }
             // No report yet at the opening: the first one is the baseline.
             if entry.baseline.get(id).is_none_or(|b| b.is_empty()) {
@@ -639,6 +647,10 @@ impl Rollouts {
         wave.applied = applied;
         wave.failed = failed.len() as u32;
         wave.regressions = regressions.clone();
+        // The wave's instances are kept sorted by id.
+        wave.waiting_count = waiting.len() as u32;
+        waiting.truncate(WAITING_LISTED);
+        wave.waiting = waiting;
         let limit = max_failed(&spec);
         if failed.len() as u32 > limit {
             entry.record.state = RolloutState::Paused as i32;

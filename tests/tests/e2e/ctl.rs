@@ -35,7 +35,7 @@ fn ctl(daemon: &Daemon, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Ctl 
 }
 
 /// Like [`ctl`], and it must succeed.
-fn ok(daemon: &Daemon, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+pub(crate) fn ok(daemon: &Daemon, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let run = ctl(daemon, dir, args, env);
     assert_eq!(
         run.code, 0,

@@ -275,6 +275,67 @@ async fn ten_agents_in_three_waves_converge_wave_by_wave() {
     }
 }
 
+/// An OFFLINE instance holds its wave, however long the bake, and the
+/// rollout's status names it (the API's and duofleetctl's); once deleted,
+/// it no longer counts and the rollout goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_instance_holds_its_wave_and_the_status_names_it() {
+    use duofleet_proto::v1::DeleteInstanceRequest;
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let mut fleet = Fleet::start(&daemon, dir.path(), 3, 2);
+    let before = set_gateway(&mut c, "default", "https://aigw-a.example.com").await;
+    for id in fleet.ids() {
+        wait_synced(&mut c, &id, before).await;
+    }
+    // A canary's host goes away.
+    fleet.agents[1].0.kill9();
+    wait_instance(&mut c, "gitlab-01", "offline", |i| {
+        i.sync_state() == SyncState::Offline
+    })
+    .await;
+    let (_, id) = staged_gateway(
+        &mut c,
+        "https://aigw-b.example.com",
+        spec(vec![selector("ring", "canary"), percent(100)], 1),
+    )
+    .await;
+    let waiting = wait_rollout(&mut c, &id, "waiting for the offline canary", |r| {
+        r.waves[0].applied == 1
+    })
+    .await;
+    assert_eq!(waiting.waves[0].waiting, ["gitlab-01 (OFFLINE)"]);
+    assert_eq!(waiting.waves[0].waiting_count, 1);
+    // Well past the 1 s bake, the wave still waits for it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held = rollout(&mut c, &id).await;
+    assert_eq!(held.state(), RolloutState::Progressing);
+    assert_eq!(
+        (held.waves[0].state(), held.waves[1].state()),
+        (WaveState::Applying, WaveState::Waiting)
+    );
+    let status = crate::ctl::ok(&daemon, dir.path(), &["rollout", "status", &id], &[]);
+    assert!(status.contains("waits for 1"), "{status}");
+    assert!(
+        status.contains("wave 1 waits for: gitlab-01 (OFFLINE)"),
+        "{status}"
+    );
+
+    // Deleted, it no longer counts.
+    c.fleet
+        .delete_instance(DeleteInstanceRequest {
+            instance_id: "gitlab-01".into(),
+            validate_only: false,
+        })
+        .await
+        .unwrap();
+    let done = wait_rollout(&mut c, &id, "succeeded", |r| {
+        r.state() == RolloutState::Succeeded
+    })
+    .await;
+    assert!(done.waves.iter().all(|w| w.waiting.is_empty()), "{done:#?}");
+}
+
 /// A held profile refuses other changes; a model endpoint that goes down
 /// in wave 1 pauses the rollout before wave 2; an abort puts wave 1 back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
