@@ -194,16 +194,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_ring_wakes_each_registered_waker_until_it_signs_off() {
-        let bell = Arc::new(Bell::default());
-        let counts: Vec<Arc<Count>> = (0..3)
+    /// `n` wakers that count their wake-ups, registered on `bell`.
+    fn registered(bell: &Arc<Bell>, n: usize) -> (Vec<Arc<Count>>, Vec<Ring>) {
+        let counts: Vec<Arc<Count>> = (0..n)
             .map(|_| Arc::new(Count(AtomicUsize::new(0))))
             .collect();
-        let mut rings: Vec<Ring> = counts
+        let rings = counts
             .iter()
             .map(|c| bell.register(Waker::from(c.clone())))
             .collect();
+        (counts, rings)
+    }
+
+    fn woken(counts: &[Arc<Count>]) -> Vec<usize> {
+        counts.iter().map(|c| c.0.load(Ordering::SeqCst)).collect()
+    }
+
+    #[test]
+    fn a_ring_wakes_each_registered_waker_until_it_signs_off() {
+        let bell = Arc::new(Bell::default());
+        let (counts, mut rings) = registered(&bell, 3);
         bell.ring();
         bell.ring();
         assert!(counts.iter().all(|c| c.0.load(Ordering::SeqCst) == 2));
@@ -212,8 +222,7 @@ mod tests {
         let late = Arc::new(Count(AtomicUsize::new(0)));
         let _late = bell.register(Waker::from(late.clone()));
         bell.ring();
-        let woken: Vec<usize> = counts.iter().map(|c| c.0.load(Ordering::SeqCst)).collect();
-        assert_eq!(woken, vec![3, 2, 3]);
+        assert_eq!(woken(&counts), [3, 2, 3]);
         assert_eq!(late.0.load(Ordering::SeqCst), 1);
         assert_eq!(bell.slots().wakers.len(), 3);
     }
@@ -221,25 +230,17 @@ mod tests {
     #[test]
     fn a_ring_in_parts_wakes_each_registration_once_and_says_where_to_go_on() {
         let bell = Arc::new(Bell::default());
-        let counts: Vec<Arc<Count>> = (0..5)
-            .map(|_| Arc::new(Count(AtomicUsize::new(0))))
-            .collect();
-        let mut rings: Vec<Ring> = counts
-            .iter()
-            .map(|c| bell.register(Waker::from(c.clone())))
-            .collect();
-        let woken =
-            || -> Vec<usize> { counts.iter().map(|c| c.0.load(Ordering::SeqCst)).collect() };
+        let (counts, mut rings) = registered(&bell, 5);
         assert_eq!(bell.ring_part(0, 2), Some(2));
-        assert_eq!(woken(), [1, 1, 0, 0, 0]);
+        assert_eq!(woken(&counts), [1, 1, 0, 0, 0]);
         // One signs off between parts: its slot is passed over.
         drop(rings.remove(2));
         assert_eq!(bell.ring_part(2, 2), Some(4));
         assert_eq!(bell.ring_part(4, 2), None);
-        assert_eq!(woken(), [1, 1, 0, 1, 1]);
+        assert_eq!(woken(&counts), [1, 1, 0, 1, 1]);
         // Past the end: nothing, and done.
         assert_eq!(bell.ring_part(9, 2), None);
-        assert_eq!(woken(), [1, 1, 0, 1, 1]);
+        assert_eq!(woken(&counts), [1, 1, 0, 1, 1]);
     }
 
     #[test]

@@ -376,13 +376,13 @@ const RING_BATCH: usize = 64;
 /// it.
 async fn requeue() {
     let mut woken = false;
-    std::future::poll_fn(|cx| {
+    poll_fn(|cx| {
         if woken {
-            return std::task::Poll::Ready(());
+            return Poll::Ready(());
         }
         woken = true;
         cx.waker().wake_by_ref();
-        std::task::Poll::Pending
+        Poll::Pending
     })
     .await
 }
