@@ -197,7 +197,12 @@ async fn the_dashboard_in_a_real_browser() {
     browser.goto(&format!("{base}/instances")).await.unwrap();
     browser.fill("#filter-label", "ring=main").await.unwrap();
     browser.click("#filter-apply").await.unwrap();
-    visited.push(browser.current_url().await.unwrap());
+    // The click returns before the form's page has loaded: read the rows
+    // of the new page, not the old one's.
+    let filtered = format!("{base}/instances?label=ring%3Dmain&profile=&state=&sort=");
+    let url = browser.wait_url(&filtered, crate::WAIT).await.unwrap();
+    assert_eq!(url, filtered);
+    visited.push(url);
     let rows = browser.texts("#instances tr td:first-child").await.unwrap();
     assert_eq!(rows, ["gitlab-b"]);
     browser
