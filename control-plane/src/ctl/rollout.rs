@@ -75,6 +75,8 @@ struct GateFile {
     bake: Option<String>,
     #[serde(default)]
     max_failed: u32,
+    #[serde(default)]
+    offline_after: Option<String>,
 }
 
 /// The waves file, as the spec the server checks.
@@ -83,17 +85,23 @@ pub fn load_spec(path: &Path) -> Result<RolloutSpec, Failure> {
         .map_err(|e| Failure(format!("cannot read {}: {e}", path.display())))?;
     let file: SpecFile =
         serde_norway::from_str(&text).map_err(|e| Failure(format!("{}: {e}", path.display())))?;
-    let bake = match file.gate.as_ref().and_then(|g| g.bake.as_deref()) {
-        None => None,
+    let duration = |field: &str, text: Option<&str>| match text {
+        None => Ok(None),
         Some(text) => {
             let d = parse_duration(text)
-                .map_err(|e| Failure(format!("{}: gate.bake: {e}", path.display())))?;
-            Some(prost_types::Duration {
+                .map_err(|e| Failure(format!("{}: gate.{field}: {e}", path.display())))?;
+            Ok::<_, Failure>(Some(prost_types::Duration {
                 seconds: d.as_secs() as i64,
                 nanos: 0,
-            })
+            }))
         }
     };
+    let gate = file.gate.as_ref();
+    let bake = duration("bake", gate.and_then(|g| g.bake.as_deref()))?;
+    let offline_after = duration(
+        "offlineAfter",
+        gate.and_then(|g| g.offline_after.as_deref()),
+    )?;
     Ok(RolloutSpec {
         waves: file
             .waves
@@ -107,6 +115,7 @@ pub fn load_spec(path: &Path) -> Result<RolloutSpec, Failure> {
         gate: Some(Gate {
             bake,
             max_failed: file.gate.map_or(0, |g| g.max_failed),
+            offline_after,
         }),
     })
 }

@@ -174,17 +174,31 @@ pub fn validate_spec(spec: &RolloutSpec) -> Result<(), ConfigError> {
         }
         crate::validate::selector(&format!("rollout.waves[{i}].selector"), &wave.selector)?;
     }
-    if let Some(bake) = spec.gate.as_ref().and_then(|g| g.bake) {
-        let bake = Duration::try_from(bake)
-            .map_err(|_| invalid("rollout.gate.bake".into(), "must not be negative"))?;
-        if bake > MAX_BAKE {
-            return Err(invalid(
-                "rollout.gate.bake".into(),
-                "must be at most 7 days",
-            ));
+    let gate = spec.gate.as_ref();
+    for (field, value) in [
+        ("rollout.gate.bake", gate.and_then(|g| g.bake)),
+        (
+            "rollout.gate.offline_after",
+            gate.and_then(|g| g.offline_after),
+        ),
+    ] {
+        let Some(value) = value else { continue };
+        let value =
+            Duration::try_from(value).map_err(|_| invalid(field.into(), "must not be negative"))?;
+        if value > MAX_BAKE {
+            return Err(invalid(field.into(), "must be at most 7 days"));
         }
     }
     Ok(())
+}
+
+/// How long an instance may be OFFLINE before the gate counts it as
+/// FAILED; `None`: the gate waits for it.
+fn offline_after(spec: &RolloutSpec) -> Option<Duration> {
+    spec.gate
+        .as_ref()
+        .and_then(|g| g.offline_after)
+        .and_then(|d| Duration::try_from(d).ok())
 }
 
 fn bake_of(spec: &RolloutSpec) -> Duration {
@@ -193,6 +207,14 @@ fn bake_of(spec: &RolloutSpec) -> Duration {
         .and_then(|g| g.bake)
         .and_then(|b| Duration::try_from(b).ok())
         .unwrap_or(DEFAULT_BAKE)
+}
+
+/// How long since an instance was last seen (zero when never).
+fn offline_for(last_seen: Option<prost_types::Timestamp>) -> Duration {
+    last_seen
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .unwrap_or_default()
 }
 
 fn max_failed(spec: &RolloutSpec) -> u32 {
@@ -590,17 +612,21 @@ impl Rollouts {
         let mut regressions = Vec::new();
         let mut present = 0;
         let mut waiting = Vec::new();
+        let offline = offline_after(&spec);
         for id in &entry.record.waves[index].instances {
             // An instance deleted meanwhile no longer counts.
             // What the gate reads, without copying the whole record.
-            let Some((state, applied_revision, last_error, health)) = self.registry.peek(id, |i| {
-                (
-                    i.sync_state(),
-                    i.applied_revision,
-                    (i.sync_state() == SyncState::Failed).then(|| i.last_error.clone()),
-                    i.health.clone(),
-                )
-            }) else {
+            let Some((state, applied_revision, last_error, health, last_seen)) =
+                self.registry.peek(id, |i| {
+                    (
+                        i.sync_state(),
+                        i.applied_revision,
+                        (i.sync_state() == SyncState::Failed).then(|| i.last_error.clone()),
+                        i.health.clone(),
+                        i.last_seen,
+                    )
+                })
+            else {
                 continue;
             };
             present += 1;
@@ -608,6 +634,14 @@ impl Rollouts {
                 SyncState::Synced if applied_revision >= revision => applied += 1,
                 SyncState::Failed => {
                     failed.push(format!("{id} ({})", last_error.unwrap_or_default()))
+                }
+                SyncState::Offline
+                    if offline.is_some_and(|after| offline_for(last_seen) >= after) =>
+                {
+                    failed.push(format!(
+                        "{id} (OFFLINE for {}s)",
+                        offline_for(last_seen).as_secs()
+                    ))
                 }
                 SyncState::Synced => waiting.push(format!("{id} (SYNCED at {applied_revision})")),
                 other => waiting.push(format!(
@@ -936,7 +970,7 @@ pub fn spawn_gates(rollouts: Arc<Rollouts>, period: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use duofleet_proto::v1::Wave;
+    use duofleet_proto::v1::{Gate, Wave};
 
     fn instances(n: usize) -> Vec<(String, Labels)> {
         (0..n)
@@ -948,6 +982,60 @@ mod tests {
                 (format!("gitlab-{i:02}"), labels)
             })
             .collect()
+    }
+
+    #[test]
+    fn gate_durations_are_refused_by_name_when_negative_or_over_a_week() {
+        let with_gate = |gate: Gate| RolloutSpec {
+            waves: vec![Wave {
+                percent: 100,
+                ..Default::default()
+            }],
+            gate: Some(gate),
+        };
+        let secs = |seconds: i64| Some(prost_types::Duration { seconds, nanos: 0 });
+        let refusal = |gate: Gate| validate_spec(&with_gate(gate)).unwrap_err().to_string();
+        let week = 7 * 24 * 3600;
+        assert!(
+            validate_spec(&with_gate(Gate {
+                bake: secs(600),
+                offline_after: secs(week),
+                ..Default::default()
+            }))
+            .is_ok()
+        );
+        for (gate, field, rule) in [
+            (
+                Gate {
+                    offline_after: secs(week + 1),
+                    ..Default::default()
+                },
+                "rollout.gate.offline_after",
+                "must be at most 7 days",
+            ),
+            (
+                Gate {
+                    offline_after: secs(-1),
+                    ..Default::default()
+                },
+                "rollout.gate.offline_after",
+                "must not be negative",
+            ),
+            (
+                Gate {
+                    bake: secs(week + 1),
+                    ..Default::default()
+                },
+                "rollout.gate.bake",
+                "must be at most 7 days",
+            ),
+        ] {
+            let refusal = refusal(gate);
+            assert!(
+                refusal.contains(field) && refusal.contains(rule),
+                "{refusal}"
+            );
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub(crate) fn spec(waves: Vec<Wave>, bake_secs: i64) -> RolloutSpec {
                 nanos: 0,
             }),
             max_failed: 0,
+            ..Default::default()
         }),
     }
 }
@@ -275,6 +276,23 @@ async fn ten_agents_in_three_waves_converge_wave_by_wave() {
     }
 }
 
+/// Three agents on gateway a, two of them canaries; the second canary's
+/// host goes away (OFFLINE).
+async fn an_offline_canary(daemon: &Daemon, root: &Path) -> (Clients, Fleet) {
+    let mut c = daemon.clients().await;
+    let mut fleet = Fleet::start(daemon, root, 3, 2);
+    let before = set_gateway(&mut c, "default", "https://aigw-a.example.com").await;
+    for id in fleet.ids() {
+        wait_synced(&mut c, &id, before).await;
+    }
+    fleet.agents[1].0.kill9();
+    wait_instance(&mut c, "gitlab-01", "offline", |i| {
+        i.sync_state() == SyncState::Offline
+    })
+    .await;
+    (c, fleet)
+}
+
 /// An OFFLINE instance holds its wave, however long the bake, and the
 /// rollout's status names it (the API's and duofleetctl's); once deleted,
 /// it no longer counts and the rollout goes on.
@@ -282,18 +300,7 @@ async fn ten_agents_in_three_waves_converge_wave_by_wave() {
 async fn an_offline_instance_holds_its_wave_and_the_status_names_it() {
     use duofleet_proto::v1::DeleteInstanceRequest;
     let (dir, daemon) = fresh_daemon();
-    let mut c = daemon.clients().await;
-    let mut fleet = Fleet::start(&daemon, dir.path(), 3, 2);
-    let before = set_gateway(&mut c, "default", "https://aigw-a.example.com").await;
-    for id in fleet.ids() {
-        wait_synced(&mut c, &id, before).await;
-    }
-    // A canary's host goes away.
-    fleet.agents[1].0.kill9();
-    wait_instance(&mut c, "gitlab-01", "offline", |i| {
-        i.sync_state() == SyncState::Offline
-    })
-    .await;
+    let (mut c, _fleet) = an_offline_canary(&daemon, dir.path()).await;
     let (_, id) = staged_gateway(
         &mut c,
         "https://aigw-b.example.com",
@@ -334,6 +341,47 @@ async fn an_offline_instance_holds_its_wave_and_the_status_names_it() {
     })
     .await;
     assert!(done.waves.iter().all(|w| w.waiting.is_empty()), "{done:#?}");
+}
+
+/// With `offlineAfter`, an instance OFFLINE that long counts as FAILED:
+/// with `maxFailed: 0` the gate pauses the rollout and says why, instead
+/// of waiting for the host. The waves file's `offlineAfter` reaches the
+/// gate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_offline_past_offline_after_counts_as_failed() {
+    let (dir, daemon) = fresh_daemon();
+    let (mut c, _fleet) = an_offline_canary(&daemon, dir.path()).await;
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        "apiVersion: duofleet/v1\nprofiles:\n  - name: default\n    aiGatewayUrl: https://aigw-b.example.com\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("waves.yaml"),
+        "waves:\n  - selector: {ring: canary}\n  - percent: 100\ngate:\n  bake: 1s\n  maxFailed: 0\n  offlineAfter: 1s\n",
+    )
+    .unwrap();
+    let started = crate::ctl::ok(
+        &daemon,
+        dir.path(),
+        &["apply", "-f", "gateway.yaml", "--rollout", "waves.yaml"],
+        &[],
+    );
+    let id = started
+        .split_whitespace()
+        .find(|w| w.starts_with("r-"))
+        .map(|w| w.trim_end_matches(':').to_string())
+        .unwrap_or_else(|| panic!("no rollout id in {started:?}"));
+    let paused = wait_rollout(&mut c, &id, "paused", |r| r.state() == RolloutState::Paused).await;
+    assert_eq!(paused.waves[0].failed, 1, "{paused:#?}");
+    assert!(
+        paused.reason.starts_with(
+            "wave 1 gate: 1 instances FAILED, more than max_failed 0: gitlab-01 (OFFLINE for "
+        ),
+        "{}",
+        paused.reason
+    );
+    assert_eq!(paused.waves[1].state(), WaveState::Waiting);
 }
 
 /// A held profile refuses other changes; a model endpoint that goes down
