@@ -74,6 +74,9 @@ pub struct Rollouts {
     /// their streams recompute what they receive.
     epoch: watch::Sender<u64>,
     updates: broadcast::Sender<Rollout>,
+    /// When this daemon started: an instance cannot have been seen while
+    /// it was down, so OFFLINE time counts from here at the earliest.
+    started: SystemTime,
 }
 
 pub fn id_of(revision: u64) -> String {
@@ -209,10 +212,13 @@ fn bake_of(spec: &RolloutSpec) -> Duration {
         .unwrap_or(DEFAULT_BAKE)
 }
 
-/// How long since an instance was last seen (zero when never).
-fn offline_for(last_seen: Option<prost_types::Timestamp>) -> Duration {
+/// How long an instance has been away: since it was last seen, or since
+/// `started` when that is later (a restart of the daemon is not time the
+/// host was down); zero when it was never seen.
+fn offline_for(last_seen: Option<prost_types::Timestamp>, started: SystemTime) -> Duration {
     last_seen
         .and_then(|t| SystemTime::try_from(t).ok())
+        .map(|t| t.max(started))
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .unwrap_or_default()
 }
@@ -310,6 +316,7 @@ impl Rollouts {
             entries: Mutex::new(entries),
             epoch: watch::Sender::new(0),
             updates: broadcast::Sender::new(256),
+            started: SystemTime::now(),
         });
         // Baselines for the open waves, from what the registry knows now.
         {
@@ -636,11 +643,12 @@ impl Rollouts {
                     failed.push(format!("{id} ({})", last_error.unwrap_or_default()))
                 }
                 SyncState::Offline
-                    if offline.is_some_and(|after| offline_for(last_seen) >= after) =>
+                    if offline
+                        .is_some_and(|after| offline_for(last_seen, self.started) >= after) =>
                 {
                     failed.push(format!(
                         "{id} (OFFLINE for {}s)",
-                        offline_for(last_seen).as_secs()
+                        offline_for(last_seen, self.started).as_secs()
                     ))
                 }
                 SyncState::Synced => waiting.push(format!("{id} (SYNCED at {applied_revision})")),
@@ -982,6 +990,19 @@ mod tests {
                 (format!("gitlab-{i:02}"), labels)
             })
             .collect()
+    }
+
+    #[test]
+    fn offline_time_counts_from_the_daemons_start_at_the_earliest() {
+        let now = SystemTime::now();
+        let ago = |secs: u64| Some((now - Duration::from_secs(secs)).into());
+        let long_ago = now - Duration::from_secs(3600);
+        let away = offline_for(ago(600), long_ago);
+        assert!((600..605).contains(&away.as_secs()), "{away:?}");
+        // Seen 10 minutes ago, but the daemon started a minute ago.
+        let away = offline_for(ago(600), now - Duration::from_secs(60));
+        assert!((60..65).contains(&away.as_secs()), "{away:?}");
+        assert_eq!(offline_for(None, long_ago), Duration::ZERO);
     }
 
     #[test]
