@@ -62,6 +62,16 @@ impl std::fmt::Display for GitLabVersion {
     }
 }
 
+impl v1::SyncState {
+    /// The state as operators read it: "SYNCED", "OFFLINE", ... (the enum
+    /// value's name without its prefix).
+    pub fn word(self) -> &'static str {
+        self.as_str_name()
+            .strip_prefix("SYNC_STATE_")
+            .unwrap_or("UNKNOWN")
+    }
+}
+
 /// Debug that never prints an API key: `{:?}` of a request must be safe to log.
 mod redact {
     use super::v1::{DesiredModel, Model};

@@ -39,14 +39,6 @@ fn or_dash(text: &str) -> String {
     }
 }
 
-/// SYNCED, PENDING, ... without the enum prefix.
-pub fn state_name(state: SyncState) -> &'static str {
-    state
-        .as_str_name()
-        .strip_prefix("SYNC_STATE_")
-        .unwrap_or("UNKNOWN")
-}
-
 fn health_summary(instance: &Instance) -> String {
     let total = instance.health.len();
     if total == 0 {
@@ -184,7 +176,7 @@ pub async fn get(
             for i in &instances {
                 let mut row = vec![
                     i.instance_id.clone(),
-                    state_name(i.sync_state()).into(),
+                    i.sync_state().word().into(),
                     or_dash(&i.profile),
                     i.desired_revision.to_string(),
                     i.applied_revision.to_string(),
@@ -431,7 +423,7 @@ fn describe_instance(out: &mut String, i: &Instance) {
     let _ = writeln!(
         out,
         "State:       {} ({})",
-        state_name(i.sync_state()),
+        i.sync_state().word(),
         if i.connected {
             "connected"
         } else {
@@ -597,7 +589,7 @@ pub async fn status(
         for i in &instances {
             table.row(vec![
                 i.instance_id.clone(),
-                state_name(i.sync_state()).into(),
+                i.sync_state().word().into(),
                 or_dash(&i.profile),
                 i.desired_revision.to_string(),
                 i.applied_revision.to_string(),
@@ -607,7 +599,7 @@ pub async fn status(
         print!("{}", table.render(WIDTH));
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for i in &instances {
-            *counts.entry(state_name(i.sync_state())).or_default() += 1;
+            *counts.entry(i.sync_state().word()).or_default() += 1;
         }
         let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
         let unhealthy = instances

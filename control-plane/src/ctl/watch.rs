@@ -1,7 +1,6 @@
 //! `watch`: the fleet's events, one line each; with `--until-synced`, a
 //! progress bar of instances running the current revision.
 
-use crate::read::state_name;
 use crate::{Failure, Outcome, refused, view};
 use duofleet_control_plane::client::Clients;
 use duofleet_proto::v1::fleet_event::Event;
@@ -21,17 +20,15 @@ pub fn line(event: &FleetEvent) -> Option<String> {
         Event::RevisionCreated(r) => {
             format!("revision {} by {}: {}", r.revision, r.actor, r.summary)
         }
-        Event::InstanceConnected(i) => format!(
-            "{} connected ({})",
-            i.instance_id,
-            state_name(i.sync_state())
-        ),
+        Event::InstanceConnected(i) => {
+            format!("{} connected ({})", i.instance_id, i.sync_state().word())
+        }
         Event::InstanceDisconnected(i) => format!("{} disconnected", i.instance_id),
         Event::Applied(i) => format!(
             "{} applied revision {} ({})",
             i.instance_id,
             i.revision,
-            state_name(i.sync_state())
+            i.sync_state().word()
         ),
         Event::Failed(i) => format!(
             "{} FAILED at revision {}: {}",
@@ -162,7 +159,7 @@ pub async fn watch(
                     .filter(|i| {
                         !(i.sync_state() == SyncState::Synced && i.applied_revision >= target)
                     })
-                    .map(|i| format!("{} {}", i.instance_id, state_name(i.sync_state())))
+                    .map(|i| format!("{} {}", i.instance_id, i.sync_state().word()))
                     .collect();
                 eprintln!(
                     "timed out after {timeout:?}; not yet SYNCED: {}",

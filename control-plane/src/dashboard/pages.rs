@@ -89,13 +89,6 @@ pub fn error(viewer: &Viewer, status: StatusCode, message: &str) -> String {
     )
 }
 
-fn state_word(state: SyncState) -> &'static str {
-    state
-        .as_str_name()
-        .strip_prefix("SYNC_STATE_")
-        .unwrap_or("UNKNOWN")
-}
-
 fn state_class(state: SyncState) -> &'static str {
     match state {
         SyncState::Synced => "ok",
@@ -154,7 +147,7 @@ pub fn overview(d: &Dashboard, viewer: &Viewer) -> String {
     let mut attention: Vec<(String, SyncState, String)> = d.registry.scan(|i| {
         let state = i.sync_state();
         let entry = counts
-            .entry(state_word(state))
+            .entry(state.word())
             .or_insert((0, state_class(state)));
         entry.0 += 1;
         if i.health.iter().any(|h| h.state() == HealthState::Unhealthy) {
@@ -205,7 +198,7 @@ pub fn overview(d: &Dashboard, viewer: &Viewer) -> String {
                 @for (id, state, why) in attention.iter().take(100) {
                     tr {
                         td { a href={ "/instances/" (id) } { (id) } }
-                        td class=(state_class(*state)) { (state_word(*state)) }
+                        td class=(state_class(*state)) { (state.word()) }
                         td { (why) }
                     }
                 }
@@ -330,7 +323,7 @@ fn select(
     let mut keys: Vec<(i64, String, String)> = d.registry.scan(|i| {
         let matches = selector.iter().all(|(k, v)| i.labels.get(k) == Some(v))
             && (query.profile.is_empty() || i.profile == query.profile)
-            && (state.is_empty() || state_word(i.sync_state()) == state);
+            && (state.is_empty() || i.sync_state().word() == state);
         matches.then(|| {
             let id = i.instance_id.clone();
             match query.sort.as_str() {
@@ -421,7 +414,7 @@ pub fn instances(
             @for i in &rows {
                 tr {
                     td { a href={ "/instances/" (i.instance_id) } { (i.instance_id) } }
-                    td class=(state_class(i.sync_state())) { (state_word(i.sync_state())) }
+                    td class=(state_class(i.sync_state())) { (i.sync_state().word()) }
                     td { (i.profile) }
                     td class="num" { (i.desired_revision) }
                     td class="num" { (i.applied_revision) }
@@ -506,7 +499,7 @@ pub fn instance(d: &Dashboard, viewer: &Viewer, id: &str) -> Result<String, (Sta
     let latency = d.registry.latency(id);
     let body = html! {
         table id="summary" {
-            tr { th { "State" } td class=(state_class(i.sync_state())) id="state" { (state_word(i.sync_state())) @if !i.connected { " (not connected)" } } }
+            tr { th { "State" } td class=(state_class(i.sync_state())) id="state" { (i.sync_state().word()) @if !i.connected { " (not connected)" } } }
             tr { th { "Profile" } td { (i.profile) } }
             tr { th { "Revision" } td { "desired " (i.desired_revision) ", applied " (i.applied_revision) } }
             tr { th { "Hostname" } td { (i.hostname) } }

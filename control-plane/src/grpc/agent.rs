@@ -121,14 +121,19 @@ impl AgentApi {
         live.run(stream).await;
     }
 
+    /// The restart hint for a stream that has not said Hello: its point in
+    /// the reconnect window comes from its address.
+    fn come_back_later<T>(&self, request: &Request<T>) -> Status {
+        let peer = request.remote_addr().map(|a| a.to_string());
+        restarting(peer.as_deref().unwrap_or(""), self.registry.connected())
+    }
+
     /// Authenticates the stream and takes in its Hello: the session, or
     /// the status that refuses it.
     async fn open(&self, request: Request<()>, stream: &StreamIo) -> Result<Live, Status> {
         if *self.shutdown.borrow() {
             // Shutting down: come back later, without waiting for a Hello.
-            let peer = request.remote_addr().map(|a| a.to_string());
-            let connected = self.registry.connected();
-            return Err(restarting(peer.as_deref().unwrap_or(""), connected));
+            return Err(self.come_back_later(&request));
         }
         let request = (self.authenticate)(request)?;
         let who = super::caller(&request)?;
@@ -147,8 +152,7 @@ impl AgentApi {
             // Shutting down while it waits: a stream that never says Hello
             // must not hold the restart back for its 30 s.
             () = poll_fn(|_| if stream.stopping() { Poll::Ready(()) } else { Poll::Pending }) => {
-                let peer = request.remote_addr().map(|a| a.to_string());
-                return Err(restarting(peer.as_deref().unwrap_or(""), self.registry.connected()));
+                return Err(self.come_back_later(&request));
             }
         };
         let hello = match first.and_then(|m| m.message) {

@@ -36,7 +36,7 @@ mod shared;
 
 /// The bake time when the gate does not say.
 pub const DEFAULT_BAKE: Duration = Duration::from_secs(300);
-/// The longest bake time accepted.
+/// The longest bake time (and `offline_after`) accepted.
 const MAX_BAKE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How many of the instances a wave waits for its status names.
@@ -652,10 +652,7 @@ impl Rollouts {
                     ))
                 }
                 SyncState::Synced => waiting.push(format!("{id} (SYNCED at {applied_revision})")),
-                other => waiting.push(format!(
-                    "{id} ({})",
-                    other.as_str_name().trim_start_matches("SYNC_STATE_")
-                )),
+                other => waiting.push(format!("{id} ({})", other.word())),
             }
             // No report yet at the opening: the first one is the baseline.
             if entry.baseline.get(id).is_none_or(|b| b.is_empty()) {
