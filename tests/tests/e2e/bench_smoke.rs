@@ -82,6 +82,79 @@ fn fanout_runs_every_phase_and_reports_it() {
     assert!(stdout.contains("| 5 subscribers, 3 changes | duofleet | etcd | floor (TCP) |"));
 }
 
+/// The interleaved bench at a small N: the three columns take turns, each
+/// makes every change, and every server stops with the bench.
+#[test]
+fn fanout_interleaved_takes_turns_and_stops_every_server() {
+    let stdout = run(
+        "fanout",
+        &["--agents", "5", "--changes", "3", "--interleave"],
+    );
+    let lines = json_lines(&stdout);
+    let of = |metric: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["metric"] == metric).collect()
+    };
+    let turns: Vec<(String, u64)> = of("interleaved_change")
+        .iter()
+        .map(|l| {
+            (
+                l["column"].as_str().unwrap().to_string(),
+                l["change"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64)> = [
+        ("duofleet", 1),
+        ("etcd", 1),
+        ("floor", 1),
+        ("etcd", 2),
+        ("floor", 2),
+        ("duofleet", 2),
+        ("floor", 3),
+        ("duofleet", 3),
+        ("etcd", 3),
+    ]
+    .iter()
+    .map(|(c, n)| (c.to_string(), *n))
+    .collect();
+    assert_eq!(turns, expected, "{stdout}");
+    // duofleet's and the floor's changes are revisions 1 to 3, in order.
+    for column in ["duofleet", "floor"] {
+        let revisions: Vec<u64> = of("interleaved_change")
+            .iter()
+            .filter(|l| l["column"] == column)
+            .map(|l| l["revision"].as_u64().unwrap())
+            .collect();
+        assert_eq!(revisions, [1, 2, 3], "{column}");
+    }
+    let summaries = of("interleaved_summary");
+    assert_eq!(summaries.len(), 3);
+    for summary in summaries {
+        assert_eq!(summary["changes"], 3);
+        assert!(
+            summary["from_request_p99_ms"].as_f64().unwrap() > 0.0,
+            "{summary}"
+        );
+        assert!(summary["server_cpu_ms_per_change"].is_number(), "{summary}");
+    }
+    let ratios = of("interleaved_ratio");
+    assert_eq!(ratios.len(), 2);
+    assert!(ratios.iter().all(|r| r["p99_from_request"].is_number()));
+    assert!(stdout.contains(
+        "| 5 subscribers, 3 changes each, taken in turn | duofleet | etcd | floor (TCP) |"
+    ));
+    // The servers (duofleetd, etcd, the floor's) are gone with the bench.
+    let servers = of("interleaved_column");
+    assert_eq!(servers.len(), 3);
+    for server in servers {
+        let pid = server["server_pid"].as_u64().unwrap();
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{server} still runs"
+        );
+    }
+}
+
 /// The same bench with the daemon on an etcd store and agents sharing
 /// connections: every phase runs, and the store's writes are counted per
 /// phase (new instances are written).

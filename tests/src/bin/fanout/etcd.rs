@@ -5,6 +5,7 @@
 use crate::Arrivals;
 pub use duofleet_tests::etcd::Etcd;
 use etcd_client::{Client, WatchStream};
+use prost::Message;
 use std::sync::Arc;
 use tokio::task::JoinSet;
 
@@ -61,4 +62,18 @@ pub async fn watchers(
         running.spawn(follow(watcher.unwrap()));
     }
     running
+}
+
+/// The client that makes the changes, on a connection of its own.
+pub async fn writer(etcd: &Etcd) -> Client {
+    Client::connect([etcd.url()], None)
+        .await
+        .expect("etcd writer")
+}
+
+/// Change `change`: its DesiredConfig's bytes put on KEY; the revision.
+pub async fn put(writer: &mut Client, change: usize) -> u64 {
+    let value = crate::desired(change).encode_to_vec();
+    let put = writer.put(KEY, value, None).await.expect("etcd put");
+    put.header().expect("put header").revision() as u64
 }

@@ -26,13 +26,13 @@
 
 mod etcd;
 mod fleet;
+mod interleave;
 mod raw;
 mod wire;
 
 use duofleet_proto::v1::{DesiredConfig, Profile, UpdateProfileRequest};
-use duofleet_tests::{Daemon, DaemonOptions, rss_kib};
+use duofleet_tests::{Clients, Daemon, DaemonOptions, rss_kib};
 use fleet::{Fleet, HealthRound};
-use prost::Message;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -51,10 +51,10 @@ use tokio::sync::Notify;
 /// little over, and the figures of one system swung by that much from run
 /// to run. Paced, every change meets idle connections, as in production,
 /// for duofleet, etcd and the floor alike.
-const PACE: Duration = Duration::from_millis(400);
+pub const PACE: Duration = Duration::from_millis(400);
 
 /// However slow the machine, a phase that takes this long has failed.
-const PHASE_LIMIT: Duration = Duration::from_secs(300);
+pub const PHASE_LIMIT: Duration = Duration::from_secs(300);
 
 struct Options {
     agents: usize,
@@ -69,6 +69,11 @@ struct Options {
     /// Seconds to keep the daemon up after the health flood, its pid
     /// printed, so that its heap can be looked at (heaptrack, gdb).
     hold_secs: u64,
+    /// Only the changes, duofleet, etcd and the floor taking turns
+    /// (`interleave.rs`).
+    interleave: bool,
+    /// This process is one column of an interleaved run.
+    column: Option<interleave::Column>,
 }
 
 fn options() -> Options {
@@ -81,8 +86,10 @@ fn options() -> Options {
         store_etcd: false,
         per_connection: 1,
         hold_secs: 0,
+        interleave: false,
+        column: None,
     };
-    let usage = "use --agents N --changes M [--health-reports K] [--streams-per-connection S] [--etcd] [--raw] [--store-etcd] [--hold SECONDS]";
+    let usage = "use --agents N --changes M [--health-reports K] [--streams-per-connection S] [--etcd] [--raw] [--store-etcd] [--hold SECONDS] [--interleave]";
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--etcd" {
@@ -95,6 +102,18 @@ fn options() -> Options {
         }
         if arg == "--store-etcd" {
             o.store_etcd = true;
+            continue;
+        }
+        if arg == "--interleave" {
+            o.interleave = true;
+            continue;
+        }
+        if arg == "--column" {
+            o.column = args.next().as_deref().and_then(interleave::Column::parse);
+            if o.column.is_none() {
+                eprintln!("fanout: --column takes duofleet, etcd or floor");
+                std::process::exit(2);
+            }
             continue;
         }
         let value = args.next().and_then(|v| v.parse::<usize>().ok());
@@ -132,7 +151,7 @@ fn raise_nofile() {
 }
 
 /// CPU time a process has used (user + system), in milliseconds.
-fn cpu_ms(pid: u32) -> f64 {
+pub fn cpu_ms(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses: utime and
     // stime are the 12th and 13th, in clock ticks (100 per second here).
@@ -201,7 +220,7 @@ impl Arrivals {
 }
 
 /// The changes' deliveries to every subscriber, and the server's cost.
-struct Deliveries {
+pub struct Deliveries {
     from_ok: Spread,
     from_request: Spread,
     /// The change's answer (the RPC's OK), from the request.
@@ -212,6 +231,36 @@ struct Deliveries {
     /// The bench's own CPU meanwhile: the subscribers' side, which shares
     /// the machine's cores with the server.
     client_cpu_ms_per_change: f64,
+}
+
+/// One change, and when it reached every subscriber.
+pub struct Delivery {
+    pub revision: u64,
+    /// From the change's OK to the last subscriber's ack.
+    pub ms: f64,
+    /// The same from the request.
+    pub request_ms: f64,
+    /// The OK itself, from the request.
+    pub ok_ms: f64,
+    /// The OK came only after every subscriber had the change.
+    pub late: bool,
+}
+
+/// Makes one change through `change` (which answers the revision it
+/// made) and waits until every subscriber of `arrivals` has it.
+pub async fn one_change(arrivals: &Arrivals, change: impl Future<Output = u64>) -> Delivery {
+    let sent_at = Instant::now();
+    let revision = change.await;
+    let ok_at = Instant::now();
+    let last = arrivals.all(revision).await;
+    let since = |at: Instant| last.saturating_duration_since(at).as_secs_f64() * 1000.0;
+    Delivery {
+        revision,
+        ms: since(ok_at),
+        request_ms: since(sent_at),
+        ok_ms: ok_at.duration_since(sent_at).as_secs_f64() * 1000.0,
+        late: last < ok_at,
+    }
 }
 
 /// Makes `count` changes one after the other through `change` (which
@@ -232,19 +281,15 @@ async fn deliver(
     let mut answered_after = 0;
     for n in 1..=count {
         let sent_at = Instant::now();
-        let revision = change(n).await;
-        let ok_at = Instant::now();
-        let last = arrivals.all(revision).await;
-        let ms = last.saturating_duration_since(ok_at).as_secs_f64() * 1000.0;
-        let request_ms = last.saturating_duration_since(sent_at).as_secs_f64() * 1000.0;
-        let ok_ms = ok_at.duration_since(sent_at).as_secs_f64() * 1000.0;
+        let d = one_change(arrivals, change(n)).await;
+        let (revision, ms, request_ms, ok_ms) = (d.revision, d.ms, d.request_ms, d.ok_ms);
         println!(
             r#"{{"metric":"{metric}","change":{n},"revision":{revision},"{who}":{subscribers},"ms":{ms:.3},"from_request_ms":{request_ms:.3},"ok_ms":{ok_ms:.3}}}"#
         );
         from_ok.push(ms);
         from_request.push(request_ms);
         answered.push(ok_ms);
-        answered_after += usize::from(last < ok_at);
+        answered_after += usize::from(d.late);
         tokio::time::sleep_until((sent_at + PACE).into()).await;
     }
     Deliveries {
@@ -258,13 +303,13 @@ async fn deliver(
 }
 
 #[derive(Clone, Copy)]
-struct Spread {
-    p50: f64,
-    p99: f64,
-    max: f64,
+pub struct Spread {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
 }
 
-fn spread(mut values: Vec<f64>) -> Spread {
+pub fn spread(mut values: Vec<f64>) -> Spread {
     values.sort_by(|a, b| a.total_cmp(b));
     let at = |p: f64| {
         let rank = ((p / 100.0) * values.len() as f64).ceil().max(1.0) as usize;
@@ -281,7 +326,7 @@ fn spread(mut values: Vec<f64>) -> Spread {
 }
 
 /// The payload both systems deliver: the agent's DesiredConfig.
-fn desired(change: usize) -> DesiredConfig {
+pub fn desired(change: usize) -> DesiredConfig {
     DesiredConfig {
         revision: change as u64,
         profile: "default".into(),
@@ -292,6 +337,72 @@ fn desired(change: usize) -> DesiredConfig {
 
 fn gateway(change: usize) -> String {
     format!("https://aigw-{change}.example.com")
+}
+
+/// A daemon with room for `n` agents.
+pub fn daemon_options(n: usize) -> DaemonOptions {
+    DaemonOptions {
+        args: vec![
+            "--max-agents".into(),
+            (n + 10).to_string(),
+            "--max-connections".into(),
+            (n + 100).to_string(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// `n` simulated agents on `daemon` (data dir `data`), all connected and
+/// SYNCED when this returns.
+pub async fn connect_fleet(
+    daemon: &Daemon,
+    data: &std::path::Path,
+    n: usize,
+    per_connection: usize,
+) -> Fleet {
+    let token = std::fs::read_to_string(data.join("enroll.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let fleet = Fleet::start(&daemon.grpc_addr, &token, n, per_connection);
+    wait_metrics(
+        &daemon.http_addr,
+        &[
+            ("duofleet_agents_connected", n as f64),
+            ("duofleet_instances{sync_state=\"synced\"}", n as f64),
+        ],
+        "all agents connected",
+    )
+    .await;
+    fleet
+}
+
+/// Change `change` as an operator makes it: the default profile's AI
+/// gateway; the revision it made.
+pub async fn update_default(operator: &mut Clients, change: usize) -> u64 {
+    operator
+        .profiles
+        .update_profile(UpdateProfileRequest {
+            profile: Some(Profile {
+                name: "default".into(),
+                ai_gateway_url: gateway(change),
+                ..Default::default()
+            }),
+            update_mask: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
+/// Debian's etcd on a temp dir, or the bench ends saying why not.
+pub async fn start_etcd() -> etcd::Etcd {
+    etcd::Etcd::start().await.unwrap_or_else(|e| {
+        eprintln!("fanout: {e}");
+        std::process::exit(1);
+    })
 }
 
 /// The daemon's /metrics page.
@@ -380,7 +491,7 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 /// A row of the closing table: figure, duofleet, etcd, the floor.
-type Row = (String, String, String, String);
+pub type Row = (String, String, String, String);
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--raw-serve") {
@@ -389,11 +500,15 @@ fn main() {
     }
     raise_nofile();
     let o = options();
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .unwrap()
-        .block_on(run(o));
+        .unwrap();
+    match o.column {
+        Some(column) => runtime.block_on(interleave::child(column, &o)),
+        None if o.interleave => runtime.block_on(interleave::run(&o)),
+        None => runtime.block_on(run(o)),
+    }
 }
 
 async fn run(o: Options) {
@@ -401,22 +516,11 @@ async fn run(o: Options) {
     let mut rows: Vec<Row> = Vec::new();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut options = DaemonOptions {
-        args: vec![
-            "--max-agents".into(),
-            (n + 10).to_string(),
-            "--max-connections".into(),
-            (n + 100).to_string(),
-        ],
-        ..Default::default()
-    };
+    let mut options = daemon_options(n);
     // The daemon's own store in etcd, apart from the etcd it is compared with.
     let store_etcd = match o.store_etcd {
         false => None,
-        true => Some(etcd::Etcd::start().await.unwrap_or_else(|e| {
-            eprintln!("fanout: {e}");
-            std::process::exit(1);
-        })),
+        true => Some(start_etcd().await),
     };
     if let Some(etcd) = &store_etcd {
         options.args.extend([
@@ -428,25 +532,12 @@ async fn run(o: Options) {
     }
     let mut etcd_writes_at = vec![("start", etcd_writes(&store_etcd).await)];
     let daemon = tokio::task::block_in_place(|| Daemon::start_with(&data, options.clone()));
-    let token = std::fs::read_to_string(data.join("enroll.token"))
-        .unwrap()
-        .trim()
-        .to_string();
     let mut operator = daemon.clients().await;
 
     // 1. Connect.
     let rss_before = rss_kib(daemon.pid());
     let started = Instant::now();
-    let fleet = Fleet::start(&daemon.grpc_addr, &token, n, o.per_connection);
-    wait_metrics(
-        &daemon.http_addr,
-        &[
-            ("duofleet_agents_connected", n as f64),
-            ("duofleet_instances{sync_state=\"synced\"}", n as f64),
-        ],
-        "all agents connected",
-    )
-    .await;
+    let fleet = connect_fleet(&daemon, &data, n, o.per_connection).await;
     let connect_secs = started.elapsed().as_secs_f64();
     if store_etcd.is_some() {
         // New instances are saved at the next 500 ms save.
@@ -475,23 +566,7 @@ async fn run(o: Options) {
         n,
         o.changes,
         daemon.pid(),
-        async |change| {
-            operator
-                .profiles
-                .update_profile(UpdateProfileRequest {
-                    profile: Some(Profile {
-                        name: "default".into(),
-                        ai_gateway_url: gateway(change),
-                        ..Default::default()
-                    }),
-                    update_mask: None,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .revision
-        },
+        async |change| update_default(&mut operator, change).await,
     )
     .await;
     let commits = Commits::between(&commits_before, &scrape(&daemon.http_addr).await);
@@ -664,10 +739,7 @@ async fn run(o: Options) {
     let mut etcd_run = None;
     let mut etcd_rss = String::new();
     if o.etcd {
-        let etcd = etcd::Etcd::start().await.unwrap_or_else(|e| {
-            eprintln!("fanout: {e}");
-            std::process::exit(1);
-        });
+        let etcd = start_etcd().await;
         let arrivals = Arc::new(Arrivals::new(n));
         let rss_before = rss_kib(etcd.pid());
         let started = Instant::now();
@@ -677,9 +749,7 @@ async fn run(o: Options) {
         println!(
             r#"{{"metric":"etcd_connect_all","watchers":{n},"seconds":{connect_secs:.3},"rss_per_watcher_kib":{per_watcher_kib:.1}}}"#
         );
-        let mut writer = etcd_client::Client::connect([etcd.url()], None)
-            .await
-            .expect("etcd writer");
+        let mut writer = etcd::writer(&etcd).await;
         let theirs = deliver(
             "etcd_change_to_all_watchers",
             "watchers",
@@ -687,11 +757,7 @@ async fn run(o: Options) {
             n,
             o.changes,
             etcd.pid(),
-            async |change| {
-                let value = desired(change).encode_to_vec();
-                let put = writer.put(etcd::KEY, value, None).await.expect("etcd put");
-                put.header().expect("put header").revision() as u64
-            },
+            async |change| etcd::put(&mut writer, change).await,
         )
         .await;
         println!(
@@ -730,12 +796,7 @@ async fn run(o: Options) {
         let mut server = tokio::task::block_in_place(raw::RawServer::start);
         let arrivals = Arc::new(Arrivals::new(n));
         let rss_before = rss_kib(server.pid());
-        let clients = raw::clients(&server.addr, n, arrivals.clone()).await;
-        let deadline = Instant::now() + PHASE_LIMIT;
-        while tokio::task::block_in_place(|| server.connected()) < n {
-            assert!(Instant::now() < deadline, "raw: too few connections");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let clients = raw::connect(&mut server, n, arrivals.clone()).await;
         let per_connection_kib = rss_kib(server.pid()).saturating_sub(rss_before) as f64 / n as f64;
         let pid = server.pid();
         let floor = deliver(
@@ -745,11 +806,7 @@ async fn run(o: Options) {
             n,
             o.changes,
             pid,
-            async |change| {
-                let revision = change as u64;
-                tokio::task::block_in_place(|| server.push(revision));
-                revision
-            },
+            async |change| server.push_blocking(change as u64),
         )
         .await;
         println!(
@@ -775,68 +832,71 @@ async fn run(o: Options) {
     }
 
     // The table.
-    let ms = |s: Spread| format!("{:.1} / {:.1} / {:.1} ms", s.p50, s.p99, s.max);
-    let answer =
-        |d: &Deliveries| format!("{}; {} of {}", ms(d.answered), d.answered_after, o.changes);
-    let cpu = |d: &Deliveries| format!("{:.0} ms", d.cpu_ms_per_change);
-    let client_cpu = |d: &Deliveries| format!("{:.0} ms", d.client_cpu_ms_per_change);
-    let mut table = vec![
-        (
-            format!("change to all {n} acked, from the OK (p50 / p99 / max)"),
-            ms(ours.from_ok),
-            etcd_run.as_ref().map(|t| ms(t.from_ok)).unwrap_or_default(),
-            raw_run.as_ref().map(|t| ms(t.from_ok)).unwrap_or_default(),
-        ),
-        (
-            "the same, from the request".to_string(),
-            ms(ours.from_request),
-            etcd_run
-                .as_ref()
-                .map(|t| ms(t.from_request))
-                .unwrap_or_default(),
-            raw_run
-                .as_ref()
-                .map(|t| ms(t.from_request))
-                .unwrap_or_default(),
-        ),
-        (
-            "the change's OK, from the request (p50 / p99 / max); how many came after every subscriber had the change".to_string(),
-            answer(&ours),
-            etcd_run.as_ref().map(answer).unwrap_or_default(),
-            raw_run.as_ref().map(answer).unwrap_or_default(),
-        ),
-        (
-            "server CPU per change (user + system)".to_string(),
-            cpu(&ours),
-            etcd_run.as_ref().map(cpu).unwrap_or_default(),
-            raw_run.as_ref().map(cpu).unwrap_or_default(),
-        ),
-        (
-            "the subscribers' CPU per change (the bench's own)".to_string(),
-            client_cpu(&ours),
-            etcd_run.as_ref().map(client_cpu).unwrap_or_default(),
-            raw_run.as_ref().map(client_cpu).unwrap_or_default(),
-        ),
-        (
-            "server RSS per subscriber".to_string(),
-            rss_row,
-            etcd_rss,
-            raw_rss,
-        ),
-    ];
+    let mut table = delivery_rows(
+        n,
+        o.changes,
+        [Some(&ours), etcd_run.as_ref(), raw_run.as_ref()],
+    );
+    table.push((
+        "server RSS per subscriber".to_string(),
+        rss_row,
+        etcd_rss,
+        raw_rss,
+    ));
     table.extend(rows);
-    println!();
     let sharing = if o.per_connection > 1 {
         format!(" ({} per connection)", o.per_connection)
     } else {
         String::new()
     };
-    println!(
-        "| {n} subscribers{sharing}, {} changes | duofleet | etcd | floor (TCP) |",
-        o.changes
+    print_table(
+        &format!("{n} subscribers{sharing}, {} changes", o.changes),
+        table,
     );
+}
+
+/// How a figure is written from a column's changes.
+type Shows<'a> = dyn Fn(&Deliveries) -> String + 'a;
+
+/// The table's rows for the changes of each column (duofleet, etcd, the
+/// floor; a column not run is blank).
+pub fn delivery_rows(n: usize, changes: usize, columns: [Option<&Deliveries>; 3]) -> Vec<Row> {
+    let ms = |s: Spread| format!("{:.1} / {:.1} / {:.1} ms", s.p50, s.p99, s.max);
+    let figures: [(String, &Shows<'_>); 5] = [
+        (
+            format!("change to all {n} acked, from the OK (p50 / p99 / max)"),
+            &|d| ms(d.from_ok),
+        ),
+        ("the same, from the request".to_string(), &|d| {
+            ms(d.from_request)
+        }),
+        (
+            "the change's OK, from the request (p50 / p99 / max); how many came after every subscriber had the change".to_string(),
+            &|d| format!("{}; {} of {changes}", ms(d.answered), d.answered_after),
+        ),
+        ("server CPU per change (user + system)".to_string(), &|d| {
+            format!("{:.0} ms", d.cpu_ms_per_change)
+        }),
+        (
+            "the subscribers' CPU per change (the bench's own)".to_string(),
+            &|d| format!("{:.0} ms", d.client_cpu_ms_per_change),
+        ),
+    ];
+    figures
+        .into_iter()
+        .map(|(figure, show)| {
+            let [ours, etcd, floor] = columns.map(|d| d.map(show).unwrap_or_default());
+            (figure, ours, etcd, floor)
+        })
+        .collect()
+}
+
+/// Prints the closing table: a heading row, then a row per figure.
+pub fn print_table(heading: &str, rows: Vec<Row>) {
+    println!();
+    println!("| {heading} | duofleet | etcd | floor (TCP) |");
     println!("|---|---|---|---|");
-    for (figure, ours, theirs, floor) in table {
+    for (figure, ours, theirs, floor) in rows {
         println!("| {figure} | {ours} | {theirs} | {floor} |");
     }
 }

@@ -148,6 +148,13 @@ impl RawServer {
         line.trim().parse().expect("a count")
     }
 
+    /// Publishes push `revision` from a runtime's worker, which waits
+    /// for the server's answer; the revision.
+    pub fn push_blocking(&mut self, revision: u64) -> u64 {
+        tokio::task::block_in_place(|| self.push(revision));
+        revision
+    }
+
     /// Publishes push `revision`; returns once the server says so.
     pub fn push(&mut self, revision: u64) {
         writeln!(self.stdin, "push {revision}").expect("write to the raw server");
@@ -164,6 +171,21 @@ impl Drop for RawServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// N clients of `server`, each on its own connection (`clients`); returns
+/// once the server holds them all.
+pub async fn connect(server: &mut RawServer, n: usize, arrivals: Arc<Arrivals>) -> JoinSet<()> {
+    let clients = clients(&server.addr, n, arrivals).await;
+    let deadline = std::time::Instant::now() + crate::PHASE_LIMIT;
+    while tokio::task::block_in_place(|| server.connected()) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "raw: too few connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    clients
 }
 
 /// N clients, each on its own connection: read a push, record its
