@@ -136,6 +136,10 @@ fn fanout_interleaved_takes_turns_and_stops_every_server() {
             "{summary}"
         );
         assert!(summary["server_cpu_ms_per_change"].is_number(), "{summary}");
+        assert!(
+            summary["server_cpu_after_ms_per_change"].is_number(),
+            "{summary}"
+        );
     }
     let ratios = of("interleaved_ratio");
     assert_eq!(ratios.len(), 2);
