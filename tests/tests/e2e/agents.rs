@@ -663,6 +663,60 @@ async fn unauthenticated_is_final_and_deleted_instances_are_forgotten() {
     assert_eq!(again.code(), tonic::Code::NotFound);
 }
 
+/// An instance deleted while OFFLINE (as an operator lets go of one that
+/// holds a rollout's wave) is forgotten; when its agent comes back, it
+/// registers again as new and gets what its profile says now, including a
+/// change made while it was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_offline_instance_comes_back_as_new_and_catches_up() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (mut agent, ctl, rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
+    let first = set_gateway(&mut c, "default", "https://aigw-1.example.com").await;
+    wait_synced(&mut c, "gitlab-a", first).await;
+    assert_eq!(ctl.calls().len(), 1);
+    agent.kill9();
+    wait_instance(&mut c, "gitlab-a", "offline", |i| {
+        i.sync_state() == SyncState::Offline
+    })
+    .await;
+    c.fleet
+        .delete_instance(DeleteInstanceRequest {
+            instance_id: "gitlab-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(instance(&mut c, "gitlab-a").await.is_none());
+    let second = set_gateway(&mut c, "default", "https://aigw-2.example.com").await;
+
+    agent.restart();
+    let back = wait_synced(&mut c, "gitlab-a", second).await;
+    assert_eq!(back.desired_revision, second);
+    assert_eq!(
+        ctl.calls().len(),
+        2,
+        "one reconfigure for the change it missed"
+    );
+    let edited = std::fs::read_to_string(&rb).unwrap();
+    assert!(edited.contains("https://aigw-2.example.com"), "{edited}");
+    // Listed once, as any other instance.
+    let listed = c
+        .fleet
+        .list_instances(ListInstancesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|i| i.instance_id == "gitlab-a")
+            .count(),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_agent_goes_offline_and_does_not_hold_up_the_others() {
     let dir = tempfile::tempdir().unwrap();

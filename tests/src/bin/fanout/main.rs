@@ -365,16 +365,21 @@ pub async fn connect_fleet(
         .trim()
         .to_string();
     let fleet = Fleet::start(&daemon.grpc_addr, &token, n, per_connection);
+    wait_synced(daemon, n, "all agents connected").await;
+    fleet
+}
+
+/// Waits until `n` agents are connected to `daemon` and SYNCED.
+async fn wait_synced(daemon: &Daemon, n: usize, what: &str) {
     wait_metrics(
         &daemon.http_addr,
         &[
             ("duofleet_agents_connected", n as f64),
             ("duofleet_instances{sync_state=\"synced\"}", n as f64),
         ],
-        "all agents connected",
+        what,
     )
     .await;
-    fleet
 }
 
 /// Change `change` as an operator makes it: the default profile's AI
@@ -699,15 +704,7 @@ async fn run(o: Options) {
     options.listen = Some(grpc_addr);
     let daemon = tokio::task::block_in_place(|| Daemon::start_with(&data, options.clone()));
     let ready_secs = storm.elapsed().as_secs_f64();
-    wait_metrics(
-        &daemon.http_addr,
-        &[
-            ("duofleet_agents_connected", n as f64),
-            ("duofleet_instances{sync_state=\"synced\"}", n as f64),
-        ],
-        "all agents back and SYNCED",
-    )
-    .await;
+    wait_synced(&daemon, n, "all agents back and SYNCED").await;
     let storm_secs = storm.elapsed().as_secs_f64();
     // The daemon counts an agent connected a moment before the agent reads
     // its answer: the agents' own count of new streams catches up.
