@@ -149,9 +149,10 @@ pub trait Records: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// Removes one record, durably; false when there was none.
     fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError>;
-    /// Writes many records of live state at once. Need not be durable
-    /// before it returns (agents resend their state on reconnect), but
-    /// must not be half-applied record by record.
+    /// Writes many records of live state. Need not be durable before it
+    /// returns (agents resend their state on reconnect), nor all at once
+    /// (a large batch goes in parts, so that it does not hold off a
+    /// configuration commit), but each record is written whole.
     fn put_batch(&self, table: Table, records: Vec<(String, Vec<u8>)>) -> Result<(), StoreError>;
     /// One record.
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;

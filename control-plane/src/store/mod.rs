@@ -845,7 +845,7 @@ impl Store {
         self.opened(self.backend.config_at(revision)?)
     }
 
-    /// Saves instance records in one atomic batch. Not flushed: the
+    /// Saves instance records, each whole, in batches. Not flushed: the
     /// fleet's live state reaches disk with the backend's periodic flush
     /// (and at shutdown); agents resend it on reconnect.
     pub fn save_instances(&self, instances: &[pb::Instance]) -> Result<(), StoreError> {

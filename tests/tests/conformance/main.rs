@@ -464,11 +464,12 @@ async fn a_join_tokens_uses_are_spent_once(h: Harness) {
     assert!(b.load_tokens().unwrap().is_empty());
 }
 
-/// Instance records: a batch larger than any one backend write, read back
-/// whole; a delete is durable.
+/// Instance records: a batch larger than any one backend write (etcd's
+/// transactions of 100, sled's batches of 256), read back whole, the last
+/// part's too; a delete is durable.
 async fn instance_records(h: Harness) {
     let store = h.open();
-    let instances: Vec<pb::Instance> = (0..250)
+    let instances: Vec<pb::Instance> = (0..600)
         .map(|i| pb::Instance {
             instance_id: format!("gitlab-{i:03}"),
             applied_revision: i,
@@ -482,10 +483,12 @@ async fn instance_records(h: Harness) {
     let store = h.open();
     let mut loaded = store.load_instances().unwrap();
     loaded.sort_by(|x, y| x.instance_id.cmp(&y.instance_id));
-    assert_eq!(loaded.len(), 249);
+    assert_eq!(loaded.len(), 599);
     assert!(loaded.iter().all(|i| i.instance_id != "gitlab-007"));
     assert_eq!(loaded[100].instance_id, "gitlab-101");
     assert_eq!(loaded[100].applied_revision, 101);
+    assert_eq!(loaded[598].instance_id, "gitlab-599");
+    assert_eq!(loaded[598].applied_revision, 599);
     // Rollout records live beside them.
     store.put_rollout("r-1", b"rollout").unwrap();
     assert_eq!(
