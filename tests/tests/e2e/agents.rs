@@ -639,19 +639,7 @@ async fn unauthenticated_is_final_and_deleted_instances_are_forgotten() {
 
     let (mut agent, _ctl, _rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
     wait_synced(&mut c, "gitlab-a", 0).await;
-    agent.kill9();
-    wait_instance(&mut c, "gitlab-a", "offline", |i| {
-        !i.connected && i.sync_state() == SyncState::Offline
-    })
-    .await;
-    c.fleet
-        .delete_instance(DeleteInstanceRequest {
-            instance_id: "gitlab-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(instance(&mut c, "gitlab-a").await.is_none());
+    delete_when_offline(&mut c, &mut agent, "gitlab-a").await;
     let again = c
         .fleet
         .delete_instance(DeleteInstanceRequest {
@@ -661,6 +649,24 @@ async fn unauthenticated_is_final_and_deleted_instances_are_forgotten() {
         .await
         .unwrap_err();
     assert_eq!(again.code(), tonic::Code::NotFound);
+}
+
+/// Kills `agent` (instance `id`), waits until the daemon shows it OFFLINE,
+/// and deletes the instance, which is then gone.
+async fn delete_when_offline(c: &mut Clients, agent: &mut Agent, id: &str) {
+    agent.kill9();
+    wait_instance(c, id, "offline", |i| {
+        !i.connected && i.sync_state() == SyncState::Offline
+    })
+    .await;
+    c.fleet
+        .delete_instance(DeleteInstanceRequest {
+            instance_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(instance(c, id).await.is_none());
 }
 
 /// An instance deleted while OFFLINE (as an operator lets go of one that
@@ -675,19 +681,7 @@ async fn a_deleted_offline_instance_comes_back_as_new_and_catches_up() {
     let first = set_gateway(&mut c, "default", "https://aigw-1.example.com").await;
     wait_synced(&mut c, "gitlab-a", first).await;
     assert_eq!(ctl.calls().len(), 1);
-    agent.kill9();
-    wait_instance(&mut c, "gitlab-a", "offline", |i| {
-        i.sync_state() == SyncState::Offline
-    })
-    .await;
-    c.fleet
-        .delete_instance(DeleteInstanceRequest {
-            instance_id: "gitlab-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(instance(&mut c, "gitlab-a").await.is_none());
+    delete_when_offline(&mut c, &mut agent, "gitlab-a").await;
     let second = set_gateway(&mut c, "default", "https://aigw-2.example.com").await;
 
     agent.restart();
