@@ -99,7 +99,7 @@ impl Side {
                 let daemon =
                     tokio::task::block_in_place(|| Daemon::start_with(&data, daemon_options(n)));
                 let operator = Box::new(daemon.clients().await);
-                let fleet = connect_fleet(&daemon, &data, n, per_connection).await;
+                let fleet = connect_fleet(&daemon, n, per_connection).await;
                 Side::Duofleet {
                     _dir: dir,
                     daemon,

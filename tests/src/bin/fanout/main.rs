@@ -352,15 +352,10 @@ pub fn daemon_options(n: usize) -> DaemonOptions {
     }
 }
 
-/// `n` simulated agents on `daemon` (data dir `data`), all connected and
-/// SYNCED when this returns.
-pub async fn connect_fleet(
-    daemon: &Daemon,
-    data: &std::path::Path,
-    n: usize,
-    per_connection: usize,
-) -> Fleet {
-    let token = std::fs::read_to_string(data.join("enroll.token"))
+/// `n` simulated agents on `daemon`, all connected and SYNCED when this
+/// returns.
+pub async fn connect_fleet(daemon: &Daemon, n: usize, per_connection: usize) -> Fleet {
+    let token = std::fs::read_to_string(daemon.data_dir().join("enroll.token"))
         .unwrap()
         .trim()
         .to_string();
@@ -542,7 +537,7 @@ async fn run(o: Options) {
     // 1. Connect.
     let rss_before = rss_kib(daemon.pid());
     let started = Instant::now();
-    let fleet = connect_fleet(&daemon, &data, n, o.per_connection).await;
+    let fleet = connect_fleet(&daemon, n, o.per_connection).await;
     let connect_secs = started.elapsed().as_secs_f64();
     if store_etcd.is_some() {
         // New instances are saved at the next 500 ms save.
