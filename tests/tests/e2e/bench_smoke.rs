@@ -122,6 +122,16 @@ fn fanout_interleaved_takes_turns_and_stops_every_server() {
     .collect();
     assert_eq!(turns, expected, "{stdout}");
     assert_eq!(of("interleaved_warmup").len(), 3);
+    // Each change says what it cost each side, from the request until
+    // every subscriber had it.
+    for change in of("interleaved_change") {
+        for side in ["server_cpu_ms", "client_cpu_ms"] {
+            assert!(
+                change[side].as_f64().is_some_and(|ms| ms >= 0.0),
+                "{change}"
+            );
+        }
+    }
     // duofleet's and the floor's counted changes are revisions 2 to 4, in
     // order.
     for column in ["duofleet", "floor"] {
@@ -145,6 +155,12 @@ fn fanout_interleaved_takes_turns_and_stops_every_server() {
             summary["server_cpu_after_ms_per_change"].is_number(),
             "{summary}"
         );
+        for key in ["server_cpu_fastest_half_ms", "server_cpu_slowest_tenth_ms"] {
+            assert!(
+                summary[key].as_f64().is_some_and(|ms| ms >= 0.0),
+                "{summary}"
+            );
+        }
     }
     let ratios = of("interleaved_ratio");
     assert_eq!(ratios.len(), 2);

@@ -179,11 +179,19 @@ pub async fn child(column: Column, o: &Options) {
         let change = change.parse().expect("change K, with K a number");
         let d = side.change(change).await;
         let server_cpu_done_ms = cpu_ms(side.server_pid());
+        let client_cpu_done_ms = cpu_ms(std::process::id());
         println!(
-            r#"{{"revision":{},"ms":{:.3},"from_request_ms":{:.3},"ok_ms":{:.3},"late":{},"server_cpu_ms":{server_cpu_ms},"server_cpu_done_ms":{server_cpu_done_ms},"client_cpu_ms":{client_cpu_ms}}}"#,
+            r#"{{"revision":{},"ms":{:.3},"from_request_ms":{:.3},"ok_ms":{:.3},"late":{},"server_cpu_ms":{server_cpu_ms},"server_cpu_done_ms":{server_cpu_done_ms},"client_cpu_ms":{client_cpu_ms},"client_cpu_done_ms":{client_cpu_done_ms}}}"#,
             d.revision, d.ms, d.request_ms, d.ok_ms, d.late
         );
     }
+}
+
+/// The CPU one side of a change's answer (`server` or `client`) spent
+/// from the request until every subscriber had the change.
+fn spent(answer: &Value, side: &str) -> f64 {
+    let at = |key: String| answer[key].as_f64().unwrap_or(0.0);
+    at(format!("{side}_cpu_done_ms")) - at(format!("{side}_cpu_ms"))
 }
 
 /// A column's child, from the coordinator's side, and its answers so far.
@@ -258,6 +266,31 @@ impl Turns {
         after / self.changes.len().max(1) as f64
     }
 
+    /// The server's CPU per change, from the request until every
+    /// subscriber had it: over the fastest half of its changes, and over
+    /// the slowest tenth (at least one). Slow changes that cost as much as
+    /// the rest met a stall; here they cost more, in every column: the
+    /// machine itself ran slower for a while.
+    fn cpu_by_speed(&self) -> (f64, f64) {
+        let mut changes: Vec<(f64, f64)> = self
+            .changes
+            .iter()
+            .map(|c| {
+                (
+                    c["from_request_ms"].as_f64().unwrap_or(0.0),
+                    spent(c, "server"),
+                )
+            })
+            .collect();
+        changes.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mean = |part: &[(f64, f64)]| {
+            part.iter().map(|(_, cpu)| cpu).sum::<f64>() / part.len().max(1) as f64
+        };
+        let n = changes.len();
+        let tenth = (n / 10).max(1).min(n);
+        (mean(&changes[..n / 2]), mean(&changes[n - tenth..]))
+    }
+
     /// Its changes' figures, with `end` the CPU read at the end.
     fn deliveries(&self, end: &Value) -> Deliveries {
         let figure = |key: &str| -> Vec<f64> {
@@ -308,12 +341,14 @@ pub async fn run(o: &Options) {
                 _ => "interleaved_change",
             };
             println!(
-                r#"{{"metric":"{metric}","column":"{}","change":{change},"turn":{i},"revision":{},"ms":{},"from_request_ms":{},"ok_ms":{}}}"#,
+                r#"{{"metric":"{metric}","column":"{}","change":{change},"turn":{i},"revision":{},"ms":{},"from_request_ms":{},"ok_ms":{},"server_cpu_ms":{},"client_cpu_ms":{}}}"#,
                 turn.column.name(),
                 answer["revision"],
                 answer["ms"],
                 answer["from_request_ms"],
-                answer["ok_ms"]
+                answer["ok_ms"],
+                spent(&answer, "server"),
+                spent(&answer, "client")
             );
             if change > 1 {
                 turn.changes.push(answer);
@@ -323,14 +358,16 @@ pub async fn run(o: &Options) {
     }
     let mut results: [Option<Deliveries>; 3] = [None, None, None];
     let mut after = [String::new(), String::new(), String::new()];
+    let mut by_speed = [String::new(), String::new(), String::new()];
     for turn in &mut turns {
         let end = turn.ask("end").await;
         // Its server stopped before the next column's figures are read.
         let _ = turn.child.wait().await;
         let d = turn.deliveries(&end);
         let lingering = turn.lingering_cpu_ms(&end);
+        let (fastest_half, slowest_tenth) = turn.cpu_by_speed();
         println!(
-            r#"{{"metric":"interleaved_summary","column":"{}","subscribers":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"server_cpu_ms_per_change":{:.1},"server_cpu_after_ms_per_change":{lingering:.1},"client_cpu_ms_per_change":{:.1}}}"#,
+            r#"{{"metric":"interleaved_summary","column":"{}","subscribers":{n},"changes":{},"p50_ms":{:.3},"p99_ms":{:.3},"max_ms":{:.3},"from_request_p50_ms":{:.3},"from_request_p99_ms":{:.3},"server_cpu_ms_per_change":{:.1},"server_cpu_after_ms_per_change":{lingering:.1},"client_cpu_ms_per_change":{:.1},"server_cpu_fastest_half_ms":{fastest_half:.1},"server_cpu_slowest_tenth_ms":{slowest_tenth:.1}}}"#,
             turn.column.name(),
             o.changes,
             d.from_ok.p50,
@@ -343,6 +380,7 @@ pub async fn run(o: &Options) {
         );
         results[turn.column as usize] = Some(d);
         after[turn.column as usize] = format!("{lingering:.0} ms");
+        by_speed[turn.column as usize] = format!("{fastest_half:.0} / {slowest_tenth:.0} ms");
     }
     let [Some(ours), etcd, floor] = &results else {
         unreachable!("duofleet's column always runs")
@@ -361,6 +399,14 @@ pub async fn run(o: &Options) {
     let [ours, etcd, floor] = after;
     rows.push((
         "of the server's CPU per change, what it spent after every subscriber had the change"
+            .to_string(),
+        ours,
+        etcd,
+        floor,
+    ));
+    let [ours, etcd, floor] = by_speed;
+    rows.push((
+        "the server's CPU until every subscriber had the change: its fastest half of changes / its slowest tenth"
             .to_string(),
         ours,
         etcd,
