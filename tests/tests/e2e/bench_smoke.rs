@@ -125,7 +125,7 @@ fn fanout_interleaved_takes_turns_and_stops_every_server() {
     // Each change says what it cost each side, from the request until
     // every subscriber had it.
     for change in of("interleaved_change") {
-        for side in ["server_cpu_ms", "client_cpu_ms"] {
+        for side in ["server_cpu_spent_ms", "client_cpu_spent_ms"] {
             assert!(
                 change[side].as_f64().is_some_and(|ms| ms >= 0.0),
                 "{change}"

@@ -268,9 +268,9 @@ impl Turns {
 
     /// The server's CPU per change, from the request until every
     /// subscriber had it: over the fastest half of its changes, and over
-    /// the slowest tenth (at least one). Slow changes that cost as much as
-    /// the rest met a stall; here they cost more, in every column: the
-    /// machine itself ran slower for a while.
+    /// the slowest tenth (at least one). Slow changes that cost no more
+    /// than the rest met a stall; slow changes that cost more met a
+    /// machine running slower (the README's "The slow changes").
     fn cpu_by_speed(&self) -> (f64, f64) {
         let mut changes: Vec<(f64, f64)> = self
             .changes
@@ -341,7 +341,7 @@ pub async fn run(o: &Options) {
                 _ => "interleaved_change",
             };
             println!(
-                r#"{{"metric":"{metric}","column":"{}","change":{change},"turn":{i},"revision":{},"ms":{},"from_request_ms":{},"ok_ms":{},"server_cpu_ms":{},"client_cpu_ms":{}}}"#,
+                r#"{{"metric":"{metric}","column":"{}","change":{change},"turn":{i},"revision":{},"ms":{},"from_request_ms":{},"ok_ms":{},"server_cpu_spent_ms":{},"client_cpu_spent_ms":{}}}"#,
                 turn.column.name(),
                 answer["revision"],
                 answer["ms"],
