@@ -357,8 +357,12 @@ pub async fn run(o: &Options) {
         }
     }
     let mut results: [Option<Deliveries>; 3] = [None, None, None];
-    let mut after = [String::new(), String::new(), String::new()];
-    let mut by_speed = [String::new(), String::new(), String::new()];
+    // Rows of the table beyond the deliveries', a cell per column.
+    let mut extra = [
+        "of the server's CPU per change, what it spent after every subscriber had the change",
+        "the server's CPU until every subscriber had the change: its fastest half of changes / its slowest tenth",
+    ]
+    .map(|label| (label, [String::new(), String::new(), String::new()]));
     for turn in &mut turns {
         let end = turn.ask("end").await;
         // Its server stopped before the next column's figures are read.
@@ -379,8 +383,8 @@ pub async fn run(o: &Options) {
             d.client_cpu_ms_per_change
         );
         results[turn.column as usize] = Some(d);
-        after[turn.column as usize] = format!("{lingering:.0} ms");
-        by_speed[turn.column as usize] = format!("{fastest_half:.0} / {slowest_tenth:.0} ms");
+        extra[0].1[turn.column as usize] = format!("{lingering:.0} ms");
+        extra[1].1[turn.column as usize] = format!("{fastest_half:.0} / {slowest_tenth:.0} ms");
     }
     let [Some(ours), etcd, floor] = &results else {
         unreachable!("duofleet's column always runs")
@@ -396,22 +400,9 @@ pub async fn run(o: &Options) {
         }
     }
     let mut rows: Vec<Row> = delivery_rows(n, o.changes, results.each_ref().map(Option::as_ref));
-    let [ours, etcd, floor] = after;
-    rows.push((
-        "of the server's CPU per change, what it spent after every subscriber had the change"
-            .to_string(),
-        ours,
-        etcd,
-        floor,
-    ));
-    let [ours, etcd, floor] = by_speed;
-    rows.push((
-        "the server's CPU until every subscriber had the change: its fastest half of changes / its slowest tenth"
-            .to_string(),
-        ours,
-        etcd,
-        floor,
-    ));
+    for (label, [ours, etcd, floor]) in extra {
+        rows.push((label.to_string(), ours, etcd, floor));
+    }
     print_table(
         &format!("{n} subscribers, {} changes each, taken in turn", o.changes),
         rows,
