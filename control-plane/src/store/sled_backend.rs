@@ -15,7 +15,8 @@
 //!
 //! `history` is a multi-version log of every model and profile, so the
 //! configuration at any revision can be rebuilt. A commit is one sled
-//! transaction over the trees it touches, flushed before it returns.
+//! transaction over the trees it touches, flushed and `fdatasync`ed before
+//! it returns ([`Trees::flush`]).
 //!
 //! sled remembers the first I/O error it meets (a full disk, typically) and
 //! fails every later operation with it, even once space is back. So after a
@@ -67,6 +68,8 @@ const RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// One open sled database and its trees.
 pub(crate) struct Trees {
     pub db: sled::Db,
+    /// sled's log file (`db` in its directory), for [`Trees::flush`].
+    log: std::fs::File,
     pub meta: sled::Tree,
     pub models: sled::Tree,
     pub profiles: sled::Tree,
@@ -84,7 +87,9 @@ impl Trees {
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
             .open()?;
+        let log = durable_log(dir)?;
         Ok(Trees {
+            log,
             meta: db.open_tree("meta")?,
             models: db.open_tree("models")?,
             profiles: db.open_tree("profiles")?,
@@ -113,6 +118,20 @@ impl Trees {
                 other => return other,
             }
         }
+    }
+
+    /// Writes everything sled holds in memory to its log and makes it
+    /// durable. sled's own flush on Linux ends in `sync_file_range`, which
+    /// waits for the data pages but neither commits the file's size to the
+    /// filesystem's journal nor empties the disk's write cache (sled leaves
+    /// that to its flusher thread's `fsync` every 500 ms). The `fdatasync`
+    /// here does both, so a write is on disk when this returns whatever the
+    /// filesystem, and not only because a later `fsync` of another file
+    /// (the high-water mark's) happened to commit the journal too.
+    pub fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush()?;
+        self.log.sync_data()?;
+        Ok(())
     }
 
     /// The newest revision the database itself records (0 when empty).
@@ -276,8 +295,23 @@ impl SledBackend {
         let target = sled::Config::new().path(dest).open()?;
         target.import(source.db.export());
         target.flush()?;
+        durable_log(dest)
+            .and_then(|log| log.sync_data())
+            .map_err(sled::Error::from)?;
         Ok(())
     }
+}
+
+/// Opens sled's log file in `dir`, once sled has created it, and makes the
+/// file's name durable: `dir` and its parent are synced, so the database
+/// a first write went to is still found after a crash.
+fn durable_log(dir: &Path) -> std::io::Result<std::fs::File> {
+    let log = std::fs::File::open(dir.join("db"))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(log)
 }
 
 /// Takes out revisions after `acked` (which reached the disk although
@@ -339,7 +373,7 @@ fn discard_unacknowledged(trees: &Trees, acked: u64, found: u64) -> Result<(), S
             Ok(())
         })
         .map_err(unabortable)?;
-    trees.db.flush()?;
+    trees.flush()?;
     tracing::warn!(
         from = acked + 1,
         to = found,
@@ -376,7 +410,7 @@ impl Revisions for SledBackend {
                     Ok(())
                 })
                 .map_err(unabortable)?;
-            t.db.flush()?;
+            t.flush()?;
             Ok(())
         })
     }
@@ -414,7 +448,7 @@ impl Revisions for SledBackend {
                     Ok(())
                 })
                 .map_err(unabortable)?;
-            t.db.flush()?;
+            t.flush()?;
             Ok((models.len(), history.len()))
         })
     }
@@ -501,7 +535,7 @@ impl Revisions for SledBackend {
         }
         // Durable before anyone hears of it: a revision number that was
         // published must never be reused after a crash.
-        .and_then(|()| t.db.flush().map(drop).map_err(StoreError::from));
+        .and_then(|()| t.flush().map_err(StoreError::from));
         self.noting_failure(written)?;
         self.acknowledged.store(revision, Ordering::Release);
         Ok(())
@@ -557,7 +591,7 @@ impl Records for SledBackend {
     fn put(&self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.write(|t| {
             t.table(table).insert(key.as_bytes(), value)?;
-            t.db.flush()?;
+            t.flush()?;
             Ok(())
         })
     }
@@ -568,7 +602,7 @@ impl Records for SledBackend {
                 .table(table)
                 .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(value))?
                 .is_ok();
-            t.db.flush()?;
+            t.flush()?;
             Ok(inserted)
         })
     }
@@ -585,7 +619,7 @@ impl Records for SledBackend {
                 .table(table)
                 .compare_and_swap(key.as_bytes(), Some(expected), new)?
                 .is_ok();
-            t.db.flush()?;
+            t.flush()?;
             Ok(swapped)
         })
     }
@@ -593,7 +627,7 @@ impl Records for SledBackend {
     fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
         self.write(|t| {
             let removed = t.table(table).remove(key.as_bytes())?.is_some();
-            t.db.flush()?;
+            t.flush()?;
             Ok(removed)
         })
     }
@@ -641,13 +675,13 @@ impl Backend for SledBackend {
             .as_nanos() as u64;
         self.write(|t| {
             t.meta.insert(b"ready_probe", &now.to_be_bytes())?;
-            t.db.flush()?;
+            t.flush()?;
             Ok(())
         })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.trees()?.db.flush()?;
+        self.trees()?.flush()?;
         Ok(())
     }
 

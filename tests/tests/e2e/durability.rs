@@ -254,3 +254,69 @@ async fn corrupt_bytes_are_found() {
         "{out}{err}"
     );
 }
+
+/// An OK leaves the daemon only after the write is `fdatasync`ed: sled's
+/// own flush ends in `sync_file_range`, which leaves the file's size and
+/// the disk's write cache to a later `fsync`. Watched with strace on the
+/// running daemon: between the request and the first byte of the answer,
+/// the log file of the database (`DATA_DIR/db/db`) is synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_fdatasynced_before_its_ok_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&data);
+    let mut c = daemon.clients().await;
+    create_model(&mut c, mk::model("warm-up")).await;
+
+    let trace = dir.path().join("strace.log");
+    let mut strace = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-yy",
+            "-e",
+            "trace=fdatasync,fsync,rename,sendto,sendmsg,write,writev",
+        ])
+        .arg("-o")
+        .arg(&trace)
+        .args(["-p", &daemon.pid().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace (Debian package strace) is installed by .ci/install-test-tools");
+    // strace writes its log as it goes; a first traced call (sled's flusher
+    // thread's periodic fsync, twice a second) says it is attached.
+    duofleet_tests::wait_for(Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(&trace).unwrap_or_default();
+        log.contains("fsync(").then_some(())
+    })
+    .await;
+
+    create_model(&mut c, mk::model("watched")).await;
+    let _ = strace.kill();
+    let _ = strace.wait();
+
+    let log = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let log_file = format!("{}>", data.join("db").join("db").display());
+    let synced = lines
+        .iter()
+        .position(|l| l.contains("fdatasync(") && l.contains(&log_file))
+        .unwrap_or_else(|| panic!("no fdatasync of {log_file} while a model was created:\n{log}"));
+    let high_water = lines
+        .iter()
+        .position(|l| l.contains("rename(") && l.contains("revision.hwm"))
+        .unwrap_or_else(|| panic!("no write of revision.hwm while a model was created:\n{log}"));
+    let answered = lines
+        .iter()
+        .position(|l| {
+            ["sendto(", "sendmsg(", "write(", "writev("]
+                .iter()
+                .any(|call| l.contains(call))
+                && l.contains("TCP")
+        })
+        .unwrap_or_else(|| panic!("the answer was never seen leaving:\n{log}"));
+    assert!(
+        synced < high_water && high_water < answered,
+        "the log is synced (line {synced}), then the high-water mark written (line {high_water}), then the OK sent (line {answered}):\n{log}"
+    );
+}
