@@ -593,7 +593,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn Error>> {
         Arc::new(agent_auth),
     ));
     let grpc = Arc::new(GrpcServer::new(
-        tower::Layer::layer(&crate::metrics::RpcMetricsLayer(registry.clone()), routes),
+        // Deadlines inside the metrics: a call cut off by its deadline is
+        // counted under DEADLINE_EXCEEDED.
+        tower::Layer::layer(
+            &crate::metrics::RpcMetricsLayer(registry.clone()),
+            tower::Layer::layer(&crate::grpc::DeadlineLayer, routes),
+        ),
         agents,
         grpc_tls,
         GrpcSettings {

@@ -5,6 +5,7 @@
 mod agent;
 mod backup;
 mod config;
+mod deadline;
 mod enroll;
 mod fleet;
 mod history;
@@ -18,6 +19,7 @@ mod tokens;
 pub use agent::AgentApi;
 pub use backup::BackupApi;
 pub use config::ConfigApi;
+pub use deadline::DeadlineLayer;
 pub use enroll::EnrollApi;
 pub use fleet::FleetApi;
 pub use history::HistoryApi;

@@ -8,6 +8,7 @@
 //! routes in a task of its own, as hyper would run it.
 
 use super::agent::AgentApi;
+use super::deadline::Deadline;
 use super::http2::{self, Reset, StreamIo};
 use crate::admission::Admitted;
 use crate::metrics::RpcMetrics;
@@ -30,6 +31,10 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tower::Service;
 use tracing::Instrument;
 
+/// Every call but an agent's stream: tonic's routes, each call held to
+/// its deadline and counted.
+pub type Calls = RpcMetrics<Deadline<Routes>>;
+
 /// The one method served inside the connection's task.
 pub const CONNECT_PATH: &str = "/duofleet.v1.AgentService/Connect";
 
@@ -49,7 +54,7 @@ pub struct Settings {
 type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 pub struct GrpcServer {
-    routes: RpcMetrics<Routes>,
+    routes: Calls,
     agents: Arc<AgentApi>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     settings: http2::Settings,
@@ -105,7 +110,7 @@ impl ConnectInfo {
 
 impl GrpcServer {
     pub fn new(
-        routes: RpcMetrics<Routes>,
+        routes: Calls,
         agents: Arc<AgentApi>,
         tls: Option<tokio_rustls::TlsAcceptor>,
         settings: Settings,
@@ -235,7 +240,7 @@ impl GrpcServer {
 /// One call to tonic's routes: the request's body read from the stream,
 /// the response written to it, and the call dropped if the client cancels.
 async fn call(
-    mut routes: RpcMetrics<Routes>,
+    mut routes: Calls,
     request: http::Request<()>,
     stream: StreamIo,
     extensions: Extensions,

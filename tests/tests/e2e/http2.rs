@@ -1,6 +1,7 @@
 //! The gRPC port's HTTP/2, frame by frame: what a client that breaks the
 //! protocol gets back (RFC 9113's error codes), and flow control that
-//! holds with a client whose windows are small.
+//! holds with a client whose windows are small; and deadlines
+//! (`grpc-timeout`), which a gRPC client sends and the server keeps.
 
 use crate::fresh_daemon;
 use duofleet_proto::v1::{CreateModelRequest, ListModelsRequest};
@@ -184,4 +185,57 @@ async fn a_response_larger_than_the_clients_window_arrives_whole() {
         .into_inner();
     assert_eq!(everything.models.len(), 40);
     assert_eq!(through_narrow, everything);
+}
+
+/// tonic's `Request::set_timeout` sends `grpc-timeout` and leaves keeping
+/// it to the server, so what ends the stream here is the daemon.
+#[tokio::test]
+async fn a_stream_ends_with_deadline_exceeded_when_its_grpc_timeout_passes() {
+    let (_dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let mut request = tonic::Request::new(duofleet_proto::v1::WatchFleetRequest {});
+    request.set_timeout(Duration::from_millis(700));
+    let started = std::time::Instant::now();
+    let mut events = c.fleet.watch_fleet(request).await.unwrap().into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.message().await {
+                Ok(Some(_event)) => continue,
+                Ok(None) => panic!("the stream ended with OK, not at its deadline"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the daemon ended the stream at its deadline");
+    assert_eq!(ended.code(), tonic::Code::DeadlineExceeded, "{ended:?}");
+    assert!(ended.message().contains("grpc-timeout"), "{ended:?}");
+    assert!(started.elapsed() >= Duration::from_millis(700));
+
+    // The connection goes on: a call with a deadline it meets is answered.
+    let mut request = tonic::Request::new(ListModelsRequest::default());
+    request.set_timeout(Duration::from_secs(10));
+    c.models
+        .list_models(request)
+        .await
+        .expect("answered within its deadline");
+}
+
+#[tokio::test]
+async fn a_malformed_grpc_timeout_is_refused_naming_the_header() {
+    let (_dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let mut request = tonic::Request::new(ListModelsRequest::default());
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "soon".parse().unwrap());
+    let refused = c.models.list_models(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("grpc-timeout: must be 1 to 8 digits followed by a unit")
+            && refused.message().contains("\"soon\""),
+        "{refused:?}"
+    );
 }
