@@ -64,7 +64,9 @@ pub fn status(error: StoreError) -> Status {
             )
         }
         StoreError::Unavailable => Status::unavailable(error.to_string()),
-        StoreError::Conflict { .. } => Status::aborted(error.to_string()),
+        StoreError::Conflict { .. } | StoreError::RolloutContended { .. } => {
+            Status::aborted(error.to_string())
+        }
         StoreError::Unsupported(_) => Status::failed_precondition(error.to_string()),
         StoreError::Etcd { .. } => {
             tracing::error!(error = %error_chain(&error), "etcd request failed");

@@ -13,9 +13,13 @@
 //! FAILED_PRECONDITION naming the rollout (the store's guard). Aborting
 //! makes a revision that puts the changed models and profiles back.
 //!
-//! The records live in sled (`rollouts` tree) and are written on every
+//! The records live in the store (`rollouts`) and are written on every
 //! transition, so a restart resumes a rollout where it was; only the
-//! health baseline of the open wave is taken afresh.
+//! health baseline of the open wave is taken afresh. A transition is a
+//! compare-and-swap on the record as this process last read or wrote it,
+//! and takes effect here only once the store has it: a gate that opens a
+//! wave and an operator's pause through another replica cannot both
+//! land, and an operator hears OK only for a transition that is stored.
 
 use crate::config::Config;
 use crate::effective::{self, Labels};
@@ -42,11 +46,26 @@ const MAX_BAKE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How many of the instances a wave waits for its status names.
 const WAITING_LISTED: usize = 10;
 
+/// How often an operator's transition is tried again when another
+/// writer changed the record first.
+const WRITE_ATTEMPTS: usize = 5;
+
+/// How many replaced records an entry remembers (see `Entry::replaced`):
+/// more than a watch can lag behind by.
+const REPLACED_KEPT: usize = 16;
+
 /// A health target of an instance: (kind, target).
 type TargetKey = (i32, String);
 
 struct Entry {
     record: Rollout,
+    /// The record's bytes as the store holds them, as this process last
+    /// read or wrote them: what the next write expects to replace.
+    stored: Vec<u8>,
+    /// Hashes of records this process's writes replaced. The store moved
+    /// past them, so when a watch still brings one (the echo of a write
+    /// made just before, arriving after) it is old news, not a change.
+    replaced: Vec<u64>,
     /// The configuration instances keep until their wave opens.
     base: Option<Arc<Config>>,
     /// Instances still on `base`.
@@ -77,6 +96,9 @@ pub struct Rollouts {
     /// When this daemon started: an instance cannot have been seen while
     /// it was down, so OFFLINE time counts from here at the earliest.
     started: SystemTime,
+    /// Held from reading a record to installing what replaced it, so that
+    /// this process's own writers (the gates, operators) take turns.
+    writes: Mutex<()>,
 }
 
 pub fn id_of(revision: u64) -> String {
@@ -290,22 +312,17 @@ impl Rollouts {
                 })?;
             let mut entry = Entry {
                 base: None,
-                pinned: HashSet::new(),
+                pinned: pinned_of(&record),
                 baseline: HashMap::new(),
                 aborting: false,
                 record,
+                stored: value,
+                replaced: Vec::new(),
             };
             if entry.active() {
                 entry.base = Some(Arc::new(
                     store.config_at_revision(entry.record.base_revision)?,
                 ));
-                entry.pinned = entry
-                    .record
-                    .waves
-                    .iter()
-                    .filter(|w| w.state() == WaveState::Waiting)
-                    .flat_map(|w| w.instances.iter().cloned())
-                    .collect();
                 tracing::info!(rollout = %entry.record.id, state = ?entry.record.state(), "resuming rollout");
             }
             entries.insert(entry.record.revision, entry);
@@ -317,6 +334,7 @@ impl Rollouts {
             epoch: watch::Sender::new(0),
             updates: broadcast::Sender::new(256),
             started: SystemTime::now(),
+            writes: Mutex::new(()),
         });
         // Baselines for the open waves, from what the registry knows now.
         {
@@ -433,18 +451,21 @@ impl Rollouts {
                 if validate_only {
                     return Ok(None);
                 }
+                let value = record.encode_to_vec();
                 let mut entry = Entry {
                     base: Some(Arc::new(old.clone())),
-                    pinned: waves.iter().skip(1).flatten().cloned().collect(),
+                    pinned: pinned_of(&record),
                     baseline: HashMap::new(),
                     aborting: false,
                     record: record.clone(),
+                    stored: value.clone(),
+                    replaced: Vec::new(),
                 };
                 self.rebaseline(&mut entry);
                 self.lock().insert(revision, entry);
                 Ok(Some(Attached {
                     key: record.id.clone(),
-                    value: record.encode_to_vec(),
+                    value,
                 }))
             },
         ))
@@ -463,14 +484,19 @@ impl Rollouts {
             self.lock().remove(&planned.revision);
             return None;
         };
-        let record = {
-            let mut entries = self.lock();
-            let entry = entries.get_mut(&revision.revision)?;
-            entry.record.summary = revision.summary.clone();
-            entry.record.clone()
+        let summary = revision.summary.clone();
+        let record = match self.write(revision.revision, |record| {
+            record.summary = summary.clone();
+            Ok(())
+        }) {
+            Ok(record) => record,
+            Err(error) => {
+                // The change and its rollout are committed; only the
+                // summary is missing from the stored record.
+                tracing::error!(rollout = %id_of(revision.revision), error = %crate::error::error_chain(&error), "cannot save the rollout's summary");
+                self.get(&id_of(revision.revision)).ok()?
+            }
         };
-        self.persist(&record);
-        self.announce(&record);
         tracing::info!(rollout = %record.id, waves = record.waves.len(), profiles = ?record.profiles, "rollout started");
         Some(record)
     }
@@ -504,10 +530,79 @@ impl Rollouts {
         self.epoch.send_modify(|e| *e += 1);
     }
 
-    fn persist(&self, record: &Rollout) {
-        if let Err(error) = self.store.put_rollout(&record.id, &record.encode_to_vec()) {
-            tracing::error!(rollout = %record.id, error = %crate::error::error_chain(&error), "cannot save the rollout's state; it is kept in memory");
+    /// Changes a rollout's record durably: `change` edits a copy of the
+    /// record as stored, which replaces it only if no one wrote it since;
+    /// otherwise the stored record is read again and `change` runs on that
+    /// (it may refuse now: a rollout another replica paused cannot be
+    /// paused again). This process's memory changes once the store has.
+    fn write(
+        &self,
+        revision: u64,
+        mut change: impl FnMut(&mut Rollout) -> Result<(), ConfigError>,
+    ) -> Result<Rollout, StoreError> {
+        let _writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let id = id_of(revision);
+        for _ in 0..WRITE_ATTEMPTS {
+            let (expected, mut record) = {
+                let entries = self.lock();
+                let entry = entries.get(&revision).ok_or_else(|| not_found(&id))?;
+                (entry.stored.clone(), entry.record.clone())
+            };
+            change(&mut record)?;
+            record.update_time = Some(now());
+            if let Some(record) = self.swap(revision, &expected, record)? {
+                return Ok(record);
+            }
         }
+        Err(StoreError::RolloutContended {
+            id,
+            attempts: WRITE_ATTEMPTS,
+        })
+    }
+
+    /// Writes `record` over the stored `expected`, then takes it up here
+    /// (instances released or held, the baseline, watchers told). `None`
+    /// when another writer came first: the stored record is read again and
+    /// taken up instead.
+    fn swap(
+        &self,
+        revision: u64,
+        expected: &[u8],
+        record: Rollout,
+    ) -> Result<Option<Rollout>, StoreError> {
+        let new = record.encode_to_vec();
+        if !self.store.swap_rollout(&record.id, expected, &new)? {
+            match self.store.load_rollout(&record.id)? {
+                Some(raw) => self.take(&record.id, &raw),
+                None => return Err(not_found(&record.id)),
+            }
+            return Ok(None);
+        }
+        let released = {
+            let mut entries = self.lock();
+            let entry = entries
+                .get_mut(&revision)
+                .ok_or_else(|| not_found(&record.id))?;
+            let pinned = pinned_of(&record);
+            let released = entry.pinned != pinned;
+            let resumed = entry.record.state != record.state;
+            entry.pinned = pinned;
+            entry.record = record.clone();
+            entry.replaced.push(digest(expected));
+            if entry.replaced.len() > REPLACED_KEPT {
+                entry.replaced.remove(0);
+            }
+            entry.stored = new;
+            if released || resumed {
+                self.rebaseline(entry);
+            }
+            released
+        };
+        if released {
+            self.bump();
+        }
+        self.announce(&record);
+        Ok(Some(record))
     }
 
     /// Tells WatchRollout and WatchFleet.
@@ -569,58 +664,77 @@ impl Rollouts {
         if !self.store.leads() {
             return;
         }
-        let mut changed = Vec::new();
-        let mut released = false;
+        let _writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        // Transitions: (revision, the stored bytes, the new record).
+        let mut transitions = Vec::new();
+        let mut counted = Vec::new();
         {
             let mut entries = self.lock();
-            for entry in entries.values_mut() {
+            for (revision, entry) in entries.iter_mut() {
                 if entry.record.state() != RolloutState::Progressing {
                     continue;
                 }
-                let before = entry.record.clone();
-                let transition = self.evaluate(entry);
-                released |= transition.released;
-                if entry.record != before {
-                    entry.record.update_time = Some(now());
-                    changed.push((entry.record.clone(), transition.persist));
+                let mut record = entry.record.clone();
+                let transition = self.evaluate(&mut record, &mut entry.baseline);
+                if record == entry.record {
+                    continue;
+                }
+                record.update_time = Some(now());
+                if transition.persist {
+                    transitions.push((*revision, entry.stored.clone(), record));
+                } else {
+                    // Counts only: kept in memory, shown to watchers.
+                    entry.record = record.clone();
+                    counted.push(record);
                 }
             }
         }
-        if released {
-            self.bump();
+        for record in counted {
+            let _ = self.updates.send(record);
         }
-        for (record, persist) in changed {
-            if persist {
-                self.persist(&record);
-                self.announce(&record);
-            } else {
-                let _ = self.updates.send(record);
+        for (revision, expected, record) in transitions {
+            let id = record.id.clone();
+            match self.swap(revision, &expected, record) {
+                Ok(Some(record)) => {
+                    tracing::info!(rollout = %record.id, state = ?record.state(), reason = %record.reason, "rollout gate moved");
+                }
+                // Another writer came first; the next tick looks again.
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(rollout = %id, error = %crate::error::error_chain(&error), "cannot save the rollout's gate transition; the gate tries again")
+                }
             }
         }
     }
 
-    fn evaluate(&self, entry: &mut Entry) -> Transition {
+    /// The gate of the open wave, on `record`: its counts, and the
+    /// transition they call for (`persist`). `baseline` is the open wave's
+    /// health at its opening; instances without one get their first
+    /// report as theirs.
+    fn evaluate(
+        &self,
+        record: &mut Rollout,
+        baseline: &mut HashMap<String, HashMap<TargetKey, i32>>,
+    ) -> Transition {
         let mut transition = Transition::default();
-        let spec = entry.record.spec.clone().unwrap_or_default();
-        let Some(index) = entry
-            .record
+        let spec = record.spec.clone().unwrap_or_default();
+        let Some(index) = record
             .waves
             .iter()
             .position(|w| w.state() != WaveState::Passed)
         else {
-            entry.record.state = RolloutState::Succeeded as i32;
-            entry.pinned.clear();
+            record.state = RolloutState::Succeeded as i32;
             transition.persist = true;
             return transition;
         };
-        let revision = entry.record.revision;
+        let revision = record.revision;
         let mut applied = 0;
         let mut failed = Vec::new();
         let mut regressions = Vec::new();
         let mut present = 0;
         let mut waiting = Vec::new();
         let offline = offline_after(&spec);
-        for id in &entry.record.waves[index].instances {
+        for id in &record.waves[index].instances {
             // An instance deleted meanwhile no longer counts.
             // What the gate reads, without copying the whole record.
             let Some((state, applied_revision, last_error, health, last_seen)) =
@@ -655,10 +769,10 @@ impl Rollouts {
                 other => waiting.push(format!("{id} ({})", other.word())),
             }
             // No report yet at the opening: the first one is the baseline.
-            if entry.baseline.get(id).is_none_or(|b| b.is_empty()) {
-                entry.baseline.insert(id.clone(), health_of(&health));
+            if baseline.get(id).is_none_or(|b| b.is_empty()) {
+                baseline.insert(id.clone(), health_of(&health));
             }
-            let baseline = &entry.baseline[id];
+            let baseline = &baseline[id];
             for h in &health {
                 if h.state() != HealthState::Unhealthy {
                     continue;
@@ -682,7 +796,7 @@ impl Rollouts {
                 }
             }
         }
-        let wave = &mut entry.record.waves[index];
+        let wave = &mut record.waves[index];
         wave.applied = applied;
         wave.failed = failed.len() as u32;
         wave.regressions = regressions.clone();
@@ -692,25 +806,25 @@ impl Rollouts {
         wave.waiting = waiting;
         let limit = max_failed(&spec);
         if failed.len() as u32 > limit {
-            entry.record.state = RolloutState::Paused as i32;
-            entry.record.reason = format!(
+            record.state = RolloutState::Paused as i32;
+            record.reason = format!(
                 "wave {} gate: {} instances FAILED, more than max_failed {limit}: {}",
                 index + 1,
                 failed.len(),
                 failed.join("; ")
             );
-            tracing::warn!(rollout = %entry.record.id, reason = %entry.record.reason, "rollout paused");
+            tracing::warn!(rollout = %record.id, reason = %record.reason, "rollout paused");
             transition.persist = true;
             return transition;
         }
         if !regressions.is_empty() {
-            entry.record.state = RolloutState::Paused as i32;
-            entry.record.reason = format!(
+            record.state = RolloutState::Paused as i32;
+            record.reason = format!(
                 "wave {} gate: health got worse: {}",
                 index + 1,
                 regressions.join("; ")
             );
-            tracing::warn!(rollout = %entry.record.id, reason = %entry.record.reason, "rollout paused");
+            tracing::warn!(rollout = %record.id, reason = %record.reason, "rollout paused");
             transition.persist = true;
             return transition;
         }
@@ -735,19 +849,13 @@ impl Rollouts {
                 if due {
                     wave.state = WaveState::Passed as i32;
                     transition.persist = true;
-                    if let Some(next) = entry.record.waves.get_mut(index + 1) {
+                    if let Some(next) = record.waves.get_mut(index + 1) {
                         next.state = WaveState::Applying as i32;
                         next.open_time = Some(now());
-                        for id in &next.instances {
-                            entry.pinned.remove(id);
-                        }
-                        transition.released = true;
-                        tracing::info!(rollout = %entry.record.id, wave = index + 2, instances = next.instances.len(), "wave opens");
-                        self.rebaseline(entry);
+                        tracing::info!(rollout = %record.id, wave = index + 2, instances = next.instances.len(), "wave opens");
                     } else {
-                        entry.record.state = RolloutState::Succeeded as i32;
-                        entry.pinned.clear();
-                        tracing::info!(rollout = %entry.record.id, "rollout succeeded");
+                        record.state = RolloutState::Succeeded as i32;
+                        tracing::info!(rollout = %record.id, "rollout succeeded");
                     }
                 }
             }
@@ -757,12 +865,12 @@ impl Rollouts {
     }
 
     pub fn pause(&self, id: &str, reason: &str) -> Result<Rollout, StoreError> {
-        self.transition(id, |entry| {
-            if entry.record.state() != RolloutState::Progressing {
-                return Err(not_active(entry, "pause"));
+        self.transition(id, |record| {
+            if record.state() != RolloutState::Progressing {
+                return Err(not_active(record, "pause"));
             }
-            entry.record.state = RolloutState::Paused as i32;
-            entry.record.reason = if reason.is_empty() {
+            record.state = RolloutState::Paused as i32;
+            record.reason = if reason.is_empty() {
                 "paused by an operator".into()
             } else {
                 reason.to_string()
@@ -773,14 +881,13 @@ impl Rollouts {
 
     /// The open wave's gate starts over: a new health baseline, a new bake.
     pub fn resume(&self, id: &str) -> Result<Rollout, StoreError> {
-        self.transition(id, |entry| {
-            if entry.record.state() != RolloutState::Paused {
-                return Err(not_active(entry, "resume"));
+        self.transition(id, |record| {
+            if record.state() != RolloutState::Paused {
+                return Err(not_active(record, "resume"));
             }
-            entry.record.state = RolloutState::Progressing as i32;
-            entry.record.reason.clear();
-            if let Some(wave) = entry
-                .record
+            record.state = RolloutState::Progressing as i32;
+            record.reason.clear();
+            if let Some(wave) = record
                 .waves
                 .iter_mut()
                 .find(|w| w.state() == WaveState::Baking)
@@ -793,22 +900,14 @@ impl Rollouts {
         .inspect(|_| self.tick())
     }
 
+    /// An operator's pause or resume, durably (see [`Rollouts::write`]).
     fn transition(
         &self,
         id: &str,
-        change: impl FnOnce(&mut Entry) -> Result<(), ConfigError>,
+        change: impl FnMut(&mut Rollout) -> Result<(), ConfigError>,
     ) -> Result<Rollout, StoreError> {
         let revision = revision_of(id).ok_or_else(|| not_found(id))?;
-        let record = {
-            let mut entries = self.lock();
-            let entry = entries.get_mut(&revision).ok_or_else(|| not_found(id))?;
-            change(entry)?;
-            self.rebaseline(entry);
-            entry.record.update_time = Some(now());
-            entry.record.clone()
-        };
-        self.persist(&record);
-        self.announce(&record);
+        let record = self.write(revision, change)?;
         tracing::info!(rollout = %record.id, state = ?record.state(), reason = %record.reason, "rollout changed");
         Ok(record)
     }
@@ -820,7 +919,7 @@ impl Rollouts {
             let mut entries = self.lock();
             let entry = entries.get_mut(&revision).ok_or_else(|| not_found(id))?;
             if !entry.active() {
-                return Err(not_active(entry, "abort").into());
+                return Err(not_active(&entry.record, "abort").into());
             }
             entry.aborting = true;
             entry.base.clone().expect("active rollouts have a base")
@@ -888,20 +987,17 @@ impl Rollouts {
                 return Err(error);
             }
         };
-        let record = {
-            let mut entries = self.lock();
-            let entry = entries.get_mut(&revision).ok_or_else(|| not_found(id))?;
+        let abort_revision = commit.revision.as_ref().map_or(0, |r| r.revision);
+        let written = self.write(revision, |record| {
+            record.state = RolloutState::Aborted as i32;
+            record.reason = format!("aborted by {actor}");
+            record.abort_revision = abort_revision;
+            Ok(())
+        });
+        if let Some(entry) = self.lock().get_mut(&revision) {
             entry.aborting = false;
-            entry.record.state = RolloutState::Aborted as i32;
-            entry.record.reason = format!("aborted by {actor}");
-            entry.record.abort_revision = commit.revision.as_ref().map_or(0, |r| r.revision);
-            entry.record.update_time = Some(now());
-            entry.pinned.clear();
-            entry.record.clone()
-        };
-        self.bump();
-        self.persist(&record);
-        self.announce(&record);
+        }
+        let record = written?;
         tracing::info!(rollout = %record.id, abort_revision = record.abort_revision, "rollout aborted");
         Ok(record)
     }
@@ -945,15 +1041,38 @@ impl Rollouts {
 #[derive(Default)]
 struct Transition {
     persist: bool,
-    released: bool,
 }
 
-fn not_active(entry: &Entry, action: &str) -> ConfigError {
+/// A record's bytes, hashed (within this process).
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The instances a rollout holds on its base configuration: those of its
+/// waves still waiting, while it is active.
+fn pinned_of(record: &Rollout) -> HashSet<String> {
+    if !matches!(
+        record.state(),
+        RolloutState::Progressing | RolloutState::Paused
+    ) {
+        return HashSet::new();
+    }
+    record
+        .waves
+        .iter()
+        .filter(|w| w.state() == WaveState::Waiting)
+        .flat_map(|w| w.instances.iter().cloned())
+        .collect()
+}
+
+fn not_active(record: &Rollout, action: &str) -> ConfigError {
     ConfigError::Blocked(format!(
         "cannot {action} rollout {}: it is {}",
-        entry.record.id,
-        entry
-            .record
+        record.id,
+        record
             .state()
             .as_str_name()
             .trim_start_matches("ROLLOUT_STATE_")

@@ -6,16 +6,18 @@
 //!   came with it *before* it publishes the revision, so that no instance
 //!   connected to it gets the new configuration ahead of its wave;
 //! - every transition (a wave opening, a pause, a resume, an abort) is a
-//!   write of the record, which every replica follows.
+//!   compare-and-swap of the record, which every replica follows: a
+//!   writer whose swap fails (another replica wrote first) takes up the
+//!   stored record and decides again on it.
 //!
 //! The gates run on one replica only, the leader (`Store::leads`); pause,
 //! resume and abort are answered by whichever replica an operator asks.
 
-use super::{Entry, Rollouts, id_of};
+use super::{Entry, Rollouts, digest, id_of, pinned_of};
 use crate::store::TableChange;
-use duofleet_proto::v1::{Rollout, WaveState};
+use duofleet_proto::v1::Rollout;
 use prost::Message;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 impl Rollouts {
@@ -60,8 +62,9 @@ impl Rollouts {
         }
     }
 
-    /// A rollout's record as a replica wrote it: new here, or a transition.
-    fn take(&self, id: &str, raw: &[u8]) {
+    /// A rollout's record as a replica wrote it (this one included: what a
+    /// failed swap found): new here, or a transition.
+    pub(super) fn take(&self, id: &str, raw: &[u8]) {
         let record = match Rollout::decode(raw) {
             Ok(record) => record,
             Err(_) => {
@@ -69,12 +72,7 @@ impl Rollouts {
                 return;
             }
         };
-        let waiting: HashSet<String> = record
-            .waves
-            .iter()
-            .filter(|w| w.state() == WaveState::Waiting)
-            .flat_map(|w| w.instances.iter().cloned())
-            .collect();
+        let waiting = pinned_of(&record);
         // The configuration held instances keep: read before the lock.
         let known = self.lock().contains_key(&record.revision);
         let base = if known {
@@ -91,10 +89,16 @@ impl Rollouts {
         let released = {
             let mut entries = self.lock();
             match entries.get_mut(&record.revision) {
-                Some(entry) if entry.record == record => return,
+                // The echo of a record this process has since replaced.
+                Some(entry) if entry.replaced.contains(&digest(raw)) => return,
+                Some(entry) if entry.record == record => {
+                    entry.stored = raw.to_vec();
+                    return;
+                }
                 Some(entry) => {
                     let released = entry.pinned != waiting;
                     entry.record = record.clone();
+                    entry.stored = raw.to_vec();
                     entry.pinned = waiting;
                     if released {
                         self.rebaseline(entry);
@@ -108,6 +112,8 @@ impl Rollouts {
                         pinned: waiting,
                         baseline: HashMap::new(),
                         aborting: false,
+                        stored: raw.to_vec(),
+                        replaced: Vec::new(),
                     };
                     self.rebaseline(&mut entry);
                     entries.insert(record.revision, entry);

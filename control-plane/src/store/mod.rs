@@ -103,6 +103,11 @@ pub enum StoreError {
         "revision {revision} was committed by another duofleetd replica first (the configuration is now at revision {current}); nothing was written: retry"
     )]
     Conflict { revision: u64, current: u64 },
+    /// A rollout's record kept changing under a transition.
+    #[error(
+        "rollout {id} was changed by other writers (another replica's gate, or an operator) each of the {attempts} times this change was tried; nothing was written: retry"
+    )]
+    RolloutContended { id: String, attempts: usize },
     /// The etcd cluster did not answer, or refused.
     #[error("etcd {action} failed")]
     Etcd {
@@ -954,9 +959,13 @@ impl Store {
             .collect()
     }
 
-    /// Replaces a rollout's record, durably.
-    pub fn put_rollout(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.backend.put(Table::Rollouts, key, value)
+    /// Replaces a rollout's record, durably, if it is still `expected`
+    /// (byte for byte): false, and nothing written, when another writer
+    /// (a replica's gate, an operator through another replica) changed it
+    /// first.
+    pub fn swap_rollout(&self, key: &str, expected: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        self.backend
+            .compare_and_swap(Table::Rollouts, key, expected, Some(new))
     }
 
     /// Every rollout record, by key.

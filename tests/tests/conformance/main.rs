@@ -489,11 +489,32 @@ async fn instance_records(h: Harness) {
     assert_eq!(loaded[100].applied_revision, 101);
     assert_eq!(loaded[598].instance_id, "gitlab-599");
     assert_eq!(loaded[598].applied_revision, 599);
-    // Rollout records live beside them.
-    store.put_rollout("r-1", b"rollout").unwrap();
+    drop(store);
+    // Rollout records live beside them (a commit attaches the first), and
+    // change only by compare-and-swap: a writer that read an older record
+    // writes nothing.
+    h.backend()
+        .put(Table::Rollouts, "r-1", b"waves open: 1")
+        .unwrap();
+    let store = h.open();
+    assert!(
+        !store
+            .swap_rollout("r-1", b"waves open: 0", b"paused")
+            .unwrap()
+    );
+    assert!(
+        store
+            .swap_rollout("r-1", b"waves open: 1", b"waves open: 2")
+            .unwrap()
+    );
+    assert!(
+        !store
+            .swap_rollout("r-1", b"waves open: 1", b"paused")
+            .unwrap()
+    );
     assert_eq!(
         store.load_rollouts().unwrap(),
-        [("r-1".to_string(), b"rollout".to_vec())]
+        [("r-1".to_string(), b"waves open: 2".to_vec())]
     );
     drop(store);
     let backend = h.backend();

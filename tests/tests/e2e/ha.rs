@@ -878,3 +878,77 @@ async fn certificates_and_tokens_from_one_replica_work_on_the_other() {
         agent.log()
     );
 }
+
+/// A rollout's transition is answered OK only once the store has it: with
+/// etcd down, an operator's pause is refused (UNAVAILABLE) and the rollout
+/// goes on as it was; once etcd is back the pause is stored, and a
+/// restarted replica finds the rollout paused.
+#[tokio::test]
+async fn a_pause_is_answered_ok_only_once_etcd_has_it() {
+    use crate::rollout::{count, percent, spec, staged_gateway, wait_rollout};
+    use duofleet_proto::v1::{GetRolloutRequest, PauseRolloutRequest, RolloutState, WaveState};
+    let mut etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("replica");
+    let daemon = on_etcd(&data, &etcd.endpoints(), None, &[]);
+    let mut c = daemon.clients().await;
+    let old = set_gateway(&mut c, "default", "https://aigw-old.example.com").await;
+    let (agent, _ctl, _rb) = linux_agent(&daemon, root.path(), "gitlab-pause-1", RB, &[]);
+    synced_on(&mut c, &agent.instance_id, old).await;
+    let (_, id) = staged_gateway(
+        &mut c,
+        "https://aigw-new.example.com",
+        spec(vec![count(1), percent(100)], 3600),
+    )
+    .await;
+    wait_rollout(&mut c, &id, "baking wave 1", |r| {
+        r.waves[0].state() == WaveState::Baking
+    })
+    .await;
+
+    etcd.members[0].kill();
+    let pause = |reason: &str| PauseRolloutRequest {
+        id: id.clone(),
+        reason: reason.into(),
+    };
+    let refused = c
+        .rollouts
+        .pause_rollout(pause("etcd is down"))
+        .await
+        .expect_err("a pause etcd never stored must not be answered OK");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let unchanged = c
+        .rollouts
+        .get_rollout(GetRolloutRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unchanged.state(), RolloutState::Progressing);
+
+    etcd.members[0].restart().unwrap();
+    etcd.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let paused = eventually("a pause answered OK once etcd is back", async || {
+        c.rollouts
+            .pause_rollout(pause("etcd is back"))
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    })
+    .await;
+    assert_eq!(paused.state(), RolloutState::Paused);
+    assert!(paused.reason.ends_with("etcd is back"), "{paused:?}");
+
+    let listen = daemon.grpc_addr.clone();
+    daemon.stop("TERM");
+    let daemon = on_etcd(&data, &etcd.endpoints(), Some(listen), &[]);
+    let mut c = daemon.clients().await;
+    let stored = c
+        .rollouts
+        .get_rollout(GetRolloutRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.state(), RolloutState::Paused);
+    assert_eq!(stored.reason, paused.reason);
+    drop(agent);
+}
