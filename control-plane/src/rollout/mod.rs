@@ -659,11 +659,11 @@ impl Rollouts {
     }
 
     /// Runs the gates once: counts, pauses, bake times, waves opening.
-    /// With replicas, only the leader does.
+    /// With replicas every replica counts (each sees the whole fleet), so
+    /// that any of them shows a wave's progress as it goes; only the leader
+    /// moves a gate.
     pub fn tick(&self) {
-        if !self.store.leads() {
-            return;
-        }
+        let leads = self.store.leads();
         let _writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         // Transitions: (revision, the stored bytes, the new record).
         let mut transitions = Vec::new();
@@ -681,7 +681,9 @@ impl Rollouts {
                 }
                 record.update_time = Some(now());
                 if transition.persist {
-                    transitions.push((*revision, entry.stored.clone(), record));
+                    if leads {
+                        transitions.push((*revision, entry.stored.clone(), record));
+                    }
                 } else {
                     // Counts only: kept in memory, shown to watchers.
                     entry.record = record.clone();

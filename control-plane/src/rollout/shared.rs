@@ -10,8 +10,10 @@
 //!   writer whose swap fails (another replica wrote first) takes up the
 //!   stored record and decides again on it.
 //!
-//! The gates run on one replica only, the leader (`Store::leads`); pause,
-//! resume and abort are answered by whichever replica an operator asks.
+//! Every replica counts each open wave's progress (each sees the whole
+//! fleet), so any of them shows it as it goes; the gates move on one
+//! replica only, the leader (`Store::leads`). Pause, resume and abort are
+//! answered by whichever replica an operator asks.
 
 use super::{Entry, Rollouts, digest, id_of, pinned_of};
 use crate::store::TableChange;

@@ -952,3 +952,49 @@ async fn a_pause_is_answered_ok_only_once_etcd_has_it() {
     assert_eq!(stored.reason, paused.reason);
     drop(agent);
 }
+
+/// A wave's progress shows on every replica as it goes, not only at the
+/// leader's next transition: with one instance of the wave applied and
+/// the other OFFLINE, the wave is APPLYING with 1 applied and 1 waited
+/// for, whichever replica is asked.
+#[tokio::test]
+async fn every_replica_shows_a_waves_progress() {
+    use crate::rollout::{percent, spec, staged_gateway, wait_rollout};
+    use duofleet_proto::v1::WaveState;
+    let cluster = Replicas::start().await;
+    let a = cluster.replica(0, None);
+    let b = cluster.replica(1, None);
+    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let old = set_gateway(&mut ca, "default", "https://aigw-old.example.com").await;
+    let root = cluster.root.path();
+    let (up, _, _) = linux_agent(&a, root, "gitlab-up", RB, &[]);
+    let (down, _, _) = linux_agent(&b, root, "gitlab-down", RB, &[]);
+    for c in [&mut ca, &mut cb] {
+        synced_on(c, &up.instance_id, old).await;
+        synced_on(c, &down.instance_id, old).await;
+    }
+    drop(down);
+    for c in [&mut ca, &mut cb] {
+        eventually("gitlab-down OFFLINE", async || {
+            instance(c, "gitlab-down")
+                .await
+                .filter(|i| i.sync_state() == SyncState::Offline)
+        })
+        .await;
+    }
+    let (_, id) = staged_gateway(
+        &mut ca,
+        "https://aigw-new.example.com",
+        spec(vec![percent(100)], 3600),
+    )
+    .await;
+    for c in [&mut ca, &mut cb] {
+        let seen = wait_rollout(c, &id, "1 applied, 1 waited for", |r| {
+            r.waves[0].applied == 1 && r.waves[0].waiting_count == 1
+        })
+        .await;
+        assert_eq!(seen.waves[0].state(), WaveState::Applying);
+        assert_eq!(seen.waves[0].waiting, ["gitlab-down (OFFLINE)"]);
+    }
+    drop(up);
+}
