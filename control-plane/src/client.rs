@@ -114,7 +114,13 @@ impl TlsFiles {
 
 /// Opens a channel to `server` (`host:port`, or a URL). Plaintext is
 /// implied for loopback; any other address needs TLS files or `plaintext`.
-pub async fn connect(server: &str, tls: &TlsFiles) -> Result<Channel, ClientError> {
+/// A call that has no answer within `request_timeout` fails (a stream's
+/// answer is its first message's headers: a watch may last longer).
+pub async fn connect(
+    server: &str,
+    tls: &TlsFiles,
+    request_timeout: Duration,
+) -> Result<Channel, ClientError> {
     let bad = |reason: String| ClientError::BadServer {
         server: server.to_string(),
         reason,
@@ -137,7 +143,8 @@ pub async fn connect(server: &str, tls: &TlsFiles) -> Result<Channel, ClientErro
     }
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| bad(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10));
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(request_timeout);
     if use_tls {
         let cacert = tls.cacert.as_ref().ok_or(ClientError::NoCaCert)?;
         let mut config =
@@ -249,9 +256,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_remote_server_needs_tls_or_an_explicit_plaintext() {
-        let err = connect("10.1.2.3:7700", &TlsFiles::default())
-            .await
-            .unwrap_err();
+        let err = connect(
+            "10.1.2.3:7700",
+            &TlsFiles::default(),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ClientError::PlaintextRemote { .. }), "{err}");
         let err = connect(
             "127.0.0.1:7700",
@@ -260,6 +271,7 @@ mod tests {
                 cert: Some("c.pem".into()),
                 ..Default::default()
             },
+            Duration::from_secs(1),
         )
         .await
         .unwrap_err();

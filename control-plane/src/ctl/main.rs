@@ -63,6 +63,17 @@ struct Connection {
     /// plaintext unless TLS files are given).
     #[arg(long, global = true)]
     plaintext: bool,
+    /// How long a call may go unanswered before duofleetctl gives up
+    /// (exit 3): a duofleetd that accepts connections but does not answer
+    /// never hangs a script. A watch's events may take longer.
+    #[arg(
+        long,
+        env = "DUOFLEET_REQUEST_TIMEOUT",
+        default_value = "2m",
+        value_parser = parse_duration,
+        global = true
+    )]
+    request_timeout: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -247,6 +258,13 @@ impl<E: std::fmt::Display> From<E> for Failure {
 
 /// A refused call, as an operator reads it: the message, then the code.
 pub fn refused(status: tonic::Status) -> Failure {
+    // How tonic's client says its own timeout ran out.
+    if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+        return Failure(
+            "duofleetd did not answer within --request-timeout: is it overloaded, or stopped? (DeadlineExceeded)"
+                .into(),
+        );
+    }
     let message = status.message();
     Failure(format!("{message} ({:?})", status.code()))
 }
@@ -279,7 +297,7 @@ impl Connection {
             key: self.key.clone(),
             plaintext: self.plaintext,
         };
-        let channel = client::connect(&self.server, &tls).await?;
+        let channel = client::connect(&self.server, &tls, self.request_timeout).await?;
         Ok(Clients::new(channel, Some(token)))
     }
 }

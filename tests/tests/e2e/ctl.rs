@@ -881,3 +881,51 @@ async fn apply_with_a_rollout_and_the_rollout_commands() {
         ]
     );
 }
+
+/// A duofleetd that accepts connections but does not answer (here: stopped
+/// with SIGSTOP; the kernel still accepts) does not hang duofleetctl: the
+/// call gives up after --request-timeout, exit 3, naming the flag.
+#[test]
+fn a_daemon_that_does_not_answer_is_given_up_on_after_the_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"));
+    ok(&daemon, dir.path(), &["get", "models"], &[]);
+    let signal = |name: &str| {
+        let sent = Command::new("kill")
+            .args([name, &daemon.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let run = ctl(
+        &daemon,
+        dir.path(),
+        &["get", "models", "--request-timeout", "2s"],
+        &[],
+    );
+    let waited = started.elapsed();
+    signal("-CONT");
+    assert_eq!(run.code, 3, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr
+            .contains("did not answer within --request-timeout"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(2) && waited < std::time::Duration::from_secs(30),
+        "gave up after {waited:?}"
+    );
+    // Answering again, it is answered again.
+    ok(&daemon, dir.path(), &["get", "models"], &[]);
+    let bad = ctl(
+        &daemon,
+        dir.path(),
+        &["get", "models", "--request-timeout", "soon"],
+        &[],
+    );
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("--request-timeout"), "{}", bad.stderr);
+}
