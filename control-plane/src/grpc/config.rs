@@ -67,7 +67,7 @@ impl ConfigService for ConfigApi {
         request: Request<ExportConfigRequest>,
     ) -> Result<Response<ExportConfigResponse>, Status> {
         super::caller(&request)?;
-        let config = self.store.current();
+        let config = super::fresh(&self.store).await?;
         Ok(Response::new(ExportConfigResponse {
             revision: config.revision,
             models: config.models.values().map(public_model).collect(),

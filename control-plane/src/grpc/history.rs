@@ -109,11 +109,7 @@ impl HistoryService for HistoryApi {
         let DiffRevisionsRequest { from, to } = request.into_inner();
         let store = self.store.clone();
         let (to, changes) = blocking(move || {
-            let to = if to == 0 {
-                store.current().revision
-            } else {
-                to
-            };
+            let to = if to == 0 { store.fresh()?.revision } else { to };
             let old = store.config_at_revision(from)?;
             let new = store.config_at_revision(to)?;
             Ok::<_, crate::store::StoreError>((to, public_field_changes(&old, &new)))

@@ -237,6 +237,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Status::internal(format!("blocking task failed: {e}")))
 }
 
+/// The configuration for an operator's read: with replicas, as of the
+/// newest revision any of them committed (see `Store::fresh`).
+async fn fresh(store: &Arc<Store>) -> Result<Arc<Config>, Status> {
+    let store = store.clone();
+    blocking(move || store.fresh()).await?.map_err(status)
+}
+
 /// Runs one configuration change on the blocking pool (sled flushes to
 /// disk) and logs the revision it made.
 async fn commit(

@@ -42,7 +42,7 @@ impl ModelService for ModelApi {
         request: Request<GetModelRequest>,
     ) -> Result<Response<Model>, Status> {
         caller(&request)?;
-        let config = self.store.current();
+        let config = super::fresh(&self.store).await?;
         let model = config.model(&request.get_ref().name).map_err(not_found)?;
         Ok(Response::new(public_model(model)))
     }
@@ -52,7 +52,7 @@ impl ModelService for ModelApi {
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
         caller(&request)?;
-        let config = self.store.current();
+        let config = super::fresh(&self.store).await?;
         let models = config.models.values().map(public_model).collect();
         Ok(Response::new(ListModelsResponse { models }))
     }

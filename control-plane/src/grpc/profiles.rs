@@ -48,7 +48,7 @@ impl ProfileService for ProfileApi {
         request: Request<GetProfileRequest>,
     ) -> Result<Response<Profile>, Status> {
         caller(&request)?;
-        let config = self.store.current();
+        let config = super::fresh(&self.store).await?;
         let profile = config.profile(&request.get_ref().name).map_err(not_found)?;
         Ok(Response::new(profile.clone()))
     }
@@ -58,7 +58,12 @@ impl ProfileService for ProfileApi {
         request: Request<ListProfilesRequest>,
     ) -> Result<Response<ListProfilesResponse>, Status> {
         caller(&request)?;
-        let profiles = self.store.current().profiles.values().cloned().collect();
+        let profiles = super::fresh(&self.store)
+            .await?
+            .profiles
+            .values()
+            .cloned()
+            .collect();
         Ok(Response::new(ListProfilesResponse { profiles }))
     }
 

@@ -37,8 +37,10 @@ impl RolloutService for RolloutApi {
         request: Request<GetRolloutRequest>,
     ) -> Result<Response<Rollout>, Status> {
         caller(&request)?;
-        self.rollouts
-            .get(&request.get_ref().id)
+        let rollouts = self.rollouts.clone();
+        let id = request.into_inner().id;
+        blocking(move || rollouts.get_fresh(&id))
+            .await?
             .map(Response::new)
             .map_err(status)
     }

@@ -649,6 +649,19 @@ impl Rollouts {
             .ok_or_else(|| not_found(id))
     }
 
+    /// [`Rollouts::get`] for an operator: a rollout started through
+    /// another replica moments ago is found even before this replica's
+    /// watch brought its revision.
+    pub fn get_fresh(&self, id: &str) -> Result<Rollout, StoreError> {
+        match self.get(id) {
+            Err(StoreError::Config(ConfigError::NotFound { .. })) => {
+                self.store.fresh()?;
+                self.get(id)
+            }
+            found => found,
+        }
+    }
+
     /// Newest first.
     pub fn list(&self) -> Vec<Rollout> {
         self.lock()

@@ -475,6 +475,19 @@ impl Store {
         self.current.borrow().clone()
     }
 
+    /// The configuration as of the newest revision any replica committed,
+    /// for an operator's read: what a write acknowledged through another
+    /// replica is seen by the next read here, even before this replica's
+    /// watch brought it (one read of the backend's revision; the
+    /// configuration is loaded only when this replica is behind). The same
+    /// as [`Store::current`] on sled.
+    pub fn fresh(&self) -> Result<Arc<Config>, StoreError> {
+        if self.backend.is_shared() {
+            drop(self.writing()?);
+        }
+        Ok(self.current())
+    }
+
     /// Follows the current configuration; it changes only after a durable commit.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
         self.current.subscribe()

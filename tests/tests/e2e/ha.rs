@@ -998,3 +998,49 @@ async fn every_replica_shows_a_waves_progress() {
     }
     drop(up);
 }
+
+/// A write acknowledged through one replica is seen by the next read
+/// through the other, without waiting for its watch: models, the export,
+/// and a rollout just started.
+#[tokio::test]
+async fn a_write_through_one_replica_is_read_at_once_through_the_other() {
+    use crate::rollout::{count, percent, spec, staged_gateway};
+    use duofleet_proto::v1::{ExportConfigRequest, GetModelRequest, GetRolloutRequest};
+    let cluster = Replicas::start().await;
+    let a = cluster.replica(0, None);
+    let b = cluster.replica(1, None);
+    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    for i in 0..30 {
+        let name = format!("read-at-once-{i:02}");
+        let revision = create(&mut ca, &name).await.unwrap();
+        let read = cb
+            .models
+            .get_model(GetModelRequest { name: name.clone() })
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{name}, acknowledged at {revision}, not read through the other replica: {e:?}"
+                )
+            });
+        assert_eq!(read.into_inner().name, name);
+        let exported = cb
+            .config
+            .export_config(ExportConfigRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(exported.revision >= revision);
+    }
+    let (_agent, _, _) = linux_agent(&a, cluster.root.path(), "gitlab-read-1", RB, &[]);
+    synced_on(&mut ca, "gitlab-read-1", 30).await;
+    let (_, id) = staged_gateway(
+        &mut ca,
+        "https://aigw-new.example.com",
+        spec(vec![count(1), percent(100)], 3600),
+    )
+    .await;
+    cb.rollouts
+        .get_rollout(GetRolloutRequest { id: id.clone() })
+        .await
+        .unwrap_or_else(|e| panic!("rollout {id} not found through the other replica: {e:?}"));
+}
