@@ -204,6 +204,18 @@ pub struct Args {
     )]
     pub etcd_prefix: String,
 
+    /// With --store etcd: how often (seconds) the leading replica compacts
+    /// etcd's history, keeping one interval of it; 0: never (when etcd runs
+    /// with its own --auto-compaction-retention, or is shared with
+    /// something that needs longer history).
+    #[arg(
+        long,
+        env = "DUOFLEET_ETCD_COMPACTION_INTERVAL_SECS",
+        default_value_t = 300,
+        global = true
+    )]
+    pub etcd_compaction_interval_secs: u64,
+
     /// With --store etcd: the CA certificate (PEM) of the etcd servers.
     #[arg(long, env = "DUOFLEET_ETCD_CA", global = true)]
     pub etcd_ca: Option<PathBuf>,
@@ -893,6 +905,8 @@ fn etcd_options(args: &Args) -> Result<crate::store::etcd::EtcdOptions, StartErr
             (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
             _ => None,
         },
+        compaction: (args.etcd_compaction_interval_secs > 0)
+            .then(|| Duration::from_secs(args.etcd_compaction_interval_secs)),
     })
 }
 

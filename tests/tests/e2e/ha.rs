@@ -1044,3 +1044,46 @@ async fn a_write_through_one_replica_is_read_at_once_through_the_other() {
         .await
         .unwrap_or_else(|e| panic!("rollout {id} not found through the other replica: {e:?}"));
 }
+
+/// The leading replica compacts etcd's history (every second here; 5
+/// minutes by default): without it every heartbeat's instance record
+/// stays in etcd until its quota is full. Watches that a compaction cuts
+/// read again: an agent on the other replica still gets a change made
+/// through the first one after its history was compacted.
+#[tokio::test]
+async fn the_leader_compacts_etcds_history_and_replicas_follow_on() {
+    use etcd_client::GetOptions;
+    let cluster = Replicas::start().await;
+    let compact = strings(&["--etcd-compaction-interval-secs", "1"]);
+    let a = cluster.replica_with(0, None, &compact);
+    let b = cluster.replica_with(1, None, &compact);
+    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let (agent, _, rb) = linux_agent(&b, cluster.root.path(), "gitlab-compact-1", RB, &[]);
+    let first = set_gateway(&mut ca, "default", "https://aigw-one.example.com").await;
+    synced_on(&mut cb, &agent.instance_id, first).await;
+    for i in 0..5 {
+        create(&mut ca, &format!("compacted-{i}")).await.unwrap();
+    }
+    let mut etcd = cluster.etcd.client().await;
+    eventually("etcd's first revisions compacted", async || {
+        let old = etcd
+            .get(
+                "/duofleet/revision",
+                Some(GetOptions::new().with_revision(2)),
+            )
+            .await;
+        match old {
+            Err(error) if error.to_string().contains("compacted") => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    let second = set_gateway(&mut ca, "default", "https://aigw-two.example.com").await;
+    synced_on(&mut cb, &agent.instance_id, second).await;
+    assert_eq!(
+        crate::rollout::gateway_in(&rb),
+        "https://aigw-two.example.com"
+    );
+    let models = list_models(&mut cb).await;
+    assert_eq!(models.len(), 5);
+}

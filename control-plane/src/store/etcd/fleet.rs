@@ -194,6 +194,48 @@ async fn campaign(mut client: Client, presence: Arc<Presence>, prefix: String) {
     presence.leading.store(false, Ordering::Release);
 }
 
+/// Compacts etcd's history on the leader, every `every`, up to the
+/// revision etcd was at one interval before: etcd keeps every version of
+/// every key until it is compacted, and the fleet's instance records are
+/// written again with every heartbeat (each instance about twice a
+/// minute), so without it etcd's database grows until it reaches its quota
+/// and refuses every write. Watches more than an interval behind are
+/// cancelled by etcd and read everything again (`follow_prefix`), as
+/// after any break. As kube-apiserver does with its etcd (every 5
+/// minutes); compaction is cluster-wide, so a shared etcd that must keep
+/// longer history runs with this off (`--etcd-compaction-interval-secs 0`)
+/// and compacts by itself.
+async fn compact(mut client: Client, presence: Arc<Presence>, prefix: String, every: Duration) {
+    let key = format!("{prefix}revision");
+    // etcd's revision one interval ago, seen while leading.
+    let mut previous: Option<i64> = None;
+    while !presence.left.load(Ordering::Acquire) {
+        tokio::time::sleep(every).await;
+        if !presence.leading.load(Ordering::Acquire) {
+            previous = None;
+            continue;
+        }
+        let now = match client.get(key.clone(), None).await {
+            Ok(answer) => answer.header().map_or(0, |h| h.revision()),
+            Err(error) => {
+                tracing::debug!(%error, "cannot read etcd's revision to compact; trying again");
+                continue;
+            }
+        };
+        if let Some(at) = previous.filter(|at| *at > 0) {
+            match client.compact(at, None).await {
+                Ok(_) => tracing::debug!(revision = at, "etcd history compacted"),
+                // Compacted further already (etcd's own auto-compaction).
+                Err(error) if error.to_string().contains("compacted") => {}
+                Err(error) => {
+                    tracing::warn!(%error, revision = at, "cannot compact etcd's history; trying again")
+                }
+            }
+        }
+        previous = Some(now);
+    }
+}
+
 impl EtcdBackend {
     /// This replica's lease, granted (and kept alive) on first use.
     fn ensure_lease(&self) -> Result<i64, StoreError> {
@@ -429,6 +471,14 @@ impl Fleet for EtcdBackend {
                     self.presence.clone(),
                     self.prefix.clone(),
                 ));
+                if let Some(every) = self.compaction {
+                    runtime.spawn(compact(
+                        self.client.clone(),
+                        self.presence.clone(),
+                        self.prefix.clone(),
+                        every,
+                    ));
+                }
             }
         }
         self.presence.leading.load(Ordering::Acquire)

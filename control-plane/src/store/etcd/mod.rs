@@ -88,6 +88,9 @@ pub struct EtcdOptions {
     pub ca_pem: Option<Vec<u8>>,
     /// PEM: a client certificate and its key, for etcd's mutual TLS.
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// How often the leader compacts etcd's history (`fleet::compact`);
+    /// `None`: never (etcd's own `--auto-compaction-retention` does it).
+    pub compaction: Option<Duration>,
 }
 
 impl EtcdOptions {
@@ -176,6 +179,8 @@ pub struct EtcdBackend {
     described: String,
     /// This replica's presence in the cluster (see `fleet`).
     presence: Arc<fleet::Presence>,
+    /// [`EtcdOptions::compaction`].
+    compaction: Option<Duration>,
     /// The configuration as this replica last read or wrote it: a commit
     /// applies its changes to it instead of reading the whole value again.
     cache: Mutex<Option<Stored>>,
@@ -265,6 +270,7 @@ impl EtcdBackend {
             prefix: options.prefix,
             cache: Mutex::new(None),
             presence: Arc::new(fleet::Presence::new()),
+            compaction: options.compaction,
         })
     }
 
