@@ -50,6 +50,14 @@ impl Replicas {
         self.replica_with(i, listen, &[])
     }
 
+    /// The first two replicas, with `extra` flags, and a client of each.
+    async fn pair(&self, extra: &[String]) -> (Daemon, Daemon, Clients, Clients) {
+        let a = self.replica_with(0, None, extra);
+        let b = self.replica_with(1, None, extra);
+        let (ca, cb) = (a.clients().await, b.clients().await);
+        (a, b, ca, cb)
+    }
+
     fn replica_with(&self, i: usize, listen: Option<String>, extra: &[String]) -> Daemon {
         let data = self.data(i);
         if i > 0 && !data.exists() {
@@ -156,9 +164,7 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
         size("DUOFLEET_HA_WRITES", 30),
     );
     let cluster = Replicas::start().await;
-    let a = cluster.replica(0, None);
-    let b = cluster.replica(1, None);
-    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let (a, b, mut ca, mut cb) = cluster.pair(&[]).await;
     let mut fleet_b = crate::watch_fleet(&mut cb).await;
 
     // A write through either replica is seen by both.
@@ -381,9 +387,7 @@ async fn a_dead_replicas_agents_show_offline_until_they_come_back() {
 #[tokio::test]
 async fn an_etcd_member_dies_and_everything_restarts_intact() {
     let mut cluster = Replicas::start().await;
-    let a = cluster.replica(0, None);
-    let b = cluster.replica(1, None);
-    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let (a, b, mut ca, mut cb) = cluster.pair(&[]).await;
     for i in 0..3 {
         create(&mut ca, &format!("before-{i}")).await.unwrap();
     }
@@ -459,9 +463,7 @@ async fn a_rollout_holds_instances_back_on_every_replica() {
     use crate::rollout::{count, gateway_in, percent, spec, staged_gateway, wait_rollout};
     use duofleet_proto::v1::{RolloutState, WaveState};
     let cluster = Replicas::start().await;
-    let a = cluster.replica(0, None);
-    let b = cluster.replica(1, None);
-    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let (a, b, mut ca, mut cb) = cluster.pair(&[]).await;
     let old = set_gateway(&mut ca, "default", "https://aigw-old.example.com").await;
     let both = format!("http://{},http://{}", a.grpc_addr, b.grpc_addr);
     let root = cluster.root.path();
@@ -962,9 +964,7 @@ async fn every_replica_shows_a_waves_progress() {
     use crate::rollout::{percent, spec, staged_gateway, wait_rollout};
     use duofleet_proto::v1::WaveState;
     let cluster = Replicas::start().await;
-    let a = cluster.replica(0, None);
-    let b = cluster.replica(1, None);
-    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let (a, b, mut ca, mut cb) = cluster.pair(&[]).await;
     let old = set_gateway(&mut ca, "default", "https://aigw-old.example.com").await;
     let root = cluster.root.path();
     let (up, _, _) = linux_agent(&a, root, "gitlab-up", RB, &[]);
@@ -1007,9 +1007,7 @@ async fn a_write_through_one_replica_is_read_at_once_through_the_other() {
     use crate::rollout::{count, percent, spec, staged_gateway};
     use duofleet_proto::v1::{ExportConfigRequest, GetModelRequest, GetRolloutRequest};
     let cluster = Replicas::start().await;
-    let a = cluster.replica(0, None);
-    let b = cluster.replica(1, None);
-    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let (a, _b, mut ca, mut cb) = cluster.pair(&[]).await;
     for i in 0..30 {
         let name = format!("read-at-once-{i:02}");
         let revision = create(&mut ca, &name).await.unwrap();
@@ -1055,9 +1053,7 @@ async fn the_leader_compacts_etcds_history_and_replicas_follow_on() {
     use etcd_client::GetOptions;
     let cluster = Replicas::start().await;
     let compact = strings(&["--etcd-compaction-interval-secs", "1"]);
-    let a = cluster.replica_with(0, None, &compact);
-    let b = cluster.replica_with(1, None, &compact);
-    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let (_a, b, mut ca, mut cb) = cluster.pair(&compact).await;
     let (agent, _, rb) = linux_agent(&b, cluster.root.path(), "gitlab-compact-1", RB, &[]);
     let first = set_gateway(&mut ca, "default", "https://aigw-one.example.com").await;
     synced_on(&mut cb, &agent.instance_id, first).await;
