@@ -888,7 +888,7 @@ async fn certificates_and_tokens_from_one_replica_work_on_the_other() {
 #[tokio::test]
 async fn a_pause_is_answered_ok_only_once_etcd_has_it() {
     use crate::rollout::{count, percent, spec, staged_gateway, wait_rollout};
-    use duofleet_proto::v1::{GetRolloutRequest, PauseRolloutRequest, RolloutState, WaveState};
+    use duofleet_proto::v1::{PauseRolloutRequest, RolloutState, WaveState};
     let mut etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("replica");
@@ -919,12 +919,7 @@ async fn a_pause_is_answered_ok_only_once_etcd_has_it() {
         .await
         .expect_err("a pause etcd never stored must not be answered OK");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    let unchanged = c
-        .rollouts
-        .get_rollout(GetRolloutRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let unchanged = crate::rollout::rollout(&mut c, &id).await;
     assert_eq!(unchanged.state(), RolloutState::Progressing);
 
     etcd.members[0].restart().unwrap();
@@ -944,12 +939,7 @@ async fn a_pause_is_answered_ok_only_once_etcd_has_it() {
     daemon.stop("TERM");
     let daemon = on_etcd(&data, &etcd.endpoints(), Some(listen), &[]);
     let mut c = daemon.clients().await;
-    let stored = c
-        .rollouts
-        .get_rollout(GetRolloutRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let stored = crate::rollout::rollout(&mut c, &id).await;
     assert_eq!(stored.state(), RolloutState::Paused);
     assert_eq!(stored.reason, paused.reason);
     drop(agent);

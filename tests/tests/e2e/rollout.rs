@@ -82,7 +82,7 @@ pub(crate) async fn staged_gateway(
     (response.into_inner().revision, id)
 }
 
-async fn rollout(c: &mut Clients, id: &str) -> Rollout {
+pub(crate) async fn rollout(c: &mut Clients, id: &str) -> Rollout {
     c.rollouts
         .get_rollout(GetRolloutRequest { id: id.into() })
         .await
