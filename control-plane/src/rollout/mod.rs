@@ -585,7 +585,7 @@ impl Rollouts {
                 .ok_or_else(|| not_found(&record.id))?;
             let pinned = pinned_of(&record);
             let released = entry.pinned != pinned;
-            let resumed = entry.record.state != record.state;
+            let state_changed = entry.record.state != record.state;
             entry.pinned = pinned;
             entry.record = record.clone();
             entry.replaced.push(digest(expected));
@@ -593,7 +593,7 @@ impl Rollouts {
                 entry.replaced.remove(0);
             }
             entry.stored = new;
-            if released || resumed {
+            if released || state_changed {
                 self.rebaseline(entry);
             }
             released
@@ -710,9 +710,7 @@ impl Rollouts {
         for (revision, expected, record) in transitions {
             let id = record.id.clone();
             match self.swap(revision, &expected, record) {
-                Ok(Some(record)) => {
-                    tracing::info!(rollout = %record.id, state = ?record.state(), reason = %record.reason, "rollout gate moved");
-                }
+                Ok(Some(record)) => log_gate(&record),
                 // Another writer came first; the next tick looks again.
                 Ok(None) => {}
                 Err(error) => {
@@ -828,7 +826,6 @@ impl Rollouts {
                 failed.len(),
                 failed.join("; ")
             );
-            tracing::warn!(rollout = %record.id, reason = %record.reason, "rollout paused");
             transition.persist = true;
             return transition;
         }
@@ -839,7 +836,6 @@ impl Rollouts {
                 index + 1,
                 regressions.join("; ")
             );
-            tracing::warn!(rollout = %record.id, reason = %record.reason, "rollout paused");
             transition.persist = true;
             return transition;
         }
@@ -867,10 +863,8 @@ impl Rollouts {
                     if let Some(next) = record.waves.get_mut(index + 1) {
                         next.state = WaveState::Applying as i32;
                         next.open_time = Some(now());
-                        tracing::info!(rollout = %record.id, wave = index + 2, instances = next.instances.len(), "wave opens");
                     } else {
                         record.state = RolloutState::Succeeded as i32;
-                        tracing::info!(rollout = %record.id, "rollout succeeded");
                     }
                 }
             }
@@ -1050,6 +1044,25 @@ impl Rollouts {
             "Instances of each active rollout by state: waiting (not released yet), applying, applied, failed.",
             &values,
         );
+    }
+}
+
+/// What a gate did, once it is stored.
+fn log_gate(record: &Rollout) {
+    let open = record
+        .waves
+        .iter()
+        .position(|w| w.state() != WaveState::Passed);
+    match (record.state(), open) {
+        (RolloutState::Paused, _) => {
+            tracing::warn!(rollout = %record.id, reason = %record.reason, "rollout paused")
+        }
+        (RolloutState::Succeeded, _) => tracing::info!(rollout = %record.id, "rollout succeeded"),
+        (_, Some(index)) => {
+            let wave = &record.waves[index];
+            tracing::info!(rollout = %record.id, wave = index + 1, state = ?wave.state(), instances = wave.instances.len(), "rollout wave")
+        }
+        (state, None) => tracing::info!(rollout = %record.id, ?state, "rollout changed"),
     }
 }
 
