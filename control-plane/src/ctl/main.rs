@@ -261,7 +261,7 @@ pub fn refused(status: tonic::Status) -> Failure {
     // How tonic's client says its own timeout ran out.
     if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
         return Failure(
-            "duofleetd did not answer within --request-timeout: is it overloaded, or stopped? (DeadlineExceeded)"
+            "duofleetd did not answer within --request-timeout: is it overloaded, or stopped? A change it was asked for may still land: look before trying again (DeadlineExceeded)"
                 .into(),
         );
     }
