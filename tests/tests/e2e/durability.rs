@@ -275,7 +275,7 @@ async fn a_commit_is_fdatasynced_before_its_ok_leaves() {
             "-qq",
             "-yy",
             "-e",
-            "trace=fdatasync,fsync,rename,sendto,sendmsg,write,writev",
+            "trace=fdatasync,fsync,rename,renameat,renameat2,sendto,sendmsg,write,writev",
         ])
         .arg("-o")
         .arg(&trace)
@@ -304,7 +304,7 @@ async fn a_commit_is_fdatasynced_before_its_ok_leaves() {
         .unwrap_or_else(|| panic!("no fdatasync of {log_file} while a model was created:\n{log}"));
     let high_water = lines
         .iter()
-        .position(|l| l.contains("rename(") && l.contains("revision.hwm"))
+        .position(|l| l.contains("rename") && l.contains("revision.hwm"))
         .unwrap_or_else(|| panic!("no write of revision.hwm while a model was created:\n{log}"));
     let answered = lines
         .iter()
