@@ -7,7 +7,7 @@ use crate::fresh_daemon;
 use crate::{WAIT, instance, wait_instance, wait_synced};
 use duofleet_proto::v1::fleet_event::Event;
 use duofleet_proto::v1::{
-    CreateModelRequest, CreateProfileRequest, DeleteInstanceRequest, ListInstancesRequest, Profile,
+    CreateModelRequest, CreateProfileRequest, ListInstancesRequest, Profile,
     SetFeatureSettingRequest, SyncState, UpdateProfileRequest,
 };
 use duofleet_tests::agent::{Agent, FakeCommand};
@@ -640,12 +640,7 @@ async fn unauthenticated_is_final_and_deleted_instances_are_forgotten() {
     let (mut agent, _ctl, _rb) = linux_agent(&daemon, dir.path(), "gitlab-a", ENV_HASH_RB, &[]);
     wait_synced(&mut c, "gitlab-a", 0).await;
     delete_when_offline(&mut c, &mut agent, "gitlab-a").await;
-    let again = c
-        .fleet
-        .delete_instance(DeleteInstanceRequest {
-            instance_id: "gitlab-a".into(),
-            ..Default::default()
-        })
+    let again = crate::delete_instance(&mut c, "gitlab-a")
         .await
         .unwrap_err();
     assert_eq!(again.code(), tonic::Code::NotFound);
@@ -659,13 +654,7 @@ async fn delete_when_offline(c: &mut Clients, agent: &mut Agent, id: &str) {
         !i.connected && i.sync_state() == SyncState::Offline
     })
     .await;
-    c.fleet
-        .delete_instance(DeleteInstanceRequest {
-            instance_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::delete_instance(c, id).await.unwrap();
     assert!(instance(c, id).await.is_none());
 }
 
@@ -695,13 +684,7 @@ async fn a_deleted_offline_instance_comes_back_as_new_and_catches_up() {
     let edited = std::fs::read_to_string(&rb).unwrap();
     assert!(edited.contains("https://aigw-2.example.com"), "{edited}");
     // Listed once, as any other instance.
-    let listed = c
-        .fleet
-        .list_instances(ListInstancesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .instances;
+    let listed = crate::list_instances(&mut c).await;
     assert_eq!(
         listed
             .iter()

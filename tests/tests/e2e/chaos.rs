@@ -574,7 +574,7 @@ async fn agents_keep_their_configuration_through_a_partition_and_converge_after(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_stops_reading_does_not_delay_the_others() {
     use crate::agents::{ENV_HASH_RB, linux_agent, set_gateway};
-    use duofleet_proto::v1::{ListInstancesRequest, SyncState};
+    use duofleet_proto::v1::SyncState;
     let (dir, daemon) = crate::fresh_daemon();
     let mut c = daemon.clients().await;
     let live_ids: Vec<String> = (0..4).map(|i| format!("live-{i}")).collect();
@@ -594,13 +594,7 @@ async fn an_agent_that_stops_reading_does_not_delay_the_others() {
             revision = set_gateway(c, "default", &url).await;
             let deadline = started + crate::WAIT;
             loop {
-                let instances = c
-                    .fleet
-                    .list_instances(ListInstancesRequest::default())
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .instances;
+                let instances = crate::list_instances(c).await;
                 let synced = instances
                     .iter()
                     .filter(|i| live_ids.contains(&i.instance_id))

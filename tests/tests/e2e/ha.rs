@@ -5,9 +5,7 @@
 use crate::agents::{ENV_HASH_RB as RB, linux_agent, set_gateway};
 use crate::{WAIT, instance, list_models, revision_numbers};
 use duofleet_proto::v1::fleet_event::Event;
-use duofleet_proto::v1::{
-    CreateModelRequest, GetFleetHealthRequest, ListInstancesRequest, Model, SyncState,
-};
+use duofleet_proto::v1::{CreateModelRequest, GetFleetHealthRequest, Model, SyncState};
 use duofleet_tests::agent::{Agent, FakeCommand};
 use duofleet_tests::etcd::Etcd;
 use duofleet_tests::{Clients, Daemon, DaemonOptions, mk, start_refused_with};
@@ -194,13 +192,7 @@ async fn replicas_share_the_fleet_and_agents_fail_over() {
     assert_spread(&agents, &a);
     // The whole fleet's health from either replica.
     for c in [&mut ca, &mut cb] {
-        let listed = c
-            .fleet
-            .list_instances(ListInstancesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .instances;
+        let listed = crate::list_instances(c).await;
         assert_eq!(listed.len(), n, "{listed:?}");
         // The gateway, probed by every agent, counted across the fleet.
         eventually("the gateway's health from every agent", async || {

@@ -72,6 +72,27 @@ pub async fn list_models(clients: &mut Clients) -> Vec<Model> {
         .models
 }
 
+/// Every instance, as ListInstances returns them.
+pub async fn list_instances(c: &mut Clients) -> Vec<Instance> {
+    c.fleet
+        .list_instances(duofleet_proto::v1::ListInstancesRequest::default())
+        .await
+        .expect("ListInstances")
+        .into_inner()
+        .instances
+}
+
+/// DeleteInstance for `id`, for real (not a dry run).
+pub async fn delete_instance(c: &mut Clients, id: &str) -> Result<(), tonic::Status> {
+    c.fleet
+        .delete_instance(duofleet_proto::v1::DeleteInstanceRequest {
+            instance_id: id.into(),
+            validate_only: false,
+        })
+        .await
+        .map(drop)
+}
+
 /// A WatchFleet stream.
 pub async fn watch_fleet(
     clients: &mut Clients,

@@ -298,7 +298,6 @@ async fn an_offline_canary(daemon: &Daemon, root: &Path) -> (Clients, Fleet) {
 /// it no longer counts and the rollout goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_instance_holds_its_wave_and_the_status_names_it() {
-    use duofleet_proto::v1::DeleteInstanceRequest;
     let (dir, daemon) = fresh_daemon();
     let (mut c, _fleet) = an_offline_canary(&daemon, dir.path()).await;
     let (_, id) = staged_gateway(
@@ -329,13 +328,7 @@ async fn an_offline_instance_holds_its_wave_and_the_status_names_it() {
     );
 
     // Deleted, it no longer counts.
-    c.fleet
-        .delete_instance(DeleteInstanceRequest {
-            instance_id: "gitlab-01".into(),
-            validate_only: false,
-        })
-        .await
-        .unwrap();
+    crate::delete_instance(&mut c, "gitlab-01").await.unwrap();
     let done = wait_rollout(&mut c, &id, "succeeded", |r| {
         r.state() == RolloutState::Succeeded
     })

@@ -2,9 +2,7 @@
 //! the certificate, revocation, renewal; grpcurl over TLS.
 
 use crate::{WAIT, wait_synced};
-use duofleet_proto::v1::{
-    DeleteInstanceRequest, GetInstanceRequest, Profile, UpdateProfileRequest,
-};
+use duofleet_proto::v1::{GetInstanceRequest, Profile, UpdateProfileRequest};
 use duofleet_tests::agent::Agent;
 use duofleet_tests::endpoints::TestCa;
 use duofleet_tests::{Clients, Daemon, DaemonOptions, grpcurl_path};
@@ -208,13 +206,7 @@ async fn agents_enroll_then_connect_with_their_certificate() {
 
     // Deleting the instance revokes its certificate.
     agent.kill9();
-    c.fleet
-        .delete_instance(DeleteInstanceRequest {
-            instance_id: "gitlab-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::delete_instance(&mut c, "gitlab-a").await.unwrap();
     agent.restart();
     assert!(!agent.wait_exit(WAIT).success());
     assert!(

@@ -92,13 +92,7 @@ async fn an_oversized_hello_is_refused_and_costs_nothing() {
     assert!(grown_mib < 64, "the daemon grew by {grown_mib} MiB");
     let db_grown = dir_bytes(daemon.data_dir()).saturating_sub(db_before);
     assert!(db_grown < 1 << 20, "the data dir grew by {db_grown} bytes");
-    let instances = c
-        .fleet
-        .list_instances(ListInstancesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .instances;
+    let instances = crate::list_instances(&mut c).await;
     assert!(instances.is_empty(), "{instances:?}");
 }
 
