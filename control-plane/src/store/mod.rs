@@ -478,11 +478,12 @@ impl Store {
     /// The configuration as of the newest revision any replica committed,
     /// for an operator's read: what a write acknowledged through another
     /// replica is seen by the next read here, even before this replica's
-    /// watch brought it (one read of the backend's revision; the
-    /// configuration is loaded only when this replica is behind). The same
-    /// as [`Store::current`] on sled.
+    /// watch brought it (one read of the backend's revision; only when this
+    /// replica is behind does it take the writer lock and load the
+    /// configuration, so a read does not wait behind a commit in progress).
+    /// The same as [`Store::current`] on sled.
     pub fn fresh(&self) -> Result<Arc<Config>, StoreError> {
-        if self.backend.is_shared() {
+        if self.backend.is_shared() && self.backend.revision()? > self.current().revision {
             drop(self.writing()?);
         }
         Ok(self.current())
