@@ -67,7 +67,16 @@ impl Prober {
             let prober = self.clone();
             tasks.spawn(async move { (index, prober.gateway(kind, &url).await) });
         }
-        for (index, model) in desired.models.iter().cloned().enumerate() {
+        // A Bedrock or Vertex AI model without an endpoint is reached through
+        // the AI gateway's cloud credentials: only GitLab's connection check
+        // can test it.
+        for (index, model) in desired
+            .models
+            .iter()
+            .filter(|m| !m.endpoint.is_empty())
+            .cloned()
+            .enumerate()
+        {
             let prober = self.clone();
             tasks.spawn(async move { (10 + index, prober.model(&model).await) });
         }

@@ -74,6 +74,11 @@ pub struct GitLabState {
     /// model name: not tried again until the desired model changes.
     #[serde(default)]
     pub blocked: BTreeMap<String, Blocked>,
+    /// Feature settings GitLab refused for its license (the agent-platform
+    /// add-on), by feature key: not sent again until the setting or the
+    /// GitLab version changes.
+    #[serde(default)]
+    pub refused_features: BTreeMap<String, Blocked>,
     /// The newest revision whose every API item held.
     #[serde(default)]
     pub applied_revision: u64,

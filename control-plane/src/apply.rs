@@ -46,6 +46,7 @@ impl Config {
                     merged.family = model.family;
                     merged.endpoint = model.endpoint;
                     merged.identifier = model.identifier;
+                    merged.provider = model.provider;
                     if !model.api_key.is_empty() {
                         merged.api_key = model.api_key;
                     }

@@ -35,7 +35,18 @@ pub struct Feature {
     pub title: String,
     pub since: String,
     pub release_states: BTreeMap<String, ReleaseState>,
+    /// Every family GitLab accepts for it, in some version.
     pub compatible_families: Vec<String>,
+    /// Family -> the GitLab version from which GitLab accepts it for this
+    /// feature, where that is later than the feature itself.
+    #[serde(default)]
+    pub compatible_since: BTreeMap<String, String>,
+    /// GitLab version -> the title from that version on (`title` before).
+    #[serde(default)]
+    pub titles: BTreeMap<String, String>,
+    /// Where GitLab sets a feature that its feature settings API lacks.
+    #[serde(default)]
+    pub not_settable: Option<String>,
 }
 
 /// The versioned part that families and features share.
@@ -155,16 +166,49 @@ impl Family {
 impl Feature {
     pub fn to_proto(&self) -> pb::Feature {
         let (since, states) = self.versions_proto();
+        let mut compatible_since: Vec<_> = self
+            .compatible_since
+            .iter()
+            .map(|(family, v)| pb::FamilySince {
+                family: family.clone(),
+                since_gitlab_version: parse_version(v).to_string(),
+            })
+            .collect();
+        compatible_since.sort_by_key(|f| parse_version(&f.since_gitlab_version));
         pb::Feature {
             key: self.key.clone(),
-            title: self.title.clone(),
+            title: self.newest_title().to_string(),
             release_state: self.release_state().to_proto() as i32,
             compatible_families: self.compatible_families.clone(),
-            since_gitlab_version: since,
+            since_gitlab_version: since.clone(),
             release_states: states,
+            compatible_since,
+            titles: self.ordered_titles()
+                .into_iter()
+                .map(|(v, title)| pb::TitleSince {
+                    title: title.to_string(),
+                    since_gitlab_version: v.to_string(),
+                })
+                .collect(),
+            not_settable: self.not_settable.clone().unwrap_or_default(),
         }
     }
 
+    /// Titles by version, oldest first, starting with `title` at `since`.
+    fn ordered_titles(&self) -> Vec<(GitLabVersion, &str)> {
+        let mut titles: Vec<_> = std::iter::once((parse_version(&self.since), self.title.as_str()))
+            .chain(self.titles.iter().map(|(v, t)| (parse_version(v), t.as_str())))
+            .collect();
+        titles.sort_by_key(|(v, _)| *v);
+        titles
+    }
+
+    /// The title in the newest GitLab version.
+    pub fn newest_title(&self) -> &str {
+        self.ordered_titles().last().map_or(&self.title, |(_, t)| t)
+    }
+
+    /// Whether some GitLab version accepts `family` for this feature.
     pub fn accepts(&self, family: &str) -> bool {
         self.compatible_families.iter().any(|f| f == family)
     }
@@ -179,7 +223,7 @@ impl Feature {
         };
         format!(
             "{capitalized} is incompatible with the {} feature",
-            self.title
+            self.newest_title()
         )
     }
 }
@@ -223,6 +267,19 @@ mod tests {
         for family in &catalog.families {
             assert_eq!(family.gitlab_enum, family.key.to_uppercase());
         }
+        for feature in &catalog.features {
+            for (family, since) in &feature.compatible_since {
+                assert!(
+                    feature.accepts(family),
+                    "{}: {family} is accepted later but not listed",
+                    feature.key
+                );
+                assert!(GitLabVersion::parse(since).is_some(), "{}: {since}", feature.key);
+            }
+            for since in feature.titles.keys() {
+                assert!(GitLabVersion::parse(since).is_some(), "{}: {since}", feature.key);
+            }
+        }
         let versions = catalog
             .families
             .iter()
@@ -262,10 +319,39 @@ mod tests {
         let catalog = get();
         // GitLab's AiAcceptedSelfHostedModels: no QWEN, no GEMINI before 19.x.
         let families: Vec<&str> = catalog.families.iter().map(|f| f.key.as_str()).collect();
-        assert_eq!(families.len(), 10);
-        assert!(!families.contains(&"qwen") && !families.contains(&"gemini"));
+        assert_eq!(families.len(), 13);
         assert_eq!(catalog.family("general").unwrap().since, "18.3");
-        assert_eq!(catalog.features.len(), 18);
+        assert_eq!(catalog.family("gemini").unwrap().since, "19.0");
+        assert_eq!(catalog.family("embedding").unwrap().since, "19.1");
+        assert_eq!(catalog.family("qwen").unwrap().since, "19.2");
+        assert_eq!(catalog.features.len(), 27);
+        // At 17.4 GitLab's AiFeatures enum had only the first seven.
+        let at_17_4: Vec<&str> = catalog
+            .features
+            .iter()
+            .filter(|f| f.since == "17.4")
+            .map(|f| f.key.as_str())
+            .collect();
+        assert_eq!(at_17_4.len(), 7, "{at_17_4:?}");
+        assert_eq!(
+            catalog.feature("duo_chat_troubleshoot_job").unwrap().since,
+            "17.10"
+        );
+        assert_eq!(catalog.feature("generate_commit_message").unwrap().since, "18.1");
+        assert_eq!(catalog.feature("review_merge_request").unwrap().since, "18.3");
+        let dap = catalog.feature("duo_agent_platform").unwrap().to_proto();
+        assert_eq!(dap.title, "Agents & flows");
+        assert_eq!(
+            dap.titles
+                .iter()
+                .map(|t| (t.since_gitlab_version.as_str(), t.title.as_str()))
+                .collect::<Vec<_>>(),
+            [("18.4", "All agents, except Agentic Chat"), ("19.0", "Agents & flows")]
+        );
+        assert!(dap.compatible_since.iter().any(|f| f.family == "mistral" && f.since_gitlab_version == "19.0"));
+        let embeddings = catalog.feature("embeddings_code").unwrap();
+        assert!(embeddings.not_settable.as_deref().unwrap().contains("Semantic Search"));
+        assert!(catalog.feature("duo_chat").unwrap().not_settable.is_none());
         let review = catalog.feature("review_merge_request").unwrap().to_proto();
         assert_eq!(review.release_state, pb::ReleaseState::Ga as i32);
         assert_eq!(
@@ -274,7 +360,7 @@ mod tests {
                 .iter()
                 .map(|s| s.since_gitlab_version.as_str())
                 .collect::<Vec<_>>(),
-            ["17.4", "18.4"]
+            ["18.3", "18.4"]
         );
         let agentic = catalog
             .feature("duo_agent_platform_agentic_chat")

@@ -31,7 +31,7 @@ pub fn default_profile() -> Profile {
     }
 }
 
-const MODEL_FIELDS: &[&str] = &["family", "endpoint", "api_key", "identifier"];
+const MODEL_FIELDS: &[&str] = &["family", "endpoint", "api_key", "identifier", "provider"];
 const PROFILE_FIELDS: &[&str] = &[
     "parent",
     "reconfigure_window",
@@ -91,6 +91,7 @@ impl Config {
             "endpoint" => !patch.endpoint.is_empty(),
             "api_key" => !patch.api_key.is_empty(),
             "identifier" => !patch.identifier.is_empty(),
+            "provider" => !patch.provider.is_empty(),
             _ => false,
         })?;
         let mut model = self.model(&patch.name)?.clone();
@@ -100,6 +101,7 @@ impl Config {
                 "endpoint" => model.endpoint = patch.endpoint.clone(),
                 "api_key" => model.api_key = patch.api_key.clone(),
                 "identifier" => model.identifier = patch.identifier.clone(),
+                "provider" => model.provider = patch.provider.clone(),
                 _ => unreachable!("mask_fields returns only listed fields"),
             }
         }
@@ -535,7 +537,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "update_mask: unknown field \"bogus\" for Model; updatable fields: family, endpoint, api_key, identifier"
+            "update_mask: unknown field \"bogus\" for Model; updatable fields: family, endpoint, api_key, identifier, provider"
         );
         // camelCase paths, as grpcurl sends them, work too.
         let rotate = Model {

@@ -85,6 +85,7 @@ fn model_fields(model: &Model) -> Vec<(String, String)> {
         ("family".into(), model.family.clone()),
         ("endpoint".into(), model.endpoint.clone()),
         ("identifier".into(), model.identifier.clone()),
+        ("provider".into(), model.provider.clone()),
         ("api_key".into(), key_digest(&model.api_key)),
     ]
 }

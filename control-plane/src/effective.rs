@@ -151,6 +151,7 @@ pub fn desired_config(config: &Config, labels: &Labels) -> DesiredConfig {
             endpoint: m.endpoint.clone(),
             api_key: m.api_key.clone(),
             identifier: m.identifier.clone(),
+            provider: m.provider.clone(),
         })
         .collect();
     // The agent needs to know which GitLab version brought each family and

@@ -15,7 +15,9 @@ pub const PROFILE_NAME_MAX: usize = 63;
 pub const SELECTOR_MAX: usize = 32;
 pub const LABEL_MAX: usize = 63;
 pub const DEFAULT_PROFILE: &str = "default";
-const IDENTIFIER_PROVIDERS: [&str; 3] = ["custom_openai", "bedrock", "azure"];
+const IDENTIFIER_PROVIDERS: [&str; 4] = ["custom_openai", "bedrock", "azure", "vertex_ai"];
+/// A model's `provider`, as GitLab's AiSelfHostedModelProvider has it.
+pub const MODEL_PROVIDERS: [&str; 3] = ["api", "bedrock", "vertex_ai"];
 
 type Result<T = ()> = std::result::Result<T, ConfigError>;
 
@@ -32,9 +34,31 @@ pub fn model(model: &Model, catalog: &Catalog) -> Result {
             ),
         ));
     }
-    let endpoint = http_url("model.endpoint", &model.endpoint)?;
-    api_key(&model.api_key)?;
+    if !model.provider.is_empty() && !MODEL_PROVIDERS.contains(&model.provider.as_str()) {
+        return Err(ConfigError::invalid(
+            "model.provider",
+            format!(
+                "must be one of {} (got {}); empty infers it from the identifier",
+                MODEL_PROVIDERS.join(", "),
+                quoted(&model.provider)
+            ),
+        ));
+    }
     identifier(&model.identifier)?;
+    api_key(&model.api_key)?;
+    let provider = model_provider(model);
+    if model.endpoint.is_empty() && provider != "api" {
+        // Bedrock and Vertex AI are reached through the AI gateway's own
+        // credentials: GitLab (19.0+) takes them without an endpoint.
+        return Ok(());
+    }
+    if model.endpoint.is_empty() {
+        return Err(ConfigError::invalid(
+            "model.endpoint",
+            "required for api models (e.g. https://host:8000/v1); only bedrock and vertex_ai models may have none",
+        ));
+    }
+    let endpoint = http_url("model.endpoint", &model.endpoint)?;
     if model.identifier.starts_with("custom_openai/") && !endpoint.path().ends_with("/v1") {
         return Err(ConfigError::invalid(
             "model.endpoint",
@@ -42,6 +66,19 @@ pub fn model(model: &Model, catalog: &Catalog) -> Result {
         ));
     }
     Ok(())
+}
+
+/// The model's provider: the one given, else inferred from the identifier
+/// as GitLab infers it.
+pub fn model_provider(model: &Model) -> &str {
+    if !model.provider.is_empty() {
+        return &model.provider;
+    }
+    match model.identifier.split('/').next() {
+        Some("bedrock") => "bedrock",
+        Some("vertex_ai") => "vertex_ai",
+        _ => "api",
+    }
 }
 
 /// A model name: the key. 1 to 255 characters, no control characters.
@@ -101,7 +138,7 @@ fn identifier(identifier: &str) -> Result {
         _ => Err(ConfigError::invalid(
             FIELD,
             format!(
-                "must be custom_openai/<served model name>, bedrock/<model id> or azure/<deployment id> (got {})",
+                "must be custom_openai/<served model name>, bedrock/<model id>, azure/<deployment id> or vertex_ai/<model id> (got {})",
                 quoted(identifier)
             ),
         )),
@@ -349,13 +386,22 @@ pub fn selector(field: &str, labels: &BTreeMap<String, String>) -> Result {
 /// One feature setting, on its own: a known feature, a known provider, and a
 /// model exactly when the provider is PROVIDER_SELF_HOSTED.
 pub fn feature_setting(field: &str, setting: &FeatureSetting, catalog: &Catalog) -> Result {
-    if catalog.feature(&setting.feature).is_none() {
+    let Some(feature) = catalog.feature(&setting.feature) else {
         return Err(ConfigError::invalid(
             format!("{field}.feature"),
             format!(
                 "unknown feature {}; known features: {}",
                 quoted(&setting.feature),
                 catalog.feature_keys()
+            ),
+        ));
+    };
+    if let Some(where_set) = &feature.not_settable {
+        return Err(ConfigError::invalid(
+            format!("{field}.feature"),
+            format!(
+                "{} cannot be set per feature: {where_set}",
+                quoted(&setting.feature)
             ),
         ));
     }
@@ -531,6 +577,16 @@ mod tests {
             "profile.features[0].model: only allowed with PROVIDER_SELF_HOSTED (provider is PROVIDER_VENDOR)"
         );
         p.features[0].model.clear();
+        p.features.push(FeatureSetting {
+            feature: "embeddings_code".into(),
+            provider: Provider::Vendor as i32,
+            model: String::new(),
+        });
+        assert_eq!(
+            profile(&p, catalog).unwrap_err().to_string(),
+            "profile.features[1].feature: \"embeddings_code\" cannot be set per feature: GitLab sets it through Semantic Search (Admin > GitLab Duo), not through its feature settings API"
+        );
+        p.features.pop();
         p.features.push(p.features[0].clone());
         assert_eq!(
             profile(&p, catalog).unwrap_err().to_string(),

@@ -191,6 +191,10 @@ pub mod since {
     pub const AGENT_PLATFORM_URL: V = V::new(18, 4);
     /// `aiGatewayTimeoutSeconds`.
     pub const GATEWAY_TIMEOUT: V = V::new(18, 7);
+    /// A self-hosted model's `provider` (`API`, `BEDROCK`, `VERTEX_AI`).
+    pub const MODEL_PROVIDER: V = V::new(18, 11);
+    /// A model without an endpoint (Bedrock and Vertex AI providers).
+    pub const OPTIONAL_ENDPOINT: V = V::new(19, 0);
 }
 
 /// Parses GitLab's answer to `/api/v4/version`.

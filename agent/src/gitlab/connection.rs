@@ -45,12 +45,7 @@ impl GitLab {
                 results.push(result(&model.name, HealthState::Unknown, why, started));
                 continue;
             }
-            let mut input = json!({
-                "name": model.name,
-                "model": model.family.to_uppercase(),
-                "endpoint": model.endpoint,
-                "identifier": model.identifier,
-            });
+            let mut input = super::models::model_input(model, version);
             if !model.api_key.is_empty() {
                 input["apiToken"] = json!(model.api_key);
             }

@@ -14,6 +14,24 @@ const FEATURES_UPDATE: &str = "mutation duofleetFeatures($input: AiFeatureSettin
 /// What a feature is set to: provider (upper case) and model id.
 type Setting = (String, String);
 
+/// Features whose self-hosted model needs GitLab's `update_dap_self_hosted_model`
+/// ability: with an offline license the self-hosted agent-platform add-on,
+/// otherwise Duo Enterprise and the testing terms. Sent on their own, since
+/// GitLab's refusal is a top-level error that fails the whole call.
+const LICENSE_GATED: [&str; 2] = ["duo_agent_platform", "duo_agent_platform_agentic_chat"];
+const NO_PERMISSION: &str = "You don't have permission to update the setting";
+
+/// The reason shown for a license refusal, with GitLab's own words.
+fn not_permitted(feature: &str, gitlab: &str) -> String {
+    format!(
+        "not permitted by this instance's license: a self-hosted model for {feature} needs GitLab's self-hosted Duo Agent Platform add-on (or Duo Enterprise with the testing terms); GitLab: {gitlab} Not sent again until the setting or GitLab's version changes"
+    )
+}
+
+fn gated(feature: &str, target: &Setting) -> bool {
+    target.0 == "SELF_HOSTED" && LICENSE_GATED.contains(&feature)
+}
+
 impl Sync<'_> {
     pub(super) async fn features(&mut self, desired: &DesiredConfig) -> Result<(), SyncError> {
         let wanted = self.wanted_features(desired);
@@ -57,8 +75,9 @@ impl Sync<'_> {
         } else {
             None
         };
-        // (target, whether the feature leaves duofleet's hands) -> features
-        let mut changes: BTreeMap<(Setting, bool), Vec<String>> = BTreeMap::new();
+        // (target, whether the feature leaves duofleet's hands, whether the
+        // license gates it) -> features
+        let mut changes: BTreeMap<(Setting, bool, bool), Vec<String>> = BTreeMap::new();
         for (feature, target) in &wanted {
             let target = match target {
                 Ok(target) => target,
@@ -93,11 +112,21 @@ impl Sync<'_> {
             };
             if current.as_ref() == Some(target) {
                 self.set(feature, target);
+                self.state.refused_features.remove(feature);
                 self.report
                     .add("feature", feature, SyncItemState::Unchanged, "");
+            } else if let Some(refused) = self
+                .state
+                .refused_features
+                .get(feature)
+                .filter(|r| r.pushed == self.refusal_key(target))
+            {
+                let reason = refused.reason.clone();
+                self.report
+                    .add("feature", feature, SyncItemState::Hidden, reason);
             } else {
                 changes
-                    .entry((target.clone(), false))
+                    .entry((target.clone(), false, gated(feature, target)))
                     .or_default()
                     .push(feature.clone());
             }
@@ -126,14 +155,17 @@ impl Sync<'_> {
             };
             if still_ours {
                 changes
-                    .entry(((default.to_string(), String::new()), true))
+                    .entry(((default.to_string(), String::new()), true, false))
                     .or_default()
                     .push(feature);
             } else {
                 self.state.features.remove(&feature);
             }
         }
-        for ((target, released), features) in changes {
+        self.state
+            .refused_features
+            .retain(|feature, _| wanted.contains_key(feature));
+        for ((target, released, _), features) in changes {
             self.update_features(&target, features, released).await?;
         }
         Ok(())
@@ -152,11 +184,24 @@ impl Sync<'_> {
                 Provider::SelfHosted => "SELF_HOSTED",
                 Provider::Unspecified => continue,
             };
+            let family = desired
+                .models
+                .iter()
+                .find(|m| m.name == setting.model)
+                .map(|m| m.family.as_str());
             let target = if let Some(why) = self.catalog.feature_unsupported(&setting.feature) {
                 Err((SyncItemState::Skipped, why))
+            } else if let Some(where_set) = self.catalog.not_settable(&setting.feature) {
+                Err((SyncItemState::Skipped, where_set.to_string()))
             } else if setting.provider() == Provider::SelfHosted {
-                self.model_id(&setting.model)
-                    .map(|id| (provider.to_string(), id))
+                // A model skipped here skips its features; one GitLab
+                // would refuse for this feature is refused without a call.
+                self.model_id(&setting.model).and_then(|id| {
+                    match family.and_then(|f| self.catalog.incompatible(&setting.feature, f)) {
+                        Some(why) => Err((SyncItemState::Failed, why)),
+                        None => Ok((provider.to_string(), id)),
+                    }
+                })
             } else {
                 Ok((provider.to_string(), String::new()))
             };
@@ -172,6 +217,11 @@ impl Sync<'_> {
             .query("aiFeatureSettings", FEATURES_QUERY)
             .await?
             .map(|data| (!data["aiFeatureSettings"].is_null()).then(|| parse_listing(&data))))
+    }
+
+    /// What a license refusal was about: the setting and GitLab's version.
+    fn refusal_key(&self, target: &Setting) -> String {
+        format!("{} {} {}", self.version, target.0, target.1)
     }
 
     fn set(&mut self, feature: &str, target: &Setting) {
@@ -251,9 +301,22 @@ impl Sync<'_> {
                 }
                 Ok(()) => {
                     self.set(&feature, target);
+                    self.state.refused_features.remove(&feature);
                     let detail = format!("{feature} -> {provider}");
                     self.report
                         .add("feature", &feature, SyncItemState::Applied, detail);
+                }
+                Err(why) if why.contains(NO_PERMISSION) && gated(&feature, target) => {
+                    let reason = not_permitted(&feature, &why);
+                    self.state.refused_features.insert(
+                        feature.clone(),
+                        crate::state::Blocked {
+                            pushed: self.refusal_key(target),
+                            reason: reason.clone(),
+                        },
+                    );
+                    self.report
+                        .add("feature", &feature, SyncItemState::Hidden, reason);
                 }
                 Err(why) => self
                     .report

@@ -157,6 +157,51 @@ impl<'a> Catalog<'a> {
         })
     }
 
+    /// Why GitLab at this version refuses a `family` model for `feature`,
+    /// in GitLab's words and with the title of this version, e.g. "Mistral
+    /// is incompatible with the All agents, except Agentic Chat feature
+    /// (GitLab accepts it from 19.0)". None when it accepts it, or the
+    /// catalog is silent.
+    fn incompatible(&self, feature: &str, family: &str) -> Option<String> {
+        let feature = self.features.iter().find(|f| f.key == feature)?;
+        if !feature.compatible_families.iter().any(|f| f == family) {
+            return Some(self.refusal(feature, family, String::new()));
+        }
+        let since = feature
+            .compatible_since
+            .iter()
+            .find(|f| f.family == family)
+            .and_then(|f| GitLabVersion::parse(&f.since_gitlab_version))?;
+        (self.version < since).then(|| {
+            self.refusal(
+                feature,
+                family,
+                format!(" on GitLab {} (GitLab accepts it from {since})", self.version),
+            )
+        })
+    }
+
+    fn refusal(&self, feature: &Feature, family: &str, tail: String) -> String {
+        let mut chars = family.chars();
+        let capitalized: String = chars
+            .next()
+            .map(|c| c.to_uppercase().chain(chars).collect())
+            .unwrap_or_default();
+        format!(
+            "{capitalized} is incompatible with the {} feature{tail}",
+            title_at(feature, self.version)
+        )
+    }
+
+    /// Where GitLab sets a feature its feature settings API lacks.
+    fn not_settable(&self, key: &str) -> Option<&str> {
+        self.features
+            .iter()
+            .find(|f| f.key == key)
+            .map(|f| f.not_settable.as_str())
+            .filter(|why| !why.is_empty())
+    }
+
     fn family_beta(&self, key: &str) -> bool {
         self.families
             .iter()
@@ -170,6 +215,17 @@ impl<'a> Catalog<'a> {
             .find(|f| f.key == key)
             .is_some_and(|f| beta_at(&f.release_states, self.version))
     }
+}
+
+/// The feature's title as GitLab `version` names it.
+fn title_at(feature: &Feature, version: GitLabVersion) -> &str {
+    feature
+        .titles
+        .iter()
+        .filter_map(|t| Some((GitLabVersion::parse(&t.since_gitlab_version)?, &t.title)))
+        .filter(|(since, _)| *since <= version)
+        .max_by_key(|(since, _)| *since)
+        .map_or(&feature.title, |(_, title)| title)
 }
 
 /// Whether the release state in force at `version` is beta or experiment.
@@ -319,6 +375,52 @@ mod tests {
         assert!(beta_at(&review, GitLabVersion::new(18, 3)));
         assert!(!beta_at(&review, GitLabVersion::new(18, 4)));
         assert!(!beta_at(&review, GitLabVersion::new(18, 9)));
+    }
+
+    #[test]
+    fn compatibility_and_titles_follow_the_instance_version() {
+        let dap = Feature {
+            key: "duo_agent_platform".into(),
+            title: "Agents & flows".into(),
+            compatible_families: vec!["claude_3".into(), "mistral".into()],
+            compatible_since: vec![duofleet_proto::v1::FamilySince {
+                family: "mistral".into(),
+                since_gitlab_version: "19.0".into(),
+            }],
+            titles: vec![
+                duofleet_proto::v1::TitleSince {
+                    title: "All agents, except Agentic Chat".into(),
+                    since_gitlab_version: "18.4".into(),
+                },
+                duofleet_proto::v1::TitleSince {
+                    title: "Agents & flows".into(),
+                    since_gitlab_version: "19.0".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let desired = DesiredConfig {
+            catalog_features: vec![dap],
+            ..Default::default()
+        };
+        let old = Catalog::new(GitLabVersion::new(18, 9), &desired);
+        assert_eq!(
+            old.incompatible("duo_agent_platform", "mistral").as_deref(),
+            Some(
+                "Mistral is incompatible with the All agents, except Agentic Chat feature on GitLab 18.9 (GitLab accepts it from 19.0)"
+            )
+        );
+        assert_eq!(old.incompatible("duo_agent_platform", "claude_3"), None);
+        assert_eq!(
+            old.incompatible("duo_agent_platform", "codegemma").as_deref(),
+            Some("Codegemma is incompatible with the All agents, except Agentic Chat feature")
+        );
+        let new = Catalog::new(GitLabVersion::new(19, 0), &desired);
+        assert_eq!(new.incompatible("duo_agent_platform", "mistral"), None);
+        assert_eq!(
+            new.incompatible("duo_agent_platform", "gpt").as_deref(),
+            Some("Gpt is incompatible with the Agents & flows feature")
+        );
     }
 
     #[test]

@@ -4,11 +4,13 @@
 use super::api::since;
 use super::{Sync, SyncError, TESTING_TERMS};
 use crate::state::ManagedModel;
+use duofleet_proto::GitLabVersion;
 use duofleet_proto::v1::{DesiredConfig, DesiredModel, SyncItemState};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 
 const MODELS_QUERY: &str = "query duofleetModels { aiSelfHostedModels { nodes { id name model endpoint identifier hasApiToken } } }";
+const MODELS_QUERY_WITH_PROVIDER: &str = "query duofleetModels { aiSelfHostedModels { nodes { id name model endpoint identifier hasApiToken provider } } }";
 const CREATE: &str = "mutation duofleetCreate($input: AiSelfHostedModelCreateInput!) { aiSelfHostedModelCreate(input: $input) { selfHostedModel { id } errors } }";
 const UPDATE: &str = "mutation duofleetUpdate($input: AiSelfHostedModelUpdateInput!) { aiSelfHostedModelUpdate(input: $input) { selfHostedModel { id } errors } }";
 const DELETE: &str = "mutation duofleetDelete($input: AiSelfHostedModelDeleteInput!) { aiSelfHostedModelDelete(input: $input) { errors } }";
@@ -23,6 +25,8 @@ struct Listed {
     endpoint: String,
     identifier: String,
     has_api_token: bool,
+    /// Upper case; empty before GitLab had providers.
+    provider: String,
 }
 
 impl Sync<'_> {
@@ -39,7 +43,12 @@ impl Sync<'_> {
             }
             return Ok(());
         }
-        let listed = match self.query("aiSelfHostedModels", MODELS_QUERY).await? {
+        let query = if self.version >= since::MODEL_PROVIDER {
+            MODELS_QUERY_WITH_PROVIDER
+        } else {
+            MODELS_QUERY
+        };
+        let listed = match self.query("aiSelfHostedModels", query).await? {
             Ok(data) if data["aiSelfHostedModels"].is_null() => {
                 for model in &desired.models {
                     self.report.add(
@@ -86,13 +95,24 @@ impl Sync<'_> {
                 .add("model", &model.name, SyncItemState::Skipped, detail);
             return Ok(());
         }
+        if model.endpoint.is_empty() && self.version < since::OPTIONAL_ENDPOINT {
+            let detail = format!(
+                "no endpoint: not supported by GitLab {} (a {} model without one came in {})",
+                self.version,
+                provider(model).to_lowercase(),
+                since::OPTIONAL_ENDPOINT
+            );
+            self.report
+                .add("model", &model.name, SyncItemState::Skipped, detail);
+            return Ok(());
+        }
         let key_digest = self.gitlab.key_digest(&model.api_key);
         let pushed = pushed_digest(model, &key_digest);
         let hidden_family = self.catalog.family_beta(&model.family);
         match self.state.models.get(&model.name).cloned() {
             Some(managed) => match listed.get(&managed.id) {
                 Some(current) => {
-                    if same(current, model) && managed.key_digest == key_digest {
+                    if same(current, model, self.version) && managed.key_digest == key_digest {
                         self.remember(model, &managed.id, key_digest, pushed);
                         self.report
                             .add("model", &model.name, SyncItemState::Unchanged, "");
@@ -158,7 +178,7 @@ impl Sync<'_> {
                 .add("model", &model.name, SyncItemState::Failed, detail);
             return Ok(());
         }
-        let mut input = model_input(model);
+        let mut input = model_input(model, self.version);
         input["id"] = json!(id);
         // An omitted apiToken keeps GitLab's stored key: send it only when
         // it changes, and "" to remove it.
@@ -213,7 +233,7 @@ impl Sync<'_> {
                 .add("model", &model.name, SyncItemState::Failed, why);
             return Ok(());
         }
-        let mut input = model_input(model);
+        let mut input = model_input(model, self.version);
         if !model.api_key.is_empty() {
             input["apiToken"] = json!(model.api_key);
         }
@@ -336,6 +356,7 @@ fn parse_listing(data: &Value) -> BTreeMap<String, Listed> {
                     endpoint: text("endpoint"),
                     identifier: text("identifier"),
                     has_api_token: m["hasApiToken"].as_bool().unwrap_or(false),
+                    provider: text("provider").to_uppercase(),
                 },
             ))
         })
@@ -344,32 +365,61 @@ fn parse_listing(data: &Value) -> BTreeMap<String, Listed> {
 
 /// name, model (the enum in upper case), endpoint and identifier: GitLab
 /// requires the first three on update as well; identifier is always sent
-/// so that clearing it takes effect.
-fn model_input(model: &DesiredModel) -> Value {
-    json!({
+/// so that clearing it takes effect. From 18.11, the provider too (newer
+/// GitLab requires it).
+pub(super) fn model_input(model: &DesiredModel, version: GitLabVersion) -> Value {
+    let mut input = json!({
         "name": model.name,
         "model": model.family.to_uppercase(),
-        "endpoint": model.endpoint,
         "identifier": model.identifier,
-    })
+    });
+    // Left out when there is none (GitLab 19.0+ for bedrock and vertex_ai).
+    if !model.endpoint.is_empty() {
+        input["endpoint"] = json!(model.endpoint);
+    }
+    if version >= since::MODEL_PROVIDER {
+        input["provider"] = json!(provider(model));
+    }
+    input
+}
+
+/// The model's provider as GitLab's enum names it: the one given, else
+/// inferred from the identifier as GitLab infers it (`bedrock/` and
+/// `vertex_ai/` name theirs, anything else is `API`).
+pub(super) fn provider(model: &DesiredModel) -> String {
+    if !model.provider.is_empty() {
+        return model.provider.to_uppercase();
+    }
+    let prefix = model.identifier.split('/').next().unwrap_or_default();
+    match prefix {
+        "bedrock" => "BEDROCK",
+        "vertex_ai" => "VERTEX_AI",
+        _ => "API",
+    }
+    .to_string()
 }
 
 /// Whether GitLab's model matches the desired one (key aside). GitLab
 /// answers the family in lower case; compare without case.
-fn same(current: &Listed, model: &DesiredModel) -> bool {
+fn same(current: &Listed, model: &DesiredModel, version: GitLabVersion) -> bool {
     current.name == model.name
         && current.model.eq_ignore_ascii_case(&model.family)
         && current.endpoint == model.endpoint
         && current.identifier == model.identifier
         && current.has_api_token != model.api_key.is_empty()
+        && (version < since::MODEL_PROVIDER || current.provider == provider(model))
 }
 
 /// What was pushed, to compare a model GitLab does not list.
 fn pushed_digest(model: &DesiredModel, key_digest: &str) -> String {
     use sha2::{Digest, Sha256};
-    let text = format!(
+    let mut text = format!(
         "{}\n{}\n{}\n{}\n{key_digest}",
         model.name, model.family, model.endpoint, model.identifier
     );
+    // Only a provider given outright: digests from before providers stay.
+    if !model.provider.is_empty() {
+        text.push_str(&format!("\n{}", model.provider));
+    }
     hex::encode(Sha256::digest(text.as_bytes()))
 }

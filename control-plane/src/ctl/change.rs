@@ -45,10 +45,15 @@ pub enum Create {
         name: String,
         #[arg(long)]
         family: String,
-        #[arg(long)]
+        /// Required unless --provider is bedrock or vertex_ai.
+        #[arg(long, default_value = "")]
         endpoint: String,
         #[arg(long, default_value = "")]
         identifier: String,
+        /// api, bedrock or vertex_ai (GitLab 18.11+); default: inferred from
+        /// the identifier, as GitLab infers it.
+        #[arg(long, default_value = "")]
+        provider: String,
         /// Read the API key from this environment variable.
         #[arg(long, value_name = "VAR", conflicts_with = "api_key_from_file")]
         api_key_from_env: Option<String>,
@@ -359,6 +364,7 @@ pub async fn create(c: &mut Clients, create: Create) -> Result<Outcome, Failure>
             family,
             endpoint,
             identifier,
+            provider,
             api_key_from_env,
             api_key_from_file,
         } => {
@@ -379,6 +385,7 @@ pub async fn create(c: &mut Clients, create: Create) -> Result<Outcome, Failure>
                         family,
                         endpoint,
                         identifier,
+                        provider,
                         api_key,
                         ..Default::default()
                     }),

@@ -30,9 +30,14 @@ pub struct ConfigFile {
 pub struct ModelSpec {
     pub name: String,
     pub family: String,
+    /// Required unless the provider is bedrock or vertex_ai.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub identifier: String,
+    /// `api`, `bedrock` or `vertex_ai`; absent: inferred from the identifier.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
     /// Absent: the stored key is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<KeySource>,
@@ -294,6 +299,7 @@ impl ConfigFile {
                     family: spec.family.clone(),
                     endpoint: spec.endpoint.clone(),
                     identifier: spec.identifier.clone(),
+                    provider: spec.provider.clone(),
                     api_key,
                     ..Default::default()
                 })
@@ -339,6 +345,7 @@ impl ModelSpec {
             family: model.family.clone(),
             endpoint: model.endpoint.clone(),
             identifier: model.identifier.clone(),
+            provider: model.provider.clone(),
             api_key: None,
         }
     }

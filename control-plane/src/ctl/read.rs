@@ -87,7 +87,7 @@ pub async fn get(
             }
             let mut headers = vec!["NAME", "FAMILY", "ENDPOINT", "API KEY", "REVISION"];
             if wide {
-                headers.extend(["IDENTIFIER", "UPDATED"]);
+                headers.extend(["IDENTIFIER", "PROVIDER", "UPDATED"]);
             }
             let mut table = Table::new(&headers);
             for m in &models {
@@ -100,6 +100,7 @@ pub async fn get(
                 ];
                 if wide {
                     row.push(or_dash(&m.identifier));
+                    row.push(duofleet_control_plane::validate::model_provider(m).to_string());
                     row.push(m.update_time.as_ref().map_or("-".into(), view::rfc3339));
                 }
                 table.row(row);
@@ -317,6 +318,12 @@ pub async fn describe(
             let _ = writeln!(out, "Family:      {}", m.family);
             let _ = writeln!(out, "Endpoint:    {}", m.endpoint);
             let _ = writeln!(out, "Identifier:  {}", or_dash(&m.identifier));
+            let inferred = if m.provider.is_empty() { " (from the identifier)" } else { "" };
+            let _ = writeln!(
+                out,
+                "Provider:    {}{inferred}",
+                duofleet_control_plane::validate::model_provider(&m)
+            );
             let _ = writeln!(
                 out,
                 "API key:     {}",

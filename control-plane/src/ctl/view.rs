@@ -80,6 +80,7 @@ pub fn model(m: &Model) -> Value {
         "family": m.family,
         "endpoint": m.endpoint,
         "identifier": m.identifier,
+        "provider": m.provider,
         "hasApiKey": m.has_api_key,
         "revision": m.revision,
         "createTime": time(&m.create_time),

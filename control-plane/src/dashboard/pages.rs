@@ -630,9 +630,9 @@ pub fn models(d: &Dashboard, viewer: &Viewer) -> String {
     let config = d.store.current();
     let body = html! {
         table id="models" {
-            tr { th { "Name" } th { "Family" } th { "Endpoint" } th { "Identifier" } th { "API key" } th { "Revision" } }
+            tr { th { "Name" } th { "Family" } th { "Endpoint" } th { "Identifier" } th { "Provider" } th { "API key" } th { "Revision" } }
             @for m in config.models.values() {
-                tr { td { (m.name) } td { (m.family) } td { (m.endpoint) } td { (m.identifier) } td { (if m.api_key.is_empty() { "none" } else { "set" }) } td class="num" { (m.revision) } }
+                tr { td { (m.name) } td { (m.family) } td { (m.endpoint) } td { (m.identifier) } td { (crate::validate::model_provider(m)) } td { (if m.api_key.is_empty() { "none" } else { "set" }) } td class="num" { (m.revision) } }
             }
         }
     };

@@ -152,6 +152,7 @@ pub fn touched_profiles(old: &Config, new: &Config) -> BTreeSet<String> {
                                 m.family.clone(),
                                 m.endpoint.clone(),
                                 m.identifier.clone(),
+                                m.provider.clone(),
                                 m.api_key.clone(),
                             )
                         })

@@ -321,6 +321,7 @@ fn same_content(a: &Config, b: &Config) -> bool {
                     m.family.clone(),
                     m.endpoint.clone(),
                     m.identifier.clone(),
+                    m.provider.clone(),
                     m.api_key.clone(),
                 )
             })

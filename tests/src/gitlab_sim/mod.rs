@@ -45,6 +45,9 @@ pub struct SimModel {
     pub endpoint: String,
     pub identifier: String,
     pub api_token: String,
+    /// Upper case (`API`, `BEDROCK`, `VERTEX_AI`); 18.11+ infers it from
+    /// the identifier when none is given.
+    pub provider: String,
 }
 
 /// One request the simulator answered.
@@ -76,6 +79,9 @@ pub struct Sim {
     pub premium: bool,
     /// Development mode: localhost gateway URLs are allowed.
     pub development: bool,
+    /// The license lacks the self-hosted agent-platform add-on: assigning a
+    /// self-hosted model to an agent-platform feature is refused.
+    pub no_dap_add_on: bool,
     pub log: Vec<Logged>,
     /// Model name or feature key -> a top-level error for its mutations.
     pub fail: BTreeMap<String, String>,
@@ -163,6 +169,7 @@ impl Sim {
                 endpoint: "https://by-hand:8000/v1".into(),
                 identifier: String::new(),
                 api_token: String::new(),
+                provider: "API".into(),
             },
         );
         id
@@ -201,7 +208,7 @@ impl Sim {
         let v = self.v();
         schema::FEATURES
             .iter()
-            .filter(|f| f.since <= v)
+            .filter(|f| f.since <= v && f.in_enum)
             .filter(|f| self.testing_terms_accepted || !f.beta_at(v))
             .filter(|f| !(self.premium && f.ultimate_only))
             .collect()
@@ -248,6 +255,15 @@ impl Sim {
             if query_since(field).is_none_or(|since| v < since) {
                 return top_level(format!("Field '{field}' doesn't exist on type 'Query'"));
             }
+            if field == "aiSelfHostedModels"
+                && let Some(unknown) = selection(query, "nodes")
+                    .into_iter()
+                    .find(|f| !schema::model_fields(v).contains(&f.as_str()))
+            {
+                return top_level(format!(
+                    "Field '{unknown}' doesn't exist on type 'AiSelfHostedModel'"
+                ));
+            }
             if field == "duoSettings"
                 && let Some(unknown) = selection(query, field)
                     .into_iter()
@@ -286,6 +302,11 @@ impl Sim {
         };
         if let Some(message) = item.and_then(|i| self.fail.get(&i)) {
             return top_level(message.clone());
+        }
+        if field == "aiFeatureSettingUpdate" && self.dap_gate_refuses(&input) {
+            return top_level(
+                "You don't have permission to update the setting ai_self_hosted_model_id.",
+            );
         }
         let data = match field {
             "aiSelfHostedModelCreate" => self.save_model(None, &input),
@@ -326,10 +347,20 @@ impl Sim {
     }
 
     fn list_models(&self) -> Value {
-        json!({ "nodes": self.models.values().filter(|m| self.family_visible(&m.model)).map(|m| json!({
-            "id": gid(m.id), "name": m.name, "model": m.model, "endpoint": m.endpoint,
-            "identifier": m.identifier, "hasApiToken": !m.api_token.is_empty(),
-        })).collect::<Vec<_>>() })
+        let v = self.v();
+        json!({ "nodes": self.models.values().filter(|m| self.family_visible(&m.model)).map(|m| {
+            let mut node = json!({
+                "id": gid(m.id), "name": m.name, "model": m.model,
+                "endpoint": (!m.endpoint.is_empty()).then_some(&m.endpoint),
+                "identifier": m.identifier, "hasApiToken": !m.api_token.is_empty(),
+                // Decrypted, to an administrator.
+                "apiToken": (!m.api_token.is_empty()).then_some(&m.api_token),
+            });
+            if v.at_least(18, 11) {
+                node["provider"] = json!(m.provider);
+            }
+            node
+        }).collect::<Vec<_>>() })
     }
 
     fn list_features(&self) -> Value {
@@ -366,8 +397,33 @@ impl Sim {
         {
             errors.push("Name has already been taken".to_string());
         }
-        let endpoint = text("endpoint");
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        let before = id.and_then(|id| self.models.get(&id)).cloned();
+        // 18.11+: the provider given, else the stored one, else inferred
+        // from the identifier as GitLab infers it.
+        let identifier = match input.get("identifier").and_then(Value::as_str) {
+            Some(identifier) => identifier.to_string(),
+            None => before.as_ref().map(|m| m.identifier.clone()).unwrap_or_default(),
+        };
+        let provider = match input.get("provider").and_then(Value::as_str) {
+            Some(provider) => provider.to_string(),
+            None => match &before {
+                Some(m) if !m.provider.is_empty() => m.provider.clone(),
+                _ => match identifier.split('/').next() {
+                    Some("bedrock") => "BEDROCK".into(),
+                    Some("vertex_ai") => "VERTEX_AI".into(),
+                    _ => "API".into(),
+                },
+            },
+        };
+        let endpoint = match input.get("endpoint").and_then(Value::as_str) {
+            Some(endpoint) => endpoint.to_string(),
+            None => before.as_ref().map(|m| m.endpoint.clone()).unwrap_or_default(),
+        };
+        if endpoint.is_empty() && provider == "API" {
+            errors.push("Endpoint can't be blank".to_string());
+        } else if !endpoint.is_empty()
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
             errors.push("Endpoint is blocked: Only allowed schemes are http, https".to_string());
         }
         if endpoint.chars().count() > 2048 {
@@ -389,7 +445,6 @@ impl Sim {
             self.next_id += 1;
             self.next_id
         });
-        let before = self.models.get(&id).cloned();
         // An omitted argument keeps its stored value.
         let kept = |k: &str, old: Option<&String>| match input.get(k).and_then(Value::as_str) {
             Some(v) => v.to_string(),
@@ -400,11 +455,36 @@ impl Sim {
             name: text("name"),
             model: text("model").to_lowercase(),
             endpoint,
-            identifier: kept("identifier", before.as_ref().map(|m| &m.identifier)),
+            identifier,
             api_token: kept("apiToken", before.as_ref().map(|m| &m.api_token)),
+            provider: if self.v().at_least(18, 11) {
+                provider
+            } else {
+                String::new()
+            },
         };
         self.models.insert(id, model);
         json!({ "selfHostedModel": { "id": gid(id) }, "errors": [] })
+    }
+
+    /// Whether the license's missing agent-platform add-on refuses this
+    /// assignment of a self-hosted model.
+    fn dap_gate_refuses(&self, input: &Value) -> bool {
+        let self_hosted = input["provider"]
+            .as_str()
+            .is_some_and(|p| p.eq_ignore_ascii_case("self_hosted"));
+        let named = input["features"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(input.get("feature"))
+            .filter_map(Value::as_str)
+            .map(str::to_lowercase);
+        self.no_dap_add_on
+            && self_hosted
+            && named
+                .into_iter()
+                .any(|f| schema::FEATURES.iter().any(|m| m.key == f && m.dap_gate))
     }
 
     fn update_features(&mut self, input: &Value) -> Value {
@@ -425,6 +505,7 @@ impl Sim {
             .unwrap_or_default()
             .to_lowercase();
         let model = parse_gid(&input["aiSelfHostedModelId"]).filter(|_| provider == "self_hosted");
+        let v = self.v();
         let mut errors = Vec::new();
         // Each feature is saved on its own.
         for feature in features {
@@ -437,11 +518,11 @@ impl Sim {
                         errors.push("Self hosted model can't be blank".to_string());
                         continue;
                     }
-                    Some(m) if !meta.compatible.contains(&m.model.as_str()) => {
+                    Some(m) if !meta.accepts(&m.model, v) => {
                         errors.push(format!(
                             "{} is incompatible with the {} feature",
                             capitalize(&m.model),
-                            meta.title
+                            meta.title_at(v)
                         ));
                         continue;
                     }
@@ -547,7 +628,7 @@ fn check_input(field: &str, fields: &[(&str, bool)], input: &Value, v: Version) 
         .collect();
     let features: Vec<String> = schema::FEATURES
         .iter()
-        .filter(|f| f.since <= v)
+        .filter(|f| f.since <= v && f.in_enum)
         .map(|f| f.key.to_uppercase())
         .collect();
     let providers = schema::providers(v);
@@ -562,6 +643,12 @@ fn check_input(field: &str, fields: &[(&str, bool)], input: &Value, v: Version) 
     };
     let owned = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     if let Some(model) = object.get("model") {
+        if let Some(provider) = object.get("provider") {
+            let known = enum_check("provider".into(), provider, owned(schema::MODEL_PROVIDERS));
+            if known.is_some() {
+                return known;
+            }
+        }
         return enum_check("model".into(), model, owned(&families));
     }
     if let Some(provider) = object.get("provider")

@@ -35,11 +35,14 @@ pub const FAMILIES: &[Family] = &[
     family("CODELLAMA", 17, 1, true),
     family("CODESTRAL", 17, 1, false),
     family("DEEPSEEKCODER", 17, 1, true),
+    family("EMBEDDING", 19, 1, true),
+    family("GEMINI", 19, 0, true),
     family("GENERAL", 18, 3, true),
     family("GPT", 17, 1, false),
     family("LLAMA3", 17, 1, true),
     family("MISTRAL", 17, 1, false),
     family("MIXTRAL", 17, 1, false),
+    family("QWEN", 19, 2, true),
 ];
 
 const fn family(name: &'static str, major: u32, minor: u32, beta: bool) -> Family {
@@ -53,7 +56,10 @@ const fn family(name: &'static str, major: u32, minor: u32, beta: bool) -> Famil
 pub struct Feature {
     /// Lower case, as `aiFeatureSettings` lists it.
     pub key: &'static str,
+    /// The title before `renamed`.
     pub title: &'static str,
+    /// A later title and the version that brought it.
+    pub renamed: Option<(Version, &'static str)>,
     pub since: Version,
     /// From this version the feature is GA; before it, beta (hidden until
     /// the testing terms are accepted). `None`: never GA.
@@ -61,6 +67,13 @@ pub struct Feature {
     /// Premium drops it (vulnerability features need Ultimate).
     pub ultimate_only: bool,
     pub compatible: &'static [&'static str],
+    /// Families accepted only from a later version.
+    pub compatible_later: &'static [(&'static str, Version)],
+    /// In GitLab's feature metadata but not in the `AiFeatures` enum.
+    pub in_enum: bool,
+    /// Assigning a self-hosted model needs the `update_dap_self_hosted_model`
+    /// ability (the self-hosted agent-platform add-on).
+    pub dap_gate: bool,
 }
 
 const CODE: &[&str] = &[
@@ -85,7 +98,15 @@ const CHAT: &[&str] = &[
     "general",
 ];
 const OTHER: &[&str] = &["mistral", "mixtral", "claude_3", "gpt", "llama3", "general"];
+const REVIEW: &[&str] = &["claude_3", "mistral", "mixtral", "gpt", "llama3", "general"];
 const AGENTS: &[&str] = &["claude_3", "gpt", "general"];
+const NEWER: &[&str] = &["claude_3", "gpt", "general"];
+const QWEN_LATER: &[(&str, Version)] = &[("qwen", Version(19, 2))];
+const AGENTS_LATER: &[(&str, Version)] = &[
+    ("mistral", Version(19, 0)),
+    ("gemini", Version(19, 0)),
+    ("qwen", Version(19, 2)),
+];
 const V17_4: Version = Version(17, 4);
 
 const fn ga(
@@ -96,23 +117,34 @@ const fn ga(
     Feature {
         key,
         title,
+        renamed: None,
         since: V17_4,
         ga_since: Some(V17_4),
         ultimate_only: false,
         compatible,
+        compatible_later: QWEN_LATER,
+        in_enum: true,
+        dap_gate: false,
     }
 }
 
-const fn beta(key: &'static str, title: &'static str) -> Feature {
+const fn beta(key: &'static str, title: &'static str, since: Version) -> Feature {
     Feature {
-        key,
-        title,
-        since: V17_4,
+        since,
         ga_since: None,
-        ultimate_only: false,
-        compatible: OTHER,
+        ..ga(key, title, OTHER)
     }
 }
+
+const fn newer(key: &'static str, title: &'static str, since: Version) -> Feature {
+    Feature {
+        compatible: NEWER,
+        compatible_later: &[],
+        ..beta(key, title, since)
+    }
+}
+
+const V18_1: Version = Version(18, 1);
 
 pub const FEATURES: &[Feature] = &[
     ga("code_generations", "Code Generation", CODE),
@@ -122,37 +154,83 @@ pub const FEATURES: &[Feature] = &[
     ga("duo_chat_write_tests", "Test Generation", CHAT),
     ga("duo_chat_refactor_code", "Refactor Code", CHAT),
     ga("duo_chat_fix_code", "Fix Code", CHAT),
-    beta("duo_chat_troubleshoot_job", "Root Cause Analysis"),
+    beta("duo_chat_troubleshoot_job", "Root Cause Analysis", Version(17, 10)),
     Feature {
         ultimate_only: true,
         ..beta(
             "duo_chat_explain_vulnerability",
             "Vulnerability Explanation",
+            V18_1,
         )
     },
-    beta("duo_chat_summarize_comments", "Discussion Summary"),
-    beta("generate_commit_message", "Merge Commit Message Generation"),
-    beta("summarize_new_merge_request", "Merge Request Summary"),
+    beta("duo_chat_summarize_comments", "Discussion Summary", V18_1),
+    beta("generate_commit_message", "Merge Commit Message Generation", V18_1),
+    beta("summarize_new_merge_request", "Merge Request Summary", V18_1),
     Feature {
         ultimate_only: true,
-        ..beta("resolve_vulnerability", "Vulnerability Resolution")
+        ..beta("resolve_vulnerability", "Vulnerability Resolution", V18_1)
     },
-    beta("summarize_review", "Code Review Summary"),
-    beta("glab_ask_git_command", "GitLab Duo for CLI"),
+    beta("summarize_review", "Code Review Summary", V18_1),
+    beta("glab_ask_git_command", "GitLab Duo for CLI", V18_1),
     Feature {
         ga_since: Some(Version(18, 4)),
-        compatible: &["claude_3", "mistral", "mixtral", "gpt", "llama3", "general"],
-        ..beta("review_merge_request", "Code Review")
+        compatible: REVIEW,
+        renamed: Some((Version(19, 3), "Non-Agentic Code Review")),
+        ..beta("review_merge_request", "Code Review", Version(18, 3))
     },
     Feature {
         since: Version(18, 4),
         ga_since: Some(Version(18, 4)),
-        ..ga("duo_agent_platform", "Agents & flows", AGENTS)
+        renamed: Some((Version(19, 0), "Agents & flows")),
+        compatible_later: AGENTS_LATER,
+        dap_gate: true,
+        ..ga("duo_agent_platform", "All agents, except Agentic Chat", AGENTS)
     },
     Feature {
         since: Version(18, 7),
         ga_since: Some(Version(18, 7)),
+        compatible_later: AGENTS_LATER,
+        dap_gate: true,
         ..ga("duo_agent_platform_agentic_chat", "Agentic Chat", AGENTS)
+    },
+    newer(
+        "sast_vulnerability_fp_detection",
+        "SAST false-positive detection",
+        Version(18, 11),
+    ),
+    newer(
+        "sast_vulnerability_resolution",
+        "SAST vulnerability resolution",
+        Version(18, 11),
+    ),
+    newer(
+        "secret_vulnerability_fp_detection",
+        "Secret detection false-positive detection",
+        Version(18, 11),
+    ),
+    Feature {
+        since: Version(19, 1),
+        ga_since: Some(Version(19, 1)),
+        ..ga("review_merge_request_dap", "Agentic Code Review", REVIEW)
+    },
+    newer("security_review", "Security Review", Version(19, 2)),
+    newer("resolve_dependency_bump", "Dependency bump resolution", Version(19, 2)),
+    Feature {
+        since: Version(19, 3),
+        ga_since: Some(Version(19, 3)),
+        compatible: &["claude_3", "gpt", "general", "mistral", "gemini", "qwen"],
+        compatible_later: &[],
+        ..ga("duo_developer", "Duo Developer", AGENTS)
+    },
+    Feature {
+        compatible: &["embedding"],
+        in_enum: false,
+        ..newer("embeddings_code", "Code embeddings", Version(19, 2))
+    },
+    Feature {
+        compatible: &["gemini"],
+        in_enum: false,
+        ..newer("feature_discovery_search", "Feature discovery", Version(19, 2))
     },
 ];
 
@@ -160,25 +238,47 @@ impl Feature {
     pub fn beta_at(&self, version: Version) -> bool {
         self.ga_since.is_none_or(|ga| version < ga)
     }
+
+    /// Whether GitLab `version` accepts a `family` model for it.
+    pub fn accepts(&self, family: &str, version: Version) -> bool {
+        self.compatible.contains(&family)
+            || self
+                .compatible_later
+                .iter()
+                .any(|(f, since)| *f == family && version >= *since)
+    }
+
+    /// The title GitLab `version` gives it.
+    pub fn title_at(&self, version: Version) -> &'static str {
+        match self.renamed {
+            Some((since, title)) if version >= since => title,
+            _ => self.title,
+        }
+    }
 }
 
 /// The fields of a mutation's input type at `version`: (name, required).
 /// `None` when the mutation does not exist yet.
 pub fn input_fields(mutation: &str, version: Version) -> Option<Vec<(&'static str, bool)>> {
+    let v = version;
+    // endpoint is optional from 19.0 (required only for the API provider);
+    // provider came in 18.11, optional, and is required by 19.3.
     let model = |with_id: bool| {
         let mut fields = vec![
             ("name", true),
             ("model", true),
-            ("endpoint", true),
+            ("endpoint", !v.at_least(19, 0)),
             ("apiToken", false),
             ("identifier", false),
         ];
+        if v.at_least(18, 11) {
+            fields.push(("provider", v.at_least(19, 3)));
+        }
         if with_id {
             fields.insert(0, ("id", true));
         }
         fields
     };
-    let v = version;
     Some(match mutation {
         "aiSelfHostedModelCreate" if v.at_least(17, 1) => model(false),
         "aiSelfHostedModelUpdate" if v.at_least(17, 2) => model(true),
@@ -245,6 +345,26 @@ pub fn query_since(field: &str) -> Option<Version> {
         _ => return None,
     })
 }
+
+/// The fields of `AiSelfHostedModel` at `version`.
+pub fn model_fields(version: Version) -> Vec<&'static str> {
+    let mut fields = vec![
+        "id",
+        "name",
+        "model",
+        "endpoint",
+        "identifier",
+        "hasApiToken",
+        "apiToken",
+    ];
+    if version.at_least(18, 11) {
+        fields.push("provider");
+    }
+    fields
+}
+
+/// Values of `AiSelfHostedModelProvider` (18.11+).
+pub const MODEL_PROVIDERS: &[&str] = &["API", "BEDROCK", "VERTEX_AI"];
 
 /// Providers of `AiFeatureProviders` at `version`.
 pub fn providers(version: Version) -> Vec<&'static str> {

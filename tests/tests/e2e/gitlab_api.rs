@@ -385,6 +385,10 @@ async fn every_gitlab_version_gets_its_forms_and_a_second_sync_is_silent() {
         "17.11.0-ee",
         "18.3.2-ee",
         "18.9.0-ee",
+        "18.11.0-ee",
+        "19.0.1-ee",
+        "19.2.0-ee",
+        "19.3.0-ee",
     ];
     let (dir, daemon) = fresh_daemon();
     let mut c = daemon.clients().await;
@@ -410,6 +414,28 @@ async fn every_gitlab_version_gets_its_forms_and_a_second_sync_is_silent() {
         },
     )
     .await;
+    // A Bedrock model has no endpoint (GitLab 19.0+); a Qwen model is of a
+    // family GitLab has from 19.2.
+    create(
+        &mut c,
+        Model {
+            family: "claude_3".into(),
+            endpoint: String::new(),
+            api_key: String::new(),
+            identifier: "bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0".into(),
+            ..mk::model("claude-bedrock")
+        },
+    )
+    .await;
+    create(
+        &mut c,
+        Model {
+            family: "qwen".into(),
+            identifier: "custom_openai/Qwen3-32B".into(),
+            ..mk::model("qwen-native")
+        },
+    )
+    .await;
     let revision = set_default_profile(
         &mut c,
         Profile {
@@ -423,6 +449,9 @@ async fn every_gitlab_version_gets_its_forms_and_a_second_sync_is_silent() {
                 setting("code_completions", Provider::SelfHosted, "qwen-coder"),
                 setting("duo_agent_platform", Provider::SelfHosted, "qwen-coder"),
                 setting("review_merge_request", Provider::Disabled, ""),
+                setting("duo_chat_explain_code", Provider::SelfHosted, "claude-bedrock"),
+                setting("duo_chat_write_tests", Provider::SelfHosted, "qwen-native"),
+                setting("duo_chat_troubleshoot_job", Provider::Vendor, ""),
             ],
             ..Default::default()
         },
@@ -442,11 +471,94 @@ async fn every_gitlab_version_gets_its_forms_and_a_second_sync_is_silent() {
             ("self_hosted".into(), Some(mixtral)),
             "{version}"
         );
-        assert_eq!(
-            sim.feature("review_merge_request"),
-            ("disabled".into(), None),
-            "{version}"
-        );
+        // Features are sent only where GitLab's enum has them: Code Review
+        // came in 18.3, Root Cause Analysis in 17.10.
+        if at(18, 3) {
+            assert_eq!(
+                sim.feature("review_merge_request"),
+                ("disabled".into(), None),
+                "{version}"
+            );
+        } else {
+            assert_eq!(
+                item(&i, "feature", "review_merge_request"),
+                (
+                    SyncItemState::Skipped,
+                    format!("not supported by GitLab {v} (it came in 18.3)")
+                ),
+                "{version}"
+            );
+        }
+        if !at(17, 10) {
+            assert_eq!(
+                item(&i, "feature", "duo_chat_troubleshoot_job"),
+                (
+                    SyncItemState::Skipped,
+                    format!("not supported by GitLab {v} (it came in 17.10)")
+                ),
+                "{version}"
+            );
+        }
+        // The model's provider is sent from 18.11 (inferred from the
+        // identifier), never before; 19.3 refuses a model without one.
+        let model_inputs: Vec<&Value> = sim
+            .mutation_log()
+            .into_iter()
+            .filter(|l| l.field.starts_with("aiSelfHostedModel"))
+            .map(|l| &l.input)
+            .collect();
+        assert!(!model_inputs.is_empty(), "{version}");
+        for input in &model_inputs {
+            assert_eq!(input.get("provider").is_some(), at(18, 11), "{version}: {input}");
+        }
+        if at(18, 11) {
+            assert_eq!(sim.model_named("mixtral-prod").unwrap().provider, "API");
+        }
+        // A model without an endpoint needs 19.0.
+        if at(19, 0) {
+            let bedrock = sim.model_named("claude-bedrock").expect("bedrock model");
+            assert_eq!((bedrock.provider.as_str(), bedrock.endpoint.as_str()), ("BEDROCK", ""));
+            assert_eq!(
+                sim.feature("duo_chat_explain_code"),
+                ("self_hosted".into(), Some(bedrock.id)),
+                "{version}"
+            );
+        } else {
+            assert!(sim.model_named("claude-bedrock").is_none(), "{version}");
+            let (state, detail) = item(&i, "model", "claude-bedrock");
+            assert_eq!(state, SyncItemState::Skipped, "{version}");
+            assert_eq!(
+                detail,
+                format!(
+                    "no endpoint: not supported by GitLab {v} (a bedrock model without one came in 19.0)"
+                )
+            );
+            assert_eq!(
+                item(&i, "feature", "duo_chat_explain_code").0,
+                SyncItemState::Skipped,
+                "{version}"
+            );
+        }
+        // QWEN joined GitLab's families in 19.2.
+        if at(19, 2) {
+            let qwen = sim.model_named("qwen-native").expect("qwen model");
+            assert_eq!(qwen.model, "qwen");
+            assert_eq!(
+                sim.feature("duo_chat_write_tests"),
+                ("self_hosted".into(), Some(qwen.id)),
+                "{version}"
+            );
+        } else {
+            assert!(sim.model_named("qwen-native").is_none(), "{version}");
+            assert_eq!(
+                item(&i, "model", "qwen-native"),
+                (
+                    SyncItemState::Skipped,
+                    format!("family qwen: not supported by GitLab {v} (it came in 19.2)")
+                ),
+                "{version}"
+            );
+        }
         // The feature form follows the version: `feature:` before 17.11.
         let updates: Vec<&Value> = sim
             .mutation_log()
