@@ -183,7 +183,8 @@ impl Feature {
             since_gitlab_version: since.clone(),
             release_states: states,
             compatible_since,
-            titles: self.ordered_titles()
+            titles: self
+                .ordered_titles()
                 .into_iter()
                 .map(|(v, title)| pb::TitleSince {
                     title: title.to_string(),
@@ -197,7 +198,11 @@ impl Feature {
     /// Titles by version, oldest first, starting with `title` at `since`.
     fn ordered_titles(&self) -> Vec<(GitLabVersion, &str)> {
         let mut titles: Vec<_> = std::iter::once((parse_version(&self.since), self.title.as_str()))
-            .chain(self.titles.iter().map(|(v, t)| (parse_version(v), t.as_str())))
+            .chain(
+                self.titles
+                    .iter()
+                    .map(|(v, t)| (parse_version(v), t.as_str())),
+            )
             .collect();
         titles.sort_by_key(|(v, _)| *v);
         titles
@@ -274,10 +279,18 @@ mod tests {
                     "{}: {family} is accepted later but not listed",
                     feature.key
                 );
-                assert!(GitLabVersion::parse(since).is_some(), "{}: {since}", feature.key);
+                assert!(
+                    GitLabVersion::parse(since).is_some(),
+                    "{}: {since}",
+                    feature.key
+                );
             }
             for since in feature.titles.keys() {
-                assert!(GitLabVersion::parse(since).is_some(), "{}: {since}", feature.key);
+                assert!(
+                    GitLabVersion::parse(since).is_some(),
+                    "{}: {since}",
+                    feature.key
+                );
             }
         }
         let versions = catalog
@@ -337,8 +350,14 @@ mod tests {
             catalog.feature("duo_chat_troubleshoot_job").unwrap().since,
             "17.10"
         );
-        assert_eq!(catalog.feature("generate_commit_message").unwrap().since, "18.1");
-        assert_eq!(catalog.feature("review_merge_request").unwrap().since, "18.3");
+        assert_eq!(
+            catalog.feature("generate_commit_message").unwrap().since,
+            "18.1"
+        );
+        assert_eq!(
+            catalog.feature("review_merge_request").unwrap().since,
+            "18.3"
+        );
         let dap = catalog.feature("duo_agent_platform").unwrap().to_proto();
         assert_eq!(dap.title, "Agents & flows");
         assert_eq!(
@@ -346,11 +365,24 @@ mod tests {
                 .iter()
                 .map(|t| (t.since_gitlab_version.as_str(), t.title.as_str()))
                 .collect::<Vec<_>>(),
-            [("18.4", "All agents, except Agentic Chat"), ("19.0", "Agents & flows")]
+            [
+                ("18.4", "All agents, except Agentic Chat"),
+                ("19.0", "Agents & flows")
+            ]
         );
-        assert!(dap.compatible_since.iter().any(|f| f.family == "mistral" && f.since_gitlab_version == "19.0"));
+        assert!(
+            dap.compatible_since
+                .iter()
+                .any(|f| f.family == "mistral" && f.since_gitlab_version == "19.0")
+        );
         let embeddings = catalog.feature("embeddings_code").unwrap();
-        assert!(embeddings.not_settable.as_deref().unwrap().contains("Semantic Search"));
+        assert!(
+            embeddings
+                .not_settable
+                .as_deref()
+                .unwrap()
+                .contains("Semantic Search")
+        );
         assert!(catalog.feature("duo_chat").unwrap().not_settable.is_none());
         let review = catalog.feature("review_merge_request").unwrap().to_proto();
         assert_eq!(review.release_state, pb::ReleaseState::Ga as i32);

@@ -318,7 +318,11 @@ pub async fn describe(
             let _ = writeln!(out, "Family:      {}", m.family);
             let _ = writeln!(out, "Endpoint:    {}", m.endpoint);
             let _ = writeln!(out, "Identifier:  {}", or_dash(&m.identifier));
-            let inferred = if m.provider.is_empty() { " (from the identifier)" } else { "" };
+            let inferred = if m.provider.is_empty() {
+                " (from the identifier)"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
                 "Provider:    {}{inferred}",

@@ -402,7 +402,10 @@ impl Sim {
         // from the identifier as GitLab infers it.
         let identifier = match input.get("identifier").and_then(Value::as_str) {
             Some(identifier) => identifier.to_string(),
-            None => before.as_ref().map(|m| m.identifier.clone()).unwrap_or_default(),
+            None => before
+                .as_ref()
+                .map(|m| m.identifier.clone())
+                .unwrap_or_default(),
         };
         let provider = match input.get("provider").and_then(Value::as_str) {
             Some(provider) => provider.to_string(),
@@ -417,12 +420,16 @@ impl Sim {
         };
         let endpoint = match input.get("endpoint").and_then(Value::as_str) {
             Some(endpoint) => endpoint.to_string(),
-            None => before.as_ref().map(|m| m.endpoint.clone()).unwrap_or_default(),
+            None => before
+                .as_ref()
+                .map(|m| m.endpoint.clone())
+                .unwrap_or_default(),
         };
         if endpoint.is_empty() && provider == "API" {
             errors.push("Endpoint can't be blank".to_string());
-        } else if !endpoint.is_empty()
-            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        } else if !(endpoint.is_empty()
+            || endpoint.starts_with("http://")
+            || endpoint.starts_with("https://"))
         {
             errors.push("Endpoint is blocked: Only allowed schemes are http, https".to_string());
         }

@@ -154,7 +154,11 @@ pub const FEATURES: &[Feature] = &[
     ga("duo_chat_write_tests", "Test Generation", CHAT),
     ga("duo_chat_refactor_code", "Refactor Code", CHAT),
     ga("duo_chat_fix_code", "Fix Code", CHAT),
-    beta("duo_chat_troubleshoot_job", "Root Cause Analysis", Version(17, 10)),
+    beta(
+        "duo_chat_troubleshoot_job",
+        "Root Cause Analysis",
+        Version(17, 10),
+    ),
     Feature {
         ultimate_only: true,
         ..beta(
@@ -164,8 +168,16 @@ pub const FEATURES: &[Feature] = &[
         )
     },
     beta("duo_chat_summarize_comments", "Discussion Summary", V18_1),
-    beta("generate_commit_message", "Merge Commit Message Generation", V18_1),
-    beta("summarize_new_merge_request", "Merge Request Summary", V18_1),
+    beta(
+        "generate_commit_message",
+        "Merge Commit Message Generation",
+        V18_1,
+    ),
+    beta(
+        "summarize_new_merge_request",
+        "Merge Request Summary",
+        V18_1,
+    ),
     Feature {
         ultimate_only: true,
         ..beta("resolve_vulnerability", "Vulnerability Resolution", V18_1)
@@ -184,7 +196,11 @@ pub const FEATURES: &[Feature] = &[
         renamed: Some((Version(19, 0), "Agents & flows")),
         compatible_later: AGENTS_LATER,
         dap_gate: true,
-        ..ga("duo_agent_platform", "All agents, except Agentic Chat", AGENTS)
+        ..ga(
+            "duo_agent_platform",
+            "All agents, except Agentic Chat",
+            AGENTS,
+        )
     },
     Feature {
         since: Version(18, 7),
@@ -214,7 +230,11 @@ pub const FEATURES: &[Feature] = &[
         ..ga("review_merge_request_dap", "Agentic Code Review", REVIEW)
     },
     newer("security_review", "Security Review", Version(19, 2)),
-    newer("resolve_dependency_bump", "Dependency bump resolution", Version(19, 2)),
+    newer(
+        "resolve_dependency_bump",
+        "Dependency bump resolution",
+        Version(19, 2),
+    ),
     Feature {
         since: Version(19, 3),
         ga_since: Some(Version(19, 3)),
@@ -230,7 +250,11 @@ pub const FEATURES: &[Feature] = &[
     Feature {
         compatible: &["gemini"],
         in_enum: false,
-        ..newer("feature_discovery_search", "Feature discovery", Version(19, 2))
+        ..newer(
+            "feature_discovery_search",
+            "Feature discovery",
+            Version(19, 2),
+        )
     },
 ];
 

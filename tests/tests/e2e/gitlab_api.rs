@@ -214,7 +214,7 @@ async fn models_and_features_reach_gitlab_idempotently() {
                 setting("code_completions", Provider::SelfHosted, "codestral-22b"),
                 setting("code_generations", Provider::SelfHosted, "codestral-22b"),
                 setting("duo_chat_explain_code", Provider::Vendor, ""),
-                setting("summarize_review", Provider::Disabled, ""),
+                setting("duo_chat_fix_code", Provider::Disabled, ""),
             ],
             ..Default::default()
         },
@@ -264,7 +264,7 @@ async fn models_and_features_reach_gitlab_idempotently() {
             ("self_hosted".to_string(), Some(codestral))
         );
         assert_eq!(
-            sim.feature("summarize_review"),
+            sim.feature("duo_chat_fix_code"),
             ("disabled".to_string(), None)
         );
         // explain_code already had GitLab's 17.x default, the vendor model.
@@ -449,7 +449,11 @@ async fn every_gitlab_version_gets_its_forms_and_a_second_sync_is_silent() {
                 setting("code_completions", Provider::SelfHosted, "qwen-coder"),
                 setting("duo_agent_platform", Provider::SelfHosted, "qwen-coder"),
                 setting("review_merge_request", Provider::Disabled, ""),
-                setting("duo_chat_explain_code", Provider::SelfHosted, "claude-bedrock"),
+                setting(
+                    "duo_chat_explain_code",
+                    Provider::SelfHosted,
+                    "claude-bedrock",
+                ),
                 setting("duo_chat_write_tests", Provider::SelfHosted, "qwen-native"),
                 setting("duo_chat_troubleshoot_job", Provider::Vendor, ""),
             ],
@@ -509,7 +513,11 @@ async fn every_gitlab_version_gets_its_forms_and_a_second_sync_is_silent() {
             .collect();
         assert!(!model_inputs.is_empty(), "{version}");
         for input in &model_inputs {
-            assert_eq!(input.get("provider").is_some(), at(18, 11), "{version}: {input}");
+            assert_eq!(
+                input.get("provider").is_some(),
+                at(18, 11),
+                "{version}: {input}"
+            );
         }
         if at(18, 11) {
             assert_eq!(sim.model_named("mixtral-prod").unwrap().provider, "API");
@@ -517,7 +525,10 @@ async fn every_gitlab_version_gets_its_forms_and_a_second_sync_is_silent() {
         // A model without an endpoint needs 19.0.
         if at(19, 0) {
             let bedrock = sim.model_named("claude-bedrock").expect("bedrock model");
-            assert_eq!((bedrock.provider.as_str(), bedrock.endpoint.as_str()), ("BEDROCK", ""));
+            assert_eq!(
+                (bedrock.provider.as_str(), bedrock.endpoint.as_str()),
+                ("BEDROCK", "")
+            );
             assert_eq!(
                 sim.feature("duo_chat_explain_code"),
                 ("self_hosted".into(), Some(bedrock.id)),

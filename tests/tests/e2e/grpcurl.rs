@@ -124,34 +124,49 @@ fn grpcurl_shows_the_catalog_by_gitlab_version() {
     let general = find("families", "general").expect("general");
     assert_eq!(general["sinceGitlabVersion"], "18.3");
     assert_eq!(general["releaseState"], "RELEASE_STATE_BETA");
-    assert!(find("families", "qwen").is_none() && find("families", "gemini").is_none());
+    let qwen = find("families", "qwen").expect("qwen");
+    assert_eq!(qwen["sinceGitlabVersion"], "19.2");
+    let fix_code = find("features", "duo_chat_fix_code").expect("fix code");
+    assert_eq!(
+        fix_code["compatibleSince"],
+        serde_json::json!([{"family": "qwen", "sinceGitlabVersion": "19.2"}])
+    );
+    let embeddings = find("features", "embeddings_code").expect("embeddings");
+    assert!(
+        embeddings["notSettable"]
+            .as_str()
+            .unwrap()
+            .contains("Semantic Search"),
+        "{embeddings}"
+    );
     let review = find("features", "review_merge_request").expect("review");
     assert_eq!(review["releaseState"], "RELEASE_STATE_GA");
     assert_eq!(
         review["releaseStates"],
         serde_json::json!([
-            {"sinceGitlabVersion": "17.4", "releaseState": "RELEASE_STATE_BETA"},
+            {"sinceGitlabVersion": "18.3", "releaseState": "RELEASE_STATE_BETA"},
             {"sinceGitlabVersion": "18.4", "releaseState": "RELEASE_STATE_GA"}
         ])
     );
     let agentic = find("features", "duo_agent_platform_agentic_chat").expect("agentic chat");
     assert_eq!(agentic["sinceGitlabVersion"], "18.7");
 
-    // No GitLab version has a QWEN family: such models go through general.
+    // GitLab has QWEN from 19.2, but no QWEN2: an unknown family is refused
+    // with the list of known ones.
     let qwen = grpcurl(
         &daemon.grpc_addr,
         &[
             "-H",
             &auth,
             "-d",
-            r#"{"model": {"name": "qwen", "family": "qwen",
+            r#"{"model": {"name": "qwen", "family": "qwen2",
             "endpoint": "https://vllm.internal:8000/v1"}}"#,
         ],
         &["duofleet.v1.ModelService/CreateModel"],
     );
     assert_ne!(qwen.exit_code, 0, "{qwen:?}");
     assert!(
-        qwen.stderr.contains("model.family: unknown family \"qwen\"; known families: mistral, mixtral, codestral, claude_3, gpt, llama3, codegemma, codellama, deepseekcoder, general"),
+        qwen.stderr.contains("model.family: unknown family \"qwen2\"; known families: mistral, mixtral, codestral, claude_3, gpt, llama3, codegemma, codellama, deepseekcoder, general, gemini, embedding, qwen"),
         "{qwen:?}"
     );
 }

@@ -126,7 +126,7 @@ async fn model_field_rules() {
         try_create(&mut c, |m| m.identifier = "openai/gpt-4".into()).await,
         invalid,
         &[
-            "model.identifier: must be custom_openai/<served model name>, bedrock/<model id> or azure/<deployment id>",
+            "model.identifier: must be custom_openai/<served model name>, bedrock/<model id>, azure/<deployment id> or vertex_ai/<model id>",
         ],
     );
     assert_refused(
@@ -226,7 +226,7 @@ async fn profile_and_feature_rules() {
         })
         .await,
         invalid,
-        "profile.features[0].feature: unknown feature \"duo_chat_draw_pictures\"; known features: code_generations, code_completions, duo_chat, duo_chat_explain_code, duo_chat_write_tests, duo_chat_refactor_code, duo_chat_fix_code, duo_chat_troubleshoot_job, duo_chat_explain_vulnerability, duo_chat_summarize_comments, generate_commit_message, summarize_new_merge_request, resolve_vulnerability, summarize_review, glab_ask_git_command, review_merge_request, duo_agent_platform, duo_agent_platform_agentic_chat",
+        "profile.features[0].feature: unknown feature \"duo_chat_draw_pictures\"; known features: code_generations, code_completions, duo_chat, duo_chat_explain_code, duo_chat_write_tests, duo_chat_refactor_code, duo_chat_fix_code, duo_chat_troubleshoot_job, duo_chat_explain_vulnerability, duo_chat_summarize_comments, generate_commit_message, summarize_new_merge_request, resolve_vulnerability, summarize_review, glab_ask_git_command, review_merge_request, duo_agent_platform, duo_agent_platform_agentic_chat, sast_vulnerability_fp_detection, sast_vulnerability_resolution, secret_vulnerability_fp_detection, review_merge_request_dap, security_review, resolve_dependency_bump, duo_developer, embeddings_code, feature_discovery_search",
     );
     assert_refused(
         try_create_profile(&mut c, |p| {
@@ -494,7 +494,9 @@ async fn exists_not_found_and_preconditions() {
         })
         .await,
         Code::FailedPrecondition,
-        &["profile.features[0].model: Codegemma is incompatible with the Code Review feature"],
+        &[
+            "profile.features[0].model: Codegemma is incompatible with the Non-Agentic Code Review feature",
+        ],
     );
     // In use: cannot be deleted; the message names the profile and feature.
     c.profiles
