@@ -9,7 +9,14 @@
 //!   unknown enum value, is a top-level error that fails the whole request,
 //!   in GitLab's wording;
 //! - `model`, `feature` and `provider` come back in lower case, an unset
-//!   `identifier` as `""`, the API token never (`hasApiToken` only);
+//!   `identifier` as `""`; `apiToken` returns the decrypted key to an
+//!   administrator, as GitLab's type does;
+//! - a model's `provider` from 18.11 (optional, inferred from the
+//!   identifier; required by 19.3), an optional endpoint from 19.0 except
+//!   for the API provider;
+//! - families, features, compatibility and titles by version to 19.3, and
+//!   the agent-platform licence gate (`no_dap_add_on`): a top-level
+//!   "You don't have permission to update the setting ai_self_hosted_model_id.";
 //! - models of beta families and beta features are hidden until the
 //!   testing terms are accepted; Premium drops the vulnerability features;
 //!   unset features list as `vendored` on 17.x and `unassigned` on 18.x;

@@ -267,7 +267,7 @@ fn bad_files_and_refusals_are_errors_that_say_where() {
     for (text, expected) in [
         (
             "apiVersion: duofleet/v1\nmodels:\n  - name: x\n    famly: mixtral\n",
-            "unknown field `famly`, expected one of `name`, `family`, `endpoint`, `identifier`, `apiKey` at line 4 column 5",
+            "unknown field `famly`, expected one of `name`, `family`, `endpoint`, `identifier`, `provider`, `apiKey` at line 4 column 5",
         ),
         (
             "apiVersion: v2\n",
@@ -596,7 +596,7 @@ async fn one_resource_commands_labels_tokens_and_output_formats() {
         wide.lines()
             .next()
             .unwrap()
-            .ends_with("IDENTIFIER   UPDATED"),
+            .ends_with("IDENTIFIER   PROVIDER   UPDATED"),
         "{wide}"
     );
 

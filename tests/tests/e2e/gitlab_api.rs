@@ -1075,3 +1075,110 @@ async fn without_a_token_file_the_sync_is_off_and_says_so() {
     assert_eq!(status.detail, "off: no --gitlab-token-file");
     assert_eq!(agent.log().matches("GitLab API sync is off").count(), 1);
 }
+
+/// Without the self-hosted agent-platform add-on GitLab refuses a
+/// self-hosted model for the agent platform with a top-level error: the
+/// other features still apply, the refusal reads as the license's, and it
+/// is not sent again on the next sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_platform_license_gate_is_named_and_not_resent() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (url, sim) = gitlab_sim::start("19.0.0-ee", TOKEN).await;
+    sim.lock().unwrap().no_dap_add_on = true;
+    let mut agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-dap", &url, TOKEN);
+    create(
+        &mut c,
+        Model {
+            family: "claude_3".into(),
+            ..mk::model("claude-prod")
+        },
+    )
+    .await;
+    let revision = set_default_profile(
+        &mut c,
+        Profile {
+            features: vec![
+                setting("duo_chat", Provider::SelfHosted, "claude-prod"),
+                setting("duo_agent_platform", Provider::SelfHosted, "claude-prod"),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let i = wait_synced(&mut c, "gitlab-dap", revision).await;
+    assert_on_model(&sim, "duo_chat", "claude-prod");
+    assert_eq!(
+        sim.lock().unwrap().feature("duo_agent_platform").0,
+        "unassigned"
+    );
+    let (state, detail) = item(&i, "feature", "duo_agent_platform");
+    assert_eq!(state, SyncItemState::Hidden);
+    assert!(
+        detail.starts_with("not permitted by this instance's license")
+            && detail.contains(
+                "You don't have permission to update the setting ai_self_hosted_model_id."
+            ),
+        "{detail}"
+    );
+    let before = sim.lock().unwrap().mutations().len();
+    resync_unchanged(&mut c, &mut [("gitlab-dap", &mut agent)], "dap").await;
+    let sim = sim.lock().unwrap();
+    assert_eq!(
+        sim.mutations()[before..],
+        [] as [String; 0],
+        "the refused setting was sent again"
+    );
+}
+
+/// A family GitLab accepts for a feature only from a later version is
+/// refused on an older instance without a call, in that version's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compatibility_follows_each_instance_version() {
+    let (dir, daemon) = fresh_daemon();
+    let mut c = daemon.clients().await;
+    let (old_url, old) = gitlab_sim::start("18.9.0-ee", TOKEN).await;
+    let (new_url, new) = gitlab_sim::start("19.0.0-ee", TOKEN).await;
+    let _old_agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-189", &old_url, TOKEN);
+    let _new_agent = agent_with_gitlab(&daemon, dir.path(), "gitlab-190", &new_url, TOKEN);
+    create(
+        &mut c,
+        Model {
+            family: "mistral".into(),
+            ..mk::model("mistral-prod")
+        },
+    )
+    .await;
+    let revision = set_default_profile(
+        &mut c,
+        Profile {
+            features: vec![setting(
+                "duo_agent_platform",
+                Provider::SelfHosted,
+                "mistral-prod",
+            )],
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_synced(&mut c, "gitlab-190", revision).await;
+    assert_on_model(&new, "duo_agent_platform", "mistral-prod");
+    let i = wait_instance(&mut c, "gitlab-189", "FAILED", |i| {
+        i.sync_state() == SyncState::Failed && i.desired_revision == revision
+    })
+    .await;
+    assert_eq!(
+        item(&i, "feature", "duo_agent_platform"),
+        (
+            SyncItemState::Failed,
+            "Mistral is incompatible with the All agents, except Agentic Chat feature on GitLab 18.9 (GitLab accepts it from 19.0)".into()
+        )
+    );
+    assert!(
+        !old.lock()
+            .unwrap()
+            .mutations()
+            .contains(&"aiFeatureSettingUpdate".to_string()),
+        "the refused setting was sent"
+    );
+}
